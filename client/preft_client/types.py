@@ -1,0 +1,41 @@
+"""Plain result types of the SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    first_decode_step_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    kv_bytes: int = 0
+    kv_blocks: int = 0
+    workers: tuple[str, str] = field(default=("", ""))

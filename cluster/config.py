@@ -1,0 +1,146 @@
+"""Frozen, validated configs: one per component. YAML in ``deploy/`` parses into these.
+
+Every check names the field and the value so an operator knows what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _need(cond: bool, cls: str, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{cls}.{name}={value!r}: {why}")
+
+
+def valid_adapter_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What both pools' vLLM engines share: they must agree on model, dtype and blocks."""
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "EngineConfig"
+        _need(bool(self.model), c, "model", self.model, "a model directory is required")
+        _need(self.dtype in _DTYPES, c, "dtype", self.dtype, f"one of {_DTYPES}")
+        _need(self.max_model_len >= 16, c, "max_model_len", self.max_model_len, "must be >= 16")
+        _need(self.kv_cache_gib > 0, c, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
+        _need(self.max_num_seqs >= 1, c, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    transport: str = "torch_dist"
+    kv_host: str = "127.0.0.1"     # address this worker's KV endpoint binds/advertises
+    timeout_s: float = 30.0
+    hold_ttl_s: float = 120.0      # prefill frees unpulled blocks after this
+
+    def __post_init__(self) -> None:
+        c = "TransferConfig"
+        _need(self.timeout_s > 0, c, "timeout_s", self.timeout_s, "must be > 0")
+        _need(self.hold_ttl_s > self.timeout_s, c, "hold_ttl_s", self.hold_ttl_s,
+              "must exceed timeout_s, or blocks could be freed while a pull is running")
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    engine: EngineConfig
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start
+    max_lora_rank: int = 16
+    max_loras: int = 8                             # engine slots
+    max_cpu_loras: int = 32                        # host-memory tier
+    cpu_cores: str | None = None                   # e.g. "0" or "0-3": OpenMP binding
+
+    def __post_init__(self) -> None:
+        c = "PrefillConfig"
+        _need(self.max_lora_rank in (1, 8, 16, 32, 64, 128, 256, 320, 512), c,
+              "max_lora_rank", self.max_lora_rank, "vLLM supports 1, 8, 16, 32, 64, 128, 256, 320, 512")
+        _need(self.max_loras >= 1, c, "max_loras", self.max_loras, "must be >= 1")
+        _need(self.max_cpu_loras >= self.max_loras, c, "max_cpu_loras", self.max_cpu_loras,
+              f"must be >= max_loras={self.max_loras}")
+        for name, path in self.adapters:
+            _need(valid_adapter_name(name), c, "adapters", name,
+                  "adapter names are 1-128 of [A-Za-z0-9._-], starting alphanumeric, no '..'")
+            _need(Path(path).is_dir(), c, "adapters", path, "adapter directory does not exist")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    engine: EngineConfig
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    cpu_cores: str | None = None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051              # 0 = any free port
+    request_timeout_s: float = 300.0
+    max_queue_depth: int = 256
+
+    def __post_init__(self) -> None:
+        c = "RouterConfig"
+        _need(0 <= self.port < 65536, c, "port", self.port, "must be in [0, 65535]")
+        _need(self.request_timeout_s > 0, c, "request_timeout_s", self.request_timeout_s, "must be > 0")
+        _need(self.max_queue_depth >= 1, c, "max_queue_depth", self.max_queue_depth, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    prefill: PrefillConfig
+    decode: DecodeConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ray_address: str | None = None   # None: start a local Ray
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        a, b = self.prefill.engine, self.decode.engine
+        for f in ("model", "dtype", "max_model_len"):
+            _need(getattr(a, f) == getattr(b, f), "ClusterConfig", f"decode.engine.{f}",
+                  getattr(b, f), f"must equal prefill.engine.{f}={getattr(a, f)!r}: "
+                  "both pools exchange KV blocks of the same model")
+
+
+def from_dict(cls, data: dict):
+    """Build a (nested) config dataclass from plain data, e.g. parsed YAML."""
+    if not is_dataclass(cls):
+        return data
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; "
+                          f"known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = known[name].type
+        sub = {"EngineConfig": EngineConfig, "TransferConfig": TransferConfig,
+               "PrefillConfig": PrefillConfig, "DecodeConfig": DecodeConfig,
+               "RouterConfig": RouterConfig}.get(str(ftype).split(" ")[0])
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value)
+        elif name == "adapters" and isinstance(value, dict):
+            value = tuple(sorted(value.items()))
+        kwargs[name] = value
+    return cls(**kwargs)

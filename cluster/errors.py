@@ -1,0 +1,59 @@
+"""Typed errors that cross process boundaries (Ray calls) and map to gRPC status codes.
+
+A :class:`RequestError` is about one request (bad input, unknown adapter, a failed KV
+transfer): the worker stays healthy. :class:`WorkerUnavailable` means the worker itself is
+gone or broken; the router stops using it. The router maps ``grpc_code`` to a status.
+"""
+
+from __future__ import annotations
+
+
+class PreftError(Exception):
+    grpc_code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # survive pickling across Ray with subclass-specific args
+        return (_rebuild, (type(self), self.__dict__))
+
+
+def _rebuild(cls, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, state.get("message", ""))
+    err.__dict__.update(state)
+    return err
+
+
+class RequestError(PreftError):
+    """One request cannot be served as asked; the worker is fine."""
+
+
+class InvalidRequest(RequestError):
+    grpc_code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class AdapterNotFound(RequestError):
+    grpc_code = "NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"adapter {name!r} is not registered; list adapters or register "
+                         "it before generating with it")
+        self.name = name
+
+
+class InvalidAdapter(RequestError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class KVTransferFailed(RequestError):
+    grpc_code = "UNAVAILABLE"
+
+
+class WorkerUnavailable(PreftError):
+    grpc_code = "UNAVAILABLE"

@@ -1,0 +1,98 @@
+"""Typed messages of the Ray calls router → prefill worker → router → decode worker.
+
+Frozen dataclasses, no torch. "Adapters only at prefill" holds by type: a
+:class:`DecodeRequest` has no adapter field, only the opaque ``kv_namespace`` (the cache
+salt that keeps KV made under one adapter version apart from every other).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cluster.errors import InvalidRequest
+from kv_transfer.handle import KVHandle
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> "Sampling":
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest("temperature", f"must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest("seed", f"must be in [0, 2^63), got {self.seed!r}")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop", "stop strings must be non-empty")
+        return self
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    request_id: str
+    adapter: str | None                      # None: the base model
+    sampling: Sampling
+    prompt_token_ids: tuple[int, ...] | None = None
+    prompt_text: str | None = None
+    enqueued_at: float = 0.0                 # router's time.time() when admitted
+
+    def __post_init__(self) -> None:
+        if (self.prompt_token_ids is None) == (self.prompt_text is None):
+            raise InvalidRequest("prompt", "give exactly one of prompt text or prompt token ids")
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    first_token: int
+    first_text: str
+    finish_reason: str | None                # set when the request already ended
+    kv: KVHandle | None                      # None when the request ended at prefill
+    kv_namespace: str
+    queue_s: float
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    first_token: int
+    kv: KVHandle
+    kv_namespace: str
+    sampling: Sampling                       # max_tokens counts the first token too
+
+
+@dataclass(frozen=True)
+class DecodeDelta:
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+    kv_transfer_s: float | None = None       # set on the first delta
+    kv_bytes: int | None = None
+    first_step_s: float | None = None        # from KV loaded to the first decode token
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    role: str                                # "prefill" | "decode"
+    kv_layout: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_id: int | None
+    lora_enabled: bool
+    engine_start_s: float
+    pid: int
+    adapters: dict = field(default_factory=dict)   # name -> version (prefill only)

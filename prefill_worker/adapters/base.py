@@ -1,0 +1,83 @@
+"""The adapter-kind seam: ``validate(path, base) -> AdapterSpec`` per kind, in a registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cluster.errors import InvalidAdapter
+
+
+@dataclass(frozen=True)
+class BaseModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "BaseModelShape":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str
+    rank: int
+    target_modules: tuple[str, ...]
+    sha256: str
+    size_bytes: int
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InvalidAdapter(f"{what}: {path.name} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidAdapter(f"{what}: {path.name} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidAdapter(f"{what}: {path.name} must hold a JSON object")
+    return data
+
+
+def digest_dir(path: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        data = f.read_bytes()
+        h.update(f.name.encode() + b"\0" + data)
+        size += len(data)
+    return h.hexdigest(), size
+
+
+Validator = Callable[[Path, BaseModelShape, int, int], AdapterSpec]
+KINDS: dict[str, Validator] = {}
+
+
+def register_kind(name: str):
+    def deco(fn: Validator) -> Validator:
+        KINDS[name] = fn
+        return fn
+    return deco
+
+
+def validate_adapter(path: str | Path, base: BaseModelShape, *, max_rank: int,
+                     max_bytes: int = 1 << 30) -> AdapterSpec:
+    """Detect the kind from the directory and validate it; raises :class:`InvalidAdapter`."""
+    from prefill_worker.adapters import lora_p  # noqa: F401  (registers the kind)
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InvalidAdapter(f"adapter directory {str(path)!r} does not exist")
+    kind = "lora_p"
+    return KINDS[kind](p, base, max_rank, max_bytes)

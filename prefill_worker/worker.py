@@ -1,0 +1,235 @@
+"""The prefill worker: step 3 of the request path.
+
+A Ray actor owning a vLLM engine with LoRA enabled and our KV connector as producer. Per
+request it applies the adapter over the prompt, samples the first output token (so that
+token *is* produced with the adapter), and keeps the prompt's KV blocks until the decode
+worker pulls them (or a TTL frees them). It returns a :class:`~cluster.messages.PrefillResult`
+carrying the first token and a :class:`~kv_transfer.handle.KVHandle`.
+
+The KV of a prompt is salted with the adapter's name and version (vLLM's ``cache_salt``), so
+prefix caching never serves one adapter's KV to another, or to a replaced version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.config import PrefillConfig, valid_adapter_name
+from cluster.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, WorkerUnavailable
+from cluster.messages import PrefillRequest, PrefillResult, WorkerInfo
+from kv_transfer.handle import KVHandle
+from worker_runtime.engine_loop import as_request_error
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    version: int
+    path: str
+    lora_int_id: int
+    sha256: str
+    rank: int
+
+    @property
+    def namespace(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+BASE_NAMESPACE = "base"
+
+
+class PrefillWorker:
+    """Ray actor (``ray.remote(PrefillWorker)``); all public methods are async."""
+
+    def __init__(self, cfg: PrefillConfig, worker_id: str) -> None:
+        from worker_runtime.env import configure_engine_process
+
+        configure_engine_process(cfg.engine.kv_cache_gib, cfg.cpu_cores)
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self._adapters: dict[str, AdapterEntry] = {}
+        self._lora_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._load_base_shape()
+        for name, path in cfg.adapters:
+            self._register(name, path)
+        from kv_transfer.runtime import hooks_for
+        from worker_runtime.engine_loop import EngineLoop
+
+        self.hooks = hooks_for(worker_id)
+        self.loop = EngineLoop(self._build_engine, f"prefill:{worker_id}", wake=self.hooks.wake)
+        self.loop.start()
+        self.tokenizer = self.loop.engine.get_tokenizer()
+        if not self.hooks.ready.wait(30):
+            raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
+
+    # ------------------------------------------------------------------ setup
+    def _load_base_shape(self) -> None:
+        from transformers import AutoConfig
+
+        from prefill_worker.adapters.base import BaseModelShape
+
+        hf = AutoConfig.from_pretrained(self.cfg.engine.model)
+        self.base_shape = BaseModelShape.from_hf_config(hf)
+        self.vocab_size = hf.vocab_size
+        self.eos_token_id = hf.eos_token_id if isinstance(hf.eos_token_id, int) else None
+
+    def _build_engine(self):
+        from vllm import EngineArgs
+        from vllm.config import KVTransferConfig
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        e, t = self.cfg.engine, self.cfg.transfer
+        args = EngineArgs(
+            model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
+            enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
+            enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
+            enable_lora=True, max_lora_rank=self.cfg.max_lora_rank,
+            max_loras=self.cfg.max_loras, max_cpu_loras=self.cfg.max_cpu_loras,
+            disable_log_stats=True,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="PreftKVConnector",
+                kv_connector_module_path="kv_transfer.connector",
+                kv_role="kv_producer", engine_id=self.worker_id,
+                kv_connector_extra_config={
+                    "kv_host": t.kv_host, "transfer_timeout_s": t.timeout_s,
+                    "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
+        return LLMEngine.from_engine_args(args)
+
+    def _register(self, name: str, path: str) -> AdapterEntry:
+        from prefill_worker.adapters import validate_adapter
+
+        if not valid_adapter_name(name):
+            raise InvalidAdapter(f"adapter name {name[:64]!r} is invalid: use 1-128 of "
+                                 "[A-Za-z0-9._-], starting alphanumeric, no '..'")
+        spec = validate_adapter(path, self.base_shape, max_rank=self.cfg.max_lora_rank)
+        with self._lock:
+            old = self._adapters.get(name)
+            entry = AdapterEntry(name, (old.version + 1) if old else 1, str(Path(path).resolve()),
+                                 next(self._lora_ids), spec.sha256, spec.rank)
+            self._adapters[name] = entry
+        return entry
+
+    # ------------------------------------------------------------------ API
+    async def info(self) -> WorkerInfo:
+        mc = self.loop.engine.model_config
+        return WorkerInfo(
+            worker_id=self.worker_id, role="prefill", kv_layout=self.hooks.layout_fingerprint,
+            max_model_len=mc.max_model_len, vocab_size=self.vocab_size,
+            eos_token_id=self.eos_token_id, lora_enabled=True,
+            engine_start_s=self.loop.start_s, pid=os.getpid(),
+            adapters={n: a.version for n, a in self._adapters.items()})
+
+    async def register_adapter(self, name: str, path: str) -> int:
+        """Validate and (re)register an adapter; a new version never reuses old KV."""
+        entry = await asyncio.to_thread(self._register, name, path)
+        if entry.version > 1:
+            # Old version's LoRA slot: drop it from the engine (its KV is salted apart anyway).
+            await self.loop.call(lambda eng: None)
+        return entry.version
+
+    async def release(self, transfer_id: int) -> bool:
+        return self.hooks.offers.release_local(transfer_id)
+
+    async def held_transfers(self) -> int:
+        return len(self.hooks.offers)
+
+    async def stats(self) -> dict:
+        recs = list(self.hooks.records)
+        return {"transfers": len(recs), "bytes": sum(r.bytes for r in recs),
+                "failed": sum(not r.ok for r in recs), "held": len(self.hooks.offers),
+                "expired": self.hooks.offers.expired, "requests": self.loop.num_requests}
+
+    def _tokenize(self, req: PrefillRequest) -> list[int]:
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+            if not ids:
+                raise InvalidRequest("prompt_token_ids", "the prompt is empty")
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is outside the "
+                                     f"vocabulary [0, {self.vocab_size})")
+            return ids
+        if not req.prompt_text:
+            raise InvalidRequest("prompt", "the prompt is empty")
+        ids = self.tokenizer.encode(req.prompt_text, add_special_tokens=True)
+        if not ids:
+            raise InvalidRequest("prompt", "the prompt has no tokens")
+        return ids
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        t_in = time.time()
+        s = req.sampling.validate()
+        ids = self._tokenize(req)
+        max_len = self.loop.engine.model_config.max_model_len
+        if len(ids) >= max_len:
+            raise InvalidRequest("prompt", f"the prompt has {len(ids)} tokens; this model "
+                                 f"accepts at most {max_len - 1} prompt tokens")
+        if len(ids) + s.max_tokens > max_len:
+            raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
+                                 f"({s.max_tokens}) exceeds max_model_len={max_len}; lower "
+                                 f"max_tokens to at most {max_len - len(ids)}")
+        lora, namespace = None, BASE_NAMESPACE
+        if req.adapter is not None:
+            entry = self._adapters.get(req.adapter)
+            if entry is None:
+                raise AdapterNotFound(req.adapter)
+            lora = LoRARequest(entry.namespace, entry.lora_int_id, entry.path)
+            namespace = entry.namespace
+        hand_over = s.max_tokens > 1
+        params = SamplingParams(
+            max_tokens=1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args={"kv_transfer_params": {"do_remote_decode": True}} if hand_over else None)
+        t0 = time.time()
+        q = self.loop.submit(req.request_id, TokensPrompt(prompt_token_ids=ids, cache_salt=namespace),
+                             params, lora_request=lora)
+        try:
+            out = await q.get()
+        except asyncio.CancelledError:
+            self.loop.abort(req.request_id)
+            raise
+        if isinstance(out, BaseException):
+            raise as_request_error(out)
+        comp = out.outputs[0]
+        if not comp.token_ids:
+            raise WorkerUnavailable(f"{self.worker_id}: prefill produced no token "
+                                    f"(finish_reason={comp.finish_reason})")
+        first = comp.token_ids[0]
+        finish = None
+        if comp.finish_reason == "stop":
+            finish = "stop"
+        elif not hand_over:
+            finish = "length"
+        kv = None
+        params_out = out.kv_transfer_params or {}
+        if "transfer_id" in params_out:
+            if finish is not None:  # ended at prefill: nobody will pull
+                self.hooks.offers.release_local(params_out["transfer_id"])
+            else:
+                host, port = self.hooks.address
+                kv = KVHandle(params_out["transfer_id"], host, port, self.worker_id,
+                              params_out["num_tokens"], params_out["num_blocks"],
+                              self.hooks.layout_fingerprint)
+        elif finish is None:
+            raise WorkerUnavailable(f"{self.worker_id}: the engine kept no KV for the prompt")
+        return PrefillResult(
+            request_id=req.request_id, prompt_token_ids=tuple(ids), first_token=first,
+            first_text=comp.text, finish_reason=finish, kv=kv, kv_namespace=namespace,
+            queue_s=max(0.0, t0 - (req.enqueued_at or t_in)), prefill_s=time.time() - t0)
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+

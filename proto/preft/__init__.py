@@ -1,0 +1,1 @@
+"""Generated protobuf modules of the ``preft`` protobuf package."""

@@ -1,0 +1,1 @@
+"""``preft.v1``: the router API (generated: see proto/__init__.py)."""

@@ -1,0 +1,166 @@
+"""Drives one vLLM ``LLMEngine`` in a dedicated thread: schedule → run → dispatch.
+
+The worker actor's asyncio methods call :meth:`EngineLoop.submit` and read outputs from an
+``asyncio.Queue``; the engine thread adds requests, steps the engine while its scheduler
+has anything to do (running requests, requests waiting for KV, blocks held for transfer),
+and hands each ``RequestOutput`` to the owning queue. The engine is built inside the thread
+so vLLM's OpenMP binding applies to the thread that runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05     # nothing scheduled: how long to sleep between inbox checks
+_PENDING_WAIT_S = 0.002  # only transfers pending: wait for a transfer to complete
+
+
+class EngineDead(RuntimeError):
+    """The engine thread crashed; every request on it fails and the worker is unhealthy."""
+
+
+class EngineLoop:
+    def __init__(self, build: Callable[[], Any], name: str,
+                 wake: threading.Event | None = None) -> None:
+        self._build = build
+        self.name = name
+        self.wake = wake or threading.Event()
+        self._inbox: deque = deque()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self.engine = None
+        self.error: BaseException | None = None
+        self.start_s = 0.0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+
+    # ------------------------------------------------------------------ caller side
+    def start(self, timeout: float = 600.0) -> None:
+        t0 = time.perf_counter()
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise EngineDead(f"{self.name}: engine did not start within {timeout} s")
+        if self.error is not None:
+            raise EngineDead(f"{self.name}: engine failed to start: {self.error}") from self.error
+        self.start_s = time.perf_counter() - t0
+
+    def submit(self, request_id: str, prompt: Any, params: Any, **kwargs: Any) -> asyncio.Queue:
+        """Queue a request; outputs (or an exception) arrive on the returned queue."""
+        if self.error is not None:
+            raise EngineDead(f"{self.name}: engine is dead: {self.error}")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.append(("add", request_id, prompt, params, kwargs))
+        self.wake.set()
+        return q
+
+    def abort(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None:
+            self._inbox.append(("abort", request_id))
+            self.wake.set()
+
+    def call(self, fn: Callable[[Any], Any]) -> "asyncio.Future":
+        """Run ``fn(engine)`` on the engine thread (engine state is not thread-safe)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._inbox.append(("call", fn, loop, fut))
+        self.wake.set()
+        return fut
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._queues)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ engine thread
+    def _deliver(self, request_id: str, item: Any, final: bool) -> None:
+        entry = self._queues.pop(request_id, None) if final else self._queues.get(request_id)
+        if entry is not None:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            op = self._inbox.popleft()
+            if op[0] == "add":
+                _, rid, prompt, params, kwargs = op
+                try:
+                    self.engine.add_request(rid, prompt, params, **kwargs)
+                except Exception as e:  # vLLM's own validation: per-request error
+                    self._deliver(rid, e, final=True)
+            elif op[0] == "abort":
+                self.engine.abort_request([op[1]])
+            elif op[0] == "call":
+                _, fn, loop, fut = op
+                try:
+                    res = fn(self.engine)
+                    loop.call_soon_threadsafe(_set_result, fut, res, None)
+                except Exception as e:
+                    loop.call_soon_threadsafe(_set_result, fut, None, e)
+
+    def _has_work(self) -> bool:
+        # In-process engine: LLMEngine -> InprocClient -> EngineCore -> Scheduler.
+        # has_requests() also covers finished requests whose blocks wait for a transfer.
+        return self.engine.engine_core.engine_core.scheduler.has_requests()
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._build()
+        except BaseException as e:
+            self.error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if self._has_work():
+                    outputs = self.engine.step()
+                    self.steps += 1
+                    for out in outputs:
+                        self._deliver(out.request_id, out, final=out.finished)
+                    if not outputs:
+                        self.wake.wait(_PENDING_WAIT_S)
+                        self.wake.clear()
+                else:
+                    self.wake.wait(_IDLE_WAIT_S)
+                    self.wake.clear()
+        except BaseException as e:
+            log.exception("%s: engine loop crashed", self.name)
+            self.error = e
+            for rid in list(self._queues):
+                self._deliver(rid, EngineDead(f"{self.name}: engine crashed: {e}"), final=True)
+
+
+def _set_result(fut: asyncio.Future, res: Any, err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(res)
+
+
+def as_request_error(e: BaseException) -> Exception:
+    """Map what the engine thread delivered to the typed errors the router understands."""
+    from cluster.errors import InvalidRequest, PreftError, WorkerUnavailable
+
+    if isinstance(e, EngineDead):
+        return WorkerUnavailable(str(e))
+    if isinstance(e, PreftError):
+        return e
+    if isinstance(e, ValueError):  # vLLM's input validation
+        return InvalidRequest("request", str(e))
+    return e if isinstance(e, Exception) else RuntimeError(str(e))
