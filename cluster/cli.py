@@ -1,0 +1,243 @@
+"""``preft``: the operator's and developer's command line.
+
+  preft up        start a local cluster (Ray, prefill + decode workers, router) and serve
+  preft generate  send one request to a running router
+  preft demo      start the embedded default cluster, send a few requests, print results
+  preft make-tiny build the embedded default model and demo adapters (no download)
+
+Heavy imports (torch, vLLM, Ray) happen only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.environ.get("PREFT_HOME", Path.home() / ".cache" / "preft"))
+DEMO_ADAPTERS = ("alice", "bob", "carol")
+
+
+def default_assets(home: Path = DEFAULT_HOME) -> tuple[Path, dict[str, Path]]:
+    """The embedded default: a tiny Llama-architecture model and demo LoRA-P adapters."""
+    from cluster.tiny import make_lora_adapter, make_tiny_model
+
+    model = make_tiny_model(home / "tiny-llama")
+    adapters = {}
+    for i, name in enumerate(DEMO_ADAPTERS):
+        path = home / "adapters" / name
+        if not (path / "adapter_model.safetensors").exists():
+            make_lora_adapter(path, model, seed=100 + i)
+        adapters[name] = path
+    return model, adapters
+
+
+def _parse_adapters(items: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--adapter expects NAME=PATH, got {item!r}")
+        out.append((name, path))
+    return tuple(out)
+
+
+def build_config(args) -> "ClusterConfig":
+    from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
+                                RouterConfig, TransferConfig)
+
+    adapters = _parse_adapters(args.adapter or [])
+    model = args.model
+    if model is None:
+        model_dir, demo = default_assets()
+        model = str(model_dir)
+        if not adapters:
+            adapters = tuple((n, str(p)) for n, p in demo.items())
+    eng = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+                       kv_cache_gib=args.kv_cache_gib)
+    xfer = TransferConfig(kv_host=args.kv_host)
+    return ClusterConfig(
+        prefill=PrefillConfig(engine=eng, transfer=xfer, adapters=adapters,
+                              max_lora_rank=args.max_lora_rank),
+        decode=DecodeConfig(engine=eng, transfer=xfer),
+        router=RouterConfig(host=args.host, port=args.port),
+        ray_address=args.ray_address)
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model directory (HF format); default: the embedded "
+                   "tiny model, built locally under $PREFT_HOME (~/.cache/preft)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="register a PEFT LoRA adapter directory under NAME (repeatable); "
+                   "default with the embedded model: the demo adapters alice, bob, carol")
+    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = any free port)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="engine dtype for both pools (default float32)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context length (default 2048)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help="KV cache per engine in GiB (default 1)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    p.add_argument("--kv-host", default="127.0.0.1",
+                   help="address the workers' KV transfer endpoints bind and advertise")
+    p.add_argument("--ray-address", default=None,
+                   help="join an existing Ray cluster (auto or ray://...) instead of starting one")
+    p.add_argument("--verbose", action="store_true", help="forward worker logs to this terminal")
+
+
+def _start(cfg, verbose: bool):
+    from rich.console import Console
+
+    from cluster.launcher import LocalCluster
+
+    console = Console(stderr=True)
+    cluster = LocalCluster(cfg, log_to_driver=verbose)
+    with console.status("starting cluster") as status:
+        cluster.start_workers(lambda msg: (status.update(msg), console.log(msg)))
+    return cluster, console
+
+
+def cmd_up(args) -> int:
+    cfg = build_config(args)
+    cluster, console = _start(cfg, args.verbose)
+
+    async def run() -> None:
+        port = await cluster.start_router()
+        print(f"router listening on {cfg.router.host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        console.log("shutting down")
+        await cluster.stop_router()
+
+    try:
+        asyncio.run(run())
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from preft_client import PreftClient, PreftClientError
+
+    with PreftClient(args.address, timeout=args.timeout) as client:
+        try:
+            if args.stream:
+                for d in client.stream(args.adapter, prompt=args.prompt,
+                                       max_tokens=args.max_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, seed=args.seed, stop=args.stop):
+                    print(d.text, end="", flush=True)
+                print()
+                return 0
+            c = client.generate(args.adapter, prompt=args.prompt, max_tokens=args.max_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                stop=args.stop)
+        except PreftClientError as e:
+            print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+            return 1
+    print(c.text)
+    t = c.timings
+    print(f"[{c.finish_reason}] {c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} "
+          f"completion tokens; ttft {t.ttft_s * 1e3:.1f} ms, KV {c.kv_bytes / 1024:.0f} KiB in "
+          f"{t.kv_transfer_s * 1e3:.2f} ms", file=sys.stderr)
+    return 0
+
+
+DEMO_PROMPTS = ("Hello world! How are you today?",
+                "The prefill pool reads the prompt with the adapter",
+                "Once upon a time there was a small model")
+
+
+def cmd_demo(args) -> int:
+    from rich.table import Table
+
+    from preft_client import PreftClient
+
+    args.port = 0
+    cfg = build_config(args)
+    cluster, console = _start(cfg, args.verbose)
+    try:
+        cluster.start_router_in_thread()
+        console.log(f"router listening on {cluster.address}")
+        table = Table(title="PreFT demo: adapter at prefill only, base model at decode")
+        for col in ("adapter", "prompt", "output", "tokens", "TTFT ms", "KV KiB", "KV ms",
+                    "KV GB/s"):
+            table.add_column(col, overflow="fold")
+        with PreftClient(cluster.address) as client:
+            for prompt in DEMO_PROMPTS:
+                for adapter in [*(n for n, _ in cfg.prefill.adapters), None]:
+                    c = client.generate(adapter, prompt=prompt, max_tokens=args.max_tokens)
+                    t = c.timings
+                    gbps = c.kv_bytes / t.kv_transfer_s / 1e9 if t.kv_transfer_s else 0.0
+                    table.add_row(adapter or "(base)", prompt, repr(c.text),
+                                  str(c.usage.completion_tokens), f"{t.ttft_s * 1e3:.1f}",
+                                  f"{c.kv_bytes / 1024:.0f}", f"{t.kv_transfer_s * 1e3:.2f}",
+                                  f"{gbps:.2f}")
+        console.print(table)
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    model, adapters = default_assets(Path(args.home))
+    print(f"model: {model}")
+    for n, p in adapters.items():
+        print(f"adapter {n}: {p}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preft", description="PreFT Serve: per-user adapters applied at prefill only, "
+        "decoded by adapter-free engines over the adapter-conditioned KV cache.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start a local cluster and serve until interrupted",
+                        description="Start Ray, one prefill worker (vLLM + adapters), one "
+                        "decode worker (vLLM, no adapters) and the gRPC router. Prints "
+                        "'router listening on HOST:PORT' when ready; Ctrl-C shuts down.")
+    _add_cluster_args(up)
+    up.set_defaults(fn=cmd_up)
+
+    gen = sub.add_parser("generate", help="send one request to a running router",
+                         description="Generate a completion through the router.")
+    gen.add_argument("prompt", help="prompt text")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
+    gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (>= 1)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--stream", action="store_true", help="print text as it arrives")
+    gen.add_argument("--timeout", type=float, default=300.0, help="request deadline in seconds")
+    gen.set_defaults(fn=cmd_generate)
+
+    demo = sub.add_parser("demo", help="run the embedded default cluster and a few requests",
+                          description="Build the tiny model and demo adapters locally, start "
+                          "a cluster, send a few prompts under each adapter and the base model, "
+                          "print outputs and KV bytes/seconds moved, then shut down.")
+    _add_cluster_args(demo)
+    demo.add_argument("--max-tokens", type=int, default=12, help="tokens per request")
+    demo.set_defaults(fn=cmd_demo)
+
+    mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
+                        description="Write the tiny model and demo adapters (no download).")
+    mk.add_argument("--home", default=str(DEFAULT_HOME), help="where to write them")
+    mk.set_defaults(fn=cmd_make_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

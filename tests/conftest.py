@@ -1,0 +1,76 @@
+"""Shared fixtures. Engines are expensive (~15 s, ~1.7 GiB each): one cluster per session.
+
+Tiers: tests/unit (no engine), tests/integration (real vLLM on a tiny local model, real Ray,
+gRPC on port 0), tests/gpu (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+ADAPTER_SEEDS = {"ada": 11, "bea": 22, "cid": 33, "dov": 44}
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32) and four LoRA-P adapters."""
+    from cluster.tiny import make_lora_adapter, make_tiny_model
+
+    root = tmp_path_factory.mktemp("assets")
+    model = make_tiny_model(root / "model")
+    adapters = {n: make_lora_adapter(root / n, model, seed=s) for n, s in ADAPTER_SEEDS.items()}
+    # A replacement version of "ada" (different weights), registered during a test.
+    adapters["ada_v2"] = make_lora_adapter(root / "ada_v2", model, seed=99)
+    return {"model": str(model), "adapters": {k: str(v) for k, v in adapters.items()},
+            "root": root}
+
+
+@pytest.fixture(scope="session")
+def reference(assets):
+    from reference import Reference
+
+    return Reference(assets["model"])
+
+
+@pytest.fixture(scope="session")
+def cluster(assets):
+    from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
+                                RouterConfig)
+    from cluster.launcher import LocalCluster
+
+    eng = EngineConfig(model=assets["model"], max_model_len=1024)
+    adapters = tuple((n, assets["adapters"][n]) for n in ADAPTER_SEEDS)
+    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng, adapters=adapters),
+                        decode=DecodeConfig(engine=eng), router=RouterConfig(port=0))
+    c = LocalCluster(cfg)
+    c.start_workers()
+    c.start_router_in_thread()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    from preft_client import PreftClient
+
+    with PreftClient(cluster.address, timeout=120) as c:
+        yield c
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
