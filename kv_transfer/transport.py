@@ -299,13 +299,12 @@ class TorchDistTransport(KVTransport):
     def pull(self, host: str, port: int, transfer_id: int, start_block: int,
              dst_block_ids: list[int]) -> TransferRecord:
         t0 = time.perf_counter()
-        client = self._client(host, port)
         try:
-            client.pull(transfer_id, start_block, dst_block_ids)
+            self._client(host, port).pull(transfer_id, start_block, dst_block_ids)
         except Exception as e:
             rec = TransferRecord(transfer_id, f"{host}:{port}", len(dst_block_ids), 0,
                                  time.perf_counter() - t0, ok=False,
-                                 error=f"{type(e).__name__}: {e}")
+                                 error=str(e))
             self._on_record(rec)
             raise TransferError(rec.error) from e
         rec = TransferRecord(transfer_id, f"{host}:{port}", len(dst_block_ids),

@@ -1,0 +1,97 @@
+"""Bad input gets a clear gRPC status naming the field; the cluster keeps serving."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from preft_client import InvalidArgument, NotFound
+
+pytestmark = pytest.mark.integration
+
+
+def _still_serving(client):
+    c = client.generate("cid", prompt="Hello world!", max_tokens=3)
+    assert len(c.token_ids) == 3
+
+
+@pytest.mark.parametrize("kwargs, exc, field", [
+    (dict(adapter="no-such-adapter", prompt="hi"), NotFound, "no-such-adapter"),
+    (dict(adapter="ada", prompt=""), InvalidArgument, "prompt"),
+    (dict(adapter="ada", prompt_token_ids=[]), InvalidArgument, "prompt"),
+    (dict(adapter="ada", prompt="hi", max_tokens=0), InvalidArgument, "max_tokens"),
+    (dict(adapter="ada", prompt="hi", temperature=-0.5), InvalidArgument, "temperature"),
+    (dict(adapter="ada", prompt="hi", top_p=1.5), InvalidArgument, "top_p"),
+    (dict(adapter="ada", prompt_token_ids=[5] * 1024), InvalidArgument, "prompt"),
+    (dict(adapter="ada", prompt_token_ids=[5] * 1000, max_tokens=100), InvalidArgument,
+     "max_tokens"),
+    (dict(adapter="ada", prompt_token_ids=[10**6]), InvalidArgument, "prompt_token_ids"),
+])
+def test_bad_input_is_refused_with_the_field_named(client, kwargs, exc, field):
+    with pytest.raises(exc) as ei:
+        client.generate(**{"max_tokens": 4, **kwargs})
+    assert field in ei.value.message
+    assert ei.value.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    _still_serving(client)
+
+
+def test_max_tokens_one_ends_at_prefill(client, cluster):
+    import ray
+
+    c = client.generate("dov", prompt="The scheduler batches requests", max_tokens=1)
+    assert len(c.token_ids) == 1 and c.finish_reason == "length"
+    assert c.kv_bytes == 0 and c.workers[1] == ""   # no decode, nothing moved
+    p = cluster.pool.prefill[0].actor
+    assert cluster.wait_until(lambda: ray.get(p.held_transfers.remote()) == 0, 10)
+
+
+def test_stream_yields_deltas_then_completes(client):
+    deltas = list(client.stream("bea", prompt="Operators watch throughput", max_tokens=6))
+    assert sum(len(d.token_ids) for d in deltas) == 6
+    assert len(deltas) >= 2  # first token from prefill, then decode deltas
+
+
+async def test_async_client(cluster):
+    from preft_client import AsyncPreftClient
+
+    async with AsyncPreftClient(cluster.address) as ac:
+        c = await ac.generate("ada", prompt="Hello", max_tokens=5)
+        assert len(c.token_ids) == 5
+        assert set(await ac.list_adapters()) >= {"ada", "bea", "cid", "dov"}
+        with pytest.raises(NotFound):
+            await ac.generate("missing", prompt="Hello")
+
+
+def test_health_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.address) as ch:
+        h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="preft.v1.Router"))
+        assert h.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert "preft.v1.Router" in names and "grpc.health.v1.Health" in names
+
+
+def test_decode_engine_has_no_lora_and_no_adapter_code(cluster):
+    import ray
+
+    d = cluster.pool.decode[0]
+    assert d.info.lora_enabled is False
+    mods = ray.get(d.actor.__ray_call__.remote(
+        lambda self: sorted(m for m in __import__("sys").modules
+                            if m.startswith(("prefill_worker", "peft")))))
+    assert mods == [], mods
+    # No LoRA manager (and so no punica wrapper) in the decode engine's model runner.
+    has_lora = ray.get(d.actor.__ray_call__.remote(lambda self: getattr(
+        self.loop.engine.engine_core.engine_core.model_executor.driver_worker.worker
+        .model_runner, "lora_manager", None) is not None))
+    assert has_lora is False
+    p = cluster.pool.prefill[0].actor
+    assert ray.get(p.__ray_call__.remote(lambda self: getattr(
+        self.loop.engine.engine_core.engine_core.model_executor.driver_worker.worker
+        .model_runner, "lora_manager", None) is not None)) is True
+    assert cluster.pool.prefill[0].info.lora_enabled is True

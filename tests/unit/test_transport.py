@@ -1,0 +1,115 @@
+"""The KV transport without engines: two "engines" in one process, a real gloo pair group."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer.layout import KVLayout, LayoutMismatch
+from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferError
+
+SHAPE = (2, 16, 64)   # kv_heads, block_size, 2*head_size
+N_LAYERS, N_BLOCKS = 3, 12
+
+
+def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e"):
+    g = torch.Generator().manual_seed(seed)
+    layers = [torch.randn((N_BLOCKS, *shape), generator=g).to(dtype) for _ in range(N_LAYERS)]
+    layout = KVLayout.from_tensors(layers, block_size=shape[1])
+    records = []
+    t = TorchDistTransport(layers, layout, local_host="127.0.0.1", timeout_s=5,
+                           engine_name=name, on_record=records.append)
+    return t, layers, records
+
+
+def _finished(offers, timeout=5.0):
+    """The prefill side frees after its send completes, a moment after decode has the bytes."""
+    deadline, got = time.monotonic() + timeout, set()
+    while time.monotonic() < deadline:
+        got |= offers.take_finished()
+        if got:
+            return got
+        time.sleep(0.01)
+    return got
+
+
+@pytest.fixture
+def pair():
+    prod, p_layers, p_rec = _engine(seed=1, name="prefill")
+    cons, c_layers, c_rec = _engine(seed=2, name="decode")
+    offers = OfferTable()
+    host, port = prod.serve(offers)
+    yield dict(prod=prod, cons=cons, p_layers=p_layers, c_layers=c_layers, offers=offers,
+               host=host, port=port, p_rec=p_rec, c_rec=c_rec)
+    cons.close()
+    prod.close()
+
+
+def test_pull_copies_whole_blocks_into_other_ids(pair):
+    offers = pair["offers"]
+    offers.add(Offer(7, "req-7", [3, 5, 9], num_tokens=40, expires_at=time.monotonic() + 60))
+    rec = pair["cons"].pull(pair["host"], pair["port"], 7, 1, [0, 11])
+    for src, dst in zip(pair["p_layers"], pair["c_layers"]):
+        assert torch.equal(dst[0], src[5]) and torch.equal(dst[11], src[9])
+    per_block = N_LAYERS * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
+    assert rec.bytes == 2 * per_block and rec.ok
+    assert _finished(offers) == {"req-7"}                # prefill may free its blocks now
+    assert len(offers) == 0
+
+
+def test_second_pull_reuses_the_pair_and_unknown_transfer_fails_cleanly(pair):
+    offers = pair["offers"]
+    offers.add(Offer(1, "r1", [0], 16, time.monotonic() + 60))
+    pair["cons"].pull(pair["host"], pair["port"], 1, 0, [4])
+    with pytest.raises(TransferError, match="unknown or expired"):
+        pair["cons"].pull(pair["host"], pair["port"], 999, 0, [4])   # waits claim timeout
+    offers.add(Offer(2, "r2", [6], 16, time.monotonic() + 60))
+    pair["cons"].pull(pair["host"], pair["port"], 2, 0, [8])
+    assert torch.equal(pair["c_layers"][0][8], pair["p_layers"][0][6])
+
+
+def test_release_frees_without_sending(pair):
+    offers = pair["offers"]
+    offers.add(Offer(3, "r3", [1, 2], 20, time.monotonic() + 60))
+    before = [t.clone() for t in pair["c_layers"]]
+    pair["cons"].release(pair["host"], pair["port"], 3)
+    assert _finished(offers) == {"r3"}
+    assert all(torch.equal(a, b) for a, b in zip(before, pair["c_layers"]))
+
+
+def test_offer_that_arrives_after_the_pull_is_still_served(pair):
+    threading.Timer(0.3, lambda: pair["offers"].add(
+        Offer(4, "r4", [2], 16, time.monotonic() + 60))).start()
+    pair["cons"].pull(pair["host"], pair["port"], 4, 0, [3])
+    assert torch.equal(pair["c_layers"][2][3], pair["p_layers"][2][2])
+
+
+def test_unpulled_offers_expire():
+    offers = OfferTable()
+    offers.add(Offer(5, "r5", [1], 16, expires_at=time.monotonic() - 1))
+    assert offers.take_finished() == {"r5"} and offers.expired == 1
+
+
+def test_mismatched_layouts_refuse_to_pair():
+    prod, _, _ = _engine(name="prefill")
+    cons, _, _ = _engine(dtype=torch.bfloat16, name="decode")
+    offers = OfferTable()
+    host, port = prod.serve(offers)
+    try:
+        with pytest.raises(TransferError, match="refusing to pair"):
+            cons.pull(host, port, 1, 0, [0])
+    finally:
+        cons.close()
+        prod.close()
+
+
+def test_layout_fingerprint_and_check():
+    a = KVLayout(4, 128, (2, 128, 64), "float32", 4)
+    assert a.fingerprint() == "L4/B128/2x128x64/float32"
+    assert a.bytes_per_block == 4 * 2 * 128 * 64 * 4
+    a.check_compatible("L4/B128/2x128x64/float32", local="p", remote="d")
+    with pytest.raises(LayoutMismatch, match="block size"):
+        a.check_compatible("L4/B16/2x16x64/float32", local="p", remote="d")
