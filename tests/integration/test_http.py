@@ -1,0 +1,334 @@
+"""The OpenAI-compatible HTTP gateway (router/http_gateway.py).
+
+Against the real cluster: the official ``openai`` package (completions and chat, plain and
+streamed, usage), greedy output equal to the gRPC client's, /v1/models, /health, and bad
+input answered 4xx with the field named. Against a small fake gRPC router (no engines):
+the Authorization header forwarded as gRPC metadata, every status code mapping, and an
+error in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from proto.preft.v1 import router_pb2 as pb
+from proto.preft.v1 import router_pb2_grpc as pb_grpc
+from router.http_gateway import HttpGatewayThread, format_chat
+
+ADAPTERS = ("ada", "bea", "cid", "dov")
+integration = pytest.mark.integration
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def gateway(cluster):
+    gw = HttpGatewayThread(cluster.address, timeout=120)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(gateway):
+    with openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0,
+                       timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(gateway):
+    with httpx.Client(base_url=gateway.base_url, timeout=120) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------- real cluster
+
+@integration
+def test_completion_openai_package(oai):
+    r = oai.completions.create(model="ada", prompt="Hello world", max_tokens=5, temperature=0,
+                               extra_body={"ignore_eos": True})
+    assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == "ada"
+    assert len(r.choices) == 1 and isinstance(r.choices[0].text, str) and r.choices[0].text
+    assert r.choices[0].finish_reason == "length" and r.choices[0].logprobs is None
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+
+@integration
+def test_greedy_token_id_prompt_equals_grpc_client(oai, client):
+    ids = [5, 17, 42, 99, 7, 250, 31]
+    for model, adapter in (("bea", "bea"), ("base", None)):
+        ref = client.generate(adapter, prompt_token_ids=ids, max_tokens=8, temperature=0.0,
+                              ignore_eos=True)
+        r = oai.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0,
+                                   extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref.text
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 8
+        chunks = list(oai.completions.create(model=model, prompt=ids, max_tokens=8,
+                                             temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+
+
+@integration
+def test_completion_stream_with_usage(oai):
+    chunks = list(oai.completions.create(model="cid", prompt=["Operators watch throughput"],
+                                         max_tokens=6, temperature=0, stream=True,
+                                         stream_options={"include_usage": True},
+                                         extra_body={"ignore_eos": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert len(with_choices) >= 2 and all(c.object == "text_completion" for c in chunks)
+    assert with_choices[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 6
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 6
+    assert len({c.id for c in chunks}) == 1
+
+
+@integration
+def test_chat_plain_and_streamed_follow_the_template(oai, client):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name a colour."}]
+    prompt = "<|system|>\nYou are terse.\n<|user|>\nName a colour.\n<|assistant|>\n"
+    from router.http_gateway import ChatMessage
+    assert format_chat([ChatMessage(**m) for m in messages]) == prompt
+    ref = client.generate("dov", prompt=prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    r = oai.chat.completions.create(model="dov", messages=messages, max_tokens=6,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == ref.usage.prompt_tokens
+
+    chunks = list(oai.chat.completions.create(
+        model="dov", messages=messages, max_completion_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+@integration
+def test_models_and_health(oai, http):
+    ids = [m.id for m in oai.models.list()]
+    assert set(ADAPTERS) <= set(ids) and "base" in ids
+    assert all(m.owned_by == "preft" and m.object == "model" for m in oai.models.list())
+    assert oai.models.retrieve("ada").id == "ada"
+    h = http.get("/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+
+
+@integration
+def test_unknown_model_is_404_with_openai_error(http, oai):
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"model": "no-such-adapter", "prompt": "hi",
+                                               "stream": stream})
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert "no-such-adapter" in err["message"] and err["code"] == 404 and err["type"]
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert http.get("/v1/models/nope").status_code == 404
+
+
+@integration
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {"model": "ada", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": "ada", "prompt": "hi", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"model": "ada", "prompt": "hi", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"model": "ada", "prompt": []}, "prompt"),
+    ("/v1/completions", {"model": "ada", "prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"model": "ada", "prompt": {"x": 1}}, "prompt"),
+    ("/v1/completions", {"model": "ada"}, "prompt"),
+    ("/v1/completions", {"model": "ada", "prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"model": "ada", "prompt": "hi", "stop": [""]}, "stop"),
+    ("/v1/completions", {"model": "ada", "prompt": [10**6]}, "prompt_token_ids"),
+    ("/v1/completions", {"model": "ada", "prompt": [5] * 1000, "max_tokens": 100}, "max_tokens"),
+    ("/v1/chat/completions", {"model": "ada", "messages": [], "max_tokens": 2}, "messages"),
+    ("/v1/chat/completions", {"model": "ada", "messages": [{"role": "user", "content": "x"}],
+                              "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {"model": "ada", "messages": [{"role": "wizard", "content": "x"}]},
+     "messages"),
+])
+def test_bad_input_is_400_naming_the_field(http, path, body, field):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert field in err["message"] and err["type"] == "invalid_request_error"
+
+
+@integration
+def test_malformed_bodies_are_400(http):
+    r = http.post("/v1/completions", content=b"{not json", headers={"content-type":
+                                                                    "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", content=b'{"model": "ada", "prompt": "\\ud800"}',
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert http.get("/v1/nothing").status_code == 404
+
+
+def test_gateway_imports_neither_torch_nor_vllm():
+    code = "import sys, router.http_gateway; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    mods = set(out.stdout.split())
+    assert not {"torch", "vllm", "transformers"} & mods
+
+
+# --------------------------------------------------------------------------- fake router
+
+class _FakeRouter(pb_grpc.RouterServicer):
+    """Answers by adapter name: a status to abort with, or a two-token completion."""
+
+    ABORT = {"deny": grpc.StatusCode.PERMISSION_DENIED, "anon": grpc.StatusCode.UNAUTHENTICATED,
+             "busy": grpc.StatusCode.RESOURCE_EXHAUSTED, "down": grpc.StatusCode.UNAVAILABLE,
+             "bad": grpc.StatusCode.INVALID_ARGUMENT, "gone": grpc.StatusCode.NOT_FOUND,
+             "boom": grpc.StatusCode.INTERNAL}
+
+    def __init__(self):
+        self.metadata: list[dict] = []
+        self.requests: list[pb.GenerateRequest] = []
+        self.cancelled = threading.Event()
+
+    async def ListAdapters(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        return pb.ListAdaptersResponse(adapters=[pb.Adapter(name="x", version=3)])
+
+    async def Generate(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        self.requests.append(request)
+        if request.adapter in self.ABORT:
+            await context.abort(self.ABORT[request.adapter], f"sampling.top_p: fake {request.adapter}")
+        if request.adapter == "slow":
+            await asyncio.sleep(5)
+        yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=[1], text="he"))
+        if request.adapter == "hang":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if request.adapter == "midfail":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker died")
+        yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=[2], text="llo"))
+        yield pb.GenerateResponse(final=pb.Final(request_id=request.request_id,
+                                                 finish_reason="length",
+                                                 usage=pb.Usage(prompt_tokens=3,
+                                                                completion_tokens=2)))
+
+
+@pytest.fixture(scope="module")
+def fake():
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = _FakeRouter()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    state = {}
+
+    async def start():
+        server = grpc.aio.server()
+        pb_grpc.add_RouterServicer_to_server(servicer, server)
+        hs = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        state["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await hs.set("preft.v1.Router", health_pb2.HealthCheckResponse.SERVING)
+        state["server"] = server
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(10)
+    gw = HttpGatewayThread(f"127.0.0.1:{state['port']}", timeout=1.0)
+    gw.start()
+    with httpx.Client(base_url=gw.base_url, timeout=30) as c:
+        yield servicer, c
+    gw.stop()
+    asyncio.run_coroutine_threadsafe(state["server"].stop(0), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(5)
+
+
+def test_bearer_key_is_forwarded_as_grpc_metadata(fake):
+    servicer, http = fake
+    r = http.post("/v1/completions", json={"model": "x", "prompt": "hi"},
+                  headers={"Authorization": "Bearer sk-123"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello"
+    assert servicer.metadata[-1]["authorization"] == "Bearer sk-123"
+    assert http.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert servicer.metadata[-1]["authorization"] == "Bearer k2"
+    http.post("/v1/completions", json={"model": "x", "prompt": "hi"})
+    assert "authorization" not in servicer.metadata[-1]
+    r = http.post("/v1/completions", json={"model": "x", "prompt": "hi"},
+                  headers={"Authorization": "Bearer caf\u00e9".encode("latin-1")})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize("adapter, status", [
+    ("deny", 403), ("anon", 401), ("busy", 429), ("down", 503), ("bad", 400), ("gone", 404),
+    ("boom", 500), ("slow", 504)])
+def test_status_codes_map_to_http(fake, adapter, status):
+    _, http = fake
+    for stream in (False, True):
+        r = http.post("/v1/chat/completions", json={
+            "model": adapter, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["code"] == status and err["message"]
+    if status == 400:
+        assert err["param"] == "top_p"
+
+
+def test_error_in_the_middle_of_a_stream_is_an_error_event(fake):
+    _, http = fake
+    r = http.post("/v1/completions", json={"model": "midfail", "prompt": "hi", "stream": True})
+    assert r.status_code == 200
+    events = [line[len("data: "):] for line in r.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["text"] == "he"
+    assert json.loads(events[-2])["error"]["code"] == 503
+
+
+def test_client_leaving_a_stream_cancels_the_grpc_call(fake):
+    servicer, http = fake
+    with http.stream("POST", "/v1/completions",
+                     json={"model": "hang", "prompt": "hi", "stream": True}) as r:
+        assert r.status_code == 200
+        first = next(r.iter_lines())
+        assert json.loads(first[len("data: "):])["choices"][0]["text"] == "he"
+    assert servicer.cancelled.wait(10)
+
+
+def test_base_model_name_means_no_adapter(fake):
+    servicer, http = fake
+    r = http.post("/v1/completions", json={"model": "base", "prompt": [1, 2], "stream": True})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    req = servicer.requests[-1]
+    assert req.adapter == "" and list(req.token_ids.ids) == [1, 2]
+    assert req.sampling.max_tokens == 16 and req.sampling.temperature == 1.0
+    models = http.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["base", "x"]
+    assert http.get("/health").status_code == 200
