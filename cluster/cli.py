@@ -1,8 +1,11 @@
 """``preft``: the operator's and developer's command line.
 
-  preft up        start a local cluster (Ray, prefill + decode workers, router) and serve
+  preft up        start a cluster (Redis, Ray, prefill + decode pools, router) and serve
   preft generate  send one request to a running router
   preft demo      start the embedded default cluster, send a few requests, print results
+  preft adapters  add | list | show | rm adapters on a running router
+  preft status    workers, residency, queue depths and KV usage of a running cluster
+  preft keys      create API keys (stored hashed in Redis)
   preft make-tiny build the embedded default model and demo adapters (no download)
 
 Heavy imports (torch, vLLM, Ray) happen only inside the commands that need them.
@@ -45,10 +48,15 @@ def _parse_adapters(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def build_config(args) -> "ClusterConfig":
+def build_config(args):
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig, TransferConfig)
 
+    if args.config:
+        import yaml
+
+        from cluster.config import from_dict
+        return from_dict(ClusterConfig, yaml.safe_load(Path(args.config).read_text()))
     adapters = _parse_adapters(args.adapter or [])
     model = args.model
     if model is None:
@@ -60,14 +68,27 @@ def build_config(args) -> "ClusterConfig":
                        kv_cache_gib=args.kv_cache_gib)
     xfer = TransferConfig(kv_host=args.kv_host)
     return ClusterConfig(
-        prefill=PrefillConfig(engine=eng, transfer=xfer, adapters=adapters,
-                              max_lora_rank=args.max_lora_rank),
+        prefill=PrefillConfig(engine=eng, transfer=xfer, max_lora_rank=args.max_lora_rank),
         decode=DecodeConfig(engine=eng, transfer=xfer),
-        router=RouterConfig(host=args.host, port=args.port),
-        ray_address=args.ray_address)
+        router=RouterConfig(host=args.host, port=args.port, require_auth=args.require_auth),
+        ray_address=args.ray_address, prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers, redis_url=args.redis_url or
+        os.environ.get("REDIS_URL"), run_dir=args.run_dir, adapters=adapters)
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="cluster YAML (deploy/*.yaml); overrides the flags below")
+    p.add_argument("--prefill-workers", type=int, default=1, help="prefill pool size (default 1)")
+    p.add_argument("--decode-workers", type=int, default=1, help="decode pool size (default 1)")
+    p.add_argument("--redis-url", default=None, help="cluster state in this Redis (redis:// or "
+                   "rediss:// with password); default $REDIS_URL, else a local redis-server "
+                   "on loopback with its data under --run-dir")
+    p.add_argument("--run-dir", default=".preft/run", help="Redis data, adapter store and "
+                   "worker caches (default .preft/run)")
+    p.add_argument("--require-auth", action="store_true", help="require API keys "
+                   "(`preft keys create`); mandatory when --host is not loopback")
+    p.add_argument("--http-port", type=int, default=None, help="also serve the "
+                   "OpenAI-compatible HTTP API on this port")
     p.add_argument("--model", help="base model directory (HF format); default: the embedded "
                    "tiny model, built locally under $PREFT_HOME (~/.cache/preft)")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH",
@@ -92,12 +113,31 @@ def _start(cfg, verbose: bool):
     from rich.console import Console
 
     from cluster.launcher import LocalCluster
+    from router.server import check_bind_is_safe
 
+    check_bind_is_safe(cfg.router)   # before anything starts
     console = Console(stderr=True)
     cluster = LocalCluster(cfg, log_to_driver=verbose)
     with console.status("starting cluster") as status:
         cluster.start_workers(lambda msg: (status.update(msg), console.log(msg)))
     return cluster, console
+
+
+def _register_with_progress(cluster, console) -> None:
+    from rich.progress import Progress
+
+    from preft_client import PreftClient
+
+    if not cluster.cfg.adapters:
+        return
+    with Progress(console=console) as prog, PreftClient(cluster.address,
+                                                        api_key=cluster.api_key) as client:
+        for name, path in cluster.cfg.adapters:
+            task = prog.add_task(f"upload {name}", total=None)
+            info = client.register_adapter(
+                name, path, public=True,
+                progress=lambda sent, total, t=task: prog.update(t, completed=sent, total=total))
+            prog.update(task, description=f"{name} v{info.version}")
 
 
 def cmd_up(args) -> int:
@@ -106,6 +146,12 @@ def cmd_up(args) -> int:
 
     async def run() -> None:
         port = await cluster.start_router()
+        await asyncio.to_thread(_register_with_progress, cluster, console)
+        if args.http_port is not None:
+            from router.http_gateway import serve_http
+            asyncio.get_running_loop().create_task(
+                serve_http(cluster.address, cfg.router.host, args.http_port))
+            console.log(f"OpenAI-compatible HTTP on {cfg.router.host}:{args.http_port}")
         print(f"router listening on {cfg.router.host}:{port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -163,6 +209,7 @@ def cmd_demo(args) -> int:
     cluster, console = _start(cfg, args.verbose)
     try:
         cluster.start_router_in_thread()
+        _register_with_progress(cluster, console)
         console.log(f"router listening on {cluster.address}")
         table = Table(title="PreFT demo: adapter at prefill only, base model at decode")
         for col in ("adapter", "prompt", "output", "tokens", "TTFT ms", "KV KiB", "KV ms",
@@ -170,7 +217,7 @@ def cmd_demo(args) -> int:
             table.add_column(col, overflow="fold")
         with PreftClient(cluster.address) as client:
             for prompt in DEMO_PROMPTS:
-                for adapter in [*(n for n, _ in cfg.prefill.adapters), None]:
+                for adapter in [*(n for n, _ in cfg.adapters), None]:
                     c = client.generate(adapter, prompt=prompt, max_tokens=args.max_tokens)
                     t = c.timings
                     gbps = c.kv_bytes / t.kv_transfer_s / 1e9 if t.kv_transfer_s else 0.0
@@ -181,6 +228,91 @@ def cmd_demo(args) -> int:
         console.print(table)
     finally:
         cluster.stop()
+    return 0
+
+
+def _client(args):
+    from preft_client import PreftClient
+
+    return PreftClient(args.address, api_key=args.api_key or os.environ.get("PREFT_API_KEY"),
+                       timeout=args.timeout)
+
+
+def cmd_adapters(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from preft_client import PreftClientError
+
+    console = Console()
+    try:
+        with _client(args) as c:
+            if args.action == "add":
+                with Progress(console=console) as prog:
+                    task = prog.add_task(f"upload {args.name}", total=None)
+                    info = c.register_adapter(args.name, args.path, public=args.public,
+                                              progress=lambda s, t: prog.update(task, completed=s, total=t))
+                console.print(f"registered {info.name} v{info.version} ({info.kind}, rank "
+                              f"{info.rank}, sha256 {info.sha256[:12]}...)")
+            elif args.action == "list":
+                table = Table("name", "version", "kind", "rank", "size", "owner", "public")
+                for a in c.list_adapters().values():
+                    table.add_row(a.name, str(a.version), a.kind, str(a.rank),
+                                  f"{a.size_bytes / 1024:.0f} KiB", a.owner or "-", str(a.public))
+                console.print(table)
+            elif args.action == "show":
+                a = c.get_adapter(args.name)
+                for k, v in a.__dict__.items():
+                    console.print(f"{k:>15}: {v}")
+            elif args.action == "rm":
+                c.delete_adapter(args.name)
+                console.print(f"deleted {args.name}")
+    except PreftClientError as e:
+        console.print(f"[red]error: {e.code.name}: {e.message}")
+        return 1
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from preft_client import PreftClientError
+
+    console = Console()
+    try:
+        with _client(args) as c:
+            st = c.cluster_status()
+    except PreftClientError as e:
+        console.print(f"[red]error: {e.code.name}: {e.message}")
+        return 1
+    table = Table(title=f"PreFT cluster: {st['adapters']} adapters, {st['router_inflight']} "
+                  f"requests in flight{' (state STALE: Redis unreachable)' if st['state_stale'] else ''}")
+    for col in ("worker", "role", "healthy", "outstanding", "KV blocks used", "held transfers",
+                "KV sent", "resident adapters"):
+        table.add_column(col)
+    for w in st["workers"]:
+        used = f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}" if w.role == "decode" else "-"
+        table.add_row(w.worker_id, w.role, "yes" if w.healthy else "NO", str(w.outstanding), used,
+                      str(w.held_transfers) if w.role == "prefill" else "-",
+                      f"{w.kv_bytes_sent / 2**20:.1f} MiB" if w.role == "prefill" else "-",
+                      ", ".join(f"{k}:{v}" for k, v in sorted(w.resident.items())) or "-")
+    console.print(table)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from cluster.state import ClusterState, new_api_key
+
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if not url:
+        raise SystemExit("preft keys needs the cluster's Redis: --redis-url or $REDIS_URL")
+    key = new_api_key()
+    ClusterState.from_url(url).add_api_key(key, args.tenant)
+    print(key)
+    print(f"tenant {args.tenant}: key created (only its sha256 is stored; keep it safe)",
+          file=sys.stderr)
     return 0
 
 
@@ -226,6 +358,40 @@ def make_parser() -> argparse.ArgumentParser:
     _add_cluster_args(demo)
     demo.add_argument("--max-tokens", type=int, default=12, help="tokens per request")
     demo.set_defaults(fn=cmd_demo)
+
+    def client_args(sp):
+        sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
+        sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
+        sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
+
+    ad = sub.add_parser("adapters", help="manage adapters on a running router",
+                        description="Upload, list, show or delete adapters (PEFT LoRA "
+                        "directories: adapter_config.json + adapter_model.safetensors).")
+    ad_sub = ad.add_subparsers(dest="action", required=True)
+    a_add = ad_sub.add_parser("add", help="upload an adapter directory (new name or new version)")
+    a_add.add_argument("name")
+    a_add.add_argument("path")
+    a_add.add_argument("--public", action="store_true", help="usable by every tenant")
+    a_list = ad_sub.add_parser("list", help="adapters you can use")
+    a_show = ad_sub.add_parser("show", help="one adapter's registry record")
+    a_show.add_argument("name")
+    a_rm = ad_sub.add_parser("rm", help="delete an adapter from every tier")
+    a_rm.add_argument("name")
+    for sp in (a_add, a_list, a_show, a_rm):
+        client_args(sp)
+    ad.set_defaults(fn=cmd_adapters)
+
+    st = sub.add_parser("status", help="workers, residency, queues and KV usage (a table)")
+    client_args(st)
+    st.set_defaults(fn=cmd_status)
+
+    keys = sub.add_parser("keys", help="manage API keys", description="API keys map to "
+                          "tenants; a tenant uses its own adapters and public ones.")
+    k_sub = keys.add_subparsers(dest="action", required=True)
+    k_new = k_sub.add_parser("create", help="create a key for a tenant and print it once")
+    k_new.add_argument("--tenant", required=True, help="tenant name ('admin' manages all)")
+    k_new.add_argument("--redis-url", default=None, help="the cluster's Redis (default $REDIS_URL)")
+    keys.set_defaults(fn=cmd_keys)
 
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
                         description="Write the tiny model and demo adapters (no download).")

@@ -43,6 +43,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         c = "EngineConfig"
         _need(bool(self.model), c, "model", self.model, "a model directory is required")
+        if self.model.startswith("~"):
+            object.__setattr__(self, "model", str(Path(self.model).expanduser()))
         _need(self.dtype in _DTYPES, c, "dtype", self.dtype, f"one of {_DTYPES}")
         _need(self.max_model_len >= 16, c, "max_model_len", self.max_model_len, "must be >= 16")
         _need(self.kv_cache_gib > 0, c, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
@@ -67,23 +69,22 @@ class TransferConfig:
 class PrefillConfig:
     engine: EngineConfig
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start
     max_lora_rank: int = 16
     max_loras: int = 8                             # engine slots
     max_cpu_loras: int = 32                        # host-memory tier
     cpu_cores: str | None = None                   # e.g. "0" or "0-3": OpenMP binding
+    max_adapter_bytes: int = 512 << 20
+    lora_kernel: str = "grouped"                   # "grouped" (ours) | "stock" (vLLM's CPU ops)
 
     def __post_init__(self) -> None:
         c = "PrefillConfig"
+        _need(self.lora_kernel in ("grouped", "stock"), c, "lora_kernel", self.lora_kernel,
+              "one of grouped, stock")
         _need(self.max_lora_rank in (1, 8, 16, 32, 64, 128, 256, 320, 512), c,
               "max_lora_rank", self.max_lora_rank, "vLLM supports 1, 8, 16, 32, 64, 128, 256, 320, 512")
         _need(self.max_loras >= 1, c, "max_loras", self.max_loras, "must be >= 1")
         _need(self.max_cpu_loras >= self.max_loras, c, "max_cpu_loras", self.max_cpu_loras,
               f"must be >= max_loras={self.max_loras}")
-        for name, path in self.adapters:
-            _need(valid_adapter_name(name), c, "adapters", name,
-                  "adapter names are 1-128 of [A-Za-z0-9._-], starting alphanumeric, no '..'")
-            _need(Path(path).is_dir(), c, "adapters", path, "adapter directory does not exist")
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,18 @@ class RouterConfig:
     port: int = 50051              # 0 = any free port
     request_timeout_s: float = 300.0
     max_queue_depth: int = 256
+    require_auth: bool = False     # API keys; refused off: binding non-loopback needs keys
+    prefill_policy: str = "locality"
+    decode_policy: str = "least_loaded"
+    max_adapter_bytes: int = 512 << 20
+    state_refresh_s: float = 1.0
 
     def __post_init__(self) -> None:
         c = "RouterConfig"
+        _need(self.prefill_policy in ("locality", "round_robin", "least_loaded"), c,
+              "prefill_policy", self.prefill_policy, "one of locality, round_robin, least_loaded")
+        _need(self.decode_policy in ("locality", "round_robin", "least_loaded"), c,
+              "decode_policy", self.decode_policy, "one of locality, round_robin, least_loaded")
         _need(0 <= self.port < 65536, c, "port", self.port, "must be in [0, 65535]")
         _need(self.request_timeout_s > 0, c, "request_timeout_s", self.request_timeout_s, "must be > 0")
         _need(self.max_queue_depth >= 1, c, "max_queue_depth", self.max_queue_depth, "must be >= 1")
@@ -114,8 +124,23 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     ray_address: str | None = None   # None: start a local Ray
     num_cpus: int | None = None
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    redis_url: str | None = None     # None: start a local redis-server under run_dir
+    run_dir: str = ".preft/run"      # redis data, adapter store (when local), caches
+    store_uri: str | None = None     # adapter store; default <run_dir>/store (shared dir)
+    adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
 
     def __post_init__(self) -> None:
+        _need(self.prefill_workers >= 1, "ClusterConfig", "prefill_workers",
+              self.prefill_workers, "must be >= 1")
+        _need(self.decode_workers >= 1, "ClusterConfig", "decode_workers",
+              self.decode_workers, "must be >= 1")
+        for name, path in self.adapters:
+            _need(valid_adapter_name(name), "ClusterConfig", "adapters", name,
+                  "adapter names are 1-128 of [A-Za-z0-9._-], starting alphanumeric, no '..'")
+            _need(Path(path).is_dir(), "ClusterConfig", "adapters", path,
+                  "adapter directory does not exist")
         a, b = self.prefill.engine, self.decode.engine
         for f in ("model", "dtype", "max_model_len"):
             _need(getattr(a, f) == getattr(b, f), "ClusterConfig", f"decode.engine.{f}",

@@ -57,3 +57,15 @@ class KVTransferFailed(RequestError):
 
 class WorkerUnavailable(PreftError):
     grpc_code = "UNAVAILABLE"
+
+
+class Unauthenticated(RequestError):
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(RequestError):
+    grpc_code = "PERMISSION_DENIED"
+
+
+class Overloaded(RequestError):
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from cluster.config import ClusterConfig, ConfigError
@@ -31,69 +32,130 @@ def split_cores(n: int) -> tuple[str, str]:
 
 
 class LocalCluster:
-    def __init__(self, cfg: ClusterConfig, *, log_to_driver: bool = False) -> None:
+    def __init__(self, cfg: ClusterConfig, *, log_to_driver: bool = False,
+                 api_key: str | None = None) -> None:
         self.cfg = cfg
         self.log_to_driver = log_to_driver
+        self.api_key = api_key           # used for start-up adapter uploads when auth is on
         self.pool = None
         self.port: int | None = None
+        self.redis = None                # our RedisServer when we started one
+        self.redis_url = cfg.redis_url
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.store = None
+        self.view = None
         self._server = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._owns_ray = False
+        self._next_index = {"prefill": 0, "decode": 0}
+        self._actors: dict = {}
+
+    # -------------------------------------------------------------- state
+    def start_state(self, say) -> None:
+        from cluster.adapter_store import store_for
+        from cluster.redis_proc import RedisServer
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.redis_url is None:
+            say("starting redis-server on loopback")
+            self.redis = RedisServer(self.run_dir / "redis").start()
+            self.redis_url = self.redis.url
+        self.store = store_for(self.cfg.store_uri or str(self.run_dir / "store"))
 
     # -------------------------------------------------------------- workers
-    def start_workers(self, progress: Callable[[str], None] | None = None) -> None:
+    def _cores(self, role: str, index: int) -> str | None:
+        if self.cfg.ray_address:
+            return None
+        p_cores, d_cores = split_cores(os.cpu_count() or 2)
+        return p_cores if role == "prefill" else d_cores
+
+    def add_worker(self, role: str):
+        """Start one more worker actor of ``role``; it joins the router's pool by heartbeat."""
         import ray
 
         from decode_worker.worker import DecodeWorker
         from prefill_worker.worker import PrefillWorker
-        from router.pool import WorkerHandle, WorkerPool
+
+        i = self._next_index[role]
+        self._next_index[role] += 1
+        wid, name = f"{role}-{i}", f"preft-{role}-{i}"
+        opts = dict(name=name, num_cpus=1, max_concurrency=1000)
+        if role == "prefill":
+            cfg = replace(self.cfg.prefill, cpu_cores=self.cfg.prefill.cpu_cores or self._cores(role, i))
+            actor = ray.remote(PrefillWorker).options(**opts).remote(
+                cfg, wid, self.redis_url, str(self.run_dir / "cache" / wid), name)
+        else:
+            cfg = replace(self.cfg.decode, cpu_cores=self.cfg.decode.cpu_cores or self._cores(role, i))
+            actor = ray.remote(DecodeWorker).options(**opts).remote(cfg, wid, self.redis_url, name)
+        # Ray ends an actor when its creator's last handle goes; the cluster owns them all.
+        self._actors[wid] = actor
+        return actor
+
+    def start_workers(self, progress: Callable[[str], None] | None = None) -> None:
+        import ray
+
+        from cluster.state import ClusterState
+        from router.pool import POLICIES, WorkerHandle, WorkerPool
+        from router.state_view import StateView
 
         say = progress or (lambda msg: log.info(msg))
         cfg = self.cfg
+        self.start_state(say)
         if not ray.is_initialized():
             say("starting Ray")
-            ray.init(address=cfg.ray_address, num_cpus=cfg.num_cpus,
-                     include_dashboard=False, object_store_memory=256 << 20 if not cfg.ray_address else None,
-                     log_to_driver=self.log_to_driver, logging_level=logging.WARNING,
-                     configure_logging=True)
+            # Locally, CPU "slots" are logical: engines bind their own cores (cpu_cores), and
+            # a pool may grow past the core count (add_worker).
+            num_cpus = cfg.num_cpus or (None if cfg.ray_address else max(os.cpu_count() or 2, 16))
+            ray.init(address=cfg.ray_address, num_cpus=num_cpus, namespace="preft",
+                     include_dashboard=False,
+                     object_store_memory=None if cfg.ray_address else 256 << 20,
+                     log_to_driver=self.log_to_driver, logging_level=logging.WARNING)
             self._owns_ray = True
-        pre, dec = cfg.prefill, cfg.decode
-        if not cfg.ray_address and pre.cpu_cores is None and dec.cpu_cores is None:
-            p_cores, d_cores = split_cores(os.cpu_count() or 2)
-            pre, dec = replace(pre, cpu_cores=p_cores), replace(dec, cpu_cores=d_cores)
-        say("starting prefill and decode workers (vLLM engines)")
-        p_actor = ray.remote(PrefillWorker).options(
-            name="preft-prefill-0", num_cpus=1, max_concurrency=1000).remote(pre, "prefill-0")
-        d_actor = ray.remote(DecodeWorker).options(
-            name="preft-decode-0", num_cpus=1, max_concurrency=1000).remote(dec, "decode-0")
-        p_info: WorkerInfo = ray.get(p_actor.info.remote())
-        say(f"prefill worker ready ({p_info.engine_start_s:.1f} s engine start)")
-        d_info: WorkerInfo = ray.get(d_actor.info.remote())
-        say(f"decode worker ready ({d_info.engine_start_s:.1f} s engine start)")
-        if d_info.lora_enabled:
-            raise ConfigError("decode engine was built with LoRA; decode must never load adapters")
-        if p_info.kv_layout != d_info.kv_layout:
-            raise ConfigError(
-                f"refusing to pair prefill-0 (KV layout {p_info.kv_layout}) with decode-0 "
-                f"(KV layout {d_info.kv_layout}): both need the same model, block size and dtype")
-        self.pool = WorkerPool(prefill=[WorkerHandle(p_info, p_actor)],
-                               decode=[WorkerHandle(d_info, d_actor)])
+        say(f"starting {cfg.prefill_workers} prefill and {cfg.decode_workers} decode workers "
+            "(vLLM engines)")
+        actors = [("prefill", self.add_worker("prefill")) for _ in range(cfg.prefill_workers)]
+        actors += [("decode", self.add_worker("decode")) for _ in range(cfg.decode_workers)]
+        infos: list[WorkerInfo] = []
+        for role, actor in actors:
+            info = ray.get(actor.info.remote())
+            say(f"{info.worker_id} ready ({info.engine_start_s:.1f} s engine start)")
+            infos.append(info)
+        layouts = {i.kv_layout for i in infos}
+        if len(layouts) != 1:
+            raise ConfigError(f"refusing to pair workers with different KV layouts {sorted(layouts)}: "
+                              "all need the same model, block size and KV cache dtype")
+        if any(i.lora_enabled for i in infos if i.role == "decode"):
+            raise ConfigError("a decode engine was built with LoRA; decode must never load adapters")
+        self.pool = WorkerPool(prefill_policy=POLICIES[cfg.router.prefill_policy](),
+                               decode_policy=POLICIES[cfg.router.decode_policy]())
+        for (role, actor), info in zip(actors, infos):
+            self.pool.add(WorkerHandle(info, actor))
+        self.view = StateView(ClusterState.from_url(self.redis_url), cfg.router.state_refresh_s)
 
-    def register_adapter(self, name: str, path: str) -> int:
-        """Register (or replace) an adapter on every prefill worker; returns its version."""
-        import ray
+    def state(self):
+        from cluster.state import ClusterState
 
-        versions = ray.get([w.actor.register_adapter.remote(name, path) for w in self.pool.prefill])
-        for w in self.pool.prefill:
-            w.info = ray.get(w.actor.info.remote())
-        return max(versions)
+        return ClusterState.from_url(self.redis_url)
+
+    def register_adapter(self, name: str, path: str, public: bool = True) -> int:
+        """Upload an adapter through the router's RegisterAdapter; returns its version."""
+        from preft_client import PreftClient
+
+        with PreftClient(self.address, api_key=self.api_key) as c:
+            return c.register_adapter(name, path, public=public).version
+
+    def register_startup_adapters(self, progress=None) -> None:
+        for name, path in self.cfg.adapters:
+            v = self.register_adapter(name, path)
+            if progress:
+                progress(f"adapter {name} registered (v{v})")
 
     # -------------------------------------------------------------- router
     async def start_router(self) -> int:
         from router.server import create_server, start
 
-        self._server, self.port = create_server(self.cfg.router, self.pool)
+        self._server, self.port = create_server(self.cfg.router, self.pool, self.view, self.store)
         await start(self._server)
         return self.port
 
@@ -123,11 +185,13 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
-        return f"{self.cfg.router.host}:{self.port}"
+        host = self.cfg.router.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
 
     async def stop_router(self) -> None:
         if self._server is not None:
             await self._server.health_servicer.enter_graceful_shutdown()
+            await self._server.service.view.stop()
             await self._server.stop(grace=2)
             self._server = None
 
@@ -143,17 +207,20 @@ class LocalCluster:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop = None
-        if self.pool is not None:
-            for w in self.pool.prefill + self.pool.decode:
-                try:
-                    ray.get(w.actor.shutdown.remote(), timeout=15)
-                except Exception:
-                    pass
-                ray.kill(w.actor)
-            self.pool = None
+        for actor in self._actors.values():
+            try:
+                ray.get(actor.shutdown.remote(), timeout=15)
+            except Exception:
+                pass
+            ray.kill(actor)
+        self._actors.clear()
+        self.pool = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
 
     def wait_until(self, cond: Callable[[], bool], timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout

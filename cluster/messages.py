@@ -38,9 +38,25 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A registered adapter version, resolved by the router from the Redis registry."""
+
+    name: str
+    version: int
+    kind: str
+    sha256: str
+    uri: str                                 # the store's copy; workers cache it on disk
+
+    @property
+    def namespace(self) -> str:
+        """KV cache salt: this adapter version's KV is never reused by anything else."""
+        return f"{self.name}@v{self.version}"
+
+
+@dataclass(frozen=True)
 class PrefillRequest:
     request_id: str
-    adapter: str | None                      # None: the base model
+    adapter: AdapterRef | None               # None: the base model
     sampling: Sampling
     prompt_token_ids: tuple[int, ...] | None = None
     prompt_text: str | None = None

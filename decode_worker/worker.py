@@ -9,7 +9,6 @@ vLLM computes from the first token on and the worker streams
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 
@@ -22,7 +21,8 @@ from worker_runtime.engine_loop import as_request_error
 class DecodeWorker:
     """Ray actor (``ray.remote(DecodeWorker)``); all public methods are async."""
 
-    def __init__(self, cfg: DecodeConfig, worker_id: str) -> None:
+    def __init__(self, cfg: DecodeConfig, worker_id: str, redis_url: str | None = None,
+                 actor_name: str = "") -> None:
         from worker_runtime.env import configure_engine_process
 
         configure_engine_process(cfg.engine.kv_cache_gib, cfg.cpu_cores)
@@ -36,6 +36,17 @@ class DecodeWorker:
         self.loop.start()
         if not self.hooks.ready.wait(30):
             raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
+        self.heartbeat = None
+        if redis_url:
+            import socket
+
+            from cluster.state import MemberRecord
+            from worker_runtime.heartbeat import Heartbeat
+
+            self.heartbeat = Heartbeat(redis_url, MemberRecord(
+                worker_id, "decode", actor_name, self.hooks.layout_fingerprint,
+                node=socket.gethostname()), 1.0)
+            self.heartbeat.start()
 
     def _build_engine(self):
         from vllm import EngineArgs
@@ -131,5 +142,7 @@ class DecodeWorker:
                 self.loop.abort(req.request_id)
 
     async def shutdown(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.loop.stop()
 

@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kv_transfer.handle import KVHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.runtime import hooks_for
-from kv_transfer.transport import TRANSPORTS, Offer, OfferTable, TransferError
+from kv_transfer.transport import TRANSPORTS, Offer, OfferTable
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -14,51 +14,62 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import OrderedDict
 import os
+import shutil
+import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import PrefillConfig, valid_adapter_name
+from cluster.config import PrefillConfig
 from cluster.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, WorkerUnavailable
-from cluster.messages import PrefillRequest, PrefillResult, WorkerInfo
+from cluster.messages import AdapterRef, PrefillRequest, PrefillResult, WorkerInfo
+from cluster.state import MemberRecord
+from prefill_worker.adapters.base import AdapterSpec
 from kv_transfer.handle import KVHandle
 from worker_runtime.engine_loop import as_request_error
 
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    name: str
-    version: int
-    path: str
+    ref: AdapterRef
+    path: str            # this worker's disk-tier copy
     lora_int_id: int
-    sha256: str
-    rank: int
-
-    @property
-    def namespace(self) -> str:
-        return f"{self.name}@v{self.version}"
 
 
 BASE_NAMESPACE = "base"
+HEARTBEAT_S = 1.0
 
 
 class PrefillWorker:
-    """Ray actor (``ray.remote(PrefillWorker)``); all public methods are async."""
+    """Ray actor (``ray.remote(PrefillWorker)``); all public methods are async.
 
-    def __init__(self, cfg: PrefillConfig, worker_id: str) -> None:
+    Adapter tiers, fastest first: the engine's own LoRA cache (``max_loras`` slots in the
+    batch, ``max_cpu_loras`` in host memory, LRU), this worker's disk cache
+    (``<cache_dir>/<sha256>``), the store URI from the registry.
+    """
+
+    def __init__(self, cfg: PrefillConfig, worker_id: str, redis_url: str | None = None,
+                 cache_dir: str | None = None, actor_name: str = "") -> None:
         from worker_runtime.env import configure_engine_process
 
         configure_engine_process(cfg.engine.kv_cache_gib, cfg.cpu_cores)
         self.cfg = cfg
         self.worker_id = worker_id
+        self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix=f"preft-{worker_id}-"))
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._adapters: dict[str, AdapterEntry] = {}
         self._lora_ids = itertools.count(1)
         self._lock = threading.Lock()
+        # Mirror of the engine's adapter LRU (max_cpu_loras): which ids vLLM still holds.
+        self._engine_loras: OrderedDict[int, None] = OrderedDict()
+        self._resolving: dict[str, asyncio.Lock] = {}
+        self.tier_hits = {"engine": 0, "disk": 0, "store": 0}
         self._load_base_shape()
-        for name, path in cfg.adapters:
-            self._register(name, path)
+        self._install_lora_kernel()
         from kv_transfer.runtime import hooks_for
         from worker_runtime.engine_loop import EngineLoop
 
@@ -68,6 +79,14 @@ class PrefillWorker:
         self.tokenizer = self.loop.engine.get_tokenizer()
         if not self.hooks.ready.wait(30):
             raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
+        self.heartbeat = None
+        if redis_url:
+            from worker_runtime.heartbeat import Heartbeat
+
+            self.heartbeat = Heartbeat(redis_url, MemberRecord(
+                worker_id, "prefill", actor_name, self.hooks.layout_fingerprint,
+                node=socket.gethostname()), HEARTBEAT_S, residency=self.residency)
+            self.heartbeat.start()
 
     # ------------------------------------------------------------------ setup
     def _load_base_shape(self) -> None:
@@ -79,6 +98,18 @@ class PrefillWorker:
         self.base_shape = BaseModelShape.from_hf_config(hf)
         self.vocab_size = hf.vocab_size
         self.eos_token_id = hf.eos_token_id if isinstance(hf.eos_token_id, int) else None
+
+    def _install_lora_kernel(self) -> None:
+        """Grouped per-adapter GEMMs instead of vLLM's per-token CPU ops (CPU only; GPU
+        engines keep vLLM's punica kernels). Must precede engine construction."""
+        if self.cfg.lora_kernel != "grouped":
+            return
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from prefill_worker.grouped_lora import install_grouped_lora
+
+            install_grouped_lora()
 
     def _build_engine(self):
         from vllm import EngineArgs
@@ -102,19 +133,89 @@ class PrefillWorker:
                     "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
         return LLMEngine.from_engine_args(args)
 
-    def _register(self, name: str, path: str) -> AdapterEntry:
+    # ------------------------------------------------------------------ adapters
+    async def validate_adapter(self, path: str) -> AdapterSpec:
+        """Full validation of a staged upload (the router has no torch)."""
         from prefill_worker.adapters import validate_adapter
 
-        if not valid_adapter_name(name):
-            raise InvalidAdapter(f"adapter name {name[:64]!r} is invalid: use 1-128 of "
-                                 "[A-Za-z0-9._-], starting alphanumeric, no '..'")
-        spec = validate_adapter(path, self.base_shape, max_rank=self.cfg.max_lora_rank)
+        return await asyncio.to_thread(validate_adapter, path, self.base_shape,
+                                       max_rank=self.cfg.max_lora_rank,
+                                       max_bytes=self.cfg.max_adapter_bytes)
+
+    def _fetch(self, ref: AdapterRef) -> tuple[Path, str]:
+        """Disk tier: ``<cache_dir>/<sha256>``, fetched from the store and verified."""
+        from cluster.adapter_store import digest_dir, store_of
+
+        local = self.cache_dir / ref.sha256
+        if local.is_dir():
+            return local, "disk"
+        tmp = self.cache_dir / f".fetch-{ref.sha256}-{threading.get_ident()}"
+        store_of(ref.uri).fetch(ref.uri, tmp)
+        sha, _ = digest_dir(tmp)
+        if sha != ref.sha256:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InvalidAdapter(f"adapter {ref.name} v{ref.version}: store copy has sha256 "
+                                 f"{sha[:12]}..., registry says {ref.sha256[:12]}...")
+        try:
+            tmp.rename(local)
+        except OSError:  # another fetch of the same content won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        return local, "store"
+
+    async def _resolve(self, ref: AdapterRef):
+        lock = self._resolving.setdefault(ref.name, asyncio.Lock())
+        async with lock:  # concurrent first requests for one adapter fetch it once
+            return await self._resolve_locked(ref)
+
+    async def _resolve_locked(self, ref: AdapterRef):
+        from vllm.lora.request import LoRARequest
+
+        entry = self._adapters.get(ref.name)
+        if entry is not None and entry.ref.version > ref.version:
+            raise AdapterNotFound(ref.name)  # the router's view is stale: an older version
+        if entry is not None and entry.ref == ref:
+            tier = "engine" if entry.lora_int_id in self._engine_loras else "disk"
+        else:
+            path, tier = await asyncio.to_thread(self._fetch, ref)
+            with self._lock:
+                old = self._adapters.get(ref.name)
+                entry = AdapterEntry(ref, str(path), next(self._lora_ids))
+                self._adapters[ref.name] = entry
+            if old is not None:  # replaced: drop the old version from the engine's tiers
+                await self._remove_lora(old.lora_int_id)
+        self.tier_hits[tier] += 1
+        self._engine_loras[entry.lora_int_id] = None
+        self._engine_loras.move_to_end(entry.lora_int_id)
+        while len(self._engine_loras) > self.cfg.max_cpu_loras:  # vLLM's LRU evicts too
+            self._engine_loras.popitem(last=False)
+        return LoRARequest(ref.namespace, entry.lora_int_id, entry.path)
+
+    async def _remove_lora(self, lora_id: int) -> None:
+        self._engine_loras.pop(lora_id, None)
+        await self.loop.call(lambda eng: eng.remove_lora(lora_id))
+
+    async def drop_adapter(self, name: str) -> bool:
+        """Deleted from the registry: remove it from every tier on this worker."""
         with self._lock:
-            old = self._adapters.get(name)
-            entry = AdapterEntry(name, (old.version + 1) if old else 1, str(Path(path).resolve()),
-                                 next(self._lora_ids), spec.sha256, spec.rank)
-            self._adapters[name] = entry
-        return entry
+            entry = self._adapters.pop(name, None)
+        if entry is None:
+            return False
+        await self._remove_lora(entry.lora_int_id)
+        if not any(e.ref.sha256 == entry.ref.sha256 for e in self._adapters.values()):
+            shutil.rmtree(self.cache_dir / entry.ref.sha256, ignore_errors=True)
+        return True
+
+    async def invalidate(self, name: str, version: int) -> bool:
+        """A newer version was registered: drop any older one held here."""
+        entry = self._adapters.get(name)
+        if entry is not None and entry.ref.version < version:
+            return await self.drop_adapter(name)
+        return False
+
+    def residency(self) -> dict[str, str]:
+        engine = self._engine_loras
+        return {n: f"{'engine' if e.lora_int_id in engine else 'disk'}@v{e.ref.version}"
+                for n, e in list(self._adapters.items())}
 
     # ------------------------------------------------------------------ API
     async def info(self) -> WorkerInfo:
@@ -123,16 +224,7 @@ class PrefillWorker:
             worker_id=self.worker_id, role="prefill", kv_layout=self.hooks.layout_fingerprint,
             max_model_len=mc.max_model_len, vocab_size=self.vocab_size,
             eos_token_id=self.eos_token_id, lora_enabled=True,
-            engine_start_s=self.loop.start_s, pid=os.getpid(),
-            adapters={n: a.version for n, a in self._adapters.items()})
-
-    async def register_adapter(self, name: str, path: str) -> int:
-        """Validate and (re)register an adapter; a new version never reuses old KV."""
-        entry = await asyncio.to_thread(self._register, name, path)
-        if entry.version > 1:
-            # Old version's LoRA slot: drop it from the engine (its KV is salted apart anyway).
-            await self.loop.call(lambda eng: None)
-        return entry.version
+            engine_start_s=self.loop.start_s, pid=os.getpid())
 
     async def release(self, transfer_id: int) -> bool:
         return self.hooks.offers.release_local(transfer_id)
@@ -144,7 +236,8 @@ class PrefillWorker:
         recs = list(self.hooks.records)
         return {"transfers": len(recs), "bytes": sum(r.bytes for r in recs),
                 "failed": sum(not r.ok for r in recs), "held": len(self.hooks.offers),
-                "expired": self.hooks.offers.expired, "requests": self.loop.num_requests}
+                "expired": self.hooks.offers.expired, "requests": self.loop.num_requests,
+                "tier_hits": dict(self.tier_hits), "resident": self.residency()}
 
     def _tokenize(self, req: PrefillRequest) -> list[int]:
         if req.prompt_token_ids is not None:
@@ -166,7 +259,6 @@ class PrefillWorker:
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
         t_in = time.time()
@@ -182,11 +274,8 @@ class PrefillWorker:
                                  f"max_tokens to at most {max_len - len(ids)}")
         lora, namespace = None, BASE_NAMESPACE
         if req.adapter is not None:
-            entry = self._adapters.get(req.adapter)
-            if entry is None:
-                raise AdapterNotFound(req.adapter)
-            lora = LoRARequest(entry.namespace, entry.lora_int_id, entry.path)
-            namespace = entry.namespace
+            lora = await self._resolve(req.adapter)
+            namespace = req.adapter.namespace
         hand_over = s.max_tokens > 1
         params = SamplingParams(
             max_tokens=1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
@@ -231,5 +320,7 @@ class PrefillWorker:
             queue_s=max(0.0, t0 - (req.enqueued_at or t_in)), prefill_s=time.time() - t0)
 
     async def shutdown(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.loop.stop()
 

@@ -105,13 +105,19 @@ class WorkerPool:
             raise NoWorkers("no healthy decode worker")
         return self.decode_policy.pick(live, None)
 
-    def adapters(self) -> dict[str, int]:
-        """Adapter name -> newest version known on any prefill worker."""
-        out: dict[str, int] = {}
-        for w in self.prefill:
-            for name, ver in w.info.adapters.items():
-                out[name] = max(ver, out.get(name, 0))
-        return out
+    def all(self) -> list[WorkerHandle]:
+        return self.prefill + self.decode
+
+    def find(self, worker_id: str) -> WorkerHandle | None:
+        return next((w for w in self.all() if w.worker_id == worker_id), None)
+
+    def add(self, handle: WorkerHandle) -> None:
+        (self.prefill if handle.info.role == "prefill" else self.decode).append(handle)
+
+    def mark_alive(self, alive_ids: set[str]) -> None:
+        """Membership from heartbeats: workers without a live record take no new requests."""
+        for w in self.all():
+            w.healthy = w.worker_id in alive_ids
 
     @property
     def max_model_len(self) -> int:

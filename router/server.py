@@ -20,12 +20,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.adapter_store import AdapterStore, UploadWriter, check_adapter_name
 from cluster.config import RouterConfig
-from cluster.errors import InvalidRequest, PreftError
-from cluster.messages import DecodeRequest, PrefillRequest, Sampling
+from cluster.errors import (AdapterNotFound, InvalidAdapter, InvalidRequest, Overloaded,
+                            PermissionDenied, PreftError, Unauthenticated, WorkerUnavailable)
+from cluster.messages import AdapterRef, DecodeRequest, PrefillRequest, Sampling
+from cluster.state import AdapterRecord
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
-from router.pool import NoWorkers, WorkerPool
+from router.pool import NoWorkers, WorkerHandle, WorkerPool
+from router.state_view import StateView
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,12 @@ def _unwrap(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+def _adapter_pb(r: AdapterRecord) -> pb.Adapter:
+    return pb.Adapter(name=r.name, version=r.version, kind=r.kind, rank=r.rank,
+                      target_modules=list(r.target_modules), size_bytes=r.size_bytes,
+                      sha256=r.sha256, owner=r.owner, public=r.public, created=r.created)
+
+
 def to_sampling(p: pb.SamplingParams) -> Sampling:
     return Sampling(
         max_tokens=int(p.max_tokens),
@@ -51,24 +61,197 @@ def to_sampling(p: pb.SamplingParams) -> Sampling:
 
 
 class RouterService(pb_grpc.RouterServicer):
-    def __init__(self, cfg: RouterConfig, pool: WorkerPool) -> None:
+    def __init__(self, cfg: RouterConfig, pool: WorkerPool, view: StateView,
+                 store: AdapterStore) -> None:
         self.cfg = cfg
         self.pool = pool
+        self.view = view
+        self.store = store
         self.inflight = 0
+        view.on_members = self._sync_members
 
+    # ------------------------------------------------------------------ auth & lookup
+    def _tenant(self, context) -> str | None:
+        """The caller's tenant; None = operator (open mode on loopback)."""
+        md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
+        auth = md.get("authorization", "")
+        if not auth:
+            if self.cfg.require_auth:
+                raise Unauthenticated("missing API key: send metadata "
+                                      "'authorization: Bearer <key>' (create one with "
+                                      "`preft keys create --tenant NAME`)")
+            return None
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            if not self.cfg.require_auth:
+                return None
+            raise Unauthenticated("malformed authorization: expected 'Bearer <key>'")
+        tenant = self.view.tenant_for_key(key.strip())
+        if tenant is None and self.cfg.require_auth:
+            raise Unauthenticated("unknown API key")
+        return tenant  # open mode: a known key still scopes the caller to its tenant
+
+    def _adapter(self, name: str, tenant: str | None) -> AdapterRecord:
+        rec = self.view.adapters.get(name)
+        if rec is None:
+            raise AdapterNotFound(name)
+        if not rec.visible_to(tenant):
+            raise PermissionDenied(f"adapter {name!r} is not available to tenant {tenant!r}")
+        return rec
+
+    async def _guard(self, context, fn):
+        try:
+            return await fn()
+        except PreftError as e:
+            await context.abort(_status(e.grpc_code), e.message)
+
+    # ------------------------------------------------------------------ adapters
     async def ListAdapters(self, request, context):
-        return pb.ListAdaptersResponse(adapters=[
-            pb.Adapter(name=n, version=v) for n, v in sorted(self.pool.adapters().items())])
+        async def run():
+            tenant = self._tenant(context)
+            return pb.ListAdaptersResponse(adapters=[
+                _adapter_pb(r) for _, r in sorted(self.view.adapters.items())
+                if r.visible_to(tenant)])
+        return await self._guard(context, run)
 
+    async def GetAdapter(self, request, context):
+        async def run():
+            return _adapter_pb(self._adapter(request.name, self._tenant(context)))
+        return await self._guard(context, run)
+
+    async def DeleteAdapter(self, request, context):
+        async def run():
+            tenant = self._tenant(context)
+            rec = self._adapter(request.name, tenant)
+            if tenant not in (None, "admin") and rec.owner != tenant:
+                raise PermissionDenied(f"adapter {rec.name!r} belongs to another tenant")
+            await asyncio.to_thread(self.view.state.delete_adapter, rec.name)
+            self.view.drop_adapter(rec.name)
+            if not any(r.sha256 == rec.sha256 for r in self.view.adapters.values()):
+                await asyncio.to_thread(self.store.delete, rec.uri)
+            await self._broadcast("drop_adapter", rec.name)
+            return pb.DeleteAdapterResponse(deleted=True)
+        return await self._guard(context, run)
+
+    async def RegisterAdapter(self, request_iterator, context):
+        async def run():
+            tenant = self._tenant(context)
+            first = await anext(request_iterator.__aiter__(), None)
+            if first is None or not first.HasField("header"):
+                raise InvalidAdapter("the first upload message must be a header with the name")
+            h = first.header
+            check_adapter_name(h.name)
+            kind = h.kind or "lora_p"
+            if kind != "lora_p":
+                raise InvalidAdapter(f"kind {kind!r} is not supported; supported: ['lora_p']")
+            old = self.view.adapters.get(h.name)
+            if old is not None and tenant not in (None, "admin") and old.owner != tenant:
+                raise PermissionDenied(f"adapter {h.name!r} belongs to another tenant")
+            writer = UploadWriter(self.store, self.cfg.max_adapter_bytes)
+            try:  # nothing stays in the store unless it validated: clean up before answering
+                async for msg in request_iterator:
+                    if not msg.HasField("chunk"):
+                        raise InvalidAdapter("only one header per upload")
+                    writer.write(msg.chunk.filename, msg.chunk.data)
+                spec = await self._validate_upload(writer.finish())
+                uri = await asyncio.to_thread(self.store.commit, writer.dir, spec.sha256)
+            except BaseException:
+                writer.abort()
+                raise
+            state = self.view.state
+            version = await asyncio.to_thread(state.next_version, h.name)
+            rec = AdapterRecord(h.name, spec.kind, version, spec.sha256, spec.rank,
+                                tuple(spec.target_modules), spec.size_bytes,
+                                owner=tenant or "", public=h.public, uri=uri)
+            await asyncio.to_thread(state.put_adapter, rec)
+            self.view.put_adapter(rec)
+            if old is not None:  # every cached copy of older versions goes
+                await self._broadcast("invalidate", h.name, version)
+            return _adapter_pb(rec)
+
+        return await self._guard(context, run)
+
+    async def _validate_upload(self, staged):
+        """Tensor-level checks need torch: a prefill worker does them."""
+        validator = self.pool.pick_prefill(None)
+        try:
+            return await validator.actor.validate_adapter.remote(str(staged))
+        except Exception as e:
+            cause = _unwrap(e)
+            if isinstance(cause, PreftError):
+                raise cause from None
+            raise WorkerUnavailable(
+                f"adapter validation failed on {validator.worker_id}: {cause}") from None
+
+    async def _broadcast(self, method: str, *args) -> None:
+        refs = [getattr(w.actor, method).remote(*args) for w in self.pool.prefill if w.healthy]
+        for ref in refs:
+            try:
+                await asyncio.wait_for(ref, 30)
+            except Exception as e:  # a dead worker has nothing cached; log and go on
+                log.warning("%s%s on a prefill worker failed: %s", method, args, e)
+
+    # ------------------------------------------------------------------ cluster
+    async def _sync_members(self, members) -> None:
+        import ray
+
+        alive = set(members)
+        for wid, rec in members.items():
+            if self.pool.find(wid) is None and rec.actor_name:
+                try:
+                    actor = ray.get_actor(rec.actor_name)
+                    info = await asyncio.wait_for(actor.info.remote(), 10)
+                    self.pool.add(WorkerHandle(info, actor))
+                    log.info("worker %s joined the %s pool", wid, info.role)
+                except Exception as e:
+                    log.warning("member %s (%s) not reachable yet: %s", wid, rec.actor_name, e)
+        self.pool.mark_alive(alive)
+
+    async def ClusterStatus(self, request, context):
+        async def run():
+            self._tenant(context)
+            resident = await asyncio.to_thread(
+                self._residency, [w.worker_id for w in self.pool.prefill])
+            out = []
+            for w in self.pool.all():
+                ws = pb.WorkerStatus(worker_id=w.worker_id, role=w.info.role, healthy=w.healthy,
+                                     outstanding=w.outstanding)
+                try:
+                    if w.info.role == "decode":
+                        u = await asyncio.wait_for(w.actor.kv_usage.remote(), 5)
+                        ws.kv_blocks_total, ws.kv_blocks_free = u["blocks_total"], u["blocks_free"]
+                    else:
+                        st = await asyncio.wait_for(w.actor.stats.remote(), 5)
+                        ws.kv_bytes_sent, ws.held_transfers = st["bytes"], st["held"]
+                        ws.resident.update(st["resident"])
+                except Exception:
+                    ws.healthy = False
+                    ws.resident.update(resident.get(w.worker_id, {}))
+                out.append(ws)
+            return pb.ClusterStatusResponse(workers=out, router_inflight=self.inflight,
+                                            adapters=len(self.view.adapters),
+                                            state_stale=self.view.stale)
+        return await self._guard(context, run)
+
+    def _residency(self, ids):
+        try:
+            return self.view.state.residency(ids)
+        except Exception:
+            return {}
+
+    # ------------------------------------------------------------------ generate
     async def Generate(self, request: pb.GenerateRequest, context):
         t_admit = time.time()
         try:
-            preq = self._validate(request, t_admit)
+            preq = self._validate(request, self._tenant(context), t_admit)
+            if self.inflight >= self.cfg.max_queue_depth:
+                raise Overloaded(f"router is at its queue limit ({self.inflight} requests in "
+                                 f"flight, max_queue_depth={self.cfg.max_queue_depth}); retry "
+                                 "after a short backoff")
         except PreftError as e:
+            if isinstance(e, Overloaded):
+                context.set_trailing_metadata((("retry-after-ms", "500"),))
             await context.abort(_status(e.grpc_code), e.message)
-        if self.inflight >= self.cfg.max_queue_depth:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"router queue is full ({self.inflight} requests); retry later")
         self.inflight += 1
         try:
             async for msg in self._generate(preq, t_admit, context):
@@ -76,11 +259,12 @@ class RouterService(pb_grpc.RouterServicer):
         finally:
             self.inflight -= 1
 
-    def _validate(self, request: pb.GenerateRequest, t_admit: float) -> PrefillRequest:
-        adapter = request.adapter or None
-        if adapter is not None and adapter not in self.pool.adapters():
-            from cluster.errors import AdapterNotFound
-            raise AdapterNotFound(adapter)
+    def _validate(self, request: pb.GenerateRequest, tenant: str | None,
+                  t_admit: float) -> PrefillRequest:
+        adapter = None
+        if request.adapter:
+            r = self._adapter(request.adapter, tenant)
+            adapter = AdapterRef(r.name, r.version, r.kind, r.sha256, r.uri)
         if not request.HasField("sampling"):
             raise InvalidRequest("sampling", "is required (at least sampling.max_tokens)")
         try:
@@ -98,42 +282,51 @@ class RouterService(pb_grpc.RouterServicer):
         return PrefillRequest(rid, adapter, sampling,
                               prompt_token_ids=tuple(request.token_ids.ids), enqueued_at=t_admit)
 
-    async def _call(self, awaitable, context, what: str):
+    async def _call(self, awaitable, context, what: str, worker: WorkerHandle):
+        """Await a worker call within the request's deadline; map failures to a status."""
         remaining = context.time_remaining()
         timeout = self.cfg.request_timeout_s if remaining is None else min(
             remaining, self.cfg.request_timeout_s)
         try:
             return await asyncio.wait_for(awaitable, timeout)
         except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} timed out")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{what} on {worker.worker_id} exceeded the deadline")
         except PreftError as e:
             await context.abort(_status(e.grpc_code), e.message)
         except (asyncio.CancelledError, grpc.aio.AbortError, StopAsyncIteration):
             raise
         except Exception as e:
-            await self._abort_for(e, context, what)
+            await self._abort_for(e, context, what, worker)
 
-    async def _abort_for(self, e: BaseException, context, what: str):
+    async def _abort_for(self, e: BaseException, context, what: str, worker: WorkerHandle):
         import ray.exceptions as rx
 
         cause = _unwrap(e)
         if isinstance(cause, PreftError):
             await context.abort(_status(cause.grpc_code), cause.message)
         if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError)):
+            log.warning("%s on %s failed: %r", what, worker.worker_id, e)
+            worker.healthy = False  # until its heartbeat says otherwise
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{what}: worker died or is unreachable; retry the request")
+                                f"{what}: worker {worker.worker_id} died or is unreachable; "
+                                "retry the request")
         log.exception("%s failed", what)
         await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(cause).__name__}: {cause}")
 
     async def _generate(self, preq: PrefillRequest, t_admit: float, context):
         try:
-            pw = self.pool.pick_prefill(preq.adapter)
+            pw = self.pool.pick_prefill(preq.adapter.name if preq.adapter else None)
             dw = self.pool.pick_decode()
         except NoWorkers as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         pw.outstanding += 1
+        ref = pw.actor.prefill.remote(preq)
         try:
-            res = await self._call(pw.actor.prefill.remote(preq), context, "prefill")
+            res = await self._call(ref, context, "prefill", pw)
+        except BaseException:
+            _cancel(ref)  # client cancel or deadline: the worker aborts the request
+            raise
         finally:
             pw.outstanding -= 1
         t_first = time.time()
@@ -153,10 +346,10 @@ class RouterService(pb_grpc.RouterServicer):
             try:
                 while True:
                     try:
-                        ref = await self._call(gen.__anext__(), context, "decode")
+                        ref = await self._call(gen.__anext__(), context, "decode", dw)
                     except StopAsyncIteration:
                         break
-                    d = await self._call(ref, context, "decode")
+                    d = await self._call(ref, context, "decode", dw)
                     if d.kv_transfer_s is not None:
                         timings.kv_transfer_s = d.kv_transfer_s
                         timings.first_decode_step_s = d.first_step_s or 0.0
@@ -169,6 +362,8 @@ class RouterService(pb_grpc.RouterServicer):
                         finish = d.finish_reason
             except BaseException:
                 _cancel(gen)
+                if kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
+                    pw.actor.release.remote(res.kv.transfer_id)
                 raise
             finally:
                 dw.outstanding -= 1
@@ -182,17 +377,38 @@ class RouterService(pb_grpc.RouterServicer):
             timings=timings, kv=kv))
 
 
-def _cancel(gen) -> None:
+def _cancel(ref) -> None:
     try:
         import ray
-        ray.cancel(gen)
+        ray.cancel(ref)
     except Exception:
         pass
 
 
-def create_server(cfg: RouterConfig, pool: WorkerPool) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServicer_to_server(RouterService(cfg, pool), server)
+def check_bind_is_safe(cfg: RouterConfig) -> None:
+    """An open API (no keys) only on loopback."""
+    import ipaddress
+
+    if cfg.require_auth:
+        return
+    host = cfg.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise PermissionError(
+            f"refusing to serve an open API on {cfg.host}: either bind 127.0.0.1, or require "
+            "API keys (--require-auth) after creating one with `preft keys create --tenant NAME`")
+
+
+def create_server(cfg: RouterConfig, pool: WorkerPool, view: StateView,
+                  store: AdapterStore) -> tuple[grpc.aio.Server, int]:
+    check_bind_is_safe(cfg)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    service = RouterService(cfg, pool, view, store)
+    pb_grpc.add_RouterServicer_to_server(service, server)
+    server.service = service
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["Router"].full_name,
@@ -207,13 +423,16 @@ def create_server(cfg: RouterConfig, pool: WorkerPool) -> tuple[grpc.aio.Server,
 
 
 async def start(server: grpc.aio.Server) -> None:
+    await server.service.view.refresh()
+    server.service.view.start()
     await server.start()
     await server.health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await server.health_servicer.set("preft.v1.Router", health_pb2.HealthCheckResponse.SERVING)
 
 
-async def serve(cfg: RouterConfig, pool: WorkerPool, ready=None) -> None:
-    server, port = create_server(cfg, pool)
+async def serve(cfg: RouterConfig, pool: WorkerPool, view: StateView, store: AdapterStore,
+                ready=None) -> None:
+    server, port = create_server(cfg, pool, view, store)
     await start(server)
     if ready is not None:
         ready(port)
@@ -221,4 +440,5 @@ async def serve(cfg: RouterConfig, pool: WorkerPool, ready=None) -> None:
         await server.wait_for_termination()
     finally:
         await server.health_servicer.enter_graceful_shutdown()
+        await server.service.view.stop()
         await server.stop(grace=5)

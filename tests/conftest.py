@@ -47,11 +47,13 @@ def cluster(assets):
 
     eng = EngineConfig(model=assets["model"], max_model_len=1024)
     adapters = tuple((n, assets["adapters"][n]) for n in ADAPTER_SEEDS)
-    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng, adapters=adapters),
-                        decode=DecodeConfig(engine=eng), router=RouterConfig(port=0))
+    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
+                        router=RouterConfig(port=0), adapters=adapters,
+                        run_dir=str(assets["root"] / "run"))
     c = LocalCluster(cfg)
     c.start_workers()
     c.start_router_in_thread()
+    c.register_startup_adapters()
     yield c
     c.stop()
 

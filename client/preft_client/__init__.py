@@ -7,10 +7,12 @@ carrying the status code and the server's message. Imports neither torch nor vLL
 """
 
 from preft_client.client import AsyncPreftClient, PreftClient
-from preft_client.errors import (DeadlineExceeded, InvalidArgument, NotFound, PreftClientError,
-                                 ResourceExhausted, Unavailable)
-from preft_client.types import Completion, Delta, Timings, Usage
+from preft_client.errors import (DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
+                                 PreftClientError, ResourceExhausted, Unauthenticated,
+                                 Unavailable)
+from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
 
 __all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Timings", "Usage",
-           "PreftClientError", "InvalidArgument", "NotFound", "Unavailable",
-           "ResourceExhausted", "DeadlineExceeded"]
+           "AdapterInfo", "WorkerStatus", "PreftClientError", "InvalidArgument", "NotFound",
+           "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
+           "PermissionDenied"]

@@ -1,15 +1,27 @@
-"""Sync and async clients for the ``preft.v1.Router`` gRPC service."""
+"""Sync and async clients for the ``preft.v1.Router`` gRPC service.
+
+Both send ``authorization: Bearer <api_key>`` when given a key, and retry ``UNAVAILABLE``
+with exponential backoff where that is safe: read-only calls always, ``generate``/``stream``
+only before the first token arrived (nothing was delivered twice).
+"""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator, Sequence
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 
-from preft_client.errors import from_rpc_error
-from preft_client.types import Completion, Delta, Timings, Usage
+from preft_client.errors import Unavailable, from_rpc_error
+from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
+
+UPLOAD_CHUNK = 1 << 20
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed, stop,
@@ -26,6 +38,41 @@ def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, 
     else:
         req.token_ids.ids.extend(prompt_token_ids)
     return req
+
+
+def _adapter_info(a: pb.Adapter) -> AdapterInfo:
+    return AdapterInfo(a.name, a.version, a.kind, a.rank, tuple(a.target_modules), a.size_bytes,
+                       a.sha256, a.owner, a.public, a.created)
+
+
+def _status(resp: pb.ClusterStatusResponse) -> dict:
+    return {"workers": [WorkerStatus(w.worker_id, w.role, w.healthy, w.outstanding,
+                                     w.kv_blocks_total, w.kv_blocks_free, dict(w.resident),
+                                     w.kv_bytes_sent, w.held_transfers) for w in resp.workers],
+            "router_inflight": resp.router_inflight, "adapters": resp.adapters,
+            "state_stale": resp.state_stale}
+
+
+def upload_chunks(name: str, path: str | Path, public: bool,
+                  progress: Callable[[int, int], None] | None) -> Iterator[pb.AdapterUploadChunk]:
+    """Header, then the PEFT files in 1 MiB chunks; ``progress(sent, total)`` after each."""
+    path = Path(path)
+    files = [path / f for f in ADAPTER_FILES if (path / f).is_file()]
+    total = sum(f.stat().st_size for f in files)
+    yield pb.AdapterUploadChunk(header=pb.AdapterUploadHeader(name=name, public=public))
+    sent = 0
+    for f in files:
+        with f.open("rb") as fh:
+            for data in iter(lambda: fh.read(UPLOAD_CHUNK), b""):
+                yield pb.AdapterUploadChunk(chunk=pb.AdapterFileChunk(filename=f.name, data=data))
+                sent += len(data)
+                if progress:
+                    progress(sent, total)
+    for f in path.iterdir() if path.is_dir() else ():
+        if f.is_file() and f.name not in ADAPTER_FILES and f.suffix in (".bin", ".pt", ".pth",
+                                                                          ".pkl", ".pickle"):
+            # Send pickle files too, so the server can say why they are refused.
+            yield pb.AdapterUploadChunk(chunk=pb.AdapterFileChunk(filename=f.name, data=b""))
 
 
 class _Collector:
@@ -46,7 +93,7 @@ class _Collector:
     def completion(self) -> Completion:
         f = self.final
         if f is None:
-            raise RuntimeError("stream ended without a final message")
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "stream ended without a final message")
         t = f.timings
         return Completion(
             request_id=f.request_id, token_ids=tuple(self.ids), text="".join(self.text),
@@ -58,14 +105,52 @@ class _Collector:
             workers=(f.kv.prefill_worker, f.kv.decode_worker))
 
 
-class PreftClient:
-    """Blocking client. ``PreftClient("127.0.0.1:50051").generate("my-adapter", prompt="Hi")``."""
-
-    def __init__(self, address: str, *, timeout: float | None = 300.0) -> None:
+class _Base:
+    def __init__(self, address: str, api_key: str | None, timeout: float | None,
+                 retries: int, backoff_s: float) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._md = (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+    def _delay(self, attempt: int) -> float:
+        return self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+
+
+class PreftClient(_Base):
+    """Blocking client. ``PreftClient("127.0.0.1:50051").generate("my-adapter", prompt="Hi")``."""
+
+    def __init__(self, address: str, *, api_key: str | None = None,
+                 timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2) -> None:
+        super().__init__(address, api_key, timeout, retries, backoff_s)
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 64 << 20)])
         self._stub = pb_grpc.RouterStub(self._channel)
+
+    def _unary(self, method, req):
+        for attempt in range(self.retries + 1):
+            try:
+                return method(req, timeout=self.timeout, metadata=self._md)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if not isinstance(err, Unavailable) or attempt == self.retries:
+                    raise err from None
+                time.sleep(self._delay(attempt))
+
+    def _responses(self, req: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                for msg in self._stub.Generate(req, timeout=self.timeout, metadata=self._md):
+                    started = True
+                    yield msg
+                return
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if started or not isinstance(err, Unavailable) or attempt == self.retries:
+                    raise err from None
+                time.sleep(self._delay(attempt))
 
     def stream(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -74,12 +159,9 @@ class PreftClient:
                request_id: str | None = None) -> Iterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        try:
-            for msg in self._stub.Generate(req, timeout=self.timeout):
-                if msg.HasField("delta"):
-                    yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        for msg in self._responses(req):
+            if msg.HasField("delta"):
+                yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
 
     def generate(self, adapter: str | None, prompt: str | None = None,
                  prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -89,19 +171,32 @@ class PreftClient:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
         col = _Collector()
-        try:
-            for msg in self._stub.Generate(req, timeout=self.timeout):
-                col.add(msg)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        for msg in self._responses(req):
+            col.add(msg)
         return col.completion()
 
-    def list_adapters(self) -> dict[str, int]:
+    def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
+                         progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
+        """Upload a PEFT adapter directory; a second upload of a name is a new version."""
         try:
-            resp = self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout)
+            a = self._stub.RegisterAdapter(upload_chunks(name, path, public, progress),
+                                           timeout=self.timeout, metadata=self._md)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
-        return {a.name: a.version for a in resp.adapters}
+        return _adapter_info(a)
+
+    def list_adapters(self) -> dict[str, AdapterInfo]:
+        resp = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
+        return {a.name: _adapter_info(a) for a in resp.adapters}
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return _adapter_info(self._unary(self._stub.GetAdapter, pb.GetAdapterRequest(name=name)))
+
+    def delete_adapter(self, name: str) -> bool:
+        return self._unary(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name)).deleted
+
+    def cluster_status(self) -> dict:
+        return _status(self._unary(self._stub.ClusterStatus, pb.ClusterStatusRequest()))
 
     def close(self) -> None:
         self._channel.close()
@@ -113,14 +208,39 @@ class PreftClient:
         self.close()
 
 
-class AsyncPreftClient:
+class AsyncPreftClient(_Base):
     """asyncio client with the same methods as :class:`PreftClient`."""
 
-    def __init__(self, address: str, *, timeout: float | None = 300.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, *, api_key: str | None = None,
+                 timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2) -> None:
+        super().__init__(address, api_key, timeout, retries, backoff_s)
+        self._channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 64 << 20)])
         self._stub = pb_grpc.RouterStub(self._channel)
+
+    async def _unary(self, method, req):
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(req, timeout=self.timeout, metadata=self._md)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if not isinstance(err, Unavailable) or attempt == self.retries:
+                    raise err from None
+                await asyncio.sleep(self._delay(attempt))
+
+    async def _responses(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                async for msg in self._stub.Generate(req, timeout=self.timeout, metadata=self._md):
+                    started = True
+                    yield msg
+                return
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if started or not isinstance(err, Unavailable) or attempt == self.retries:
+                    raise err from None
+                await asyncio.sleep(self._delay(attempt))
 
     async def stream(self, adapter: str | None, prompt: str | None = None,
                      prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -129,12 +249,9 @@ class AsyncPreftClient:
                      request_id: str | None = None) -> AsyncIterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        try:
-            async for msg in self._stub.Generate(req, timeout=self.timeout):
-                if msg.HasField("delta"):
-                    yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        async for msg in self._responses(req):
+            if msg.HasField("delta"):
+                yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
 
     async def generate(self, adapter: str | None, prompt: str | None = None,
                        prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -144,19 +261,33 @@ class AsyncPreftClient:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
         col = _Collector()
-        try:
-            async for msg in self._stub.Generate(req, timeout=self.timeout):
-                col.add(msg)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        async for msg in self._responses(req):
+            col.add(msg)
         return col.completion()
 
-    async def list_adapters(self) -> dict[str, int]:
+    async def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
+                               progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
         try:
-            resp = await self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout)
+            a = await self._stub.RegisterAdapter(upload_chunks(name, path, public, progress),
+                                                 timeout=self.timeout, metadata=self._md)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
-        return {a.name: a.version for a in resp.adapters}
+        return _adapter_info(a)
+
+    async def list_adapters(self) -> dict[str, AdapterInfo]:
+        resp = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
+        return {a.name: _adapter_info(a) for a in resp.adapters}
+
+    async def get_adapter(self, name: str) -> AdapterInfo:
+        return _adapter_info(await self._unary(self._stub.GetAdapter,
+                                               pb.GetAdapterRequest(name=name)))
+
+    async def delete_adapter(self, name: str) -> bool:
+        resp = await self._unary(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name))
+        return resp.deleted
+
+    async def cluster_status(self) -> dict:
+        return _status(await self._unary(self._stub.ClusterStatus, pb.ClusterStatusRequest()))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -39,3 +39,30 @@ class Completion:
     kv_bytes: int = 0
     kv_blocks: int = 0
     workers: tuple[str, str] = field(default=("", ""))
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    version: int
+    kind: str
+    rank: int
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    sha256: str
+    owner: str
+    public: bool
+    created: float
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    role: str
+    healthy: bool
+    outstanding: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    resident: dict
+    kv_bytes_sent: int
+    held_transfers: int

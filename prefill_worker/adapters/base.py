@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cluster.adapter_store import PICKLE_SUFFIXES, digest_dir  # noqa: F401
 from cluster.errors import InvalidAdapter
 
 
@@ -36,9 +36,6 @@ class AdapterSpec:
     size_bytes: int
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise InvalidAdapter(f"{what}: {path.name} is missing")
@@ -49,15 +46,6 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise InvalidAdapter(f"{what}: {path.name} must hold a JSON object")
     return data
-
-
-def digest_dir(path: Path) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        data = f.read_bytes()
-        h.update(f.name.encode() + b"\0" + data)
-        size += len(data)
-    return h.hexdigest(), size
 
 
 Validator = Callable[[Path, BaseModelShape, int, int], AdapterSpec]

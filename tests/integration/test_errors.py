@@ -91,7 +91,9 @@ def test_decode_engine_has_no_lora_and_no_adapter_code(cluster):
         .model_runner, "lora_manager", None) is not None))
     assert has_lora is False
     p = cluster.pool.prefill[0].actor
-    assert ray.get(p.__ray_call__.remote(lambda self: getattr(
-        self.loop.engine.engine_core.engine_core.model_executor.driver_worker.worker
-        .model_runner, "lora_manager", None) is not None)) is True
+    wrappers = ray.get(p.__ray_call__.remote(lambda self: sorted(
+        type(w).__name__ for w in self.loop.engine.engine_core.engine_core.model_executor
+        .driver_worker.worker.model_runner.lora_manager._adapter_manager
+        .punica_wrapper_mapping.values())))
+    assert wrappers == ["GroupedPunicaWrapperCPU"]   # our grouped LoRA-P kernel, not vLLM's
     assert cluster.pool.prefill[0].info.lora_enabled is True

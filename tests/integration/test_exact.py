@@ -41,7 +41,9 @@ def _compare(got: tuple[int, ...], ref) -> tuple[int, int]:
 def test_cluster_equals_preft_reference(cluster, client, reference, assets):
     vocab = cluster.pool.prefill[0].info.vocab_size
     prompts = _prompts(vocab)
-    jobs = [(name, p) for name in ADAPTER_SEEDS for p in prompts]
+    # Adapter requests mixed with base-model requests in the same prefill batches (stock
+    # vLLM CPU LoRA ops give adapter-less rows the last slot's adapter; ours must not).
+    jobs = [(name, p) for name in [*ADAPTER_SEEDS, None] for p in prompts]
     assert len(jobs) >= 64
 
     def run(job):
@@ -55,10 +57,13 @@ def test_cluster_equals_preft_reference(cluster, client, reference, assets):
     compared = cut = differ_lora = differ_base = 0
     for (name, p), c in zip(jobs, results):
         assert len(c.token_ids) == N_TOKENS and c.finish_reason == "length"
-        ref = reference.generate(p, assets["adapters"][name], N_TOKENS, mode="preft")
+        adapter_dir = assets["adapters"][name] if name else None
+        ref = reference.generate(p, adapter_dir, N_TOKENS, mode="preft")
         k, d = _compare(c.token_ids, ref)
         compared += k
         cut += d
+        if name is None:
+            continue
         lora = reference.generate(p, assets["adapters"][name], N_TOKENS, mode="lora")
         base = reference.generate(p, None, N_TOKENS, mode="base")
         differ_lora += c.token_ids != lora.tokens
@@ -70,8 +75,9 @@ def test_cluster_equals_preft_reference(cluster, client, reference, assets):
           f"(gap < {GAP_TOL}); differ from all-token LoRA: {differ_lora}, from base: {differ_base}")
     assert cut <= 0.05 * len(jobs) * N_TOKENS
     # Equality is not vacuous: PreFT differs from both contrasts on almost every sequence.
-    assert differ_lora >= 0.9 * len(jobs)
-    assert differ_base >= 0.9 * len(jobs)
+    n_adapter_jobs = len(prompts) * len(ADAPTER_SEEDS)
+    assert differ_lora >= 0.9 * n_adapter_jobs
+    assert differ_base >= 0.9 * n_adapter_jobs
 
 
 def test_two_adapters_back_to_back_and_new_version(cluster, client, reference, assets):

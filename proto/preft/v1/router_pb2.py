@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bproto/preft/v1/router.proto\x12\x08preft.v1\"\xaa\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa5\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.preft.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.preft.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x94\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\x12\x1b\n\x13\x66irst_decode_step_s\x18\x07 \x01(\x01\"Z\n\nKVTransfer\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\x12\x16\n\x0eprefill_worker\x18\x03 \x01(\t\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\"\x98\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.preft.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.preft.v1.Timings\x12 \n\x02kv\x18\x05 \x01(\x0b\x32\x14.preft.v1.KVTransfer\"c\n\x10GenerateResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.preft.v1.TokenDeltaH\x00\x12 \n\x05\x66inal\x18\x02 \x01(\x0b\x32\x0f.preft.v1.FinalH\x00\x42\x06\n\x04kind\"\x15\n\x13ListAdaptersRequest\"(\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\";\n\x14ListAdaptersResponse\x12#\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x11.preft.v1.Adapter2\x9c\x01\n\x06Router\x12\x43\n\x08Generate\x12\x19.preft.v1.GenerateRequest\x1a\x1a.preft.v1.GenerateResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.preft.v1.ListAdaptersRequest\x1a\x1e.preft.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bproto/preft/v1/router.proto\x12\x08preft.v1\"\xaa\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa5\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.preft.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.preft.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x94\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\x12\x1b\n\x13\x66irst_decode_step_s\x18\x07 \x01(\x01\"Z\n\nKVTransfer\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\x12\x16\n\x0eprefill_worker\x18\x03 \x01(\t\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\"\x98\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.preft.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.preft.v1.Timings\x12 \n\x02kv\x18\x05 \x01(\x0b\x32\x14.preft.v1.KVTransfer\"c\n\x10GenerateResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.preft.v1.TokenDeltaH\x00\x12 \n\x05\x66inal\x18\x02 \x01(\x0b\x32\x0f.preft.v1.FinalH\x00\x42\x06\n\x04kind\"\x15\n\x13ListAdaptersRequest\"\xb0\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0e\n\x06public\x18\t \x01(\x08\x12\x0f\n\x07\x63reated\x18\n \x01(\x01\"A\n\x13\x41\x64\x61pterUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06public\x18\x02 \x01(\x08\x12\x0c\n\x04kind\x18\x03 \x01(\t\"2\n\x10\x41\x64\x61pterFileChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"z\n\x12\x41\x64\x61pterUploadChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.preft.v1.AdapterUploadHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.preft.v1.AdapterFileChunkH\x00\x42\x06\n\x04part\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15\x44\x65leteAdapterResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x16\n\x14\x43lusterStatusRequest\"\x9e\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x13\n\x0boutstanding\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x36\n\x08resident\x18\x07 \x03(\x0b\x32$.preft.v1.WorkerStatus.ResidentEntry\x12\x15\n\rkv_bytes_sent\x18\x08 \x01(\x04\x12\x16\n\x0eheld_transfers\x18\t \x01(\r\x1a/\n\rResidentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x15\x43lusterStatusResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.preft.v1.WorkerStatus\x12\x17\n\x0frouter_inflight\x18\x02 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x03 \x01(\r\x12\x13\n\x0bstate_stale\x18\x04 \x01(\x08\";\n\x14ListAdaptersResponse\x12#\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x11.preft.v1.Adapter2\xc4\x03\n\x06Router\x12\x43\n\x08Generate\x12\x19.preft.v1.GenerateRequest\x1a\x1a.preft.v1.GenerateResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.preft.v1.ListAdaptersRequest\x1a\x1e.preft.v1.ListAdaptersResponse\x12\x44\n\x0fRegisterAdapter\x12\x1c.preft.v1.AdapterUploadChunk\x1a\x11.preft.v1.Adapter(\x01\x12<\n\nGetAdapter\x12\x1b.preft.v1.GetAdapterRequest\x1a\x11.preft.v1.Adapter\x12P\n\rDeleteAdapter\x12\x1e.preft.v1.DeleteAdapterRequest\x1a\x1f.preft.v1.DeleteAdapterResponse\x12P\n\rClusterStatus\x12\x1e.preft.v1.ClusterStatusRequest\x1a\x1f.preft.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.preft.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WORKERSTATUS_RESIDENTENTRY']._loaded_options = None
+  _globals['_WORKERSTATUS_RESIDENTENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=212
   _globals['_TOKENIDS']._serialized_start=214
@@ -51,10 +53,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=1010
   _globals['_LISTADAPTERSREQUEST']._serialized_start=1012
   _globals['_LISTADAPTERSREQUEST']._serialized_end=1033
-  _globals['_ADAPTER']._serialized_start=1035
-  _globals['_ADAPTER']._serialized_end=1075
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1077
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1136
-  _globals['_ROUTER']._serialized_start=1139
-  _globals['_ROUTER']._serialized_end=1295
+  _globals['_ADAPTER']._serialized_start=1036
+  _globals['_ADAPTER']._serialized_end=1212
+  _globals['_ADAPTERUPLOADHEADER']._serialized_start=1214
+  _globals['_ADAPTERUPLOADHEADER']._serialized_end=1279
+  _globals['_ADAPTERFILECHUNK']._serialized_start=1281
+  _globals['_ADAPTERFILECHUNK']._serialized_end=1331
+  _globals['_ADAPTERUPLOADCHUNK']._serialized_start=1333
+  _globals['_ADAPTERUPLOADCHUNK']._serialized_end=1455
+  _globals['_GETADAPTERREQUEST']._serialized_start=1457
+  _globals['_GETADAPTERREQUEST']._serialized_end=1490
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1492
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1528
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1530
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1570
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1572
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1594
+  _globals['_WORKERSTATUS']._serialized_start=1597
+  _globals['_WORKERSTATUS']._serialized_end=1883
+  _globals['_WORKERSTATUS_RESIDENTENTRY']._serialized_start=1836
+  _globals['_WORKERSTATUS_RESIDENTENTRY']._serialized_end=1883
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1886
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2014
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2016
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2075
+  _globals['_ROUTER']._serialized_start=2078
+  _globals['_ROUTER']._serialized_end=2530
 # @@protoc_insertion_point(module_scope)

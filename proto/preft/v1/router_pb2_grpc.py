@@ -46,6 +46,26 @@ class RouterStub:
                 request_serializer=proto_dot_preft_dot_v1_dot_router__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.RegisterAdapter = channel.stream_unary(
+                '/preft.v1.Router/RegisterAdapter',
+                request_serializer=proto_dot_preft_dot_v1_dot_router__pb2.AdapterUploadChunk.SerializeToString,
+                response_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.Adapter.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/preft.v1.Router/GetAdapter',
+                request_serializer=proto_dot_preft_dot_v1_dot_router__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.Adapter.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/preft.v1.Router/DeleteAdapter',
+                request_serializer=proto_dot_preft_dot_v1_dot_router__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.DeleteAdapterResponse.FromString,
+                _registered_method=True)
+        self.ClusterStatus = channel.unary_unary(
+                '/preft.v1.Router/ClusterStatus',
+                request_serializer=proto_dot_preft_dot_v1_dot_router__pb2.ClusterStatusRequest.SerializeToString,
+                response_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.ClusterStatusResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -61,7 +81,34 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Adapters the caller can use.
+        """Adapters the caller can use (its own and public ones).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterAdapter(self, request_iterator, context):
+        """Upload a PEFT adapter directory: one header, then file chunks. Validated before it is
+        stored; a second upload under the same name is a new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterStatus(self, request, context):
+        """Workers, adapter residency, queue depths and KV usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +126,26 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.ListAdaptersRequest.FromString,
                     response_serializer=proto_dot_preft_dot_v1_dot_router__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'RegisterAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.RegisterAdapter,
+                    request_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.AdapterUploadChunk.FromString,
+                    response_serializer=proto_dot_preft_dot_v1_dot_router__pb2.Adapter.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.GetAdapterRequest.FromString,
+                    response_serializer=proto_dot_preft_dot_v1_dot_router__pb2.Adapter.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=proto_dot_preft_dot_v1_dot_router__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+            'ClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterStatus,
+                    request_deserializer=proto_dot_preft_dot_v1_dot_router__pb2.ClusterStatusRequest.FromString,
+                    response_serializer=proto_dot_preft_dot_v1_dot_router__pb2.ClusterStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +204,114 @@ class Router:
             '/preft.v1.Router/ListAdapters',
             proto_dot_preft_dot_v1_dot_router__pb2.ListAdaptersRequest.SerializeToString,
             proto_dot_preft_dot_v1_dot_router__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/preft.v1.Router/RegisterAdapter',
+            proto_dot_preft_dot_v1_dot_router__pb2.AdapterUploadChunk.SerializeToString,
+            proto_dot_preft_dot_v1_dot_router__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preft.v1.Router/GetAdapter',
+            proto_dot_preft_dot_v1_dot_router__pb2.GetAdapterRequest.SerializeToString,
+            proto_dot_preft_dot_v1_dot_router__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preft.v1.Router/DeleteAdapter',
+            proto_dot_preft_dot_v1_dot_router__pb2.DeleteAdapterRequest.SerializeToString,
+            proto_dot_preft_dot_v1_dot_router__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preft.v1.Router/ClusterStatus',
+            proto_dot_preft_dot_v1_dot_router__pb2.ClusterStatusRequest.SerializeToString,
+            proto_dot_preft_dot_v1_dot_router__pb2.ClusterStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

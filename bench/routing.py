@@ -1,0 +1,123 @@
+"""Routing benchmark: adapter hit rate on the prefill pool per policy, router-added latency,
+and upload-to-servable time.
+
+Starts a cluster (embedded tiny model; 2 prefill + 1 decode workers by default) whose
+prefill engines hold ``--host-tier`` adapters each (vLLM ``max_cpu_loras``), registers
+``--adapters`` adapters (default 4x the host tier), and sends the same Zipf(``--zipf``)
+request mix under each routing policy. A hit is a request whose adapter was still in the
+engine's adapter cache on the worker it landed on; misses load from the worker's disk cache
+or the store. Router-added latency is the client-observed time to first token minus the
+prefill worker's own queue + prefill time (gRPC, validation, placement, Ray hop).
+
+    .venv/bin/python -m bench.routing --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.report import report
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefill-workers", type=int, default=2)
+    ap.add_argument("--host-tier", type=int, default=4, help="max_cpu_loras per prefill engine")
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--policies", default="locality,round_robin,least_loaded")
+    ap.add_argument("--out", default="bench/results/routing.json")
+    args = ap.parse_args(argv)
+
+    import ray
+    from rich.console import Console
+    from rich.progress import track
+
+    from cluster.cli import default_assets
+    from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig, RouterConfig
+    from cluster.launcher import LocalCluster
+    from cluster.tiny import make_lora_adapter
+    from preft_client import PreftClient
+    from router.pool import POLICIES
+
+    console = Console()
+    model, _ = default_assets()
+    work = Path(".preft/bench-routing")
+    paths = {}
+    for i in range(args.adapters):
+        d = work / f"u{i:03d}"
+        if not (d / "adapter_model.safetensors").exists():
+            make_lora_adapter(d, model, seed=1000 + i)
+        paths[d.name] = d
+    eng = EngineConfig(model=str(model), max_model_len=1024)
+    cfg = ClusterConfig(
+        prefill=PrefillConfig(engine=eng, max_loras=min(4, args.host_tier), max_cpu_loras=args.host_tier),
+        decode=DecodeConfig(engine=eng), router=RouterConfig(port=0),
+        prefill_workers=args.prefill_workers, decode_workers=1, run_dir=str(work / "run"))
+    cluster = LocalCluster(cfg)
+    cluster.start_workers(console.log)
+    cluster.start_router_in_thread()
+    out: dict = {"config": vars(args), "machine": platform.platform()}
+    try:
+        with PreftClient(cluster.address) as client:
+            t0 = time.perf_counter()
+            client.register_adapter("fresh", paths["u000"])
+            t_reg = time.perf_counter() - t0
+            client.generate("fresh", prompt="hello", max_tokens=2)
+            out["upload_to_servable_s"] = {"register": t_reg, "register_plus_first_request":
+                                           time.perf_counter() - t0}
+            for name, p in track(list(paths.items()), description="register adapters"):
+                client.register_adapter(name, p)
+            rng = random.Random(0)
+            names = list(paths)
+            weights = [1 / (i + 1) ** args.zipf for i in range(len(names))]
+            mix = rng.choices(names, weights, k=args.requests)
+            svc = cluster._server.service
+            rows = []
+            for pol in args.policies.split(","):
+                svc.pool.prefill_policy = POLICIES[pol]()
+                for w in cluster.pool.prefill:   # cold tiers for every policy
+                    for n in names:
+                        ray.get(w.actor.drop_adapter.remote(n))
+                before = [ray.get(w.actor.stats.remote())["tier_hits"] for w in cluster.pool.prefill]
+                overhead = []
+
+                def one(name):
+                    c = client.generate(name, prompt="The scheduler batches requests", max_tokens=2)
+                    overhead.append(c.timings.ttft_s - c.timings.prefill_s - c.timings.queue_s)
+                    return c
+
+                with ThreadPoolExecutor(args.concurrency) as ex:
+                    list(track(ex.map(one, mix), total=len(mix), description=pol))
+                after = [ray.get(w.actor.stats.remote())["tier_hits"] for w in cluster.pool.prefill]
+                hits = {t: sum(a[t] - b[t] for a, b in zip(after, before)) for t in after[0]}
+                total = sum(hits.values())
+                rows.append({"policy": pol, "requests": total, "engine_hits": hits["engine"],
+                             "disk_loads": hits["disk"], "store_loads": hits["store"],
+                             "hit_rate": hits["engine"] / total,
+                             "router_added_ms_p50": pct(overhead, 0.5) * 1e3,
+                             "router_added_ms_p99": pct(overhead, 0.99) * 1e3})
+            out["rows"] = rows
+    finally:
+        cluster.stop()
+    console.print(out["upload_to_servable_s"])
+    report(f"{args.adapters} adapters, host tier {args.host_tier}/worker, "
+           f"{args.prefill_workers} prefill workers, Zipf {args.zipf}", rows, args.out,
+           **{k: v for k, v in out.items() if k != "rows"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
