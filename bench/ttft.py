@@ -40,11 +40,13 @@ def main(argv=None) -> int:
     model, demo = (args.model, {}) if args.model else default_assets()
     adapters = tuple((n, str(p)) for n, p in demo.items())
     eng = EngineConfig(model=str(model), dtype=args.dtype, max_model_len=args.max_model_len)
-    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng, adapters=adapters),
-                        decode=DecodeConfig(engine=eng), router=RouterConfig(port=0))
+    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
+                        router=RouterConfig(port=0), adapters=adapters,
+                        run_dir=".preft/bench-ttft")
     cluster = LocalCluster(cfg)
     cluster.start_workers(console.log)
     cluster.start_router_in_thread()
+    cluster.register_startup_adapters()
     rss = {w.worker_id: ray.get(w.actor.__ray_call__.remote(
         lambda self: __import__("psutil").Process().memory_info().rss))
         for w in cluster.pool.prefill + cluster.pool.decode}

@@ -42,7 +42,7 @@ class TinyModelSpec:
     num_attention_heads: int = 8
     num_key_value_heads: int = 2  # grouped-query attention: 4 query heads per KV head
     head_dim: int = 32
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = 4096
     initializer_range: float = 0.1  # large enough that layers mix context (no fixed points)
     lm_head_scale: float = 6.0  # peaked logits, so greedy margins are not vanishing
     seed: int = 1234

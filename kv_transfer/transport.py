@@ -10,8 +10,9 @@ the CPU, NCCL when they are on a GPU. One code path, chosen by the caches' devic
 Protocol for one request:
   decode  -> store  ``pull/<pair>/<seq>``  {transfer_id, start_block, num_blocks}
   prefill -> store  ``ack/<pair>/<seq>``   {ok} or {error}
-  prefill -> group  one tensor per layer: the held blocks [start_block:], whole blocks
-  decode  <- group  recv into scratch, then ``index_copy_`` into its own block ids
+  prefill -> group  the held blocks [start_block:] of every layer, whole blocks, packed
+                    into one [layers, blocks, ...] buffer sent as few large messages
+  decode  <- group  recv into the same-shaped scratch, then ``index_copy_`` per layer
 A ``release`` op frees held blocks without sending (decode found them in its own prefix
 cache, or its request was aborted before it was scheduled). Held blocks that nobody pulls
 expire after ``hold_ttl_s``. A transfer that errors or times out breaks its pair group;
@@ -38,6 +39,7 @@ from kv_transfer.layout import KVLayout, LayoutMismatch
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT = timedelta(seconds=60)  # how long a control wait blocks before re-checking
+_MAX_MESSAGE = 64 << 20             # bytes per send/recv
 
 
 class TransferError(RuntimeError):
@@ -250,7 +252,8 @@ class TorchDistTransport(KVTransport):
             seq += 1
             if msg["op"] == "close":
                 break
-            offer = self._offers.claim(msg["transfer_id"], timeout=self.timeout.total_seconds())
+            # Answer before the peer's own ack wait (the full timeout) gives up on us.
+            offer = self._offers.claim(msg["transfer_id"], timeout=self.timeout.total_seconds() / 2)
             if offer is None:
                 store.set(ack, json.dumps({"error": (
                     f"KV transfer {msg['transfer_id']} is unknown or expired on "
@@ -271,8 +274,10 @@ class TorchDistTransport(KVTransport):
             t0 = time.perf_counter()
             try:
                 idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-                bufs = [layer.index_select(0, idx) for layer in self.layers]
-                works = [pg.send([b], 1, i) for i, b in enumerate(bufs)]
+                buf = self._scratch(len(blocks))
+                for i, layer in enumerate(self.layers):
+                    torch.index_select(layer, 0, idx, out=buf[i])
+                works = [pg.send([c], 1, tag) for tag, c in enumerate(self._messages(buf))]
                 _wait_all(works, self.timeout, self.device)
                 err = ""
             except Exception as e:  # broken pair: free the blocks, drop the group
@@ -286,6 +291,18 @@ class TorchDistTransport(KVTransport):
                 log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
                 break
         _shutdown_group(pg)
+
+    # ---------------------------------------------------------------- both sides
+    def _scratch(self, n_blocks: int) -> torch.Tensor:
+        """[layers, n_blocks, *block_shape]: all of a transfer's blocks in one buffer."""
+        return torch.empty((len(self.layers), n_blocks, *self.layout.block_shape),
+                           dtype=self.layers[0].dtype, device=self.device)
+
+    def _messages(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Few large messages (whole layers, up to _MAX_MESSAGE bytes each), split the same
+        way on both sides: per-layer messages cost 3-4x in gloo's per-message overhead."""
+        per_layer = buf[0].numel() * buf.element_size()
+        return buf.split(max(1, _MAX_MESSAGE // max(1, per_layer)))
 
     # ---------------------------------------------------------------- decode side
     def _client(self, host: str, port: int) -> "_PairClient":
@@ -378,10 +395,8 @@ class _PairClient:
             try:
                 self._request({"op": "pull", "transfer_id": transfer_id,
                                "start_block": start_block, "num_blocks": len(dst_block_ids)})
-                n = len(dst_block_ids)
-                bufs = [torch.empty((n, *t.layout.block_shape), dtype=layer.dtype,
-                                    device=t.device) for layer in t.layers]
-                works = [self.pg.recv([b], 0, i) for i, b in enumerate(bufs)]
+                buf = t._scratch(len(dst_block_ids))
+                works = [self.pg.recv([c], 0, tag) for tag, c in enumerate(t._messages(buf))]
                 _wait_all(works, t.timeout, t.device)
             except TransferError as e:
                 if "timed out" in str(e):
@@ -391,8 +406,8 @@ class _PairClient:
                 self._break()
                 raise
             idx = torch.tensor(dst_block_ids, dtype=torch.long, device=t.device)
-            for layer, buf in zip(t.layers, bufs):
-                layer.index_copy_(0, idx, buf)
+            for i, layer in enumerate(t.layers):
+                layer.index_copy_(0, idx, buf[i])
 
     def release(self, transfer_id: int) -> None:
         with self._lock:
