@@ -75,6 +75,8 @@ class PrefillConfig:
     cpu_cores: str | None = None                   # e.g. "0" or "0-3": OpenMP binding
     max_adapter_bytes: int = 512 << 20
     lora_kernel: str = "grouped"                   # "grouped" (ours) | "stock" (vLLM's CPU ops)
+    num_gpus: float = 0.0                          # Ray GPU resource per worker (GPU clusters)
+    resources: tuple[tuple[str, float], ...] = ()  # extra Ray resources, e.g. (("prefill_node", 1),)
 
     def __post_init__(self) -> None:
         c = "PrefillConfig"
@@ -92,6 +94,8 @@ class DecodeConfig:
     engine: EngineConfig
     transfer: TransferConfig = field(default_factory=TransferConfig)
     cpu_cores: str | None = None
+    num_gpus: float = 0.0
+    resources: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ def from_dict(cls, data: dict):
                "RouterConfig": RouterConfig}.get(str(ftype).split(" ")[0])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value)
-        elif name == "adapters" and isinstance(value, dict):
+        elif name in ("adapters", "resources") and isinstance(value, dict):
             value = tuple(sorted(value.items()))
         kwargs[name] = value
     return cls(**kwargs)

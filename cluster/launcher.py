@@ -80,7 +80,11 @@ class LocalCluster:
         i = self._next_index[role]
         self._next_index[role] += 1
         wid, name = f"{role}-{i}", f"preft-{role}-{i}"
-        opts = dict(name=name, num_cpus=1, max_concurrency=1000)
+        wcfg = self.cfg.prefill if role == "prefill" else self.cfg.decode
+        # GPU clusters: one GPU (or a fraction) per worker via Ray resources; custom
+        # resources pin pools to node groups (e.g. prefill nodes vs decode nodes).
+        opts = dict(name=name, num_cpus=1, max_concurrency=1000,
+                    num_gpus=wcfg.num_gpus or None, resources=dict(wcfg.resources) or None)
         if role == "prefill":
             cfg = replace(self.cfg.prefill, cpu_cores=self.cfg.prefill.cpu_cores or self._cores(role, i))
             actor = ray.remote(PrefillWorker).options(**opts).remote(
