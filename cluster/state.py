@@ -56,6 +56,7 @@ class MemberRecord:
     actor_name: str            # Ray actor name, to get a handle
     kv_layout: str
     node: str = ""
+    kv_address: str = ""       # prefill: "host:port" of its KV endpoint
     started: float = field(default_factory=time.time)
 
 

@@ -45,7 +45,7 @@ class DecodeWorker:
 
             self.heartbeat = Heartbeat(redis_url, MemberRecord(
                 worker_id, "decode", actor_name, self.hooks.layout_fingerprint,
-                node=socket.gethostname()), 1.0)
+                node=socket.gethostname()), 1.0, on_members=self._prune_pairs)
             self.heartbeat.start()
 
     def _build_engine(self):
@@ -67,6 +67,15 @@ class DecodeWorker:
                     "kv_host": t.kv_host, "transfer_timeout_s": t.timeout_s,
                     "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
         return LLMEngine.from_engine_args(args)
+
+    def _prune_pairs(self, members) -> None:
+        """Drop KV pair groups to prefill workers that left the cluster."""
+        live = set()
+        for m in members.values():
+            if m.role == "prefill" and m.kv_address:
+                host, _, port = m.kv_address.rpartition(":")
+                live.add((host, int(port)))
+        self.hooks.transport.prune(live_addresses=live)
 
     async def info(self) -> WorkerInfo:
         eng = self.loop.engine

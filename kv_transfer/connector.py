@@ -174,6 +174,7 @@ class PreftKVConnector(KVConnectorBase_V1):
             self.layers, layout, local_host=self.local_host, timeout_s=self.timeout_s,
             engine_name=self.engine_id, on_record=self.hooks.record)
         self.hooks.layout_fingerprint = layout.fingerprint()
+        self.hooks.transport = self.transport
         if self.is_producer:
             self.hooks.offers = OfferTable()
             self.hooks.address = self.transport.serve(self.hooks.offers)

@@ -22,6 +22,7 @@ class EngineKVHooks:
     address: tuple[str, int] | None = None
     layout_fingerprint: str = ""
     offers: OfferTable | None = None
+    transport: object = None            # the engine's KVTransport (for membership pruning)
     records: deque = field(default_factory=lambda: deque(maxlen=10_000))
     by_transfer: dict[int, TransferRecord] = field(default_factory=dict)
     pulls_in_flight: int = 0

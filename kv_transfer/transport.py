@@ -201,6 +201,8 @@ class TorchDistTransport(KVTransport):
         self._store: TCPStore | None = None
         self._clients: dict[tuple[str, int], _PairClient] = {}
         self._clients_lock = threading.Lock()
+        self._pairs: dict[int, dict] = {}   # prefill side: pair -> {"peer", "seq"}
+        self._pairs_lock = threading.Lock()
 
     # ---------------------------------------------------------------- prefill side
     def serve(self, offers: OfferTable) -> tuple[str, int]:
@@ -243,13 +245,24 @@ class TorchDistTransport(KVTransport):
         except Exception as e:  # the peer died while joining
             log.error("KV pair %d with %s could not be formed: %s", pair, peer, e)
             return
-        seq = 0
-        while _blocking_wait(store, f"pull/{pair}/{seq}", self._stop):
+        state = {"peer": peer, "seq": 0}
+        with self._pairs_lock:
+            self._pairs[pair] = state
+        try:
+            self._serve_loop(pair, peer, store, pg, state)
+        finally:
+            with self._pairs_lock:
+                self._pairs.pop(pair, None)
+            _shutdown_group(pg)
+
+    def _serve_loop(self, pair: int, peer: str, store, pg, state: dict) -> None:
+        while _blocking_wait(store, f"pull/{pair}/{state['seq']}", self._stop):
+            seq = state["seq"]
             key = f"pull/{pair}/{seq}"
             msg = json.loads(store.get(key))
             store.delete_key(key)
             ack = f"ack/{pair}/{seq}"
-            seq += 1
+            state["seq"] = seq + 1
             if msg["op"] == "close":
                 break
             # Answer before the peer's own ack wait (the full timeout) gives up on us.
@@ -290,7 +303,6 @@ class TorchDistTransport(KVTransport):
             if err:
                 log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
                 break
-        _shutdown_group(pg)
 
     # ---------------------------------------------------------------- both sides
     def _scratch(self, n_blocks: int) -> torch.Tensor:
@@ -332,6 +344,32 @@ class TorchDistTransport(KVTransport):
 
     def release(self, host: str, port: int, transfer_id: int) -> None:
         self._client(host, port).release(transfer_id)
+
+    def peers(self) -> list[str]:
+        """Prefill side: the decode peers with a live pair group."""
+        with self._pairs_lock:
+            return sorted(p["peer"] for p in self._pairs.values())
+
+    def prune(self, live_peers: set[str] | None = None,
+              live_addresses: set[tuple[str, int]] | None = None) -> None:
+        """Tear down pair groups whose other side left the cluster (by membership).
+
+        Prefill side: ``live_peers`` are the decode engines still alive; a departed peer's
+        serve thread is woken with a close message and its group shut down. Decode side:
+        ``live_addresses`` are the prefill KV endpoints still alive.
+        """
+        if live_peers is not None and self._store is not None:
+            with self._pairs_lock:
+                gone = [(n, dict(st)) for n, st in self._pairs.items() if st["peer"] not in live_peers]
+            for n, st in gone:
+                try:
+                    self._store.set(f"pull/{n}/{st['seq']}", json.dumps({"op": "close"}))
+                except Exception:
+                    pass
+        if live_addresses is not None:
+            with self._clients_lock:
+                for addr in [a for a in self._clients if a not in live_addresses]:
+                    self._clients.pop(addr).close()
 
     def close(self) -> None:
         self._stop.set()

@@ -83,9 +83,12 @@ class PrefillWorker:
         if redis_url:
             from worker_runtime.heartbeat import Heartbeat
 
+            host, port = self.hooks.address
             self.heartbeat = Heartbeat(redis_url, MemberRecord(
                 worker_id, "prefill", actor_name, self.hooks.layout_fingerprint,
-                node=socket.gethostname()), HEARTBEAT_S, residency=self.residency)
+                node=socket.gethostname(), kv_address=f"{host}:{port}"), HEARTBEAT_S,
+                residency=self.residency, on_members=lambda ms: self.hooks.transport.prune(
+                    live_peers={m.worker_id for m in ms.values() if m.role == "decode"}))
             self.heartbeat.start()
 
     # ------------------------------------------------------------------ setup

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(self, redis_url: str, rec: MemberRecord, period_s: float,
-                 residency: Callable[[], dict[str, str]] | None = None) -> None:
+                 residency: Callable[[], dict[str, str]] | None = None,
+                 on_members: Callable[[dict[str, MemberRecord]], None] | None = None,
+                 members_every: int = 5) -> None:
         self.state = ClusterState.from_url(redis_url)
         self.rec = rec
         self.period_s = period_s
@@ -26,6 +28,10 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._failing = False
+        self.on_members = on_members
+        self.members_every = members_every
+        self._beats = 0
+        self._last_members: dict[str, MemberRecord] | None = None
 
     def start(self) -> None:
         self.beat()
@@ -39,6 +45,13 @@ class Heartbeat:
             if self._failing:
                 log.warning("%s: Redis reachable again", self.rec.worker_id)
             self._failing = False
+            self._beats += 1
+            if self.on_members is not None and self._beats % self.members_every == 0:
+                members = self.state.members()
+                # A peer counts as gone only when absent from two reads in a row.
+                seen = {**(self._last_members or members), **members}
+                self._last_members = members
+                self.on_members(seen)
         except Exception as e:
             if not self._failing:
                 log.warning("%s: heartbeat failed (%s); retrying", self.rec.worker_id, e)

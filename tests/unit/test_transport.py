@@ -113,3 +113,21 @@ def test_layout_fingerprint_and_check():
     a.check_compatible("L4/B128/2x128x64/float32", local="p", remote="d")
     with pytest.raises(LayoutMismatch, match="block size"):
         a.check_compatible("L4/B16/2x16x64/float32", local="p", remote="d")
+
+
+def test_pairs_are_torn_down_when_the_other_side_leaves(pair):
+    prod, cons, offers = pair["prod"], pair["cons"], pair["offers"]
+    offers.add(Offer(11, "r11", [1], 16, time.monotonic() + 60))
+    cons.pull(pair["host"], pair["port"], 11, 0, [2])
+    assert prod.peers() == ["decode"]
+    prod.prune(live_peers={"some-other-decode"})           # decode left the membership
+    deadline = time.monotonic() + 5
+    while prod.peers() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert prod.peers() == []
+    cons.prune(live_addresses=set())                        # prefill left, from decode's view
+    assert cons._clients == {}
+    offers.add(Offer(12, "r12", [3], 16, time.monotonic() + 60))   # a new pair forms on demand
+    cons.pull(pair["host"], pair["port"], 12, 0, [4])
+    assert torch.equal(pair["c_layers"][1][4], pair["p_layers"][1][3])
+    assert prod.peers() == ["decode"]
