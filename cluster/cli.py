@@ -147,10 +147,12 @@ def cmd_up(args) -> int:
     async def run() -> None:
         port = await cluster.start_router()
         await asyncio.to_thread(_register_with_progress, cluster, console)
+        http_server: list = []
+        http_task = None
         if args.http_port is not None:
             from router.http_gateway import serve_http
-            asyncio.get_running_loop().create_task(
-                serve_http(cluster.address, cfg.router.host, args.http_port))
+            http_task = asyncio.get_running_loop().create_task(serve_http(
+                cluster.address, cfg.router.host, args.http_port, server_out=http_server))
             console.log(f"OpenAI-compatible HTTP on {cfg.router.host}:{args.http_port}")
         print(f"router listening on {cfg.router.host}:{port}", flush=True)
         stop = asyncio.Event()
@@ -159,6 +161,10 @@ def cmd_up(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         console.log("shutting down")
+        if http_task is not None:
+            for srv in http_server:
+                srv.should_exit = True
+            await http_task
         await cluster.stop_router()
 
     try:
