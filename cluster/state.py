@@ -40,11 +40,6 @@ class AdapterRecord:
     uri: str                   # where the validated files live (file://... by default)
     created: float = field(default_factory=time.time)
 
-    @property
-    def namespace(self) -> str:
-        """KV cache salt: KV made under this adapter version is never reused by another."""
-        return f"{self.name}@v{self.version}"
-
     def visible_to(self, tenant: str | None) -> bool:
         return tenant is None or tenant == "admin" or self.public or self.owner == tenant
 
@@ -160,9 +155,6 @@ class ClusterState:
 
     def tenant_for(self, api_key: str) -> str | None:
         return self.r.get(f"{self.p}apikey:{hash_key(api_key)}")
-
-    def num_api_keys(self) -> int:
-        return sum(1 for _ in self.r.scan_iter(f"{self.p}apikey:*", count=100))
 
     def api_keys(self) -> dict[str, str]:
         """Key hash -> tenant (what the router caches; raw keys are never stored)."""

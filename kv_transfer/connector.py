@@ -188,7 +188,6 @@ class PreftKVConnector(KVConnectorBase_V1):
         for offer in meta.offers:
             self.hooks.offers.add(offer)
         for recv in meta.recvs:
-            self.hooks.pulls_in_flight += 1
             self._pool.submit(self._pull, recv)
         for handle in meta.releases:
             self._pool.submit(self._release, handle)
@@ -205,7 +204,6 @@ class PreftKVConnector(KVConnectorBase_V1):
                       recv.req_id, e)
         with self._done_lock:
             (self._recv_done if ok else self._recv_failed).add(recv.req_id)
-            self.hooks.pulls_in_flight -= 1
         self.hooks.wake.set()
 
     def _release(self, handle: KVHandle) -> None:

@@ -25,7 +25,6 @@ class EngineKVHooks:
     transport: object = None            # the engine's KVTransport (for membership pruning)
     records: deque = field(default_factory=lambda: deque(maxlen=10_000))
     by_transfer: dict[int, TransferRecord] = field(default_factory=dict)
-    pulls_in_flight: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

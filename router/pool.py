@@ -118,7 +118,3 @@ class WorkerPool:
         """Membership from heartbeats: workers without a live record take no new requests."""
         for w in self.all():
             w.healthy = w.worker_id in alive_ids
-
-    @property
-    def max_model_len(self) -> int:
-        return min(w.info.max_model_len for w in self.prefill + self.decode)

@@ -210,8 +210,6 @@ class RouterService(pb_grpc.RouterServicer):
     async def ClusterStatus(self, request, context):
         async def run():
             self._tenant(context)
-            resident = await asyncio.to_thread(
-                self._residency, [w.worker_id for w in self.pool.prefill])
             out = []
             for w in self.pool.all():
                 ws = pb.WorkerStatus(worker_id=w.worker_id, role=w.info.role, healthy=w.healthy,
@@ -224,18 +222,19 @@ class RouterService(pb_grpc.RouterServicer):
                         st = await asyncio.wait_for(w.actor.stats.remote(), 5)
                         ws.kv_bytes_sent, ws.held_transfers = st["bytes"], st["held"]
                         ws.resident.update(st["resident"])
-                except Exception:
+                except Exception:  # unreachable: fall back to what it last published
                     ws.healthy = False
-                    ws.resident.update(resident.get(w.worker_id, {}))
+                    if w.info.role == "prefill":
+                        ws.resident.update(await asyncio.to_thread(self._residency, w.worker_id))
                 out.append(ws)
             return pb.ClusterStatusResponse(workers=out, router_inflight=self.inflight,
                                             adapters=len(self.view.adapters),
                                             state_stale=self.view.stale)
         return await self._guard(context, run)
 
-    def _residency(self, ids):
+    def _residency(self, worker_id: str) -> dict[str, str]:
         try:
-            return self.view.state.residency(ids)
+            return self.view.state.residency([worker_id])[worker_id]
         except Exception:
             return {}
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cluster.adapter_store import PICKLE_SUFFIXES, digest_dir  # noqa: F401
 from cluster.errors import InvalidAdapter
 
 

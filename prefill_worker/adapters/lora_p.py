@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 
 from cluster.errors import InvalidAdapter
-from prefill_worker.adapters.base import (PICKLE_SUFFIXES, AdapterSpec, BaseModelShape,
-                                          digest_dir, read_json, register_kind)
+from cluster.adapter_store import PICKLE_SUFFIXES, digest_dir
+from prefill_worker.adapters.base import AdapterSpec, BaseModelShape, read_json, register_kind
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
