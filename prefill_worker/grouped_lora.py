@@ -76,7 +76,7 @@ __all__ = [
     "lora_segments",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.preft.grouped_lora")  # under vLLM's handler: shows in server logs
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
 _STOCK_QUALNAME = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
@@ -112,6 +112,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, max_num_batched_tokens: int, max_batches: int,
                  device: torch.device | str, **kwargs: Any):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        logger.info("grouped multi-adapter LoRA kernel active (pid %d)", os.getpid())
         self._token_segments: list[Segment] = []
         self._sampler_segments: list[Segment] = []
 
@@ -301,13 +302,14 @@ def _our_qualname() -> str:
     return f"{GroupedPunicaWrapperCPU.__module__}.{GroupedPunicaWrapperCPU.__qualname__}"
 
 
-def install_grouped_lora() -> None:
+def install_grouped_lora(*, every_process: bool = False) -> None:
     """Make vLLM engines built afterwards in this process use :class:`GroupedPunicaWrapperCPU`.
 
     Call in the prefill worker's process before constructing the engine (the wrapper is
     created when the engine loads the model).  Idempotent.  Raises ``RuntimeError`` if the
     installed vLLM is not 0.32.0 or the replaced interface changed, or if the current
-    platform is not vLLM's CPU platform.
+    platform is not vLLM's CPU platform.  ``every_process=True`` (the vLLM plugin, which
+    runs in each process vLLM starts) drops the warning about multiprocessing engines.
     """
     global _original_get_punica_wrapper
     with _lock:
@@ -320,7 +322,7 @@ def install_grouped_lora() -> None:
                 "is only for the CPU backend")
         if _original_get_punica_wrapper is not None:
             return  # already installed
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+        if not every_process and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
             logger.warning(
                 "install_grouped_lora: VLLM_ENABLE_V1_MULTIPROCESSING is not 0; the patch "
                 "only reaches an engine core process that is forked from this one")

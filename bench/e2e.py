@@ -1,0 +1,590 @@
+"""``preft bench``: end-to-end serving throughput, PreFT cluster vs vLLM multi-LoRA vs base.
+
+Every system runs on the same machine in the same invocation, one after another, on the
+same seeded workload (:mod:`bench.workload`), and each gets all the machine's cores:
+
+* ``preft``              -- this project: ``preft up`` (Redis, Ray, 1 prefill + 1 decode
+  worker, gRPC router) driven through the async gRPC SDK; adapters act at prefill only.
+* ``multi_lora``         -- the paper's baseline: one ``vllm.entrypoints.openai.api_server``
+  with ``--enable-lora`` serving all adapters on every token (vLLM's own CPU LoRA ops),
+  driven through its OpenAI ``/v1/completions`` streaming API.
+* ``multi_lora_grouped`` -- the same server with our grouped LoRA kernel (vLLM plugin,
+  ``PREFT_LORA_KERNEL=grouped``): the kernel's share of the gain, apart from PreFT's.
+* ``base``               -- the same server without adapters: the ceiling.
+
+All requests are greedy with ``ignore_eos`` so every system produces exactly the same
+number of tokens. For each adapter count N the run records output tokens/s, requests/s,
+TTFT/TPOT/end-to-end p50 and p99 (client-side, streaming), prints a table with the ratios
+preft/multi_lora and preft/base, writes JSON with every figure and the exact
+configuration, and draws PNG plots (throughput vs N; TTFT/TPOT distributions).
+
+Example (the issue-7 workload)::
+
+    preft bench --model qwen2.5-0.5b --adapters 64 --num-requests 64 \\
+        --prompt-len 128 --output-len 64 --rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.workload import POPULARITY, BenchRequest, Workload, build
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("preft", "multi_lora", "multi_lora_grouped", "base")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "tiny"
+    dtype: str = "float32"
+    systems: tuple[str, ...] = SYSTEMS
+    adapters: tuple[int, ...] = (1, 8, 64)
+    rank: int = 8
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    distinct_weights: int = 16          # adapter files; names beyond reuse them
+    max_loras: int = 64                 # engine slots (both systems), capped at N
+    max_num_seqs: int = 64
+    workload: Workload = field(default_factory=Workload)
+    warmup_requests: int = 4
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 3600.0
+    out_dir: str = "bench/results/e2e"
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.systems if s not in SYSTEMS]
+        if bad or not self.systems:
+            raise ValueError(f"systems={list(self.systems)}: choose from {SYSTEMS}")
+        if any(n < 1 for n in self.adapters) or not self.adapters:
+            raise ValueError(f"adapters={list(self.adapters)}: adapter counts must be >= 1")
+        if self.rank not in LORA_RANKS:
+            raise ValueError(f"rank={self.rank}: vLLM supports {LORA_RANKS}")
+        if self.distinct_weights < 1 or self.max_loras < 1 or self.max_num_seqs < 1:
+            raise ValueError("distinct_weights, max_loras and max_num_seqs must be >= 1")
+
+    @property
+    def max_model_len(self) -> int:
+        need = self.workload.prompt_len[1] + self.workload.output_len[1] + 16
+        return max(256, -(-need // 128) * 128)
+
+
+@dataclass
+class Record:
+    ok: bool
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    e2e_s: float = 0.0
+    output_tokens: int = 0
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def _kv_gib(model_dir: Path, cfg: BenchConfig) -> float:
+    """KV cache to give each engine: every request's full context, x1.5, >= 1 GiB."""
+    hf = json.loads((model_dir / "config.json").read_text())
+    head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    per_tok = 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head * 4
+    need = per_tok * cfg.max_model_len * min(cfg.max_num_seqs, cfg.workload.num_requests)
+    return float(max(1, -(-int(1.5 * need) // (1 << 30))))
+
+
+def _all_cores() -> str:
+    n = os.cpu_count() or 1
+    return "0" if n == 1 else f"0-{n - 1}"
+
+
+class System(ABC):
+    name: str
+
+    def __init__(self, cfg: BenchConfig, model_dir: Path, load_format: str,
+                 adapters: list[tuple[str, Path]], log_dir: Path) -> None:
+        self.cfg, self.model_dir, self.load_format = cfg, model_dir, load_format
+        self.adapters = adapters
+        self.log_path = log_dir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def _spawn(self, cmd: list[str], env: dict) -> None:
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env},
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True)
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def request(self, req: BenchRequest, adapter: str | None) -> Record: ...
+
+    async def close(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def _dead(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"{self.name} server exited with {self.proc.returncode}; see {self.log_path}"
+        return None
+
+
+class PreftSystem(System):
+    name = "preft"
+
+    async def start(self) -> None:
+        import yaml
+
+        c = self.cfg
+        eng = {"model": str(self.model_dir), "dtype": c.dtype, "load_format": self.load_format,
+               "max_model_len": c.max_model_len, "kv_cache_gib": _kv_gib(self.model_dir, c),
+               "max_num_seqs": c.max_num_seqs}
+        n_max = max(c.adapters)
+        conf = {
+            "prefill_workers": 1, "decode_workers": 1,
+            "run_dir": str(self.log_path.parent / "preft-run"),
+            "adapters": {n: str(p) for n, p in self.adapters},
+            "prefill": {"engine": eng, "max_lora_rank": c.rank,
+                        "max_loras": min(c.max_loras, n_max), "max_cpu_loras": n_max},
+            "decode": {"engine": eng},
+            "router": {"port": 0, "request_timeout_s": c.request_timeout_s,
+                       "max_queue_depth": max(256, c.workload.num_requests)},
+        }
+        path = self.log_path.parent / "preft-cluster.yaml"
+        path.write_text(yaml.safe_dump(conf))
+        t0 = time.perf_counter()
+        self._spawn([sys.executable, "-m", "cluster.cli", "up", "--config", str(path)],
+                    {"PYTHONUNBUFFERED": "1"})
+        line = await asyncio.wait_for(asyncio.to_thread(self._wait_line), c.startup_timeout_s)
+        self.address = line.rsplit(" ", 1)[1].strip()
+        from preft_client import AsyncPreftClient
+
+        self.client = AsyncPreftClient(self.address, timeout=c.request_timeout_s, retries=0)
+        self.startup_s = time.perf_counter() - t0
+
+    def _wait_line(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("router listening on"):
+                return line
+        raise RuntimeError(self._dead() or "preft up ended without a router address")
+
+    async def request(self, req, adapter):
+        t0 = time.perf_counter()
+        times, n = [], 0
+        try:
+            async for d in self.client.stream(adapter, prompt_token_ids=req.prompt_token_ids,
+                                              max_tokens=req.max_tokens, ignore_eos=True):
+                times.append(time.perf_counter())
+                n += len(d.token_ids)
+        except Exception as e:  # noqa: BLE001 -- recorded, the run goes on
+            return Record(False, error=f"{type(e).__name__}: {e}"[:300])
+        return _record(t0, times, n)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class VllmSystem(System):
+    """vLLM's own OpenAI server, multi-LoRA (stock or grouped kernel) or base only."""
+
+    def __init__(self, name: str, *a, **kw) -> None:
+        self.name = name
+        super().__init__(*a, **kw)
+
+    async def start(self) -> None:
+        import httpx
+
+        c = self.cfg
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(self.model_dir), "--served-model-name", "base",
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", c.dtype,
+               "--load-format", self.load_format, "--max-model-len", str(c.max_model_len),
+               "--max-num-seqs", str(c.max_num_seqs), "--enforce-eager", "--seed", "0",
+               "--disable-log-stats"]
+        if self.name != "base":
+            n_max = max(c.adapters)
+            cmd += ["--enable-lora", "--max-lora-rank", str(c.rank),
+                    "--max-loras", str(min(c.max_loras, n_max)), "--max-cpu-loras", str(n_max),
+                    "--lora-modules", *[f"{n}={p}" for n, p in self.adapters]]
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(_kv_gib(self.model_dir, c))),
+               # all cores for the engine (vLLM's auto binding would keep one back)
+               "VLLM_CPU_OMP_THREADS_BIND": _all_cores(), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+               "PREFT_LORA_KERNEL": "grouped" if self.name == "multi_lora_grouped" else "stock"}
+        t0 = time.perf_counter()
+        self._spawn(cmd, env)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}",
+                                      timeout=httpx.Timeout(c.request_timeout_s, connect=10),
+                                      limits=httpx.Limits(max_connections=1024))
+        deadline = time.monotonic() + c.startup_timeout_s
+        while time.monotonic() < deadline:
+            if (why := self._dead()):
+                raise RuntimeError(why)
+            try:
+                if (await self.http.get("/health")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1.0)
+        else:
+            raise TimeoutError(f"{self.name} server not healthy in {c.startup_timeout_s}s")
+        self.startup_s = time.perf_counter() - t0
+
+    async def request(self, req, adapter):
+        body = {"model": adapter or "base", "prompt": list(req.prompt_token_ids),
+                "max_tokens": req.max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        times, n = [], 0
+        try:
+            async with self.http.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return Record(False, error=f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices"):
+                        times.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+        except Exception as e:  # noqa: BLE001
+            return Record(False, error=f"{type(e).__name__}: {e}"[:300])
+        return _record(t0, times, n)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def _record(t0: float, times: list[float], n: int) -> Record:
+    if not times or n < 1:
+        return Record(False, error="no tokens")
+    ttft = times[0] - t0
+    tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else 0.0
+    return Record(True, ttft, tpot, times[-1] - t0, n)
+
+
+def make_system(name: str, *a) -> System:
+    return PreftSystem(*a) if name == "preft" else VllmSystem(name, *a)
+
+
+# --------------------------------------------------------------------------- running
+async def run_workload(system: System, reqs: list[BenchRequest], names: list[str],
+                       concurrency: int | None) -> tuple[list[Record], float]:
+    sem = asyncio.Semaphore(concurrency or len(reqs))
+    t_start = time.perf_counter()
+
+    async def one(r: BenchRequest) -> Record:
+        await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t_start)))
+        async with sem:
+            return await system.request(r, None if r.adapter is None else names[r.adapter])
+
+    records = await asyncio.gather(*(one(r) for r in reqs))
+    return list(records), time.perf_counter() - t_start
+
+
+def summarize(system: str, n_adapters: int, records: list[Record], wall: float,
+              distinct: int) -> dict:
+    ok = [r for r in records if r.ok]
+    out_tok = sum(r.output_tokens for r in ok)
+    row = {"system": system, "adapters": n_adapters, "distinct_used": distinct,
+           "completed": len(ok), "failed": len(records) - len(ok), "wall_s": wall,
+           "output_tok_s": out_tok / wall, "req_s": len(ok) / wall, "output_tokens": out_tok}
+    for k in ("ttft_s", "tpot_s", "e2e_s"):
+        xs = [getattr(r, k) for r in ok]
+        row[f"{k[:-2]}_p50_ms"] = 1e3 * _pct(xs, 50)
+        row[f"{k[:-2]}_p99_ms"] = 1e3 * _pct(xs, 99)
+    row["errors"] = sorted({r.error for r in records if not r.ok})[:5]
+    row["samples"] = {"ttft_ms": [1e3 * r.ttft_s for r in ok], "tpot_ms": [1e3 * r.tpot_s for r in ok]}
+    return row
+
+
+def prepare_adapters(cfg: BenchConfig, model_dir: Path, root: Path) -> list[tuple[str, Path]]:
+    from cluster.tiny import make_lora_adapter
+
+    files = []
+    for k in range(min(cfg.distinct_weights, max(cfg.adapters))):
+        d = root / f"adapters-r{cfg.rank}" / f"w{k}"
+        if not (d / "adapter_model.safetensors").exists():
+            make_lora_adapter(d, model_dir, seed=1000 + k, rank=cfg.rank, alpha=2 * cfg.rank,
+                              targets=cfg.targets)
+        files.append(d)
+    return [(f"user{i:04d}", files[i % len(files)]) for i in range(max(cfg.adapters))]
+
+
+async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format: str,
+                       adapters: list[tuple[str, Path]], log_dir: Path, say) -> list[dict]:
+    system = make_system(name, cfg, model_dir, load_format, adapters, log_dir)
+    names = [n for n, _ in adapters]
+    rows = []
+    try:
+        say(f"[{name}] starting server (log: {system.log_path})")
+        await system.start()
+        say(f"[{name}] ready in {system.startup_s:.1f}s")
+        counts = [0] if name == "base" else list(cfg.adapters)
+        for n in counts:
+            warm = build(Workload(num_requests=cfg.warmup_requests, prompt_len=(16, 16),
+                                  output_len=(4, 4), seed=cfg.workload.seed + 7,
+                                  vocab=cfg.workload.vocab), n)
+            await run_workload(system, warm, names, None)
+            reqs = build(cfg.workload, n)
+            say(f"[{name}] N={n}: {len(reqs)} requests ...")
+            records, wall = await run_workload(system, reqs, names, cfg.workload.concurrency)
+            distinct = len({r.adapter for r in reqs if r.adapter is not None})
+            row = summarize(name, n, records, wall, distinct)
+            row["startup_s"] = system.startup_s
+            rows.append(row)
+            say(f"[{name}] N={n}: {row['output_tok_s']:.1f} tok/s, {row['completed']} ok, "
+                f"{row['failed']} failed, wall {wall:.1f}s")
+        await system.close()
+    except Exception as e:  # noqa: BLE001 -- a system that cannot run is reported, not fatal
+        say(f"[{name}] FAILED: {type(e).__name__}: {e}")
+        rows.append({"system": name, "adapters": -1, "failed_to_run": f"{type(e).__name__}: {e}"})
+    finally:
+        system.stop()
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    by = {(r["system"], r["adapters"]): r for r in rows if r.get("adapters", -1) >= 0}
+    base = by.get(("base", 0))
+    out = []
+    for (s, n), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if s != "preft":
+            continue
+        row = {"adapters": n, "preft_tok_s": r["output_tok_s"]}
+        for other in ("multi_lora", "multi_lora_grouped"):
+            o = by.get((other, n))
+            row[f"x_{other}"] = r["output_tok_s"] / o["output_tok_s"] if o and o["output_tok_s"] else None
+        row["x_base"] = r["output_tok_s"] / base["output_tok_s"] if base and base["output_tok_s"] else None
+        out.append(row)
+    return out
+
+
+def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("adapters", -1) >= 0 and r.get("completed")]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in cfg.systems:
+        pts = sorted((r["adapters"], r["output_tok_s"]) for r in ok if r["system"] == s)
+        if s == "base" and pts:
+            ax.axhline(pts[0][1], ls="--", color="gray", label="base (no adapters)")
+        elif pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distinct adapters in the pool (N)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{cfg.model} {cfg.dtype}, rank {cfg.rank}, {cfg.workload.num_requests} req "
+                 f"x {cfg.workload.prompt_len[1]} prompt x {cfg.workload.output_len[1]} out")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "throughput_vs_adapters.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    n_big = max((r["adapters"] for r in ok), default=0)
+    sel = [r for r in ok if r["adapters"] in (n_big, 0)]
+    if sel:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        for ax, key, title in ((axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "tpot_ms", "TPOT (ms)")):
+            ax.boxplot([r["samples"][key] for r in sel], showfliers=True)
+            ax.set_xticks(range(1, len(sel) + 1), [r["system"] for r in sel], rotation=15)
+            ax.set_title(f"{title}, N={n_big}")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out_dir / "latency_distributions.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def run(cfg: BenchConfig, assets_root: Path) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.models import make_model
+
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="preft-bench-"))   # server logs, cluster run dir
+    say = lambda m: console.log(m)  # noqa: E731
+    with console.status(f"building {cfg.model} model directory and adapters"):
+        model_dir, load_format = make_model(cfg.model, assets_root)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        if cfg.workload.vocab != vocab:
+            cfg = _with_vocab(cfg, vocab)
+        adapters = prepare_adapters(cfg, model_dir, assets_root)
+    rows: list[dict] = []
+    t0 = time.time()
+    for s in cfg.systems:
+        rows += asyncio.run(bench_system(s, cfg, model_dir, load_format, adapters, log_dir, say))
+    table = Table(title=f"preft bench: {cfg.model} ({cfg.dtype}), rank {cfg.rank}, "
+                        f"{cfg.workload.num_requests} requests")
+    cols = ("system", "adapters", "completed", "failed", "output_tok_s", "req_s", "ttft_p50_ms",
+            "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "wall_s")
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                        for c in cols))
+    console.print(table)
+    rt = ratios(rows)
+    rtab = Table(title="PreFT output tok/s ratios")
+    for c in ("adapters", "preft_tok_s", "x_multi_lora", "x_multi_lora_grouped", "x_base"):
+        rtab.add_column(c)
+    for r in rt:
+        rtab.add_row(*("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+                       for v in r.values()))
+    console.print(rtab)
+    result = {"config": _jsonable(asdict(cfg)), "model_dir": str(model_dir),
+              "load_format": load_format, "machine": machine(), "started": t0,
+              "duration_s": time.time() - t0, "rows": rows, "ratios": rt, "logs": str(log_dir)}
+    path = out_dir / f"e2e_{cfg.model}_r{cfg.rank}.json"
+    path.write_text(json.dumps(result, indent=2))
+    result["plots"] = [str(p) for p in plot(rows, cfg, out_dir)]
+    path.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {path} and {', '.join(result['plots'])}")
+    return result
+
+
+def _with_vocab(cfg: BenchConfig, vocab: int) -> BenchConfig:
+    from dataclasses import replace
+    return replace(cfg, workload=replace(cfg.workload, vocab=vocab))
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def machine() -> dict:
+    import psutil
+
+    try:
+        from importlib.metadata import version
+        vllm_v = next((version(d) for d in ("vllm-cpu", "vllm") if _has(d)), None)
+    except Exception:
+        vllm_v = None
+    return {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "processor": platform.processor(), "python": platform.python_version(),
+            "vllm": vllm_v}
+
+
+def _has(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version(dist)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------- CLI
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.split(",") if v.strip())
+
+
+def _range(s: str) -> tuple[int, int]:
+    lo, _, hi = s.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from bench.models import MODELS
+
+    p.add_argument("--model", default="tiny", choices=MODELS,
+                   help="architecture: 'tiny' = the embedded test model (CI smoke run); the "
+                   "others are published configs with random weights (nothing downloaded)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated, run in this order (default {','.join(SYSTEMS)})")
+    p.add_argument("--adapters", type=_ints, default=(1, 8, 64),
+                   help="adapter counts N to sweep, e.g. 1,8,64,512 (base runs once)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter (default 8)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
+                   help="projections the adapters touch (default q,k,v,o)")
+    p.add_argument("--distinct-weights", type=int, default=16,
+                   help="distinct adapter weight files; adapter i uses file i mod this "
+                   "(every adapter is still a distinct adapter to both servers)")
+    p.add_argument("--max-loras", type=int, default=64,
+                   help="engine adapter slots for both systems, capped at N (default 64)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="batch size limit of every engine")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=_range, default=(128, 128),
+                   help="prompt tokens, N or MIN:MAX (uniform), default 128")
+    p.add_argument("--output-len", type=_range, default=(64, 64),
+                   help="output tokens (ignore_eos), N or MIN:MAX, default 64")
+    p.add_argument("--rate", type=float, default=None,
+                   help="Poisson arrival rate in req/s (default: all requests at t=0)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="closed loop: at most this many requests in flight")
+    p.add_argument("--popularity", default="round_robin", choices=POPULARITY,
+                   help="which adapter each request uses: i mod N, uniform, or Zipf")
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="bench/results/e2e", help="JSON and PNGs go here")
+    p.add_argument("--assets", default=None,
+                   help="where model dirs and adapters are built (default $PREFT_HOME/bench)")
+
+
+def config_from_args(a) -> BenchConfig:
+    w = Workload(num_requests=a.num_requests, prompt_len=a.prompt_len, output_len=a.output_len,
+                 rate=a.rate, concurrency=a.concurrency, popularity=a.popularity,
+                 zipf_s=a.zipf_s, seed=a.seed)
+    return BenchConfig(model=a.model, dtype=a.dtype, systems=tuple(a.systems.split(",")),
+                       adapters=a.adapters, rank=a.rank, targets=tuple(a.targets.split(",")),
+                       distinct_weights=a.distinct_weights, max_loras=a.max_loras,
+                       max_num_seqs=a.max_num_seqs, workload=w, out_dir=a.out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="preft bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    from cluster.cli import cmd_bench
+
+    return cmd_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
