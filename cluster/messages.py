@@ -78,6 +78,8 @@ class PrefillResult:
     kv_namespace: str
     queue_s: float
     prefill_s: float
+    adapter_tier: str = ""                   # engine | disk | store ("" for the base model)
+    adapter_load_s: float = 0.0              # fetch + load time when not engine-resident
 
 
 @dataclass(frozen=True)
