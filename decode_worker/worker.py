@@ -31,6 +31,9 @@ class DecodeWorker:
         from kv_transfer.runtime import hooks_for
         from worker_runtime.engine_loop import EngineLoop
 
+        from worker_runtime.ray_metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics("decode", worker_id)
         self.hooks = hooks_for(worker_id)
         self.loop = EngineLoop(self._build_engine, f"decode:{worker_id}", wake=self.hooks.wake)
         self.loop.start()
@@ -123,7 +126,7 @@ class DecodeWorker:
                               cache_salt=req.kv_namespace)
         t0 = time.perf_counter()
         q = self.loop.submit(req.request_id, prompt, params)
-        first, finished = True, False
+        first, finished, n_tokens = True, False, 0
         try:
             while True:
                 out = await q.get()
@@ -140,10 +143,15 @@ class DecodeWorker:
                     rec = self.hooks.pop_record(req.kv.transfer_id)
                     total = time.perf_counter() - t0
                     xfer = rec.seconds if rec else 0.0
+                    if rec:
+                        self.metrics.kv_pull(rec.bytes, rec.seconds)
                     delta = DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
                                         kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
                                         first_step_s=max(0.0, total - xfer))
                 finished = out.finished
+                n_tokens += len(delta.token_ids)
+                if finished:
+                    self.metrics.request(n_tokens, time.perf_counter() - t0)
                 yield delta
                 if finished:
                     return

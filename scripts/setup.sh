@@ -6,11 +6,15 @@ cd "$(dirname "$0")/.."
 EXTRA=cpu
 [[ "${1:-}" == "--gpu" ]] && EXTRA=gpu
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "[setup] installing redis-server (apt)"
+# redis-server: cluster state. prometheus: scrapes /metrics for the dashboard test/render.
+APT=()
+command -v redis-server >/dev/null 2>&1 || APT+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || APT+=(prometheus)
+if (( ${#APT[@]} )); then
+  echo "[setup] installing ${APT[*]} (apt)"
   if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
