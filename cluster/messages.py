@@ -14,6 +14,11 @@ from cluster.errors import InvalidRequest
 from kv_transfer.handle import KVHandle
 
 
+# Adapter kinds the prefill pool can apply (prefill_worker.adapters.KINDS; a unit test
+# keeps the two equal). The router checks names only; the files are validated by a worker.
+ADAPTER_KINDS = ("lora_p", "reft_p")
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int = 16

@@ -155,3 +155,43 @@ def make_lora_adapter(out_dir: str | os.PathLike, base_model: str | os.PathLike,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def make_reft_adapter(out_dir: str | os.PathLike, base_model: str | os.PathLike, *,
+                      seed: int, intervention: str = "loreft",
+                      layers: tuple[int, ...] = (1, 3), rank: int = 4,
+                      positions: str = "all", scale: float = 40.0) -> Path:
+    """Write a ReFT-P adapter (``prefill_worker.adapters.reft_p`` format) for ``base_model``:
+    random weights with a bias of std ``scale`` (the tiny model's residual stream has a norm
+    of ~60-110 after layer 0), big enough to change greedy outputs."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    if intervention not in ("loreft", "direft"):
+        raise ValueError(f"intervention={intervention!r}: use 'loreft' or 'direft'")
+    d = AutoConfig.from_pretrained(str(base_model)).hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for L in layers:
+        p = f"layers.{L}"
+        if intervention == "loreft":
+            q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+            tensors[f"{p}.rotate_layer.weight"] = q.T.to(torch.float32).contiguous()
+            tensors[f"{p}.learned_source.weight"] = (
+                torch.randn(rank, d, generator=gen) * (2.0 / d ** 0.5)).contiguous()
+            tensors[f"{p}.learned_source.bias"] = torch.randn(rank, generator=gen) * scale
+        else:
+            tensors[f"{p}.proj_down.weight"] = (
+                torch.randn(rank, d, generator=gen) * (2.0 / d ** 0.5)).contiguous()
+            tensors[f"{p}.proj_down.bias"] = torch.randn(rank, generator=gen) * scale
+            tensors[f"{p}.proj_up.weight"] = (
+                torch.randn(rank, d, generator=gen) / rank ** 0.5).contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "REFT_P", "preft_kind": "reft_p", "intervention": intervention,
+              "layers": list(layers), "rank": rank, "positions": positions, "hidden_size": d,
+              "base_model_name_or_path": str(base_model)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict
+from contextvars import ContextVar
 import os
 import shutil
 import socket
@@ -30,7 +31,12 @@ from cluster.messages import AdapterRef, PrefillRequest, PrefillResult, WorkerIn
 from cluster.state import MemberRecord
 from prefill_worker.adapters.base import AdapterSpec
 from kv_transfer.handle import KVHandle
+from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.engine_loop import as_request_error
+from worker_runtime.env import resolve_kv_host
+
+# The tier this task's last adapter lookup was served from (engine | disk | store).
+_TIER: ContextVar[str] = ContextVar("preft_adapter_tier", default="")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ class PrefillWorker:
         self._engine_loras: OrderedDict[int, None] = OrderedDict()
         self._resolving: dict[str, asyncio.Lock] = {}
         self.tier_hits = {"engine": 0, "disk": 0, "store": 0}
+        from worker_runtime.ray_metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics("prefill", worker_id)
+        from prefill_worker.reft_runtime import ReftRuntime
+
+        self.reft = ReftRuntime(cfg.max_cpu_loras)  # ReFT-P: engine hook + host-memory tier
         self._load_base_shape()
         self._install_lora_kernel()
         from kv_transfer.runtime import hooks_for
@@ -122,6 +134,7 @@ class PrefillWorker:
         e, t = self.cfg.engine, self.cfg.transfer
         args = EngineArgs(
             model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
+            load_format=e.load_format,
             enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
             enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
             enable_lora=True, max_lora_rank=self.cfg.max_lora_rank,
@@ -132,9 +145,11 @@ class PrefillWorker:
                 kv_connector_module_path="kv_transfer.connector",
                 kv_role="kv_producer", engine_id=self.worker_id,
                 kv_connector_extra_config={
-                    "kv_host": t.kv_host, "transfer_timeout_s": t.timeout_s,
+                    "kv_host": resolve_kv_host(t.kv_host), "transfer_timeout_s": t.timeout_s,
                     "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
-        return LLMEngine.from_engine_args(args)
+        engine = LLMEngine.from_engine_args(args)
+        self.reft.install(engine)
+        return engine
 
     # ------------------------------------------------------------------ adapters
     async def validate_adapter(self, path: str) -> AdapterSpec:
@@ -177,7 +192,7 @@ class PrefillWorker:
         if entry is not None and entry.ref.version > ref.version:
             raise AdapterNotFound(ref.name)  # the router's view is stale: an older version
         if entry is not None and entry.ref == ref:
-            tier = "engine" if entry.lora_int_id in self._engine_loras else "disk"
+            tier = "engine" if self._hot(entry) else "disk"
         else:
             path, tier = await asyncio.to_thread(self._fetch, ref)
             with self._lock:
@@ -185,13 +200,46 @@ class PrefillWorker:
                 entry = AdapterEntry(ref, str(path), next(self._lora_ids))
                 self._adapters[ref.name] = entry
             if old is not None:  # replaced: drop the old version from the engine's tiers
-                await self._remove_lora(old.lora_int_id)
+                await self._evict(old)
         self.tier_hits[tier] += 1
+        _TIER.set(tier)  # read back by prefill() in the same task
+        if ref.kind == "reft_p":
+            return await self._reft_weights(entry)
         self._engine_loras[entry.lora_int_id] = None
         self._engine_loras.move_to_end(entry.lora_int_id)
         while len(self._engine_loras) > self.cfg.max_cpu_loras:  # vLLM's LRU evicts too
             self._engine_loras.popitem(last=False)
         return LoRARequest(ref.namespace, entry.lora_int_id, entry.path)
+
+    @staticmethod
+    def _reft_key(entry: AdapterEntry) -> str:
+        return f"reft:{entry.lora_int_id}"
+
+    def _hot(self, entry: AdapterEntry) -> bool:
+        if entry.ref.kind == "reft_p":
+            return self._reft_key(entry) in self.reft
+        return entry.lora_int_id in self._engine_loras
+
+    async def _reft_weights(self, entry: AdapterEntry):
+        """ReFT-P: (runtime key, loaded weights), from host memory or the disk tier."""
+        from prefill_worker.adapters import reft_p
+
+        if self.reft.unsupported:
+            raise InvalidAdapter(f"adapter {entry.ref.name}: this prefill worker cannot apply "
+                                 f"ReFT-P adapters ({self.reft.unsupported})")
+        key = self._reft_key(entry)
+        weights = self.reft.cached(key)
+        if weights is None:
+            weights = await asyncio.to_thread(reft_p.load, entry.path, self.base_shape,
+                                              self.cfg.max_lora_rank)
+            self.reft.put(key, weights)
+        return key, weights
+
+    async def _evict(self, entry: AdapterEntry) -> None:
+        if entry.ref.kind == "reft_p":
+            self.reft.drop(self._reft_key(entry))
+        else:
+            await self._remove_lora(entry.lora_int_id)
 
     async def _remove_lora(self, lora_id: int) -> None:
         self._engine_loras.pop(lora_id, None)
@@ -203,7 +251,7 @@ class PrefillWorker:
             entry = self._adapters.pop(name, None)
         if entry is None:
             return False
-        await self._remove_lora(entry.lora_int_id)
+        await self._evict(entry)
         if not any(e.ref.sha256 == entry.ref.sha256 for e in self._adapters.values()):
             shutil.rmtree(self.cache_dir / entry.ref.sha256, ignore_errors=True)
         return True
@@ -216,8 +264,7 @@ class PrefillWorker:
         return False
 
     def residency(self) -> dict[str, str]:
-        engine = self._engine_loras
-        return {n: f"{'engine' if e.lora_int_id in engine else 'disk'}@v{e.ref.version}"
+        return {n: f"{'engine' if self._hot(e) else 'disk'}@v{e.ref.version}"
                 for n, e in list(self._adapters.items())}
 
     # ------------------------------------------------------------------ API
@@ -275,24 +322,45 @@ class PrefillWorker:
             raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
                                  f"({s.max_tokens}) exceeds max_model_len={max_len}; lower "
                                  f"max_tokens to at most {max_len - len(ids)}")
-        lora, namespace = None, BASE_NAMESPACE
+        lora, namespace, reft_key, extra = None, BASE_NAMESPACE, None, {}
+        tier, load_s = "", 0.0
         if req.adapter is not None:
-            lora = await self._resolve(req.adapter)
+            t_r = time.time()
+            resolved = await self._resolve(req.adapter)
+            tier, load_s = _TIER.get(), time.time() - t_r
             namespace = req.adapter.namespace
+            if req.adapter.kind == "reft_p":  # applied by the engine hook (reft_runtime)
+                reft_key, reft_weights = resolved
+                extra[REFT_EXTRA_ARG] = reft_key
+            else:
+                lora = resolved
         hand_over = s.max_tokens > 1
+        if hand_over:
+            extra["kv_transfer_params"] = {"do_remote_decode": True}
         params = SamplingParams(
             max_tokens=1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
             stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            extra_args={"kv_transfer_params": {"do_remote_decode": True}} if hand_over else None)
+            output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra or None)
         t0 = time.time()
-        q = self.loop.submit(req.request_id, TokensPrompt(prompt_token_ids=ids, cache_salt=namespace),
-                             params, lora_request=lora)
+        if reft_key is not None:
+            self.reft.acquire(reft_key, reft_weights)  # pinned while the engine holds it
         try:
+            q = self.loop.submit(req.request_id, TokensPrompt(prompt_token_ids=ids,
+                                                              cache_salt=namespace),
+                                 params, lora_request=lora)
             out = await q.get()
-        except asyncio.CancelledError:
+        except BaseException:
             self.loop.abort(req.request_id)
+            if reft_key is not None:  # unpin only after the engine thread drops the request
+                try:
+                    self.loop.call(lambda _eng, k=reft_key: self.reft.release(k))
+                except RuntimeError:
+                    self.reft.release(reft_key)
+                reft_key = None
             raise
+        finally:
+            if reft_key is not None:
+                self.reft.release(reft_key)
         if isinstance(out, BaseException):
             raise as_request_error(out)
         comp = out.outputs[0]
@@ -317,10 +385,14 @@ class PrefillWorker:
                               self.hooks.layout_fingerprint)
         elif finish is None:
             raise WorkerUnavailable(f"{self.worker_id}: the engine kept no KV for the prompt")
+        prefill_s = time.time() - t0
+        self.metrics.request(len(ids), prefill_s)
+        self.metrics.adapter(tier)
         return PrefillResult(
             request_id=req.request_id, prompt_token_ids=tuple(ids), first_token=first,
             first_text=comp.text, finish_reason=finish, kv=kv, kv_namespace=namespace,
-            queue_s=max(0.0, t0 - (req.enqueued_at or t_in)), prefill_s=time.time() - t0)
+            queue_s=max(0.0, t0 - (req.enqueued_at or t_in)), prefill_s=prefill_s,
+            adapter_tier=tier, adapter_load_s=load_s)
 
     async def shutdown(self) -> None:
         if self.heartbeat is not None:

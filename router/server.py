@@ -24,10 +24,11 @@ from cluster.adapter_store import AdapterStore, UploadWriter, check_adapter_name
 from cluster.config import RouterConfig
 from cluster.errors import (AdapterNotFound, InvalidAdapter, InvalidRequest, Overloaded,
                             PermissionDenied, PreftError, Unauthenticated, WorkerUnavailable)
-from cluster.messages import AdapterRef, DecodeRequest, PrefillRequest, Sampling
+from cluster.messages import ADAPTER_KINDS, AdapterRef, DecodeRequest, PrefillRequest, Sampling
 from cluster.state import AdapterRecord
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
+from router.metrics import RouterMetrics, default_metrics
 from router.pool import NoWorkers, WorkerHandle, WorkerPool
 from router.state_view import StateView
 
@@ -69,6 +70,35 @@ class RouterService(pb_grpc.RouterServicer):
         self.store = store
         self.inflight = 0
         view.on_members = self._sync_members
+        self.metrics: RouterMetrics = default_metrics()
+        self.metrics.set_gauge_source(self._gauges)
+
+    def _gauges(self) -> list:
+        """Scrape-time gauges: pool queues, per-worker load, decode KV blocks in use."""
+        out = [("preft_router_inflight_requests", {}, self.inflight)]
+        for pool, workers in (("prefill", self.pool.prefill), ("decode", self.pool.decode)):
+            out.append(("preft_pool_queue_depth", {"pool": pool},
+                        sum(w.outstanding for w in workers)))
+            out.append(("preft_pool_healthy_workers", {"pool": pool},
+                        sum(w.healthy for w in workers)))
+            out += [("preft_worker_outstanding_requests", {"pool": pool, "worker": w.worker_id},
+                     w.outstanding) for w in workers]
+        live = [w for w in self.pool.decode if w.healthy]
+        if live:
+            import ray
+
+            refs = [w.actor.kv_usage.remote() for w in live]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+            for w, ref in zip(live, refs):
+                try:
+                    u = ray.get(ref, timeout=0) if ref in ready else None
+                except Exception:  # a dying worker: no sample this scrape
+                    u = None
+                if u is not None:
+                    lab = {"worker": w.worker_id}
+                    out.append(("preft_kv_blocks_in_use", lab, u["blocks_total"] - u["blocks_free"]))
+                    out.append(("preft_kv_blocks_total", lab, u["blocks_total"]))
+        return out
 
     # ------------------------------------------------------------------ auth & lookup
     def _tenant(self, context) -> str | None:
@@ -141,9 +171,9 @@ class RouterService(pb_grpc.RouterServicer):
                 raise InvalidAdapter("the first upload message must be a header with the name")
             h = first.header
             check_adapter_name(h.name)
-            kind = h.kind or "lora_p"
-            if kind != "lora_p":
-                raise InvalidAdapter(f"kind {kind!r} is not supported; supported: ['lora_p']")
+            if h.kind and h.kind not in ADAPTER_KINDS:  # empty: the files say which
+                raise InvalidAdapter(f"kind {h.kind!r} is not supported; supported: "
+                                     f"{list(ADAPTER_KINDS)}")
             old = self.view.adapters.get(h.name)
             if old is not None and tenant not in (None, "admin") and old.owner != tenant:
                 raise PermissionDenied(f"adapter {h.name!r} belongs to another tenant")
@@ -154,6 +184,9 @@ class RouterService(pb_grpc.RouterServicer):
                         raise InvalidAdapter("only one header per upload")
                     writer.write(msg.chunk.filename, msg.chunk.data)
                 spec = await self._validate_upload(writer.finish())
+                if h.kind and h.kind != spec.kind:
+                    raise InvalidAdapter(f"the header says kind {h.kind!r} but the files are a "
+                                         f"{spec.kind} adapter; fix the header or the files")
                 uri = await asyncio.to_thread(self.store.commit, writer.dir, spec.sha256)
             except BaseException:
                 writer.abort()
@@ -173,7 +206,10 @@ class RouterService(pb_grpc.RouterServicer):
 
     async def _validate_upload(self, staged):
         """Tensor-level checks need torch: a prefill worker does them."""
-        validator = self.pool.pick_prefill(None)
+        try:
+            validator = self.pool.pick_prefill(None)
+        except NoWorkers as e:  # else gRPC answers UNKNOWN "Unexpected NoWorkers"
+            raise WorkerUnavailable(f"cannot validate the adapter now: {e}; retry") from None
         try:
             return await validator.actor.validate_adapter.remote(str(staged))
         except Exception as e:
@@ -250,13 +286,24 @@ class RouterService(pb_grpc.RouterServicer):
         except PreftError as e:
             if isinstance(e, Overloaded):
                 context.set_trailing_metadata((("retry-after-ms", "500"),))
+            self.metrics.requests.labels(_status(e.grpc_code).name).inc()
             await context.abort(_status(e.grpc_code), e.message)
         self.inflight += 1
+        status = "INTERNAL"
         try:
             async for msg in self._generate(preq, t_admit, context):
                 yield msg
+            status = "OK"
+        except grpc.aio.AbortError:
+            code = context.code()
+            status = code.name if code is not None else "UNKNOWN"
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
         finally:
             self.inflight -= 1
+            self.metrics.requests.labels(status).inc()
 
     def _validate(self, request: pb.GenerateRequest, tenant: str | None,
                   t_admit: float) -> PrefillRequest:
@@ -274,7 +321,10 @@ class RouterService(pb_grpc.RouterServicer):
         if which is None or (which == "text" and not request.text) or (
                 which == "token_ids" and not request.token_ids.ids):
             raise InvalidRequest("prompt", "is empty: set prompt text or token_ids")
-        rid = request.request_id or uuid.uuid4().hex
+        # Engines key requests by id: a caller's id gets a unique suffix, so two callers that
+        # reuse one id never share (or steal) each other's engine request.
+        rid = (f"{request.request_id}-{uuid.uuid4().hex[:12]}" if request.request_id
+               else uuid.uuid4().hex)
         if which == "text":
             return PrefillRequest(rid, adapter, sampling, prompt_text=request.text,
                                   enqueued_at=t_admit)
@@ -298,6 +348,19 @@ class RouterService(pb_grpc.RouterServicer):
         except Exception as e:
             await self._abort_for(e, context, what, worker)
 
+    def _mark_dead(self, worker: WorkerHandle) -> None:
+        """Stop routing to a dead actor now; its member record goes too, so membership sync
+        does not revive it before Ray's restarted instance heartbeats again."""
+        worker.healthy = False
+        self.view.members.pop(worker.worker_id, None)
+
+        def leave() -> None:
+            try:
+                self.view.state.leave(worker.worker_id)
+            except Exception:  # Redis down: the record expires by TTL instead
+                pass
+        asyncio.get_running_loop().run_in_executor(None, leave)
+
     async def _abort_for(self, e: BaseException, context, what: str, worker: WorkerHandle):
         import ray.exceptions as rx
 
@@ -306,7 +369,7 @@ class RouterService(pb_grpc.RouterServicer):
             await context.abort(_status(cause.grpc_code), cause.message)
         if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError)):
             log.warning("%s on %s failed: %r", what, worker.worker_id, e)
-            worker.healthy = False  # until its heartbeat says otherwise
+            self._mark_dead(worker)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"{what}: worker {worker.worker_id} died or is unreachable; "
                                 "retry the request")
@@ -314,11 +377,18 @@ class RouterService(pb_grpc.RouterServicer):
         await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(cause).__name__}: {cause}")
 
     async def _generate(self, preq: PrefillRequest, t_admit: float, context):
+        m = self.metrics
         try:
+            spills = getattr(self.pool.prefill_policy, "spills", 0)
             pw = self.pool.pick_prefill(preq.adapter.name if preq.adapter else None)
             dw = self.pool.pick_decode()
         except NoWorkers as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        pol = self.pool.prefill_policy.name
+        m.routing.labels("prefill", pol, pw.worker_id).inc()
+        m.routing.labels("decode", self.pool.decode_policy.name, dw.worker_id).inc()
+        if getattr(self.pool.prefill_policy, "spills", 0) > spills:
+            m.spills.labels(pol).inc()
         pw.outstanding += 1
         ref = pw.actor.prefill.remote(preq)
         try:
@@ -329,6 +399,12 @@ class RouterService(pb_grpc.RouterServicer):
         finally:
             pw.outstanding -= 1
         t_first = time.time()
+        m.ttft.observe(t_first - t_admit)
+        m.queue.observe(res.queue_s)
+        m.prefill.observe(res.prefill_s)
+        m.prompt_tokens.inc(len(res.prompt_token_ids))
+        if preq.adapter is not None:
+            m.observe_adapter(res.adapter_tier, res.adapter_load_s)
         yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=[res.first_token],
                                                       text=res.first_text))
         n_out, finish = 1, res.finish_reason
@@ -353,21 +429,28 @@ class RouterService(pb_grpc.RouterServicer):
                         timings.kv_transfer_s = d.kv_transfer_s
                         timings.first_decode_step_s = d.first_step_s or 0.0
                         kv.bytes = d.kv_bytes or 0
+                        m.observe_kv(pw.worker_id, dw.worker_id, kv.bytes, d.kv_transfer_s)
                     n_out += len(d.token_ids)
                     if d.token_ids or d.text:
                         yield pb.GenerateResponse(delta=pb.TokenDelta(
                             token_ids=list(d.token_ids), text=d.text))
                     if d.finish_reason:
                         finish = d.finish_reason
-            except BaseException:
+            except BaseException as e:
                 _cancel(gen)
                 if kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
                     pw.actor.release.remote(res.kv.transfer_id)
+                    if not isinstance(e, asyncio.CancelledError):
+                        m.kv_failures.labels(pw.worker_id, dw.worker_id).inc()
                 raise
             finally:
                 dw.outstanding -= 1
             timings.decode_s = time.time() - t_dec
         timings.total_s = time.time() - t_admit
+        m.e2e.observe(timings.total_s)
+        m.generation_tokens.inc(n_out)
+        if n_out > 1:
+            m.tpot.observe((timings.total_s - timings.ttft_s) / (n_out - 1))
         if res.kv is not None:
             kv.blocks = res.kv.num_blocks
         yield pb.GenerateResponse(final=pb.Final(
@@ -403,6 +486,19 @@ def check_bind_is_safe(cfg: RouterConfig) -> None:
 
 def create_server(cfg: RouterConfig, pool: WorkerPool, view: StateView,
                   store: AdapterStore) -> tuple[grpc.aio.Server, int]:
+    """The router's ``grpc.aio`` server, bound but not started; returns (server, port).
+
+    With ``cfg.tls_cert``/``tls_key`` the TCP port serves TLS only (with ``tls_client_ca``:
+    mutual TLS, a client without a certificate from that CA is refused in the handshake),
+    and the server also listens on a plaintext Unix socket in a fresh 0700 directory
+    (``server.local_address``, ``unix:/tmp/preft-router-.../router.sock``) for clients in
+    the same account (``preft up``'s start-up uploads and HTTP gateway). Without TLS,
+    ``server.local_address`` is None.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
     check_bind_is_safe(cfg)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     service = RouterService(cfg, pool, view, store)
@@ -414,7 +510,34 @@ def create_server(cfg: RouterConfig, pool: WorkerPool, view: StateView,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    server.local_address = None
+    server.local_dir = None
+    if cfg.tls_cert:
+        client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        try:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=client_ca, require_client_auth=client_ca is not None)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"router TLS: cannot load tls_cert={cfg.tls_cert!r} / "
+                             f"tls_key={cfg.tls_key!r}: {e}") from None
+        try:
+            port = server.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
+        except RuntimeError as e:  # gRPC says "failed to bind" for a bad key/cert too
+            raise ValueError(f"router TLS on {cfg.host}:{cfg.port}: {e}; check that "
+                             f"tls_cert={cfg.tls_cert!r} and tls_key={cfg.tls_key!r} are a "
+                             "matching PEM certificate and private key") from None
+        local_dir = tempfile.mkdtemp(prefix="preft-router-")   # mode 0700: this account only
+        os.chmod(local_dir, 0o700)
+        local = f"unix:{local_dir}/router.sock"
+        if not server.add_insecure_port(local):
+            raise OSError(f"router could not bind its local socket {local}")
+        server.local_address, server.local_dir = local, local_dir
+    else:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("router on %s:%s without TLS: API keys and prompts cross the network "
+                        "in plaintext; serve TLS with --tls-cert/--tls-key", cfg.host, port)
     if port == 0:
         raise OSError(f"router could not bind {cfg.host}:{cfg.port}")
     server.health_servicer = health_servicer  # set SERVING once started
@@ -441,3 +564,6 @@ async def serve(cfg: RouterConfig, pool: WorkerPool, view: StateView, store: Ada
         await server.health_servicer.enter_graceful_shutdown()
         await server.service.view.stop()
         await server.stop(grace=5)
+        if server.local_dir is not None:
+            import shutil
+            shutil.rmtree(server.local_dir, ignore_errors=True)

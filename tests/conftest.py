@@ -16,18 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 ADAPTER_SEEDS = {"ada": 11, "bea": 22, "cid": 33, "dov": 44}
+# ReFT-P adapters (cluster.tiny.make_reft_adapter keyword arguments), registered at startup.
+REFT_ADAPTERS = {
+    "rlo": dict(seed=51, intervention="loreft", layers=(1, 3), rank=4, positions="all"),
+    "rdi": dict(seed=52, intervention="direft", layers=(0, 2), rank=8, positions="all"),
+    "rfl": dict(seed=53, intervention="loreft", layers=(1, 2), rank=4, positions="f3+l3"),
+    "rdf": dict(seed=54, intervention="direft", layers=(1, 2), rank=4, positions="f4"),
+}
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32) and four LoRA-P adapters."""
-    from cluster.tiny import make_lora_adapter, make_tiny_model
+    """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32), four LoRA-P adapters and
+    four ReFT-P adapters."""
+    from cluster.tiny import make_lora_adapter, make_reft_adapter, make_tiny_model
 
     root = tmp_path_factory.mktemp("assets")
     model = make_tiny_model(root / "model")
     adapters = {n: make_lora_adapter(root / n, model, seed=s) for n, s in ADAPTER_SEEDS.items()}
     # A replacement version of "ada" (different weights), registered during a test.
     adapters["ada_v2"] = make_lora_adapter(root / "ada_v2", model, seed=99)
+    adapters.update({n: make_reft_adapter(root / n, model, **kw) for n, kw in REFT_ADAPTERS.items()})
     return {"model": str(model), "adapters": {k: str(v) for k, v in adapters.items()},
             "root": root}
 
@@ -46,7 +55,7 @@ def cluster(assets):
     from cluster.launcher import LocalCluster
 
     eng = EngineConfig(model=assets["model"], max_model_len=1024)
-    adapters = tuple((n, assets["adapters"][n]) for n in ADAPTER_SEEDS)
+    adapters = tuple((n, assets["adapters"][n]) for n in [*ADAPTER_SEEDS, *REFT_ADAPTERS])
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
                         router=RouterConfig(port=0), adapters=adapters,
                         run_dir=str(assets["root"] / "run"))

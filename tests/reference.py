@@ -4,12 +4,21 @@ HF model + PEFT adapter over the prompt -> KV_A(prompt) and the first token (ada
 then the adapter disabled, greedy decoding over that same cache. Also the two contrasts the
 tests use to show equality is not vacuous: all-token LoRA (adapter on at every step) and
 base-only (adapter never on). float32 on CPU.
+
+ReFT-P adapters (``adapter_config.json`` says ``"peft_type": "REFT_P"``): a forward hook on
+each chosen decoder layer's output replaces the residual stream h at the selected prompt
+positions by Φ(h) (LoReFT: h + Rᵀ(Wh + b − Rh); DiReFT: h + W₂ᵀ(W₁h + b)) during the prompt
+forward only; the hooks are then removed and greedy decoding continues over the same
+past_key_values. Written from the formulas, independent of the serving code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -60,10 +69,85 @@ class Reference:
             return contextlib.nullcontext()
         return self.peft.disable_adapter()
 
+    # ---------------------------------------------------------------- ReFT-P
+    @staticmethod
+    def is_reft(adapter_dir: str) -> bool:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        return (str(cfg.get("peft_type", "")).upper() == "REFT_P"
+                or cfg.get("preft_kind") == "reft_p")
+
+    @staticmethod
+    def reft_positions(spec: str, n: int) -> list[int]:
+        """Prompt positions a ReFT spec selects: "all", "f<p>", "l<s>", "f<p>+l<s>"."""
+        if spec in (None, "all"):
+            return list(range(n))
+        first = last = 0
+        for part in spec.split("+"):
+            m = re.fullmatch(r"([fl])(\d+)", part)
+            assert m, spec
+            if m[1] == "f":
+                first = int(m[2])
+            else:
+                last = int(m[2])
+        return [i for i in range(n) if i < first or i >= n - last]
+
+    def _reft_hooks(self, adapter_dir: str, n_prompt: int) -> list:
+        from safetensors.torch import load_file
+
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        ts = {k: v.to(torch.float32) for k, v in
+              load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items()}
+        sel = torch.tensor(self.reft_positions(cfg.get("positions", "all"), n_prompt),
+                           dtype=torch.long)
+        loreft = cfg["intervention"] == "loreft"
+
+        def make(L):
+            p = f"layers.{L}."
+
+            def hook(module, args, out):
+                h = out[0] if isinstance(out, tuple) else out       # (1, n, d)
+                x = h[0, sel]
+                if loreft:
+                    R, W, b = (ts[p + "rotate_layer.weight"], ts[p + "learned_source.weight"],
+                               ts[p + "learned_source.bias"])
+                    phi = x + (x @ W.T + b - x @ R.T) @ R
+                else:
+                    W1, b, W2 = (ts[p + "proj_down.weight"], ts[p + "proj_down.bias"],
+                                 ts[p + "proj_up.weight"])
+                    phi = x + (x @ W1.T + b) @ W2
+                h = h.clone()
+                h[0, sel] = phi
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+            return hook
+
+        layers = self.base.model.layers
+        return [layers[L].register_forward_hook(make(L)) for L in cfg["layers"]]
+
+    def _generate_reft(self, prompt, adapter_dir, n, mode) -> RefOutput:
+        model = self.peft if self.peft is not None else self.base
+        with self._ctx(False):  # no LoRA anywhere
+            handles = self._reft_hooks(adapter_dir, len(prompt)) if mode == "preft" else []
+            try:
+                tok, gap, past = self._step(model, prompt, None)
+            finally:
+                for h in handles:
+                    h.remove()
+            tokens, gaps = [tok], [gap]
+            for _ in range(n - 1):
+                tok, gap, past = self._step(model, [tok], past)
+                tokens.append(tok)
+                gaps.append(gap)
+        return RefOutput(tuple(tokens), tuple(gaps))
+
     @torch.no_grad()
     def generate(self, prompt: list[int], adapter_dir: str | None, n: int,
                  mode: str = "preft") -> RefOutput:
-        """mode: "preft" (adapter on the prompt only), "lora" (every step), "base" (never)."""
+        """mode: "preft" (adapter on the prompt only), "lora" (every step), "base" (never).
+        ReFT-P adapters support "preft" and "base"."""
+        if adapter_dir is not None and self.is_reft(adapter_dir):
+            if mode not in ("preft", "base"):
+                raise ValueError(f"mode={mode!r} is not defined for ReFT-P adapters")
+            return self._generate_reft(prompt, adapter_dir, n, mode)
         if adapter_dir is None:
             mode = "base"
         else:

@@ -5,4 +5,5 @@ that validates files, shapes, dtype and rank before anything reaches an engine. 
 registry maps a kind name (as stored with the adapter) to its validator.
 """
 
-from prefill_worker.adapters.base import AdapterSpec, validate_adapter, KINDS  # noqa: F401
+from prefill_worker.adapters.base import AdapterSpec, KINDS, detect_kind, validate_adapter  # noqa: F401
+from prefill_worker.adapters import lora_p, reft_p  # noqa: F401,E402  (register the kinds)

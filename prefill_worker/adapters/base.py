@@ -61,10 +61,27 @@ def register_kind(name: str):
 def validate_adapter(path: str | Path, base: BaseModelShape, *, max_rank: int,
                      max_bytes: int = 1 << 30) -> AdapterSpec:
     """Detect the kind from the directory and validate it; raises :class:`InvalidAdapter`."""
-    from prefill_worker.adapters import lora_p  # noqa: F401  (registers the kind)
-
     p = Path(path)
     if not p.is_dir():
         raise InvalidAdapter(f"adapter directory {str(path)!r} does not exist")
-    kind = "lora_p"
-    return KINDS[kind](p, base, max_rank, max_bytes)
+    return KINDS[detect_kind(p)](p, base, max_rank, max_bytes)
+
+
+def detect_kind(path: Path) -> str:
+    """The kind an adapter directory declares in ``adapter_config.json``: ``reft_p`` when
+    it says ``"peft_type": "REFT_P"`` or ``"preft_kind": "reft_p"``, an explicit
+    ``preft_kind`` otherwise, else ``lora_p`` (standard PEFT files)."""
+    from prefill_worker.adapters import lora_p, reft_p  # noqa: F401  (register the kinds)
+
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        return "lora_p"  # the kind's validator reports the missing file
+    cfg = read_json(cfg_file, "adapter")
+    if reft_p.is_reft_config(cfg):
+        return reft_p.KIND
+    kind = cfg.get("preft_kind")
+    if kind is None:
+        return "lora_p"
+    if kind not in KINDS:
+        raise InvalidAdapter(f"preft_kind={kind!r} is not supported; supported: {sorted(KINDS)}")
+    return kind

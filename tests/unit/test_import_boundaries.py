@@ -33,3 +33,10 @@ def test_decode_request_has_no_adapter_field():
     from cluster.messages import DecodeRequest
 
     assert not any("adapter" in f.name or "lora" in f.name for f in fields(DecodeRequest))
+
+
+def test_router_adapter_kinds_match_the_prefill_registry():
+    from cluster.messages import ADAPTER_KINDS
+    from prefill_worker.adapters import KINDS
+
+    assert set(ADAPTER_KINDS) == set(KINDS)
