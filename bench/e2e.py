@@ -190,7 +190,7 @@ class PreftSystem(System):
         self._spawn([sys.executable, "-m", "cluster.cli", "up", "--config", str(path)],
                     {"PYTHONUNBUFFERED": "1"})
         line = await asyncio.wait_for(asyncio.to_thread(self._wait_line), c.startup_timeout_s)
-        self.address = line.rsplit(" ", 1)[1].strip()
+        self.address = line.split()[3]   # "router listening on HOST:PORT [(TLS)]"
         from preft_client import AsyncPreftClient
 
         self.client = AsyncPreftClient(self.address, timeout=c.request_timeout_s, retries=0)

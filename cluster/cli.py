@@ -5,7 +5,9 @@
   preft demo      start the embedded default cluster, send a few requests, print results
   preft adapters  add | list | show | rm adapters on a running router
   preft status    workers, residency, queue depths and KV usage of a running cluster
+  preft top       live view of a running cluster (KV GB/s, TTFT/TPOT, queues, workers)
   preft keys      create API keys (stored hashed in Redis)
+  preft bench     end-to-end throughput: PreFT cluster vs vLLM multi-LoRA vs base model
   preft make-tiny build the embedded default model and demo adapters (no download)
 
 Heavy imports (torch, vLLM, Ray) happen only inside the commands that need them.
@@ -55,8 +57,15 @@ def build_config(args):
     if args.config:
         import yaml
 
+        from dataclasses import replace
+
         from cluster.config import from_dict
-        return from_dict(ClusterConfig, yaml.safe_load(Path(args.config).read_text()))
+        cfg = from_dict(ClusterConfig, yaml.safe_load(Path(args.config).read_text()))
+        tls = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "metrics_port")
+               if getattr(args, k, None) is not None}
+        if tls:  # TLS flags are never silently dropped: they override the YAML's router.*
+            cfg = replace(cfg, router=replace(cfg.router, **tls))
+        return cfg
     adapters = _parse_adapters(args.adapter or [])
     model = args.model
     if model is None:
@@ -70,7 +79,9 @@ def build_config(args):
     return ClusterConfig(
         prefill=PrefillConfig(engine=eng, transfer=xfer, max_lora_rank=args.max_lora_rank),
         decode=DecodeConfig(engine=eng, transfer=xfer),
-        router=RouterConfig(host=args.host, port=args.port, require_auth=args.require_auth),
+        router=RouterConfig(host=args.host, port=args.port, require_auth=args.require_auth,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port),
         ray_address=args.ray_address, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, redis_url=args.redis_url or
         os.environ.get("REDIS_URL"), run_dir=args.run_dir, adapters=adapters)
@@ -88,7 +99,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-auth", action="store_true", help="require API keys "
                    "(`preft keys create`); mandatory when --host is not loopback")
     p.add_argument("--http-port", type=int, default=None, help="also serve the "
-                   "OpenAI-compatible HTTP API on this port")
+                   "OpenAI-compatible HTTP API on this port (it has /metrics too)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus "
+                   "/metrics (preft_* series) on this port; 0 = any free port")
     p.add_argument("--model", help="base model directory (HF format); default: the embedded "
                    "tiny model, built locally under $PREFT_HOME (~/.cache/preft)")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH",
@@ -106,6 +119,12 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="address the workers' KV transfer endpoints bind and advertise")
     p.add_argument("--ray-address", default=None,
                    help="join an existing Ray cluster (auto or ray://...) instead of starting one")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve gRPC (and "
+                   "--http-port) over TLS with this certificate (chain); needs --tls-key. "
+                   "Overrides router.tls_cert of --config")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="PEM", help="mutual TLS: accept "
+                   "only clients presenting a certificate signed by this CA")
     p.add_argument("--verbose", action="store_true", help="forward worker logs to this terminal")
 
 
@@ -130,7 +149,7 @@ def _register_with_progress(cluster, console) -> None:
 
     if not cluster.cfg.adapters:
         return
-    with Progress(console=console) as prog, PreftClient(cluster.address,
+    with Progress(console=console) as prog, PreftClient(cluster.local_address or cluster.address,
                                                         api_key=cluster.api_key) as client:
         for name, path in cluster.cfg.adapters:
             task = prog.add_task(f"upload {name}", total=None)
@@ -151,10 +170,19 @@ def cmd_up(args) -> int:
         http_task = None
         if args.http_port is not None:
             from router.http_gateway import serve_http
+            r = cfg.router   # with TLS: HTTPS with the router's certificate (and client CA)
             http_task = asyncio.get_running_loop().create_task(serve_http(
-                cluster.address, cfg.router.host, args.http_port, server_out=http_server))
-            console.log(f"OpenAI-compatible HTTP on {cfg.router.host}:{args.http_port}")
-        print(f"router listening on {cfg.router.host}:{port}", flush=True)
+                cluster.local_address or cluster.address, r.host, args.http_port,
+                server_out=http_server, ssl_certfile=r.tls_cert, ssl_keyfile=r.tls_key,
+                ssl_client_ca=r.tls_client_ca))
+            console.log(f"OpenAI-compatible {'HTTPS' if r.tls_cert else 'HTTP'} on "
+                        f"{r.host}:{args.http_port}")
+        tls = (" (TLS, client certificates required)" if cfg.router.tls_client_ca else
+               " (TLS)" if cfg.router.tls_cert else "")
+        print(f"router listening on {cfg.router.host}:{port}{tls}", flush=True)
+        if cluster.metrics_port is not None:
+            print(f"metrics on http://{cfg.router.host}:{cluster.metrics_port}/metrics",
+                  flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -177,7 +205,7 @@ def cmd_up(args) -> int:
 def cmd_generate(args) -> int:
     from preft_client import PreftClient, PreftClientError
 
-    with PreftClient(args.address, timeout=args.timeout) as client:
+    with PreftClient(args.address, timeout=args.timeout, **_tls_kwargs(args)) as client:
         try:
             if args.stream:
                 for d in client.stream(args.adapter, prompt=args.prompt,
@@ -221,7 +249,7 @@ def cmd_demo(args) -> int:
         for col in ("adapter", "prompt", "output", "tokens", "TTFT ms", "KV KiB", "KV ms",
                     "KV GB/s"):
             table.add_column(col, overflow="fold")
-        with PreftClient(cluster.address) as client:
+        with PreftClient(cluster.local_address or cluster.address) as client:
             for prompt in DEMO_PROMPTS:
                 for adapter in [*(n for n, _ in cfg.adapters), None]:
                     c = client.generate(adapter, prompt=prompt, max_tokens=args.max_tokens)
@@ -237,11 +265,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _tls_kwargs(args) -> dict:
+    return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+            "tls_server_name": args.tls_server_name}
+
+
+def _add_client_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=None, metavar="PEM", help="connect over TLS, verifying "
+                   "the router's certificate with this CA (a router started with --tls-cert)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate for "
+                   "mutual TLS (router started with --tls-client-ca); needs --tls-key")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME", help="name to verify "
+                   "the router's certificate against, when it differs from --address's host")
+
+
 def _client(args):
     from preft_client import PreftClient
 
     return PreftClient(args.address, api_key=args.api_key or os.environ.get("PREFT_API_KEY"),
-                       timeout=args.timeout)
+                       timeout=args.timeout, **_tls_kwargs(args))
 
 
 def cmd_adapters(args) -> int:
@@ -308,6 +351,20 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_top(args) -> int:
+    from cluster.top import run
+
+    url = args.metrics_url
+    if url and not url.startswith("http"):
+        url = f"http://{url}/metrics"
+    try:
+        with _client(args) as c:
+            run(c, args.address, url, args.interval, args.iterations)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_keys(args) -> int:
     from cluster.state import ClusterState, new_api_key
 
@@ -328,6 +385,14 @@ def cmd_make_tiny(args) -> int:
     for n, p in adapters.items():
         print(f"adapter {n}: {p}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from bench.e2e import config_from_args, run
+
+    result = run(config_from_args(args),
+                 Path(args.assets) if args.assets else DEFAULT_HOME / "bench")
+    return 0 if all(r.get("completed") for r in result["rows"]) else 1
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -355,6 +420,7 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print text as it arrives")
     gen.add_argument("--timeout", type=float, default=300.0, help="request deadline in seconds")
+    _add_client_tls_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
     demo = sub.add_parser("demo", help="run the embedded default cluster and a few requests",
@@ -369,6 +435,7 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
         sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
         sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
+        _add_client_tls_args(sp)
 
     ad = sub.add_parser("adapters", help="manage adapters on a running router",
                         description="Upload, list, show or delete adapters (PEFT LoRA "
@@ -391,6 +458,18 @@ def make_parser() -> argparse.ArgumentParser:
     client_args(st)
     st.set_defaults(fn=cmd_status)
 
+    top = sub.add_parser("top", help="live view: KV GB/s, TTFT/TPOT, queues, workers",
+                         description="A live terminal view of a running cluster: workers, "
+                         "health, queues and KV blocks from the router; with --metrics-url "
+                         "also KV transfer GB/s (overall and per pair), request and token "
+                         "rates, TTFT/TPOT p50/p99 and adapter hit rate per interval.")
+    client_args(top)
+    top.add_argument("--metrics-url", default=None, help="router /metrics (HOST:PORT or URL), "
+                     "as served by `preft up --metrics-port` or --http-port")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
+    top.set_defaults(fn=cmd_top)
+
     keys = sub.add_parser("keys", help="manage API keys", description="API keys map to "
                           "tenants; a tenant uses its own adapters and public ones.")
     k_sub = keys.add_subparsers(dest="action", required=True)
@@ -398,6 +477,14 @@ def make_parser() -> argparse.ArgumentParser:
     k_new.add_argument("--tenant", required=True, help="tenant name ('admin' manages all)")
     k_new.add_argument("--redis-url", default=None, help="the cluster's Redis (default $REDIS_URL)")
     keys.set_defaults(fn=cmd_keys)
+
+    from bench.e2e import __doc__ as bench_doc, add_args as bench_args
+
+    bn = sub.add_parser("bench", help="throughput: PreFT cluster vs vLLM multi-LoRA vs base",
+                        description=bench_doc,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_args(bn)
+    bn.set_defaults(fn=cmd_bench)
 
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
                         description="Write the tiny model and demo adapters (no download).")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -39,6 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
     seed: int = 0
+    load_format: str = "auto"      # "dummy": random weights from the config (benchmarks)
 
     def __post_init__(self) -> None:
         c = "EngineConfig"
@@ -49,12 +51,15 @@ class EngineConfig:
         _need(self.max_model_len >= 16, c, "max_model_len", self.max_model_len, "must be >= 16")
         _need(self.kv_cache_gib > 0, c, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
         _need(self.max_num_seqs >= 1, c, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _need(self.load_format in _LOAD_FORMATS, c, "load_format", self.load_format,
+              f"one of {_LOAD_FORMATS}")
 
 
 @dataclass(frozen=True)
 class TransferConfig:
     transport: str = "torch_dist"
-    kv_host: str = "127.0.0.1"     # address this worker's KV endpoint binds/advertises
+    kv_host: str = "127.0.0.1"     # address this worker's KV endpoint binds/advertises;
+                                   # "auto": the worker's Ray node IP (multi-node, KubeRay)
     timeout_s: float = 30.0
     hold_ttl_s: float = 120.0      # prefill frees unpulled blocks after this
 
@@ -109,16 +114,37 @@ class RouterConfig:
     decode_policy: str = "least_loaded"
     max_adapter_bytes: int = 512 << 20
     state_refresh_s: float = 1.0
+    tls_cert: str | None = None      # PEM server certificate (chain): gRPC (and HTTP) over TLS
+    tls_key: str | None = None       # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: mutual TLS, clients must present a cert
+    metrics_port: int | None = None  # Prometheus /metrics (0 = any free port; None = off)
 
     def __post_init__(self) -> None:
         c = "RouterConfig"
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                _need(isinstance(value, str) and Path(value).expanduser().is_file(), c, name,
+                      value, "file does not exist (expected a PEM file)")
+                object.__setattr__(self, name, str(Path(value).expanduser()))
+        _need((self.tls_cert is None) == (self.tls_key is None), c,
+              "tls_key" if self.tls_cert else "tls_cert", self.tls_key or self.tls_cert,
+              "tls_cert and tls_key must be given together")
+        _need(self.tls_client_ca is None or self.tls_cert is not None, c, "tls_client_ca",
+              self.tls_client_ca, "mutual TLS needs the server's own tls_cert and tls_key too")
         _need(self.prefill_policy in ("locality", "round_robin", "least_loaded"), c,
               "prefill_policy", self.prefill_policy, "one of locality, round_robin, least_loaded")
         _need(self.decode_policy in ("locality", "round_robin", "least_loaded"), c,
               "decode_policy", self.decode_policy, "one of locality, round_robin, least_loaded")
         _need(0 <= self.port < 65536, c, "port", self.port, "must be in [0, 65535]")
+        _need(self.metrics_port is None or 0 <= self.metrics_port < 65536, c, "metrics_port",
+              self.metrics_port, "must be in [0, 65535] (or unset)")
         _need(self.request_timeout_s > 0, c, "request_timeout_s", self.request_timeout_s, "must be > 0")
         _need(self.max_queue_depth >= 1, c, "max_queue_depth", self.max_queue_depth, "must be >= 1")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -134,19 +160,25 @@ class ClusterConfig:
     run_dir: str = ".preft/run"      # redis data, adapter store (when local), caches
     store_uri: str | None = None     # adapter store; default <run_dir>/store (shared dir)
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
+    max_restarts: int = 5            # Ray restarts a dead worker actor this often (-1: always)
+    name: str = "preft"              # Ray actor names are <name>-<role>-<i>: one Ray, many clusters
 
     def __post_init__(self) -> None:
         _need(self.prefill_workers >= 1, "ClusterConfig", "prefill_workers",
               self.prefill_workers, "must be >= 1")
         _need(self.decode_workers >= 1, "ClusterConfig", "decode_workers",
               self.decode_workers, "must be >= 1")
+        _need(valid_adapter_name(self.name), "ClusterConfig", "name", self.name,
+              "1-128 of [A-Za-z0-9._-], starting alphanumeric")
+        _need(self.max_restarts >= -1, "ClusterConfig", "max_restarts", self.max_restarts,
+              "must be >= -1 (-1 = restart forever)")
         for name, path in self.adapters:
             _need(valid_adapter_name(name), "ClusterConfig", "adapters", name,
                   "adapter names are 1-128 of [A-Za-z0-9._-], starting alphanumeric, no '..'")
             _need(Path(path).is_dir(), "ClusterConfig", "adapters", path,
                   "adapter directory does not exist")
         a, b = self.prefill.engine, self.decode.engine
-        for f in ("model", "dtype", "max_model_len"):
+        for f in ("model", "dtype", "max_model_len", "load_format"):
             _need(getattr(a, f) == getattr(b, f), "ClusterConfig", f"decode.engine.{f}",
                   getattr(b, f), f"must equal prefill.engine.{f}={getattr(a, f)!r}: "
                   "both pools exchange KV blocks of the same model")

@@ -42,7 +42,10 @@ class AdapterNotFound(RequestError):
     grpc_code = "NOT_FOUND"
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"adapter {name!r} is not registered; list adapters or register "
+        # The name is the caller's input: shown truncated, or a long one would push the
+        # status message past gRPC's 8 KiB metadata limit (RESOURCE_EXHAUSTED, not NOT_FOUND).
+        shown = repr(name[:64]) + ("..." if len(name) > 64 else "")
+        super().__init__(f"adapter {shown} is not registered; list adapters or register "
                          "it before generating with it")
         self.name = name
 

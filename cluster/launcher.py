@@ -50,6 +50,8 @@ class LocalCluster:
         self._owns_ray = False
         self._next_index = {"prefill": 0, "decode": 0}
         self._actors: dict = {}
+        self._metrics_http = None        # Prometheus /metrics server (router.metrics_port)
+        self.metrics_port: int | None = None
 
     # -------------------------------------------------------------- state
     def start_state(self, say) -> None:
@@ -61,6 +63,9 @@ class LocalCluster:
             say("starting redis-server on loopback")
             self.redis = RedisServer(self.run_dir / "redis").start()
             self.redis_url = self.redis.url
+        else:  # an external Redis: a wrong password fails here, before Ray and the engines
+            from cluster.state import ClusterState
+            ClusterState.from_url(self.redis_url).check()
         self.store = store_for(self.cfg.store_uri or str(self.run_dir / "store"))
 
     # -------------------------------------------------------------- workers
@@ -79,11 +84,14 @@ class LocalCluster:
 
         i = self._next_index[role]
         self._next_index[role] += 1
-        wid, name = f"{role}-{i}", f"preft-{role}-{i}"
+        wid, name = f"{role}-{i}", f"{self.cfg.name}-{role}-{i}"
         wcfg = self.cfg.prefill if role == "prefill" else self.cfg.decode
         # GPU clusters: one GPU (or a fraction) per worker via Ray resources; custom
         # resources pin pools to node groups (e.g. prefill nodes vs decode nodes).
+        # A crashed worker is restarted by Ray (its __init__ runs again: new engine, new KV
+        # endpoint, fresh heartbeat); calls in flight on the dead instance fail, never retry.
         opts = dict(name=name, num_cpus=1, max_concurrency=1000,
+                    max_restarts=self.cfg.max_restarts, max_task_retries=0,
                     num_gpus=wcfg.num_gpus or None, resources=dict(wcfg.resources) or None)
         if role == "prefill":
             cfg = replace(self.cfg.prefill, cpu_cores=self.cfg.prefill.cpu_cores or self._cores(role, i))
@@ -146,7 +154,7 @@ class LocalCluster:
         """Upload an adapter through the router's RegisterAdapter; returns its version."""
         from preft_client import PreftClient
 
-        with PreftClient(self.address, api_key=self.api_key) as c:
+        with PreftClient(self.local_address or self.address, api_key=self.api_key) as c:
             return c.register_adapter(name, path, public=public).version
 
     def register_startup_adapters(self, progress=None) -> None:
@@ -161,6 +169,11 @@ class LocalCluster:
 
         self._server, self.port = create_server(self.cfg.router, self.pool, self.view, self.store)
         await start(self._server)
+        if self.cfg.router.metrics_port is not None and self._metrics_http is None:
+            from router.metrics import start_metrics_server
+
+            self._metrics_http, self.metrics_port = start_metrics_server(
+                self.cfg.router.host, self.cfg.router.metrics_port)
         return self.port
 
     def start_router_in_thread(self) -> int:
@@ -192,12 +205,23 @@ class LocalCluster:
         host = self.cfg.router.host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
 
+    @property
+    def local_address(self) -> str | None:
+        """With router TLS: its plaintext Unix socket (this account only), for our own clients."""
+        return getattr(self._server, "local_address", None)
+
     async def stop_router(self) -> None:
         if self._server is not None:
             await self._server.health_servicer.enter_graceful_shutdown()
             await self._server.service.view.stop()
             await self._server.stop(grace=2)
+            if getattr(self._server, "local_dir", None):   # the TLS router's Unix socket
+                import shutil
+                shutil.rmtree(self._server.local_dir, ignore_errors=True)
             self._server = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http = None
 
     def stop(self) -> None:
         import ray

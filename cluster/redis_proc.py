@@ -40,7 +40,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        from urllib.parse import quote
+
+        # Percent-encoded: a password with '@', '/', ':' or '#' would otherwise break the URL.
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":

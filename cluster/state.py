@@ -93,6 +93,24 @@ class ClusterState:
         return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
                                         socket_connect_timeout=5))
 
+    def check(self) -> None:
+        """Fail early with an operator-readable error when Redis refuses us or is unreachable."""
+        import redis
+
+        kw = self.r.connection_pool.connection_kwargs
+        where = f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        try:
+            self.r.ping()
+        except redis.AuthenticationError as e:
+            has_pw = kw.get("password") is not None
+            raise RuntimeError(
+                f"Redis at {where} refused authentication "
+                f"({'wrong password' if has_pw else 'no password given'}: {e}); put the "
+                "password in the URL, percent-encoded: redis://:PASSWORD@host:port/db "
+                "(rediss:// for TLS)") from None
+        except redis.RedisError as e:
+            raise RuntimeError(f"Redis at {where} is unreachable: {e}") from None
+
     # adapters
     def next_version(self, name: str) -> int:
         return int(self.r.incr(f"{self.p}adapter_version:{name}"))

@@ -16,6 +16,7 @@ from cluster.config import DecodeConfig
 from cluster.errors import InvalidRequest, KVTransferFailed, WorkerUnavailable
 from cluster.messages import DecodeDelta, DecodeRequest, WorkerInfo
 from worker_runtime.engine_loop import as_request_error
+from worker_runtime.env import resolve_kv_host
 
 
 class DecodeWorker:
@@ -68,7 +69,7 @@ class DecodeWorker:
                 kv_connector_module_path="kv_transfer.connector",
                 kv_role="kv_consumer", engine_id=self.worker_id,
                 kv_connector_extra_config={
-                    "kv_host": t.kv_host, "transfer_timeout_s": t.timeout_s,
+                    "kv_host": resolve_kv_host(t.kv_host), "transfer_timeout_s": t.timeout_s,
                     "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
         return LLMEngine.from_engine_args(args)
 

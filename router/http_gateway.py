@@ -52,7 +52,7 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Union
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -302,8 +302,12 @@ class Gateway:
     """Per-app state: one gRPC channel to the router, shared by all HTTP requests."""
 
     def __init__(self, router_address: str, base_model_name: str, timeout: float | None,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int,
+                 router_credentials: grpc.ChannelCredentials | None = None,
+                 router_options: list | None = None) -> None:
         self.router_address = router_address
+        self.router_credentials = router_credentials
+        self.router_options = router_options or []
         self.base_model_name = base_model_name
         self.timeout = timeout
         self.default_max_tokens = default_max_tokens
@@ -313,7 +317,12 @@ class Gateway:
         self.health: health_pb2_grpc.HealthStub | None = None
 
     async def open(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.router_address)
+        if self.router_credentials is None:
+            self.channel = grpc.aio.insecure_channel(self.router_address,
+                                                     options=self.router_options)
+        else:
+            self.channel = grpc.aio.secure_channel(self.router_address, self.router_credentials,
+                                                   options=self.router_options)
         self.stub = pb_grpc.RouterStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -487,14 +496,24 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def create_app(router_address: str, base_model_name: str = "base", *,
                timeout: float | None = DEFAULT_TIMEOUT_S,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               router_tls: dict | None = None) -> FastAPI:
     """The OpenAI-compatible FastAPI app, forwarding to the gRPC router at ``router_address``.
 
     ``base_model_name`` is the OpenAI ``model`` that means "no adapter"; ``timeout`` is the
     deadline of each gRPC call (seconds, None = none); ``default_max_tokens`` applies when a
-    request gives neither ``max_tokens`` nor ``max_completion_tokens``.
+    request gives neither ``max_tokens`` nor ``max_completion_tokens``. ``router_tls``: reach
+    a TLS router, with the SDK's options (``tls_ca``, ``tls_cert``, ``tls_key``,
+    ``tls_server_name``; see ``preft_client.PreftClient``).
     """
-    gw = Gateway(router_address, base_model_name, timeout, default_max_tokens)
+    creds, options = None, []
+    if router_tls:
+        from preft_client.client import _channel_args
+
+        creds, options = _channel_args(router_address, True, router_tls.get("tls_ca"),
+                                       router_tls.get("tls_cert"), router_tls.get("tls_key"),
+                                       router_tls.get("tls_server_name"))
+    gw = Gateway(router_address, base_model_name, timeout, default_max_tokens, creds, options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -531,6 +550,16 @@ def create_app(router_address: str, base_model_name: str = "base", *,
         return GatewayError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
     # ------------------------------------------------------------ /health, /v1/models
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus exposition of this process's router metrics (router.metrics)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from router.metrics import default_metrics
+
+        body = await asyncio.to_thread(default_metrics().render)  # gauges may ask workers
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/health")
     async def health():
         try:
@@ -682,11 +711,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app: FastAPI, log_level: str):
+def _uvicorn_server(app: FastAPI, log_level: str, ssl_certfile: str | None = None,
+                    ssl_keyfile: str | None = None, ssl_client_ca: str | None = None):
+    import ssl
+
     import uvicorn
 
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ValueError("http gateway TLS: ssl_certfile and ssl_keyfile must be given together")
+    if ssl_client_ca is not None and ssl_certfile is None:
+        raise ValueError("http gateway TLS: ssl_client_ca (mutual TLS) needs ssl_certfile/keyfile")
+    tls = {}
+    if ssl_certfile is not None:
+        tls = dict(ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+        if ssl_client_ca is not None:
+            tls.update(ssl_ca_certs=ssl_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, **tls)
+    if tls:
+        config.load()   # reads the certificate and key now: errors surface before serving
     return uvicorn.Server(config)
 
 
@@ -694,17 +737,21 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
                      base_model_name: str = "base", timeout: float | None = DEFAULT_TIMEOUT_S,
                      default_max_tokens: int = DEFAULT_MAX_TOKENS, log_level: str = "warning",
                      ready: Callable[[int], None] | None = None,
-                     server_out: list | None = None) -> None:
+                     server_out: list | None = None, ssl_certfile: str | None = None,
+                     ssl_keyfile: str | None = None, ssl_client_ca: str | None = None,
+                     router_tls: dict | None = None) -> None:
     """Serve the gateway on ``host:port`` (0 = any free port) until the server exits.
 
     ``ready(port)`` is called once it accepts connections; ``server_out``, if given, receives
-    the ``uvicorn.Server`` (set its ``should_exit = True`` to stop).
+    the ``uvicorn.Server`` (set its ``should_exit = True`` to stop). ``ssl_certfile`` and
+    ``ssl_keyfile`` serve HTTPS; ``ssl_client_ca`` also requires client certificates signed
+    by that CA (mutual TLS). ``router_tls``: see :func:`create_app`.
     """
     app = create_app(router_address, base_model_name, timeout=timeout,
-                     default_max_tokens=default_max_tokens)
+                     default_max_tokens=default_max_tokens, router_tls=router_tls)
+    server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
-    server = _uvicorn_server(app, log_level)
     if server_out is not None:
         server_out.append(server)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -766,7 +813,8 @@ class HttpGatewayThread:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.kwargs.get("ssl_certfile") else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         for s in self._servers:
@@ -809,6 +857,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="deadline of each gRPC call to the router; past it the HTTP answer is "
                         "504 (0 = no deadline)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve HTTPS with this certificate (chain); needs --tls-key")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="mutual TLS: require client certificates signed by this CA")
+    p.add_argument("--router-tls-ca", default=None, metavar="PEM",
+                   help="reach the router over TLS, verifying its certificate with this CA")
+    p.add_argument("--router-tls-cert", default=None, metavar="PEM",
+                   help="the gateway's client certificate for a mutual-TLS router")
+    p.add_argument("--router-tls-key", default=None, metavar="PEM",
+                   help="private key of --router-tls-cert")
+    p.add_argument("--router-tls-server-name", default=None, metavar="NAME",
+                   help="name to verify the router's certificate against")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn log level")
@@ -820,8 +881,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO)
                         if args.log_level != "trace" else logging.DEBUG)
 
+    router_tls = None
+    if args.router_tls_ca or args.router_tls_cert:
+        router_tls = {"tls_ca": args.router_tls_ca, "tls_cert": args.router_tls_cert,
+                      "tls_key": args.router_tls_key,
+                      "tls_server_name": args.router_tls_server_name}
+
     def ready(port: int) -> None:
-        print(f"http gateway listening on http://{args.host}:{port} "
+        scheme = "https" if args.tls_cert else "http"
+        print(f"http gateway listening on {scheme}://{args.host}:{port} "
               f"(router {args.router})", flush=True)
 
     try:
@@ -829,10 +897,12 @@ def main(argv: list[str] | None = None) -> int:
                                base_model_name=args.base_model_name,
                                timeout=args.timeout or None,
                                default_max_tokens=args.default_max_tokens,
-                               log_level=args.log_level, ready=ready))
+                               log_level=args.log_level, ready=ready,
+                               ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                               ssl_client_ca=args.tls_client_ca, router_tls=router_tls))
     except KeyboardInterrupt:
         pass
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -28,6 +28,15 @@ TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     5.0, 10.0, 30.0)
 BYTES_BUCKETS = tuple(float(1 << k) for k in range(14, 33, 2))   # 16 KiB .. 4 GiB
 ADAPTER_TIERS = ("engine", "disk", "store")                      # fastest first
+# Scrape-time gauges (values from the router's pool state); any other name is refused.
+GAUGES = {
+    "preft_router_inflight_requests": "Generate calls in flight at the router",
+    "preft_pool_queue_depth": "Requests outstanding on the pool's workers",
+    "preft_pool_healthy_workers": "Workers taking requests",
+    "preft_worker_outstanding_requests": "Requests outstanding per worker",
+    "preft_kv_blocks_in_use": "KV cache blocks held by decode requests",
+    "preft_kv_blocks_total": "KV cache blocks of the decode engine",
+}
 
 
 class RouterMetrics:
@@ -105,7 +114,8 @@ class RouterMetrics:
         self.kv_size.labels(prefill, decode).observe(nbytes)
 
     def set_gauge_source(self, fn: Callable[[], list]) -> None:
-        """``fn() -> [(name, help, labels: dict, value), ...]``, called at scrape time."""
+        """``fn() -> [(name, labels: dict, value), ...]`` with names from :data:`GAUGES`,
+        called at scrape time."""
         self._gauges = fn
 
     def render(self) -> bytes:
@@ -125,10 +135,10 @@ class _Gauges:
         if self.m._gauges is None:
             return
         families: dict[str, GaugeMetricFamily] = {}
-        for name, doc, labels, value in self.m._gauges():
+        for name, labels, value in self.m._gauges():
             fam = families.get(name)
             if fam is None:
-                fam = families[name] = GaugeMetricFamily(name, doc, labels=list(labels))
+                fam = families[name] = GaugeMetricFamily(name, GAUGES[name], labels=list(labels))
             fam.add_metric([str(v) for v in labels.values()], float(value))
         yield from families.values()
 

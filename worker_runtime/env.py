@@ -34,3 +34,13 @@ def _count_cores(spec: str) -> int:
         elif part:
             n += 1
     return max(1, n)
+
+
+def resolve_kv_host(kv_host: str) -> str:
+    """``"auto"``: the IP of the Ray node this worker runs on (what peers on other nodes
+    reach; e.g. a KubeRay pod IP); anything else is used as given."""
+    if kv_host != "auto":
+        return kv_host
+    import ray
+
+    return ray.util.get_node_ip_address()

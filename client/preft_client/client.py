@@ -22,6 +22,37 @@ from proto.preft.v1 import router_pb2_grpc as pb_grpc
 
 UPLOAD_CHUNK = 1 << 20
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
+
+
+def _pem(value: str | Path | bytes | None, what: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).expanduser().read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {str(value)!r}: {e.strerror}") from None
+
+
+def _channel_args(address: str, tls: bool, tls_ca, tls_cert, tls_key, tls_server_name):
+    """(credentials or None for plaintext, channel options). ``tls_ca`` (PEM file or bytes)
+    is the CA that signed the router's certificate; without it, TLS uses the system roots.
+    ``tls_cert``/``tls_key``: this client's certificate for mutual TLS."""
+    options = list(_OPTIONS)
+    if not (tls or tls_ca is not None or tls_cert is not None):
+        if tls_key is not None or tls_server_name is not None:
+            raise ValueError("tls_key/tls_server_name need TLS (tls=True, tls_ca or tls_cert)")
+        return None, options
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key must be given together (mutual TLS)")
+    if address.startswith("unix:"):
+        raise ValueError(f"{address}: the router's local socket is plaintext; drop the TLS options")
+    creds = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca, "tls_ca"),
+                                         private_key=_pem(tls_key, "tls_key"),
+                                         certificate_chain=_pem(tls_cert, "tls_cert"))
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return creds, options
 
 
 def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed, stop,
@@ -122,10 +153,19 @@ class PreftClient(_Base):
     """Blocking client. ``PreftClient("127.0.0.1:50051").generate("my-adapter", prompt="Hi")``."""
 
     def __init__(self, address: str, *, api_key: str | None = None,
-                 timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2) -> None:
+                 timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2,
+                 tls: bool = False, tls_ca: str | Path | bytes | None = None,
+                 tls_cert: str | Path | bytes | None = None,
+                 tls_key: str | Path | bytes | None = None,
+                 tls_server_name: str | None = None) -> None:
+        """``tls=True`` (or any ``tls_*``) connects over TLS: ``tls_ca`` verifies the router's
+        certificate (default: system roots), ``tls_cert``/``tls_key`` are this client's
+        certificate for mutual TLS, ``tls_server_name`` the name to check the certificate
+        against when it differs from the address's host."""
         super().__init__(address, api_key, timeout, retries, backoff_s)
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", 64 << 20)])
+        creds, options = _channel_args(address, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = (grpc.insecure_channel(address, options=options) if creds is None
+                         else grpc.secure_channel(address, creds, options=options))
         self._stub = pb_grpc.RouterStub(self._channel)
 
     def _unary(self, method, req):
@@ -212,10 +252,15 @@ class AsyncPreftClient(_Base):
     """asyncio client with the same methods as :class:`PreftClient`."""
 
     def __init__(self, address: str, *, api_key: str | None = None,
-                 timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2) -> None:
+                 timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2,
+                 tls: bool = False, tls_ca: str | Path | bytes | None = None,
+                 tls_cert: str | Path | bytes | None = None,
+                 tls_key: str | Path | bytes | None = None,
+                 tls_server_name: str | None = None) -> None:
         super().__init__(address, api_key, timeout, retries, backoff_s)
-        self._channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", 64 << 20)])
+        creds, options = _channel_args(address, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = (grpc.aio.insecure_channel(address, options=options) if creds is None
+                         else grpc.aio.secure_channel(address, creds, options=options))
         self._stub = pb_grpc.RouterStub(self._channel)
 
     async def _unary(self, method, req):

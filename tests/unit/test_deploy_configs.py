@@ -16,3 +16,30 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 def test_cluster_yaml_parses(path):
     cfg = from_dict(ClusterConfig, yaml.safe_load(path.read_text()))
     assert cfg.prefill.engine.model == cfg.decode.engine.model
+
+
+def _load(name: str) -> ClusterConfig:
+    return from_dict(ClusterConfig, yaml.safe_load((DEPLOY / name).read_text()))
+
+
+def test_gpu_examples_have_the_documented_shape():
+    c8 = _load("llama-3.1-8b-gpu.yaml")
+    assert (c8.prefill_workers, c8.decode_workers) == (1, 2)
+    assert c8.prefill.num_gpus == c8.decode.num_gpus == 1
+    assert dict(c8.prefill.resources) == {"prefill_node": 1}
+    assert dict(c8.decode.resources) == {"decode_node": 1}
+    assert c8.ray_address == "auto" and c8.prefill.engine.dtype == "bfloat16"
+    assert c8.router.require_auth   # binds 0.0.0.0: keys are mandatory
+    c70 = _load("llama-3.1-70b-tp4.yaml")
+    # Tensor parallelism is not a config field yet: the file reserves 4 GPUs per worker.
+    assert c70.prefill.num_gpus == c70.decode.num_gpus == 4
+    assert not hasattr(c70.prefill.engine, "tensor_parallel_size")
+
+
+def test_unknown_field_in_a_deploy_yaml_is_an_error(tmp_path):
+    from cluster.config import ConfigError
+
+    data = yaml.safe_load((DEPLOY / "llama-3.1-8b-gpu.yaml").read_text())
+    data["prefill"]["engine"]["tensor_parallel_size"] = 4
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        from_dict(ClusterConfig, data)
