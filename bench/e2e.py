@@ -57,11 +57,15 @@ class BenchConfig:
     adapters: tuple[int, ...] = (1, 8, 64)
     rank: int = 8
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    preft_kind: str = "lora_p"          # what the PreFT cluster serves: lora_p | reft_p (DiReFT)
+    reft_layers: int = 4                # reft_p: intervened layers, spread evenly
     distinct_weights: int = 16          # adapter files; names beyond reuse them
     max_loras: int = 64                 # engine slots (both systems), capped at N
     max_num_seqs: int = 64
     workload: Workload = field(default_factory=Workload)
     warmup_requests: int = 4
+    gpus: int = 0                       # 0: CPU engines; N: PreFT gets N/2 prefill + N/2 decode
+                                        # workers (1 GPU each), vLLM --data-parallel-size N
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 3600.0
     out_dir: str = "bench/results/e2e"
@@ -72,6 +76,8 @@ class BenchConfig:
             raise ValueError(f"systems={list(self.systems)}: choose from {SYSTEMS}")
         if any(n < 1 for n in self.adapters) or not self.adapters:
             raise ValueError(f"adapters={list(self.adapters)}: adapter counts must be >= 1")
+        if self.preft_kind not in ("lora_p", "reft_p"):
+            raise ValueError(f"preft_kind={self.preft_kind!r}: lora_p or reft_p")
         if self.rank not in LORA_RANKS:
             raise ValueError(f"rank={self.rank}: vLLM supports {LORA_RANKS}")
         if self.distinct_weights < 1 or self.max_loras < 1 or self.max_num_seqs < 1:
@@ -174,13 +180,18 @@ class PreftSystem(System):
                "max_model_len": c.max_model_len, "kv_cache_gib": _kv_gib(self.model_dir, c),
                "max_num_seqs": c.max_num_seqs}
         n_max = max(c.adapters)
+        n_pre = max(1, c.gpus // 2)
+        n_dec = max(1, c.gpus - n_pre)
+        # GPU: CUDA graphs for decode; prefill stays eager (ReFT-P hooks need it).
+        dec_eng = {**eng, "enforce_eager": not c.gpus}
+        gpu = {"num_gpus": 1} if c.gpus else {}
         conf = {
-            "prefill_workers": 1, "decode_workers": 1,
+            "prefill_workers": n_pre, "decode_workers": n_dec,
             "run_dir": str(self.log_path.parent / "preft-run"),
             "adapters": {n: str(p) for n, p in self.adapters},
-            "prefill": {"engine": eng, "max_lora_rank": c.rank,
+            "prefill": {"engine": eng, "max_lora_rank": c.rank, **gpu,
                         "max_loras": min(c.max_loras, n_max), "max_cpu_loras": n_max},
-            "decode": {"engine": eng},
+            "decode": {"engine": dec_eng, **gpu},
             "router": {"port": 0, "request_timeout_s": c.request_timeout_s,
                        "max_queue_depth": max(256, c.workload.num_requests)},
         }
@@ -234,8 +245,9 @@ class VllmSystem(System):
                "--model", str(self.model_dir), "--served-model-name", "base",
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", c.dtype,
                "--load-format", self.load_format, "--max-model-len", str(c.max_model_len),
-               "--max-num-seqs", str(c.max_num_seqs), "--enforce-eager", "--seed", "0",
-               "--disable-log-stats"]
+               "--max-num-seqs", str(c.max_num_seqs), "--seed", "0", "--disable-log-stats"]
+        cmd += ["--data-parallel-size", str(c.gpus)] if c.gpus > 1 else []
+        cmd += [] if c.gpus else ["--enforce-eager"]
         if self.name != "base":
             n_max = max(c.adapters)
             cmd += ["--enable-lora", "--max-lora-rank", str(c.rank),
@@ -333,15 +345,24 @@ def summarize(system: str, n_adapters: int, records: list[Record], wall: float,
     return row
 
 
-def prepare_adapters(cfg: BenchConfig, model_dir: Path, root: Path) -> list[tuple[str, Path]]:
-    from cluster.tiny import make_lora_adapter
+def prepare_adapters(cfg: BenchConfig, model_dir: Path, root: Path,
+                     kind: str = "lora_p") -> list[tuple[str, Path]]:
+    """``max(adapters)`` named adapters over ``distinct_weights`` weight files of ``kind``."""
+    from cluster.tiny import make_lora_adapter, make_reft_adapter
 
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    layers = tuple(sorted({round(i * (n_layers - 1) / max(1, cfg.reft_layers - 1))
+                           for i in range(cfg.reft_layers)}))
     files = []
     for k in range(min(cfg.distinct_weights, max(cfg.adapters))):
-        d = root / f"adapters-r{cfg.rank}" / f"w{k}"
+        d = root / model_dir.name / f"{kind}-r{cfg.rank}" / f"w{k}"
         if not (d / "adapter_model.safetensors").exists():
-            make_lora_adapter(d, model_dir, seed=1000 + k, rank=cfg.rank, alpha=2 * cfg.rank,
-                              targets=cfg.targets)
+            if kind == "reft_p":
+                make_reft_adapter(d, model_dir, seed=1000 + k, intervention="direft",
+                                  layers=layers, rank=cfg.rank)
+            else:
+                make_lora_adapter(d, model_dir, seed=1000 + k, rank=cfg.rank,
+                                  alpha=2 * cfg.rank, targets=cfg.targets)
         files.append(d)
     return [(f"user{i:04d}", files[i % len(files)]) for i in range(max(cfg.adapters))]
 
@@ -395,7 +416,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path) -> list[Path]:
+def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path, tag: str) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -408,7 +429,8 @@ def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path) -> list[Path]:
         if s == "base" and pts:
             ax.axhline(pts[0][1], ls="--", color="gray", label="base (no adapters)")
         elif pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            label = f"preft ({cfg.preft_kind})" if s == "preft" else s
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("distinct adapters in the pool (N)")
     ax.set_ylabel("output tokens / s")
@@ -417,7 +439,7 @@ def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(out_dir / "throughput_vs_adapters.png")
+    paths.append(out_dir / f"throughput_vs_adapters_{tag}.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
@@ -431,7 +453,7 @@ def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path) -> list[Path]:
             ax.set_title(f"{title}, N={n_big}")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        paths.append(out_dir / "latency_distributions.png")
+        paths.append(out_dir / f"latency_{tag}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
@@ -453,11 +475,15 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         if cfg.workload.vocab != vocab:
             cfg = _with_vocab(cfg, vocab)
-        adapters = prepare_adapters(cfg, model_dir, assets_root)
+        adapters = prepare_adapters(cfg, model_dir, assets_root)     # what vLLM serves
+        preft_adapters = (prepare_adapters(cfg, model_dir, assets_root, "reft_p")
+                          if cfg.preft_kind == "reft_p" else adapters)
     rows: list[dict] = []
     t0 = time.time()
     for s in cfg.systems:
-        rows += asyncio.run(bench_system(s, cfg, model_dir, load_format, adapters, log_dir, say))
+        rows += asyncio.run(bench_system(s, cfg, model_dir, load_format,
+                                         preft_adapters if s == "preft" else adapters,
+                                         log_dir, say))
     table = Table(title=f"preft bench: {cfg.model} ({cfg.dtype}), rank {cfg.rank}, "
                         f"{cfg.workload.num_requests} requests")
     cols = ("system", "adapters", "completed", "failed", "output_tok_s", "req_s", "ttft_p50_ms",
@@ -479,9 +505,11 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
     result = {"config": _jsonable(asdict(cfg)), "model_dir": str(model_dir),
               "load_format": load_format, "machine": machine(), "started": t0,
               "duration_s": time.time() - t0, "rows": rows, "ratios": rt, "logs": str(log_dir)}
-    path = out_dir / f"e2e_{cfg.model}_r{cfg.rank}.json"
+    kind = "" if cfg.preft_kind == "lora_p" else f"_{cfg.preft_kind}"
+    tag = f"{cfg.model}_r{cfg.rank}{kind}"
+    path = out_dir / f"e2e_{tag}.json"
     path.write_text(json.dumps(result, indent=2))
-    result["plots"] = [str(p) for p in plot(rows, cfg, out_dir)]
+    result["plots"] = [str(p) for p in plot(rows, cfg, out_dir, tag)]
     path.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {path} and {', '.join(result['plots'])}")
     return result
@@ -543,6 +571,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter (default 8)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
                    help="projections the adapters touch (default q,k,v,o)")
+    p.add_argument("--preft-kind", default="lora_p", choices=["lora_p", "reft_p"],
+                   help="adapters the PreFT cluster serves: LoRA-P (same files as the "
+                   "multi-LoRA baseline) or ReFT-P (DiReFT of --rank on --reft-layers layers)")
+    p.add_argument("--reft-layers", type=int, default=4,
+                   help="reft_p: number of intervened layers, spread evenly (default 4)")
     p.add_argument("--distinct-weights", type=int, default=16,
                    help="distinct adapter weight files; adapter i uses file i mod this "
                    "(every adapter is still a distinct adapter to both servers)")
@@ -562,6 +595,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="which adapter each request uses: i mod N, uniform, or Zipf")
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=0,
+                   help="GPU run: PreFT gets GPUS/2 prefill + GPUS/2 decode workers (1 GPU "
+                   "each, NCCL KV transfer); vLLM gets --data-parallel-size GPUS (default 0: CPU)")
     p.add_argument("--out-dir", default="bench/results/e2e", help="JSON and PNGs go here")
     p.add_argument("--assets", default=None,
                    help="where model dirs and adapters are built (default $PREFT_HOME/bench)")
@@ -573,8 +609,9 @@ def config_from_args(a) -> BenchConfig:
                  zipf_s=a.zipf_s, seed=a.seed)
     return BenchConfig(model=a.model, dtype=a.dtype, systems=tuple(a.systems.split(",")),
                        adapters=a.adapters, rank=a.rank, targets=tuple(a.targets.split(",")),
+                       preft_kind=a.preft_kind, reft_layers=a.reft_layers,
                        distinct_weights=a.distinct_weights, max_loras=a.max_loras,
-                       max_num_seqs=a.max_num_seqs, workload=w, out_dir=a.out_dir)
+                       max_num_seqs=a.max_num_seqs, workload=w, out_dir=a.out_dir, gpus=a.gpus)
 
 
 def main(argv: list[str] | None = None) -> int:

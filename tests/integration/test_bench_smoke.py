@@ -1,0 +1,46 @@
+"""`preft bench` smoke run on the tiny model: every system runs, the JSON has every field.
+
+Not a timed assertion: throughput on the tiny model says nothing; the numbers come from
+docs/benchmarks.md runs on real architectures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+ROW_FIELDS = {"system", "adapters", "distinct_used", "completed", "failed", "wall_s",
+              "output_tok_s", "req_s", "output_tokens", "ttft_p50_ms", "ttft_p99_ms",
+              "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "startup_s", "samples"}
+
+
+def test_bench_smoke_all_systems(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cluster.cli", "bench", "--model", "tiny", "--adapters", "1,3",
+           "--num-requests", "6", "--prompt-len", "8:40", "--output-len", "4", "--rank", "8",
+           "--popularity", "zipf", "--out-dir", str(out), "--assets", str(tmp_path / "assets")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "PreFT output tok/s ratios" in r.stdout
+    res = json.loads((out / "e2e_tiny_r8.json").read_text())
+    assert res["config"]["workload"]["num_requests"] == 6 and res["machine"]["cpus"] >= 1
+    by = {(row["system"], row["adapters"]): row for row in res["rows"]}
+    assert set(by) == {("preft", 1), ("preft", 3), ("multi_lora", 1), ("multi_lora", 3),
+                       ("multi_lora_grouped", 1), ("multi_lora_grouped", 3), ("base", 0)}
+    for row in by.values():
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["completed"] == 6 and row["failed"] == 0, row.get("errors")
+        assert row["output_tokens"] == 6 * 4          # ignore_eos: identical work everywhere
+        assert row["output_tok_s"] > 0 and row["ttft_p50_ms"] > 0
+        assert len(row["samples"]["ttft_ms"]) == 6
+    assert [x["adapters"] for x in res["ratios"]] == [1, 3]
+    for x in res["ratios"]:
+        assert x["x_multi_lora"] > 0 and x["x_multi_lora_grouped"] > 0 and x["x_base"] > 0
+    for p in res["plots"]:
+        assert Path(p).stat().st_size > 10_000
