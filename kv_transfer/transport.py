@@ -22,6 +22,8 @@ both sides drop it and the next pull makes a new one.
 from __future__ import annotations
 
 import json
+import math
+import os
 import logging
 import threading
 import time
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 
 _IDLE_WAIT = timedelta(seconds=60)  # how long a control wait blocks before re-checking
 _MAX_MESSAGE = 64 << 20             # bytes per send/recv
+# Per-pair reusable transfer buffer, up to this size (0 disables; larger transfers allocate).
+_SCRATCH_CACHE_BYTES = int(os.environ.get("PREFT_KV_SCRATCH_CACHE_BYTES", 256 << 20))
 
 
 class TransferError(RuntimeError):
@@ -287,7 +291,7 @@ class TorchDistTransport(KVTransport):
             t0 = time.perf_counter()
             try:
                 idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-                buf = self._scratch(len(blocks))
+                buf = self._scratch(len(blocks), state)
                 for i, layer in enumerate(self.layers):
                     torch.index_select(layer, 0, idx, out=buf[i])
                 works = [pg.send([c], 1, tag) for tag, c in enumerate(self._messages(buf))]
@@ -305,10 +309,21 @@ class TorchDistTransport(KVTransport):
                 break
 
     # ---------------------------------------------------------------- both sides
-    def _scratch(self, n_blocks: int) -> torch.Tensor:
-        """[layers, n_blocks, *block_shape]: all of a transfer's blocks in one buffer."""
-        return torch.empty((len(self.layers), n_blocks, *self.layout.block_shape),
-                           dtype=self.layers[0].dtype, device=self.device)
+    def _scratch(self, n_blocks: int, cache: dict | None = None) -> torch.Tensor:
+        """[layers, n_blocks, *block_shape]: all of a transfer's blocks in one buffer.
+
+        With ``cache`` (one per pair: its transfers are sequential) the buffer is reused
+        across transfers up to ``_SCRATCH_CACHE_BYTES``: a fresh multi-MiB buffer costs a
+        page fault per 4 KiB on first touch, on both sides of every transfer."""
+        shape = (len(self.layers), n_blocks, *self.layout.block_shape)
+        numel = math.prod(shape)
+        dtype = self.layers[0].dtype
+        if cache is None or numel * dtype.itemsize > _SCRATCH_CACHE_BYTES:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        flat = cache.get("scratch")
+        if flat is None or flat.numel() < numel:
+            flat = cache["scratch"] = torch.empty(numel, dtype=dtype, device=self.device)
+        return flat[:numel].view(shape)
 
     def _messages(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Few large messages (whole layers, up to _MAX_MESSAGE bytes each), split the same
@@ -400,6 +415,7 @@ class _PairClient:
         self.t = transport
         self.broken = False
         self._lock = threading.Lock()
+        self._cache: dict = {}            # reused receive buffer (pulls are serialized)
         timeout = transport.timeout
         self.store = TCPStore(host, port, is_master=False, timeout=timeout)
         n = self.store.add("joins", 1) - 1
@@ -433,7 +449,7 @@ class _PairClient:
             try:
                 self._request({"op": "pull", "transfer_id": transfer_id,
                                "start_block": start_block, "num_blocks": len(dst_block_ids)})
-                buf = t._scratch(len(dst_block_ids))
+                buf = t._scratch(len(dst_block_ids), self._cache)
                 works = [self.pg.recv([c], 0, tag) for tag, c in enumerate(t._messages(buf))]
                 _wait_all(works, t.timeout, t.device)
             except TransferError as e:
