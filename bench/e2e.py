@@ -355,7 +355,7 @@ def prepare_adapters(cfg: BenchConfig, model_dir: Path, root: Path,
                            for i in range(cfg.reft_layers)}))
     files = []
     for k in range(min(cfg.distinct_weights, max(cfg.adapters))):
-        d = root / model_dir.name / f"{kind}-r{cfg.rank}" / f"w{k}"
+        d = root / "adapters" / model_dir.name / f"{kind}-r{cfg.rank}" / f"w{k}"
         if not (d / "adapter_model.safetensors").exists():
             if kind == "reft_p":
                 make_reft_adapter(d, model_dir, seed=1000 + k, intervention="direft",
