@@ -215,6 +215,7 @@ class LocalCluster:
             await self._server.health_servicer.enter_graceful_shutdown()
             await self._server.service.view.stop()
             await self._server.stop(grace=2)
+            self._server.service.close()
             if getattr(self._server, "local_dir", None):   # the TLS router's Unix socket
                 import shutil
                 shutil.rmtree(self._server.local_dir, ignore_errors=True)

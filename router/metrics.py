@@ -92,7 +92,7 @@ class RouterMetrics:
                               "Locality picks that went past the adapter's first-ranked worker "
                               "(bounded load)", ["policy"], registry=r)
         self._lock = threading.Lock()
-        self._gauges: Callable[[], list] | None = None
+        self._sources: list[Callable[[], list]] = []   # the newest live router's is read
         r.register(_Gauges(self))
 
     # ---------------------------------------------------------------- recording
@@ -115,8 +115,18 @@ class RouterMetrics:
 
     def set_gauge_source(self, fn: Callable[[], list]) -> None:
         """``fn() -> [(name, labels: dict, value), ...]`` with names from :data:`GAUGES`,
-        called at scrape time."""
-        self._gauges = fn
+        called at scrape time. One router per process in production; where a process
+        runs several (tests), the newest one that has not stopped is the one read."""
+        with self._lock:
+            self._sources.append(fn)
+
+    def clear_gauge_source(self, fn: Callable[[], list]) -> None:
+        with self._lock:
+            self._sources = [f for f in self._sources if f != fn]
+
+    def _gauges(self) -> Callable[[], list] | None:
+        with self._lock:
+            return self._sources[-1] if self._sources else None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -132,10 +142,11 @@ class _Gauges:
         return []
 
     def collect(self):
-        if self.m._gauges is None:
+        source = self.m._gauges()
+        if source is None:
             return
         families: dict[str, GaugeMetricFamily] = {}
-        for name, labels, value in self.m._gauges():
+        for name, labels, value in source():
             fam = families.get(name)
             if fam is None:
                 fam = families[name] = GaugeMetricFamily(name, GAUGES[name], labels=list(labels))

@@ -73,6 +73,10 @@ class RouterService(pb_grpc.RouterServicer):
         self.metrics: RouterMetrics = default_metrics()
         self.metrics.set_gauge_source(self._gauges)
 
+    def close(self) -> None:
+        """The router stopped: its pool's gauges leave /metrics."""
+        self.metrics.clear_gauge_source(self._gauges)
+
     def _gauges(self) -> list:
         """Scrape-time gauges: pool queues, per-worker load, decode KV blocks in use."""
         out = [("preft_router_inflight_requests", {}, self.inflight)]
@@ -564,6 +568,7 @@ async def serve(cfg: RouterConfig, pool: WorkerPool, view: StateView, store: Ada
         await server.health_servicer.enter_graceful_shutdown()
         await server.service.view.stop()
         await server.stop(grace=5)
+        server.service.close()
         if server.local_dir is not None:
             import shutil
             shutil.rmtree(server.local_dir, ignore_errors=True)

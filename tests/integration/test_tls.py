@@ -146,6 +146,7 @@ class _Router:
     async def __aexit__(self, *exc):
         await self.server.stop(grace=0)
         await self.view.stop()
+        self.server.service.close()   # its gauges leave the process's /metrics
         import shutil
         if self.server.local_dir:
             shutil.rmtree(self.server.local_dir, ignore_errors=True)

@@ -87,3 +87,18 @@ def test_prometheus_config_is_valid(tmp_path):
     cfg.write_text(text)
     r = subprocess.run(["promtool", "check", "config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gauges_come_from_the_newest_live_router():
+    from router.metrics import RouterMetrics
+
+    m = RouterMetrics()
+    first = lambda: [("preft_router_inflight_requests", {}, 1.0)]   # noqa: E731
+    second = lambda: [("preft_router_inflight_requests", {}, 2.0)]  # noqa: E731
+    value = lambda: next(s.value for f in text_string_to_metric_families(m.render().decode())  # noqa: E731
+                         for s in f.samples if s.name == "preft_router_inflight_requests")
+    m.set_gauge_source(first)
+    m.set_gauge_source(second)
+    assert value() == 2.0
+    m.clear_gauge_source(second)          # the newer router stopped
+    assert value() == 1.0

@@ -193,6 +193,7 @@ class _RouterThread:
         async def down():
             await self.view.stop()
             await self.server.stop(grace=0)
+            self.server.service.close()   # its gauges leave the process's /metrics
         asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
