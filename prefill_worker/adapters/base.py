@@ -51,6 +51,20 @@ Validator = Callable[[Path, BaseModelShape, int, int], AdapterSpec]
 KINDS: dict[str, Validator] = {}
 
 
+def safetensors_weights(path: Path, how_to_save: str) -> Path:
+    """``adapter_model.safetensors`` of an adapter directory; pickle-based weights refused."""
+    from cluster.adapter_store import PICKLE_SUFFIXES
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise InvalidAdapter(f"adapter weights {pickled} are pickle-based and are refused; "
+                                 f"save them as adapter_model.safetensors ({how_to_save})")
+        raise InvalidAdapter("adapter_model.safetensors is missing")
+    return weights
+
+
 def register_kind(name: str):
     def deco(fn: Validator) -> Validator:
         KINDS[name] = fn

@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 
 from cluster.errors import InvalidAdapter
-from cluster.adapter_store import PICKLE_SUFFIXES, digest_dir
-from prefill_worker.adapters.base import AdapterSpec, BaseModelShape, read_json, register_kind
+from cluster.adapter_store import digest_dir
+from prefill_worker.adapters.base import (AdapterSpec, BaseModelShape, read_json, register_kind,
+                                          safetensors_weights)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
@@ -33,14 +34,7 @@ def _dims(base: BaseModelShape) -> dict[str, tuple[int, int]]:
 @register_kind("lora_p")
 def validate(path: Path, base: BaseModelShape, max_rank: int, max_bytes: int) -> AdapterSpec:
     cfg = read_json(path / "adapter_config.json", "LoRA-P adapter")
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
-        if pickled:
-            raise InvalidAdapter(
-                f"adapter weights {pickled} are pickle-based and are refused; save them "
-                "as adapter_model.safetensors (PEFT: save_pretrained(safe_serialization=True))")
-        raise InvalidAdapter("adapter_model.safetensors is missing")
+    weights = safetensors_weights(path, "PEFT: save_pretrained(safe_serialization=True)")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise InvalidAdapter(f"peft_type={cfg.get('peft_type')!r}: LoRA-P needs a PEFT LORA adapter")
     rank = cfg.get("r")

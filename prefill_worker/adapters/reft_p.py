@@ -34,9 +34,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.adapter_store import PICKLE_SUFFIXES, digest_dir
+from cluster.adapter_store import digest_dir
 from cluster.errors import InvalidAdapter
-from prefill_worker.adapters.base import AdapterSpec, BaseModelShape, read_json, register_kind
+from prefill_worker.adapters.base import (AdapterSpec, BaseModelShape, read_json, register_kind,
+                                          safetensors_weights)
 
 KIND = "reft_p"
 PEFT_TYPE = "REFT_P"
@@ -147,15 +148,7 @@ def parse_config(cfg: dict, base: BaseModelShape, max_rank: int) -> ReftConfig:
 
 
 def _weights_file(path: Path) -> Path:
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
-        if pickled:
-            raise InvalidAdapter(
-                f"adapter weights {pickled} are pickle-based and are refused; save them as "
-                "adapter_model.safetensors (safetensors.torch.save_file)")
-        raise InvalidAdapter("adapter_model.safetensors is missing")
-    return weights
+    return safetensors_weights(path, "safetensors.torch.save_file")
 
 
 def load_tensors(path: Path, cfg: ReftConfig) -> dict[int, dict[str, "torch.Tensor"]]:
