@@ -54,7 +54,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from preft_client.errors import PreftClientError, from_rpc_error
 from proto.preft.v1 import router_pb2 as pb
@@ -137,6 +137,22 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM extension; accepted, not used
 
 
+# OpenAI fields we accept only at their default: field -> (refused(value), message).
+_UNSUPPORTED = {
+    "n": (lambda v: v is not None and v != 1, "only n=1 is supported"),
+    "best_of": (lambda v: v is not None and v != 1, "only best_of=1 is supported"),
+    "presence_penalty": (bool, "penalties are not supported; leave unset or 0"),
+    "frequency_penalty": (bool, "penalties are not supported; leave unset or 0"),
+    "logit_bias": (bool, "logit_bias is not supported"),
+    "echo": (bool, "echo is not supported"),
+    "suffix": (bool, "suffix is not supported"),
+    "logprobs": (bool, "logprobs are not supported"),
+    "tools": (bool, "tools are not supported"),
+    "response_format": (lambda v: bool(v) and v.get("type", "text") != "text",
+                        "only response_format {'type': 'text'} is supported"),
+}
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints. Unknown fields (``user``, ...) are ignored."""
 
@@ -156,25 +172,12 @@ class _Sampling(BaseModel):
     frequency_penalty: Finite | None = None
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("n")
+    @field_validator(*_UNSUPPORTED, check_fields=False)   # also the subclasses' fields
     @classmethod
-    def _one_choice(cls, v):
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v:
-            raise ValueError("penalties are not supported; leave unset or 0")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _supported(cls, v, info: ValidationInfo):
+        refused, why = _UNSUPPORTED[info.field_name]
+        if refused(v):
+            raise ValueError(why)
         return v
 
     @field_validator("stop")
@@ -198,34 +201,6 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     logprobs: int | None = None
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v):
-        if v is not None and v != 1:
-            raise ValueError("only best_of=1 is supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -245,27 +220,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        if v and v.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
 
 
 # --------------------------------------------------------------------------- chat template
