@@ -7,6 +7,7 @@
   preft status    workers, residency, queue depths and KV usage of a running cluster
   preft top       live view of a running cluster (KV GB/s, TTFT/TPOT, queues, workers)
   preft keys      create API keys (stored hashed in Redis)
+  preft train     train a PreFT adapter (lora_p, reft_p) or an all-token LoRA from JSONL
   preft bench     end-to-end throughput: PreFT cluster vs vLLM multi-LoRA vs base model
   preft make-tiny build the embedded default model and demo adapters (no download)
 
@@ -485,6 +486,10 @@ def make_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_args(bn)
     bn.set_defaults(fn=cmd_bench)
+
+    from trainer.cli import add_train_parser
+
+    add_train_parser(sub)   # preft train: SFT of lora_p / reft_p / lora adapters
 
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
                         description="Write the tiny model and demo adapters (no download).")

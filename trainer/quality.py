@@ -1,0 +1,379 @@
+"""SFT quality study at small scale: PreFT (lora_p, reft_p) vs. all-token LoRA vs. base.
+
+Everything is built here, nothing is downloaded:
+
+1. A character-level tokenizer and a small Llama-architecture base model trained from
+   scratch (a few CPU minutes) on a synthetic multi-task corpus. Inputs are 2-4 words of
+   2-4 letters from a-h; the prompt names the task with a tag, ``"<tag>: <words>>"``, and
+   the response is the transformed words + EOS. Tags: ``rev`` (reverse the word order),
+   ``up`` (uppercase), ``ciph`` (substitute letters with a fixed cipher), ``dup``
+   (repeat every word twice), ``copy``. An untagged prompt ``"<words>>"`` means copy.
+2. Per-user tasks present untagged prompts only, so the base model alone copies the input
+   (its floor): ``reverse`` (= rev), ``upper`` (= up), ``cipher`` (a user-specific
+   substitution the base model has never seen: the adapter must supply new knowledge,
+   not only select a known skill), ``revcipher`` (reverse the word order and apply the
+   user cipher: a known skill composed with new knowledge).
+3. For each user task, kind (lora_p, reft_p LoReFT on all layers and prompt positions,
+   all-token lora), rank and seed: ``trainer.train.train`` on the task's training set,
+   then ``trainer.train.evaluate`` on held-out inputs: eval loss (CE per response token)
+   and exact-match accuracy of the greedy output (PreFT semantics for lora_p/reft_p, as
+   served).
+
+Results: ``bench/results/quality.json`` and ``bench/results/quality.png``; write-up in
+``docs/quality.md``.
+
+  python -m trainer.quality --work /tmp/preft-quality            # defaults as in the doc
+  python -m trainer.quality --ranks 4 16 --seeds 0 --tasks reverse --adapter-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+LETTERS = "abcdefgh"
+BASE_CIPHER = dict(zip(LETTERS, "cdefghab"))          # known to the base model (tag ciph)
+USER_CIPHER = dict(zip(LETTERS, "hgfedcba"))          # never seen in pretraining
+TAGS = ("rev", "up", "ciph", "dup", "copy")
+USER_TASKS = {"reverse": "rev", "upper": "up", "cipher": "user_ciph",
+              "revcipher": "rev+user_ciph"}
+TASK_DOC = {
+    "reverse": "untagged prompt -> reverse the word order (a base skill, tag rev)",
+    "upper": "untagged prompt -> uppercase (a base skill, tag up)",
+    "cipher": "untagged prompt -> user-specific letter substitution (new to the base)",
+    "revcipher": "untagged prompt -> reverse the word order and apply the user cipher "
+                 "(a base skill composed with new knowledge)",
+}
+KIND_LABEL = {"lora_p": "LoRA-P (PreFT)", "reft_p": "LoReFT-P (PreFT)", "lora": "LoRA (all tokens)"}
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+CHARS = " >:" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def words(rng: random.Random) -> list[str]:
+    n = rng.randint(2, 4)
+    while True:
+        ws = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+        if len(set(ws)) == len(ws):   # distinct words: reversing always changes the text
+            return ws
+
+
+def apply(op: str, ws: list[str]) -> str:
+    if op == "rev":
+        return " ".join(reversed(ws))
+    if op == "up":
+        return " ".join(w.upper() for w in ws)
+    if op == "ciph":
+        return " ".join("".join(BASE_CIPHER[c] for c in w) for w in ws)
+    if op == "user_ciph":
+        return " ".join("".join(USER_CIPHER[c] for c in w) for w in ws)
+    if op == "rev+user_ciph":
+        return apply("user_ciph", list(reversed(ws)))
+    if op == "dup":
+        return " ".join(f"{w} {w}" for w in ws)
+    if op == "copy":
+        return " ".join(ws)
+    raise ValueError(op)
+
+
+def base_pair(rng: random.Random) -> tuple[str, str]:
+    ws = words(rng)
+    tag = rng.choice(TAGS + ("",))          # "" = untagged -> copy
+    prompt = (f"{tag}: " if tag else "") + " ".join(ws) + ">"
+    return prompt, apply(tag or "copy", ws)
+
+
+def user_pairs(task: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    op = USER_TASKS[task]
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        ws = words(rng)
+        x = " ".join(ws)
+        if x in seen:
+            continue
+        seen.add(x)
+        out.append((x + ">", apply(op, ws)))
+    return out
+
+
+# ----------------------------------------------------------------------------- base model
+def build_char_tokenizer(out_dir: Path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+    fast.model_max_length = 4096
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden: int = 128,
+              layers: int = 4, lr: float = 3e-3, seed: int = 0, log=print) -> Path:
+    """Train the base model from scratch (idempotent: reuses a finished one)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    marker = out / "quality_base.json"
+    spec = {"steps": steps, "batch": batch, "hidden": hidden, "layers": layers, "lr": lr,
+            "seed": seed, "tags": list(TAGS), "letters": LETTERS}
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_char_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=hidden // 4, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.02)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = steps // 20
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.05, 1 - (s - warm) / (steps - warm)))
+    rng = random.Random(seed)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    t0, losses = time.time(), []
+    model.train()
+    for step in range(steps):
+        seqs, labs = [], []
+        for _ in range(batch):
+            p, r = base_pair(rng)
+            pi, ri = enc(p), enc(r) + [tok.eos_token_id]
+            seqs.append(pi + ri)
+            labs.append([-100] * len(pi) + ri)
+        T = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        lab = torch.tensor([lb + [-100] * (T - len(lb)) for lb in labs])
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 250 == 0 or step == steps - 1:
+            log(f"base step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    marker.write_text(json.dumps({"spec": spec, "losses": losses[::10],
+                                  "seconds": round(time.time() - t0, 1)}))
+    return out
+
+
+def base_skill_check(model_dir: Path, n: int = 40, seed: int = 99) -> dict:
+    """Greedy exact match of the base model on each tagged task (it must know them)."""
+    from trainer.train import evaluate
+
+    rng = random.Random(seed)
+    out = {}
+    for tag in TAGS:
+        ex = []
+        for _ in range(n):
+            ws = words(rng)
+            ex.append((f"{tag}: " + " ".join(ws) + ">", apply(tag, ws)))
+        out[tag] = evaluate(str(model_dir), None, None, ex).accuracy
+    return out
+
+
+# ----------------------------------------------------------------------------- study
+def run_study(a) -> dict:
+    from trainer.data import write_jsonl
+    from trainer.train import TrainConfig, evaluate, train
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.time()
+    base = make_base(work / "base", steps=a.base_steps, batch=a.base_batch, hidden=a.hidden, log=log)
+    base_meta = json.loads((base / "quality_base.json").read_text())
+    skills = base_skill_check(base)
+    log(f"base skills (tagged, greedy exact match): {skills}")
+
+    res = {"setup": {}, "base": {}, "runs": [], "summary": []}
+    for task in a.tasks:
+        ti = list(USER_TASKS).index(task)   # data seeds per task, however the study is split
+        ev = user_pairs(task, a.n_eval, seed=1000 + ti)
+        tr = user_pairs(task, a.n_train, seed=2000 + ti, exclude={p for p, _ in ev})
+        d = work / "data" / task
+        write_jsonl(d / "train.jsonl", tr)
+        write_jsonl(d / "eval.jsonl", ev)
+        b = evaluate(str(base), None, None, ev, batched=True, batch_size=50)
+        res["base"][task] = b.summary()
+        log(f"[{task}] base: {b.summary()}")
+        for kind in a.kinds:
+            for rank in a.ranks:
+                for seed in a.seeds:
+                    out = work / "adapters" / f"{task}-{kind}-r{rank}-s{seed}"
+                    cfg = TrainConfig(model=str(base), data=str(d / "train.jsonl"),
+                                      eval_data=str(d / "eval.jsonl"), out=str(out), kind=kind,
+                                      rank=rank, steps=a.adapter_steps, batch_size=a.batch_size,
+                                      lr=a.lr_reft if kind == "reft_p" else a.lr_lora,
+                                      seed=seed, max_eval=a.n_eval, quiet=True,
+                                      eval_batched=True)
+                    r = train(cfg)
+                    lg = json.loads(Path(r.log_path).read_text())
+                    row = {"task": task, "kind": kind, "rank": rank, "seed": seed,
+                           "eval_loss": r.eval["eval_loss"], "accuracy": r.eval["accuracy"],
+                           "final_train_loss": r.losses[-1],
+                           "trainable_params": lg["trainable_params"],
+                           "train_seconds": lg["train_seconds"]}
+                    res["runs"].append(row)
+                    partial = Path(a.results) / "quality.partial.json"
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps(res, indent=1))
+                    log(f"[{task}] {kind} r={rank} seed={seed}: loss {row['eval_loss']:.4f} "
+                        f"acc {row['accuracy']:.2f} ({row['train_seconds']:.0f}s, "
+                        f"{time.time() - t0:.0f}s total)")
+    for task in a.tasks:
+        for kind in a.kinds:
+            for rank in a.ranks:
+                rows = [r for r in res["runs"] if (r["task"], r["kind"], r["rank"]) == (task, kind, rank)]
+                ls, acc = [r["eval_loss"] for r in rows], [r["accuracy"] for r in rows]
+                res["summary"].append({
+                    "task": task, "kind": kind, "rank": rank, "n_seeds": len(rows),
+                    "eval_loss_mean": statistics.fmean(ls),
+                    "eval_loss_std": statistics.stdev(ls) if len(ls) > 1 else 0.0,
+                    "accuracy_mean": statistics.fmean(acc),
+                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "trainable_params": rows[0]["trainable_params"]})
+    import torch
+    res["setup"] = {
+        "base_model": {"arch": "LlamaForCausalLM", "hidden": a.hidden, "layers": 4,
+                       "heads": 4, "kv_heads": 2, "vocab": "char-level",
+                       "pretrain_steps": a.base_steps, "pretrain_batch": a.base_batch,
+                       "pretrain_seconds": base_meta.get("seconds"),
+                       "tagged_task_accuracy": skills},
+        "tasks": {t: TASK_DOC[t] for t in a.tasks},
+        "n_train": a.n_train, "n_eval": a.n_eval, "adapter_steps": a.adapter_steps,
+        "batch_size": a.batch_size, "lr_lora": a.lr_lora, "lr_reft": a.lr_reft,
+        "reft": "LoReFT, all decoder layers, positions=all",
+        "lora_targets": "q,k,v,o,gate,up,down; alpha = 2*rank",
+        "kinds": list(a.kinds), "ranks": list(a.ranks), "seeds": list(a.seeds),
+        "torch_threads": torch.get_num_threads(), "total_seconds": round(time.time() - t0, 1),
+        "command": "python -m trainer.quality " + " ".join(sys.argv[1:]),
+    }
+    return res
+
+
+def merge(parts: list[dict]) -> dict:
+    """Combine results of one study split over processes (by task and/or by kind)."""
+    res = {"setup": dict(parts[0]["setup"]), "base": {}, "runs": [], "summary": []}
+    for p in parts:
+        res["base"].update(p["base"])
+        res["runs"] += p["runs"]
+        res["summary"] += p["summary"]
+    kinds = [k for k in ("lora_p", "reft_p", "lora") if any(k in p["setup"]["kinds"] for p in parts)]
+    tasks = list(res["base"])
+    res["summary"].sort(key=lambda s: (tasks.index(s["task"]), kinds.index(s["kind"]), s["rank"]))
+    res["setup"]["kinds"] = kinds
+    res["setup"]["ranks"] = sorted({r for p in parts for r in p["setup"]["ranks"]})
+    res["setup"]["tasks"] = {k: v for p in parts for k, v in p["setup"]["tasks"].items()}
+    res["setup"]["command"] = [p["setup"]["command"] for p in parts]
+    res["setup"]["total_seconds"] = [p["setup"]["total_seconds"] for p in parts]
+    return res
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(res["base"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.5), squeeze=False)
+    for j, task in enumerate(tasks):
+        for i, (metric, label) in enumerate((("eval_loss", "eval loss (CE/token)"),
+                                             ("accuracy", "exact match"))):
+            ax = axes[i][j]
+            for kind in res["setup"]["kinds"]:
+                rows = [s for s in res["summary"] if s["task"] == task and s["kind"] == kind]
+                ax.errorbar([s["rank"] for s in rows], [s[f"{metric}_mean"] for s in rows],
+                            yerr=[s[f"{metric}_std"] for s in rows], marker="o", capsize=3,
+                            label=KIND_LABEL.get(kind, kind))
+            ax.axhline(res["base"][task][metric], color="gray", ls="--", label="base (no adapter)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rank")
+            ax.set_ylabel(label)
+            if metric == "eval_loss":
+                ax.set_yscale("log")
+                ax.set_title(f"user task: {task}")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(res: dict) -> str:
+    lines = ["| task | kind | rank | params | eval loss (mean ± sd) | exact match (mean ± sd) |",
+             "|---|---|---|---|---|---|"]
+    for task, b in res["base"].items():
+        lines.append(f"| {task} | base (no adapter) | – | 0 | {b['eval_loss']:.3f} | {b['accuracy']:.2f} |")
+        for s in res["summary"]:
+            if s["task"] == task:
+                lines.append(f"| {task} | {s['kind']} | {s['rank']} | {s['trainable_params']:,} | "
+                             f"{s['eval_loss_mean']:.3f} ± {s['eval_loss_std']:.3f} | "
+                             f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/preft-quality", help="base model, data, adapters")
+    p.add_argument("--results", default="bench/results", help="quality.json / quality.png go here")
+    p.add_argument("--tasks", nargs="+", default=["reverse", "cipher"], choices=list(USER_TASKS))
+    p.add_argument("--kinds", nargs="+", default=["lora_p", "reft_p", "lora"],
+                   choices=["lora_p", "reft_p", "lora"])
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--base-batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core box more threads are slower)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--adapter-steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr-lora", type=float, default=2e-3)
+    p.add_argument("--lr-reft", type=float, default=5e-3)
+    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-eval", type=int, default=100)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="instead of running: merge quality.json files of runs split by task "
+                        "(e.g. one process per task) into --results")
+    a = p.parse_args(argv)
+    if a.merge:
+        res = merge([json.loads(Path(f).read_text()) for f in a.merge])
+        out = Path(a.results)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(res, indent=1))
+        plot(res, out / "quality.png")
+        print(table(res))
+        return 0
+    import torch
+    torch.set_num_threads(a.threads)
+    res = run_study(a)
+    out = Path(a.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(res, indent=1))
+    plot(res, out / "quality.png")
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
