@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,7 @@ class BenchConfig:
     max_num_seqs: int = 64
     workload: Workload = field(default_factory=Workload)
     warmup_requests: int = 4
+    preft_prefill_tokens: int | None = None   # prefill engine's tokens per step (None: vLLM's)
     gpus: int = 0                       # 0: CPU engines; N: PreFT gets N/2 prefill + N/2 decode
                                         # workers (1 GPU each), vLLM --data-parallel-size N
     startup_timeout_s: float = 900.0
@@ -138,11 +140,13 @@ class System(ABC):
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
-    def _spawn(self, cmd: list[str], env: dict) -> None:
+    def _spawn(self, cmd: list[str], env: dict, read_stdout: bool = False) -> None:
+        # stdout is a pipe only when we read it to the end; an unread pipe fills up and
+        # blocks the server (vLLM logs its whole config, e.g. 512 --lora-modules).
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env},
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     start_new_session=True)
+                                     stdout=subprocess.PIPE if read_stdout else self.log,
+                                     stderr=self.log, text=True, start_new_session=True)
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -189,7 +193,8 @@ class PreftSystem(System):
             "prefill_workers": n_pre, "decode_workers": n_dec,
             "run_dir": str(self.log_path.parent / "preft-run"),
             "adapters": {n: str(p) for n, p in self.adapters},
-            "prefill": {"engine": eng, "max_lora_rank": c.rank, **gpu,
+            "prefill": {"engine": {**eng, "max_num_batched_tokens": c.preft_prefill_tokens},
+                        "max_lora_rank": c.rank, **gpu,
                         "max_loras": min(c.max_loras, n_max), "max_cpu_loras": n_max},
             "decode": {"engine": dec_eng, **gpu},
             "router": {"port": 0, "request_timeout_s": c.request_timeout_s,
@@ -199,7 +204,7 @@ class PreftSystem(System):
         path.write_text(yaml.safe_dump(conf))
         t0 = time.perf_counter()
         self._spawn([sys.executable, "-m", "cluster.cli", "up", "--config", str(path)],
-                    {"PYTHONUNBUFFERED": "1"})
+                    {"PYTHONUNBUFFERED": "1"}, read_stdout=True)
         line = await asyncio.wait_for(asyncio.to_thread(self._wait_line), c.startup_timeout_s)
         self.address = line.split()[3]   # "router listening on HOST:PORT [(TLS)]"
         from preft_client import AsyncPreftClient
@@ -209,9 +214,16 @@ class PreftSystem(System):
 
     def _wait_line(self) -> str:
         for line in self.proc.stdout:
+            self.log.write(line)
             if line.startswith("router listening on"):
+                threading.Thread(target=self._drain, daemon=True).start()
                 return line
         raise RuntimeError(self._dead() or "preft up ended without a router address")
+
+    def _drain(self) -> None:
+        """Keep reading ``preft up``'s stdout into the log so it never blocks on a full pipe."""
+        for line in self.proc.stdout:
+            self.log.write(line)
 
     async def request(self, req, adapter):
         t0 = time.perf_counter()
@@ -595,6 +607,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="which adapter each request uses: i mod N, uniform, or Zipf")
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preft-prefill-tokens", type=int, default=None,
+                   help="PreFT prefill engine's tokens per step (vLLM max_num_batched_tokens; "
+                   "default vLLM's): smaller steps start decode sooner")
     p.add_argument("--gpus", type=int, default=0,
                    help="GPU run: PreFT gets GPUS/2 prefill + GPUS/2 decode workers (1 GPU "
                    "each, NCCL KV transfer); vLLM gets --data-parallel-size GPUS (default 0: CPU)")
@@ -611,7 +626,8 @@ def config_from_args(a) -> BenchConfig:
                        adapters=a.adapters, rank=a.rank, targets=tuple(a.targets.split(",")),
                        preft_kind=a.preft_kind, reft_layers=a.reft_layers,
                        distinct_weights=a.distinct_weights, max_loras=a.max_loras,
-                       max_num_seqs=a.max_num_seqs, workload=w, out_dir=a.out_dir, gpus=a.gpus)
+                       max_num_seqs=a.max_num_seqs, workload=w, out_dir=a.out_dir, gpus=a.gpus,
+                       preft_prefill_tokens=a.preft_prefill_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

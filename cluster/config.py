@@ -41,6 +41,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     seed: int = 0
     load_format: str = "auto"      # "dummy": random weights from the config (benchmarks)
+    # Tokens per engine step (vLLM's max_num_batched_tokens; None = vLLM's default). On the
+    # prefill pool, smaller steps hand KV to decode sooner (a shorter pipeline bubble).
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         c = "EngineConfig"
@@ -51,6 +54,8 @@ class EngineConfig:
         _need(self.max_model_len >= 16, c, "max_model_len", self.max_model_len, "must be >= 16")
         _need(self.kv_cache_gib > 0, c, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
         _need(self.max_num_seqs >= 1, c, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 16, c,
+              "max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 16 (or unset)")
         _need(self.load_format in _LOAD_FORMATS, c, "load_format", self.load_format,
               f"one of {_LOAD_FORMATS}")
 

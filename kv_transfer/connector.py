@@ -160,9 +160,16 @@ class PreftKVConnector(KVConnectorBase_V1):
         if num_tokens < 1 or len(block_ids) < num_blocks:
             return False, None
         transfer_id = secrets.randbits(62)
-        self._meta.offers.append(Offer(
-            transfer_id, request.request_id, list(block_ids[:num_blocks]), num_tokens,
-            expires_at=time.monotonic() + self.hold_ttl_s))
+        offer = Offer(transfer_id, request.request_id, list(block_ids[:num_blocks]), num_tokens,
+                      expires_at=time.monotonic() + self.hold_ttl_s)
+        if self.hooks.offers is not None:
+            # In-process engine (how our workers run it): offer the blocks now. Through the
+            # next step's metadata they would appear only when that step runs -- with
+            # vLLM's async scheduling, after a whole further step, which on a slow prefill
+            # step outlasted the decode side's claim timeout.
+            self.hooks.offers.add(offer)
+        else:
+            self._meta.offers.append(offer)
         return True, {"transfer_id": transfer_id, "num_tokens": num_tokens,
                       "num_blocks": num_blocks}
 

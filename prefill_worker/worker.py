@@ -134,7 +134,7 @@ class PrefillWorker:
         e, t = self.cfg.engine, self.cfg.transfer
         args = EngineArgs(
             model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
-            load_format=e.load_format,
+            load_format=e.load_format, max_num_batched_tokens=e.max_num_batched_tokens,
             enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
             enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
             enable_lora=True, max_lora_rank=self.cfg.max_lora_rank,
