@@ -171,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = LocalCluster(cfg)
     prom = None
     try:
-        cluster.start_workers(print)
-        cluster.start_router_in_thread()
-        cluster.register_startup_adapters(print)
+        cluster.start_in_thread(print)
         prom = LocalPrometheus([f"127.0.0.1:{cluster.metrics_port}"])
         names = [None, *adapters]
 

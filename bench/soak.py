@@ -49,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         router=RouterConfig(port=0, request_timeout_s=a.deadline_s),
                         adapters=tuple((n, str(q)) for n, q in adapters.items()),
                         run_dir=run_dir, name="soak")
-    cluster = LocalCluster(cfg)
-    cluster.start_workers(print)
-    cluster.start_router_in_thread()
-    cluster.register_startup_adapters(print)
+    cluster = LocalCluster(cfg).start_in_thread(print)
     names = [None, *adapters]
     pids = {w.worker_id: ray.get(w.actor.info.remote()).pid for w in cluster.pool.all()}
     pids["router"] = psutil.Process().pid

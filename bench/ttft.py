@@ -43,10 +43,7 @@ def main(argv=None) -> int:
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
                         router=RouterConfig(port=0), adapters=adapters,
                         run_dir=".preft/bench-ttft")
-    cluster = LocalCluster(cfg)
-    cluster.start_workers(console.log)
-    cluster.start_router_in_thread()
-    cluster.register_startup_adapters()
+    cluster = LocalCluster(cfg).start_in_thread(console.log)
     rss = {w.worker_id: ray.get(w.actor.__ray_call__.remote(
         lambda self: __import__("psutil").Process().memory_info().rss))
         for w in cluster.pool.prefill + cluster.pool.decode}

@@ -176,6 +176,14 @@ class LocalCluster:
                 self.cfg.router.host, self.cfg.router.metrics_port)
         return self.port
 
+    def start_in_thread(self, progress: Callable[[str], None] | None = None) -> "LocalCluster":
+        """Workers, the router on a background loop, then the start-up adapters (tests,
+        benchmarks): a serving cluster when it returns."""
+        self.start_workers(progress)
+        self.start_router_in_thread()
+        self.register_startup_adapters(progress)
+        return self
+
     def start_router_in_thread(self) -> int:
         """Run the router on a background event loop (tests, demo)."""
         ready = threading.Event()

@@ -59,10 +59,7 @@ def cluster(assets):
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
                         router=RouterConfig(port=0), adapters=adapters,
                         run_dir=str(assets["root"] / "run"))
-    c = LocalCluster(cfg)
-    c.start_workers()
-    c.start_router_in_thread()
-    c.register_startup_adapters()
+    c = LocalCluster(cfg).start_in_thread()
     yield c
     c.stop()
 

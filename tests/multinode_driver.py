@@ -27,9 +27,7 @@ def main(cfg_path: str, requests_path: str, out_path: str) -> int:
     reqs = json.loads(Path(requests_path).read_text())
     cluster = LocalCluster(cfg)
     try:
-        cluster.start_workers(lambda m: print(m, flush=True))
-        cluster.start_router_in_thread()
-        cluster.register_startup_adapters()
+        cluster.start_in_thread(lambda m: print(m, flush=True))
         outs = []
         with PreftClient(cluster.address, timeout=120) as c:
             for r in reqs:

@@ -57,10 +57,7 @@ def fcluster(assets, tmp_path_factory):
         router=RouterConfig(port=0, request_timeout_s=DEADLINE_S),
         adapters=(("ada", assets["adapters"]["ada"]), ("bea", assets["adapters"]["bea"])),
         run_dir=str(tmp_path_factory.mktemp("faults-run")), name="faults")
-    c = LocalCluster(cfg)
-    c.start_workers()
-    c.start_router_in_thread()
-    c.register_startup_adapters()
+    c = LocalCluster(cfg).start_in_thread()
     yield c
     c.stop()
 
