@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
     import random
 
-    from cluster.cli import default_assets
+    from cluster.cli import tiny_assets
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)
     from cluster.launcher import LocalCluster
     from preft_client import AsyncPreftClient
 
-    model, adapters = default_assets()
+    model, adapters = tiny_assets()
     eng = EngineConfig(model=str(model), max_model_len=1024)
     run_dir = tempfile.mkdtemp(prefix="preft-dash-")
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng, max_cpu_loras=8),

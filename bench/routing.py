@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.progress import track
 
-    from cluster.cli import default_assets
+    from cluster.cli import tiny_assets
     from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig, RouterConfig
     from cluster.launcher import LocalCluster
     from cluster.tiny import make_lora_adapter
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from router.pool import POLICIES
 
     console = Console()
-    model, _ = default_assets()
+    model, _ = tiny_assets()
     work = Path(".preft/bench-routing")
     paths = {}
     for i in range(args.adapters):

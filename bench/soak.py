@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     import psutil
     import ray
 
-    from cluster.cli import default_assets
+    from cluster.cli import tiny_assets
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)
     from cluster.launcher import LocalCluster
     from preft_client import AsyncPreftClient, PreftClientError
 
-    model, adapters = default_assets()
+    model, adapters = tiny_assets()
     eng = EngineConfig(model=str(model), max_model_len=1024)
     run_dir = tempfile.mkdtemp(prefix="preft-soak-")
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),

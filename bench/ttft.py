@@ -31,13 +31,13 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.progress import track
 
-    from cluster.cli import default_assets
+    from cluster.cli import tiny_assets
     from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig, RouterConfig
     from cluster.launcher import LocalCluster
     from preft_client import PreftClient
 
     console = Console()
-    model, demo = (args.model, {}) if args.model else default_assets()
+    model, demo = (args.model, {}) if args.model else tiny_assets()
     adapters = tuple((n, str(p)) for n, p in demo.items())
     eng = EngineConfig(model=str(model), dtype=args.dtype, max_model_len=args.max_model_len)
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),

@@ -9,7 +9,7 @@
   preft keys      create API keys (stored hashed in Redis)
   preft train     train a PreFT adapter (lora_p, reft_p) or an all-token LoRA from JSONL
   preft bench     end-to-end throughput: PreFT cluster vs vLLM multi-LoRA vs base model
-  preft make-tiny build the embedded default model and demo adapters (no download)
+  preft make-tiny build the embedded default: demo model and adapters, trained here (no download)
 
 Heavy imports (torch, vLLM, Ray) happen only inside the commands that need them.
 """
@@ -28,7 +28,36 @@ DEMO_ADAPTERS = ("alice", "bob", "carol")
 
 
 def default_assets(home: Path = DEFAULT_HOME) -> tuple[Path, dict[str, Path]]:
-    """The embedded default: a tiny Llama-architecture model and demo LoRA-P adapters."""
+    """The embedded default: a small base model and the adapters alice, bob and carol, all
+    trained here with ``preft train`` (trainer/demo.py; ~3-4 min the first time, with a
+    progress bar, then reused from $PREFT_HOME/demo)."""
+    model, adapters, _ = demo_assets(home)
+    return model, adapters
+
+
+def demo_assets(home: Path = DEFAULT_HOME):
+    """(model dir, {name: adapter dir}, demo.json record) of the trained embedded demo."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from trainer.demo import build
+
+    marker = Path(home) / "demo" / "demo.json"
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                  disable=marker.exists()) as bar:
+        task = bar.add_task("training the demo model and adapters (first run only)", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"training the demo: {what}", completed=done,
+                       total=total)
+
+        return build(home, progress)
+
+
+def tiny_assets(home: Path = DEFAULT_HOME) -> tuple[Path, dict[str, Path]]:
+    """Random-weight tiny model (BPE tokenizer, 4k context) and three random LoRA-P adapters:
+    built in seconds, for benchmarks that need long prompts rather than meaningful text."""
     from cluster.tiny import make_lora_adapter, make_tiny_model
 
     model = make_tiny_model(home / "tiny-llama")
@@ -104,10 +133,11 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus "
                    "/metrics (preft_* series) on this port; 0 = any free port")
     p.add_argument("--model", help="base model directory (HF format); default: the embedded "
-                   "tiny model, built locally under $PREFT_HOME (~/.cache/preft)")
+                   "demo model, trained locally under $PREFT_HOME/demo (~/.cache/preft)")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH",
                    help="register a PEFT LoRA adapter directory under NAME (repeatable); "
-                   "default with the embedded model: the demo adapters alice, bob, carol")
+                   "default with the embedded model: the trained demo adapters alice (LoRA-P), "
+                   "bob (LoReFT-P), carol (DiReFT-P)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = any free port)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -229,38 +259,50 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEMO_PROMPTS = ("Hello world! How are you today?",
-                "The prefill pool reads the prompt with the adapter",
-                "Once upon a time there was a small model")
-
-
 def cmd_demo(args) -> int:
     from rich.table import Table
 
     from preft_client import PreftClient
+    from trainer.demo import DEMO, DEMO_PROMPTS, expected
 
     args.port = 0
+    rec = demo_assets()[2] if args.model is None else {"adapters": {}}
     cfg = build_config(args)
     cluster, console = _start(cfg, args.verbose)
+    tasks = {a.name: a.task for a in DEMO}
     try:
         cluster.start_router_in_thread()
         _register_with_progress(cluster, console)
         console.log(f"router listening on {cluster.address}")
-        table = Table(title="PreFT demo: adapter at prefill only, base model at decode")
-        for col in ("adapter", "prompt", "output", "tokens", "TTFT ms", "KV KiB", "KV ms",
-                    "KV GB/s"):
+        if rec["adapters"]:
+            legend = Table(title="The demo adapters (trained here with `preft train`)")
+            for col in ("adapter", "kind", "trained to", "held-out exact match"):
+                legend.add_column(col)
+            for name, a in rec["adapters"].items():
+                legend.add_row(name, a["label"], a["trained_to"], f"{a['eval_exact_match']:.0%}")
+            console.print(legend)
+        table = Table(title="Same prompts, base model vs. each adapter (applied at prefill only; "
+                      "every later token comes from the base model)")
+        for col in ("prompt", "adapter", "output", "✓", "TTFT ms", "KV KiB", "KV GB/s"):
             table.add_column(col, overflow="fold")
         with PreftClient(cluster.local_address or cluster.address) as client:
             for prompt in DEMO_PROMPTS:
-                for adapter in [*(n for n, _ in cfg.adapters), None]:
-                    c = client.generate(adapter, prompt=prompt, max_tokens=args.max_tokens)
+                for adapter in [None, *(n for n, _ in cfg.adapters)]:
+                    c = client.generate(adapter, prompt=prompt, max_tokens=args.max_tokens,
+                                        temperature=0.0)
                     t = c.timings
                     gbps = c.kv_bytes / t.kv_transfer_s / 1e9 if t.kv_transfer_s else 0.0
-                    table.add_row(adapter or "(base)", prompt, repr(c.text),
-                                  str(c.usage.completion_tokens), f"{t.ttft_s * 1e3:.1f}",
-                                  f"{c.kv_bytes / 1024:.0f}", f"{t.kv_transfer_s * 1e3:.2f}",
+                    ok = (c.text == expected(tasks.get(adapter or ""), prompt)
+                          if adapter is None or adapter in tasks else None)
+                    table.add_row(prompt, adapter or "(base)", repr(c.text),
+                                  {True: "[green]✓", False: "[red]✗", None: ""}[ok],
+                                  f"{t.ttft_s * 1e3:.1f}", f"{c.kv_bytes / 1024:.0f}",
                                   f"{gbps:.2f}")
+                table.add_section()
         console.print(table)
+        console.print("✓: exactly what the base model (copy) or the adapter was trained to say. "
+                      "Try `preft up` and `preft generate --adapter carol 'bad cafe>'`: "
+                      "2-4 words of the letters a-h, ending in '>'.")
     finally:
         cluster.stop()
     return 0
@@ -381,10 +423,13 @@ def cmd_keys(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    model, adapters = default_assets(Path(args.home))
-    print(f"model: {model}")
+    model, adapters, rec = demo_assets(Path(args.home))
+    print(f"demo model: {model}")
     for n, p in adapters.items():
-        print(f"adapter {n}: {p}")
+        a = rec["adapters"][n]
+        print(f"adapter {n}: {p}  ({a['label']}: {a['trained_to']}; held-out exact match "
+              f"{a['eval_exact_match']:.0%})")
+    print(f"tiny model (benchmarks): {tiny_assets(Path(args.home))[0]}")
     return 0
 
 
@@ -425,11 +470,15 @@ def make_parser() -> argparse.ArgumentParser:
     gen.set_defaults(fn=cmd_generate)
 
     demo = sub.add_parser("demo", help="run the embedded default cluster and a few requests",
-                          description="Build the tiny model and demo adapters locally, start "
-                          "a cluster, send a few prompts under each adapter and the base model, "
-                          "print outputs and KV bytes/seconds moved, then shut down.")
+                          description="Train the demo model and its adapters locally (first "
+                          "run only, ~3-4 min; then reused from $PREFT_HOME/demo), start a "
+                          "cluster, send the same prompts to the base model and to each adapter "
+                          "(alice: LoRA-P, bob: LoReFT-P, carol: DiReFT-P), print what each "
+                          "says next to what it was trained to say, with TTFT and KV bytes "
+                          "moved, then shut down.")
     _add_cluster_args(demo)
-    demo.add_argument("--max-tokens", type=int, default=12, help="tokens per request")
+    demo.add_argument("--max-tokens", type=int, default=40, help="tokens per request (the "
+                      "demo model is character-level; answers end at EOS)")
     demo.set_defaults(fn=cmd_demo)
 
     def client_args(sp):
@@ -492,7 +541,9 @@ def make_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)   # preft train: SFT of lora_p / reft_p / lora adapters
 
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
-                        description="Write the tiny model and demo adapters (no download).")
+                        description="Train the embedded demo model and adapters alice, bob, "
+                        "carol (trainer/demo.py; no download, ~3-4 CPU minutes) and write the "
+                        "random-weight tiny model the benchmarks use.")
     mk.add_argument("--home", default=str(DEFAULT_HOME), help="where to write them")
     mk.set_defaults(fn=cmd_make_tiny)
     return p

@@ -41,10 +41,11 @@ BASE_CIPHER = dict(zip(LETTERS, "cdefghab"))          # known to the base model 
 USER_CIPHER = dict(zip(LETTERS, "hgfedcba"))          # never seen in pretraining
 TAGS = ("rev", "up", "ciph", "dup", "copy")
 USER_TASKS = {"reverse": "rev", "upper": "up", "cipher": "user_ciph",
-              "revcipher": "rev+user_ciph"}
+              "revcipher": "rev+user_ciph", "repeat": "dup"}
 TASK_DOC = {
     "reverse": "untagged prompt -> reverse the word order (a base skill, tag rev)",
     "upper": "untagged prompt -> uppercase (a base skill, tag up)",
+    "repeat": "untagged prompt -> say every word twice (a base skill, tag dup)",
     "cipher": "untagged prompt -> user-specific letter substitution (new to the base)",
     "revcipher": "untagged prompt -> reverse the word order and apply the user cipher "
                  "(a base skill composed with new knowledge)",
@@ -80,9 +81,9 @@ def apply(op: str, ws: list[str]) -> str:
     raise ValueError(op)
 
 
-def base_pair(rng: random.Random) -> tuple[str, str]:
+def base_pair(rng: random.Random, tags: tuple[str, ...] = TAGS) -> tuple[str, str]:
     ws = words(rng)
-    tag = rng.choice(TAGS + ("",))          # "" = untagged -> copy
+    tag = rng.choice(tuple(tags) + ("",))   # "" = untagged -> copy
     prompt = (f"{tag}: " if tag else "") + " ".join(ws) + ">"
     return prompt, apply(tag or "copy", ws)
 
@@ -118,8 +119,11 @@ def build_char_tokenizer(out_dir: Path):
 
 
 def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden: int = 128,
-              layers: int = 4, lr: float = 3e-3, seed: int = 0, log=print) -> Path:
-    """Train the base model from scratch (idempotent: reuses a finished one)."""
+              layers: int = 4, lr: float = 3e-3, seed: int = 0, tags: tuple[str, ...] = TAGS,
+              max_positions: int = 256, log=print, on_step=None) -> Path:
+    """Train the base model from scratch (idempotent: reuses a finished one).
+
+    ``on_step(step, loss)``, if given, is called after every step (progress bars)."""
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -127,7 +131,9 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     out = Path(out_dir)
     marker = out / "quality_base.json"
     spec = {"steps": steps, "batch": batch, "hidden": hidden, "layers": layers, "lr": lr,
-            "seed": seed, "tags": list(TAGS), "letters": LETTERS}
+            "seed": seed, "tags": list(tags), "letters": LETTERS}
+    if max_positions != 256:   # (the study's base predates this knob: keep its spec valid)
+        spec["max_positions"] = max_positions
     if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +141,7 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=hidden // 4, max_position_embeddings=256,
+                      head_dim=hidden // 4, max_position_embeddings=max_positions,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.02)
     model = LlamaForCausalLM(cfg).to(torch.float32)
@@ -150,7 +156,7 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     for step in range(steps):
         seqs, labs = [], []
         for _ in range(batch):
-            p, r = base_pair(rng)
+            p, r = base_pair(rng, tags)
             pi, ri = enc(p), enc(r) + [tok.eos_token_id]
             seqs.append(pi + ri)
             labs.append([-100] * len(pi) + ri)
@@ -166,6 +172,8 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.time() - t0:.0f}s)")
     model.eval()
@@ -175,13 +183,14 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     return out
 
 
-def base_skill_check(model_dir: Path, n: int = 40, seed: int = 99) -> dict:
+def base_skill_check(model_dir: Path, n: int = 40, seed: int = 99,
+                     tags: tuple[str, ...] = TAGS) -> dict:
     """Greedy exact match of the base model on each tagged task (it must know them)."""
     from trainer.train import evaluate
 
     rng = random.Random(seed)
     out = {}
-    for tag in TAGS:
+    for tag in tags:
         ex = []
         for _ in range(n):
             ws = words(rng)

@@ -35,7 +35,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 KINDS = ("lora_p", "reft_p", "lora")
@@ -376,8 +376,10 @@ def _eval_loss(model, ctl, exs, pad, bs) -> float:
     return tot / max(n, 1)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """SFT one adapter; writes the adapter, train_log.json and loss.png to ``cfg.out``."""
+def train(cfg: TrainConfig, on_step=None) -> TrainResult:
+    """SFT one adapter; writes the adapter, train_log.json and loss.png to ``cfg.out``.
+
+    ``on_step(step, loss)``, if given, is called after every optimizer step (progress bars)."""
     import torch
 
     from trainer.data import read_pairs, tokenize
@@ -448,6 +450,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.step()
         sched.step()
         losses.append(run / total)
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
         if cfg.eval_every and eval_ex and (step + 1) % cfg.eval_every == 0:
             model.eval()
             history.append({"step": step + 1, "eval_loss": _eval_loss(model, ctl, eval_ex, pad, 32)})
@@ -554,7 +558,18 @@ def run_args(a) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = train(cfg)
+    if cfg.quiet:
+        res = train(cfg)
+    else:   # a progress bar instead of a line per --log-every steps
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}"),
+                      transient=False) as bar:
+            t = bar.add_task(f"train {cfg.kind} r={cfg.rank}", total=cfg.steps, loss="-")
+            res = train(replace(cfg, quiet=True),
+                        on_step=lambda s, lv: bar.update(t, completed=s, loss=f"{lv:.4f}"))
     print(json.dumps({"out": res.out, "final_train_loss": res.losses[-1], "eval": res.eval,
                       "seconds": round(res.seconds, 1)}))
     return 0

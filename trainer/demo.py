@@ -1,0 +1,145 @@
+"""The embedded demo: a small base model and three adapters trained here, before the request path.
+
+``preft demo`` and ``preft up`` without ``--model`` serve what this module builds under
+``$PREFT_HOME/demo`` (nothing is downloaded; the first build takes ~3-4 CPU minutes, later
+runs reuse it):
+
+* ``base``: the quality study's character-level Llama (``trainer.quality.make_base``) trained
+  from scratch on tagged tasks ``rev:``, ``up:``, ``dup:``, ``copy:``. Untagged, it copies
+  its input: ``"bad cafe head>"`` -> ``"bad cafe head"``.
+* Three adapters trained with ``trainer.train.train`` -- exactly what ``preft train`` runs --
+  on *untagged* prompts, so each one visibly changes what the same prompt makes the model
+  say. Each is served prefill-only: the adapter conditions the prompt's KV and the first
+  token; every later token comes from the base model.
+
+  ======  ====================  ==========================================================
+  alice   LoRA-P, rank 16       say every word twice (a base skill the adapter selects)
+  bob     LoReFT-P, rank 4      uppercase (a base skill, via residual-stream interventions)
+  carol   DiReFT-P, rank 4      a private letter substitution abcdefgh -> hgfedcba
+                                (knowledge the base model never saw)
+  ======  ====================  ==========================================================
+
+``demo.json`` next to them records the spec (a changed spec rebuilds), seconds, and each
+adapter's held-out greedy exact match as served (PreFT semantics), which ``preft demo``
+prints. Prompts outside the training distribution (letters other than a-h, long inputs)
+get whatever a 0.8M-parameter model makes of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# The base model: 2000 steps x 32 sequences take ~90-130 s on 2 cores.
+BASE_SPEC = {"steps": 2000, "batch": 32, "hidden": 128, "layers": 4, "lr": 3e-3, "seed": 0,
+             "tags": ("rev", "up", "dup", "copy"), "max_positions": 2048}
+N_TRAIN, N_EVAL = 400, 50
+
+
+@dataclass(frozen=True)
+class DemoAdapter:
+    name: str
+    task: str             # a trainer.quality.USER_TASKS key
+    kind: str             # lora_p | reft_p
+    rank: int
+    lr: float
+    steps: int = 600
+    intervention: str = "loreft"   # reft_p only
+
+    @property
+    def label(self) -> str:
+        if self.kind == "lora_p":
+            return f"LoRA-P r={self.rank}"
+        return f"{'LoReFT' if self.intervention == 'loreft' else 'DiReFT'}-P r={self.rank}"
+
+
+DEMO = (
+    DemoAdapter("alice", "repeat", "lora_p", rank=16, lr=4e-3),
+    DemoAdapter("bob", "upper", "reft_p", rank=4, lr=5e-3, intervention="loreft"),
+    DemoAdapter("carol", "cipher", "reft_p", rank=4, lr=5e-3, intervention="direft"),
+)
+TRAINED_TO = {"repeat": "say every word twice", "upper": "answer in uppercase",
+              "cipher": "swap letters a-h, b-g, c-f, d-e"}
+# Untagged prompts in the training distribution (2-4 words of 2-4 letters from a-h), none of
+# them a training prompt (checked in tests/integration/test_demo.py).
+DEMO_PROMPTS = ("bad cafe head>", "fade dab>", "beef hag ace>")
+
+
+def expected(task: str, prompt: str) -> str:
+    """What an adapter trained on ``task`` should answer (the base model copies)."""
+    from trainer.quality import USER_TASKS, apply
+
+    return apply(USER_TASKS[task] if task else "copy", prompt.rstrip(">").split())
+
+
+def _data(task: str):
+    from trainer.quality import USER_TASKS, user_pairs
+
+    ti = list(USER_TASKS).index(task)
+    ev = user_pairs(task, N_EVAL, seed=1000 + ti)
+    tr = user_pairs(task, N_TRAIN, seed=2000 + ti, exclude={p for p, _ in ev} | set(DEMO_PROMPTS))
+    return tr, ev
+
+
+def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path], dict]:
+    """Build (or reuse) the demo model and adapters under ``home``/demo.
+
+    ``progress(description, completed, total)`` is called as training advances.
+    Returns (model dir, {name: adapter dir}, the demo.json record).
+    """
+    from transformers.utils import logging as hf_logging
+
+    from trainer.data import write_jsonl
+    from trainer.quality import make_base
+    from trainer.train import TrainConfig, train
+
+    hf_logging.disable_progress_bar()   # ours is the one bar over the whole build
+    root = Path(home) / "demo"
+    marker = root / "demo.json"
+    spec = {"base": {k: list(v) if isinstance(v, tuple) else v for k, v in BASE_SPEC.items()},
+            "adapters": [asdict(a) for a in DEMO], "n_train": N_TRAIN, "n_eval": N_EVAL}
+    paths = {a.name: root / "adapters" / a.name for a in DEMO}
+    if marker.exists():
+        rec = json.loads(marker.read_text())
+        if rec.get("spec") == spec:
+            return root / "base", paths, rec
+    total = BASE_SPEC["steps"] + sum(a.steps for a in DEMO)
+    done = 0
+
+    def tick(what):
+        def f(step, _loss):
+            if progress is not None:
+                progress(what, done + step, total)
+        return f
+
+    t0 = time.time()
+    base = make_base(root / "base", log=lambda *_: None, on_step=tick("base model"),
+                     **{k: tuple(v) if k == "tags" else v for k, v in BASE_SPEC.items()})
+    done += BASE_SPEC["steps"]
+    rec = {"spec": spec, "base_seconds": round(time.time() - t0, 1), "adapters": {}}
+    for a in DEMO:
+        tr, ev = _data(a.task)
+        d = root / "data" / a.name
+        write_jsonl(d / "train.jsonl", tr)
+        write_jsonl(d / "eval.jsonl", ev)
+        cfg = TrainConfig(model=str(base), data=str(d / "train.jsonl"),
+                          eval_data=str(d / "eval.jsonl"), out=str(paths[a.name]), kind=a.kind,
+                          rank=a.rank, intervention=a.intervention, steps=a.steps,
+                          batch_size=16, lr=a.lr, seed=0, quiet=True, eval_batched=True,
+                          max_eval=N_EVAL)
+        r = train(cfg, on_step=tick(f"{a.name}: {a.label}"))
+        done += a.steps
+        rec["adapters"][a.name] = {
+            "task": a.task, "label": a.label, "trained_to": TRAINED_TO[a.task],
+            "eval_exact_match": r.eval["accuracy"], "eval_loss": r.eval["eval_loss"],
+            "train_seconds": round(r.seconds, 1),
+            "command": (f"preft train --model {base} --data {d / 'train.jsonl'} "
+                        f"--eval-data {d / 'eval.jsonl'} --out {paths[a.name]} --kind {a.kind} "
+                        f"--rank {a.rank} --lr {a.lr} --steps {a.steps} --batch-size 16"
+                        + (f" --intervention {a.intervention}" if a.kind == "reft_p" else ""))}
+    rec["seconds"] = round(time.time() - t0, 1)
+    marker.write_text(json.dumps(rec, indent=1))
+    return base, paths, rec
