@@ -36,6 +36,10 @@ def check_adapter_name(name: str) -> None:
 
 
 def check_filename(filename: str) -> None:
+    if filename.startswith("intkey_") and filename.endswith(".bin"):
+        raise InvalidAdapter(f"file {filename[:64]!r} is a pyreft/pyvene intervention (pickle) "
+                             "and is refused; convert the directory first: preft convert-pyreft "
+                             "DIR OUT --positions <as trained>, then upload OUT")
     if filename.endswith(PICKLE_SUFFIXES):
         raise InvalidAdapter(f"file {filename!r} is pickle-based and is refused; upload "
                              "adapter_model.safetensors (PEFT save_pretrained(safe_serialization=True))")

@@ -8,6 +8,7 @@
   preft top       live view of a running cluster (KV GB/s, TTFT/TPOT, queues, workers)
   preft keys      create API keys (stored hashed in Redis)
   preft train     train a PreFT adapter (lora_p, reft_p) or an all-token LoRA from JSONL
+  preft convert-pyreft  turn interventions saved by pyreft into a ReFT-P adapter (safetensors)
   preft bench     end-to-end throughput: PreFT cluster vs vLLM multi-LoRA vs base model
   preft make-tiny build the embedded default: demo model and adapters, trained here (no download)
 
@@ -27,7 +28,7 @@ DEFAULT_HOME = Path(os.environ.get("PREFT_HOME", Path.home() / ".cache" / "preft
 DEMO_ADAPTERS = ("alice", "bob", "carol")
 
 
-def default_assets(home: Path = DEFAULT_HOME) -> tuple[Path, dict[str, Path]]:
+def default_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
     """The embedded default: a small base model and the adapters alice, bob and carol, all
     trained here with ``preft train`` (trainer/demo.py; ~3-4 min the first time, with a
     progress bar, then reused from $PREFT_HOME/demo)."""
@@ -35,14 +36,15 @@ def default_assets(home: Path = DEFAULT_HOME) -> tuple[Path, dict[str, Path]]:
     return model, adapters
 
 
-def demo_assets(home: Path = DEFAULT_HOME):
+def demo_assets(home: Path | None = None):
     """(model dir, {name: adapter dir}, demo.json record) of the trained embedded demo."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
     from trainer.demo import build
 
-    marker = Path(home) / "demo" / "demo.json"
+    home = Path(home) if home is not None else DEFAULT_HOME
+    marker = home / "demo" / "demo.json"
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
                   disable=marker.exists()) as bar:
@@ -55,11 +57,12 @@ def demo_assets(home: Path = DEFAULT_HOME):
         return build(home, progress)
 
 
-def tiny_assets(home: Path = DEFAULT_HOME) -> tuple[Path, dict[str, Path]]:
+def tiny_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
     """Random-weight tiny model (BPE tokenizer, 4k context) and three random LoRA-P adapters:
     built in seconds, for benchmarks that need long prompts rather than meaningful text."""
     from cluster.tiny import make_lora_adapter, make_tiny_model
 
+    home = Path(home) if home is not None else DEFAULT_HOME
     model = make_tiny_model(home / "tiny-llama")
     adapters = {}
     for i, name in enumerate(DEMO_ADAPTERS):
@@ -114,7 +117,7 @@ def build_config(args):
                             tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port),
         ray_address=args.ray_address, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, redis_url=args.redis_url or
-        os.environ.get("REDIS_URL"), run_dir=args.run_dir, adapters=adapters)
+        os.environ.get("REDIS_URL"), run_dir=args.run_dir, adapters=adapters, name=args.name)
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +127,8 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="cluster state in this Redis (redis:// or "
                    "rediss:// with password); default $REDIS_URL, else a local redis-server "
                    "on loopback with its data under --run-dir")
+    p.add_argument("--name", default="preft", help="cluster name: Ray actors are named "
+                   "<name>-<role>-<i>, so one Ray cluster can host several (default preft)")
     p.add_argument("--run-dir", default=".preft/run", help="Redis data, adapter store and "
                    "worker caches (default .preft/run)")
     p.add_argument("--require-auth", action="store_true", help="require API keys "
@@ -539,6 +544,10 @@ def make_parser() -> argparse.ArgumentParser:
     from trainer.cli import add_train_parser
 
     add_train_parser(sub)   # preft train: SFT of lora_p / reft_p / lora adapters
+
+    from trainer.pyreft_convert import add_parser as add_convert_parser
+
+    add_convert_parser(sub)   # preft convert-pyreft: pyreft save -> ReFT-P safetensors
 
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
                         description="Train the embedded demo model and adapters alice, bob, "

@@ -36,6 +36,12 @@ if [[ $EXTRA == cpu ]]; then
   # and nothing on the CPU path needs them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# Test fixture only: real pyreft saves for tests/unit/test_pyreft_convert.py. pyreft pins
+# transformers 4.45 and ~20 heavy packages, and the test needs only pyvene and
+# pyreft/interventions.py: both wheels go, without dependencies, into a side directory that
+# the test alone puts on sys.path (nothing in .venv's site-packages changes).
+rm -rf .venv/pyreft-site
+.venv/bin/python -m pip install -q --no-deps --target .venv/pyreft-site pyvene==0.1.8 pyreft==0.1.0
 .venv/bin/python -c "import vllm, transformers, ray, grpc; from transformers import LlamaConfig" \
   2>/dev/null || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$WANT" > $STAMP
