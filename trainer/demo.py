@@ -22,7 +22,7 @@ runs reuse it):
 ``demo.json`` next to them records the spec (a changed spec rebuilds), seconds, and each
 adapter's held-out greedy exact match as served (PreFT semantics), which ``preft demo``
 prints. Prompts outside the training distribution (letters other than a-h, long inputs)
-get whatever a 0.8M-parameter model makes of them.
+get whatever a 0.6M-parameter model makes of them.
 """
 
 from __future__ import annotations

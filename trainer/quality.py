@@ -224,19 +224,21 @@ def run_study(a) -> dict:
         b = evaluate(str(base), None, None, ev, batched=True, batch_size=50)
         res["base"][task] = b.summary()
         log(f"[{task}] base: {b.summary()}")
-        for kind in a.kinds:
+        for kind, variant in runs_of(a):
+            iv, positions, layers = variant or ("loreft", "all", None)
             for rank in a.ranks:
                 for seed in a.seeds:
-                    out = work / "adapters" / f"{task}-{kind}-r{rank}-s{seed}"
+                    out = work / "adapters" / f"{task}-{label(kind, variant)}-r{rank}-s{seed}"
                     cfg = TrainConfig(model=str(base), data=str(d / "train.jsonl"),
                                       eval_data=str(d / "eval.jsonl"), out=str(out), kind=kind,
                                       rank=rank, steps=a.adapter_steps, batch_size=a.batch_size,
                                       lr=a.lr_reft if kind == "reft_p" else a.lr_lora,
                                       seed=seed, max_eval=a.n_eval, quiet=True,
-                                      eval_batched=True)
+                                      eval_batched=True, intervention=iv, positions=positions,
+                                      layers=layers)
                     r = train(cfg)
                     lg = json.loads(Path(r.log_path).read_text())
-                    row = {"task": task, "kind": kind, "rank": rank, "seed": seed,
+                    row = {"task": task, "kind": label(kind, variant), "rank": rank, "seed": seed,
                            "eval_loss": r.eval["eval_loss"], "accuracy": r.eval["accuracy"],
                            "final_train_loss": r.losses[-1],
                            "trainable_params": lg["trainable_params"],
@@ -248,8 +250,9 @@ def run_study(a) -> dict:
                     log(f"[{task}] {kind} r={rank} seed={seed}: loss {row['eval_loss']:.4f} "
                         f"acc {row['accuracy']:.2f} ({row['train_seconds']:.0f}s, "
                         f"{time.time() - t0:.0f}s total)")
+    kinds = [label(k, v) for k, v in runs_of(a)]
     for task in a.tasks:
-        for kind in a.kinds:
+        for kind in kinds:
             for rank in a.ranks:
                 rows = [r for r in res["runs"] if (r["task"], r["kind"], r["rank"]) == (task, kind, rank)]
                 ls, acc = [r["eval_loss"] for r in rows], [r["accuracy"] for r in rows]
@@ -270,13 +273,48 @@ def run_study(a) -> dict:
         "tasks": {t: TASK_DOC[t] for t in a.tasks},
         "n_train": a.n_train, "n_eval": a.n_eval, "adapter_steps": a.adapter_steps,
         "batch_size": a.batch_size, "lr_lora": a.lr_lora, "lr_reft": a.lr_reft,
-        "reft": "LoReFT, all decoder layers, positions=all",
+        "reft": "LoReFT, all decoder layers, positions=all" if a.reft_variants == [DEFAULT_VARIANT]
+                else {"variants (intervention:positions:layers)": a.reft_variants},
         "lora_targets": "q,k,v,o,gate,up,down; alpha = 2*rank",
-        "kinds": list(a.kinds), "ranks": list(a.ranks), "seeds": list(a.seeds),
+        "kinds": kinds, "ranks": list(a.ranks), "seeds": list(a.seeds),
         "torch_threads": torch.get_num_threads(), "total_seconds": round(time.time() - t0, 1),
         "command": "python -m trainer.quality " + " ".join(sys.argv[1:]),
     }
     return res
+
+
+DEFAULT_VARIANT = "loreft:all:all"
+
+
+def parse_variant(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
+    """``intervention:positions:layers``, e.g. ``direft:all:all``, ``loreft:f3+l3:all``,
+    ``loreft:all:2,3`` -> (intervention, positions, layers or None = all)."""
+    try:
+        iv, pos, layers = spec.split(":")
+        return iv, pos, None if layers == "all" else tuple(int(x) for x in layers.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--reft-variants {spec!r}: use intervention:positions:layers, e.g. "
+            "direft:all:all or loreft:f3+l3:2,3") from None
+
+
+def runs_of(a) -> list[tuple[str, tuple | None]]:
+    """(kind, ReFT variant or None) in study order; reft_p once per --reft-variants entry."""
+    out = []
+    for kind in a.kinds:
+        if kind == "reft_p":
+            out += [(kind, parse_variant(v)) for v in a.reft_variants]
+        else:
+            out.append((kind, None))
+    return out
+
+
+def label(kind: str, variant) -> str:
+    """Row label: the kind, with a ReFT variant other than the default in brackets."""
+    if variant is None or variant == parse_variant(DEFAULT_VARIANT):
+        return kind
+    iv, pos, layers = variant
+    return f"reft_p[{iv},{pos},L{'all' if layers is None else '+'.join(map(str, layers))}]"
 
 
 def merge(parts: list[dict]) -> dict:
@@ -286,7 +324,7 @@ def merge(parts: list[dict]) -> dict:
         res["base"].update(p["base"])
         res["runs"] += p["runs"]
         res["summary"] += p["summary"]
-    kinds = [k for k in ("lora_p", "reft_p", "lora") if any(k in p["setup"]["kinds"] for p in parts)]
+    kinds = list(dict.fromkeys(k for p in parts for k in p["setup"]["kinds"]))
     tasks = list(res["base"])
     res["summary"].sort(key=lambda s: (tasks.index(s["task"]), kinds.index(s["kind"]), s["rank"]))
     res["setup"]["kinds"] = kinds
@@ -348,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=["reverse", "cipher"], choices=list(USER_TASKS))
     p.add_argument("--kinds", nargs="+", default=["lora_p", "reft_p", "lora"],
                    choices=["lora_p", "reft_p", "lora"])
+    p.add_argument("--reft-variants", nargs="+", default=[DEFAULT_VARIANT],
+                   metavar="IV:POS:LAYERS", help="reft_p runs, one per entry: intervention "
+                   "(loreft|direft), positions (all|f<p>|l<s>|f<p>+l<s>), layers (all or "
+                   "e.g. 2,3); default loreft:all:all")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--base-steps", type=int, default=3000)

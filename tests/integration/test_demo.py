@@ -134,6 +134,6 @@ def test_preft_demo_command(demo, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 0
     rows = 3 * (1 + len(demo["adapters"]))
-    assert "✗" not in err and err.count("✓") == rows + 1, err   # + the legend line
+    assert "✗" not in err and err.count("✓") == rows + 2, err   # + column header, footer
     for name, a in demo["rec"]["adapters"].items():
         assert a["label"] in err
