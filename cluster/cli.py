@@ -274,7 +274,8 @@ def cmd_demo(args) -> int:
     rec = demo_assets()[2] if args.model is None else {"adapters": {}}
     cfg = build_config(args)
     cluster, console = _start(cfg, args.verbose)
-    tasks = {a.name: a.task for a in DEMO}
+    demo = args.model is None   # the ✓ column checks the embedded demo's answers only
+    tasks = {a.name: a.task for a in DEMO} if demo else {}
     try:
         cluster.start_router_in_thread()
         _register_with_progress(cluster, console)
@@ -298,16 +299,17 @@ def cmd_demo(args) -> int:
                     t = c.timings
                     gbps = c.kv_bytes / t.kv_transfer_s / 1e9 if t.kv_transfer_s else 0.0
                     ok = (c.text == expected(tasks.get(adapter or ""), prompt)
-                          if adapter is None or adapter in tasks else None)
+                          if demo and (adapter is None or adapter in tasks) else None)
                     table.add_row(prompt, adapter or "(base)", repr(c.text),
                                   {True: "[green]✓", False: "[red]✗", None: ""}[ok],
                                   f"{t.ttft_s * 1e3:.1f}", f"{c.kv_bytes / 1024:.0f}",
                                   f"{gbps:.2f}")
                 table.add_section()
         console.print(table)
-        console.print("✓: exactly what the base model (copy) or the adapter was trained to say. "
-                      "Try `preft up` and `preft generate --adapter carol 'bad cafe>'`: "
-                      "2-4 words of the letters a-h, ending in '>'.")
+        if demo:
+            console.print("✓: exactly what the base model (copy) or the adapter was trained to say. "
+                          "Try `preft up` and `preft generate --adapter carol 'bad cafe>'`: "
+                          "2-4 words of the letters a-h, ending in '>'.")
     finally:
         cluster.stop()
     return 0
