@@ -75,15 +75,6 @@ def expected(task: str, prompt: str) -> str:
     return apply(USER_TASKS[task] if task else "copy", prompt.rstrip(">").split())
 
 
-def _data(task: str):
-    from trainer.quality import USER_TASKS, user_pairs
-
-    ti = list(USER_TASKS).index(task)
-    ev = user_pairs(task, N_EVAL, seed=1000 + ti)
-    tr = user_pairs(task, N_TRAIN, seed=2000 + ti, exclude={p for p, _ in ev} | set(DEMO_PROMPTS))
-    return tr, ev
-
-
 def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path], dict]:
     """Build (or reuse) the demo model and adapters under ``home``/demo.
 
@@ -93,7 +84,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
     from transformers.utils import logging as hf_logging
 
     from trainer.data import write_jsonl
-    from trainer.quality import make_base
+    from trainer.quality import make_base, task_data
     from trainer.train import TrainConfig, train
 
     hf_logging.disable_progress_bar()   # ours is the one bar over the whole build
@@ -121,7 +112,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
     done += BASE_SPEC["steps"]
     rec = {"spec": spec, "base_seconds": round(time.time() - t0, 1), "adapters": {}}
     for a in DEMO:
-        tr, ev = _data(a.task)
+        tr, ev = task_data(a.task, N_TRAIN, N_EVAL, exclude=DEMO_PROMPTS)
         d = root / "data" / a.name
         write_jsonl(d / "train.jsonl", tr)
         write_jsonl(d / "eval.jsonl", ev)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -89,17 +90,27 @@ def base_pair(rng: random.Random, tags: tuple[str, ...] = TAGS) -> tuple[str, st
 
 
 def user_pairs(task: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """``n`` distinct (prompt, response) pairs of a user task; no prompt in ``exclude``."""
     rng = random.Random(seed)
     op = USER_TASKS[task]
     out, seen = [], set(exclude)
     while len(out) < n:
         ws = words(rng)
-        x = " ".join(ws)
-        if x in seen:
+        prompt = " ".join(ws) + ">"
+        if prompt in seen:
             continue
-        seen.add(x)
-        out.append((x + ">", apply(op, ws)))
+        seen.add(prompt)
+        out.append((prompt, apply(op, ws)))
     return out
+
+
+def task_data(task: str, n_train: int, n_eval: int, exclude=()) -> tuple[list, list]:
+    """(train, eval) pairs of a user task: seeds depend only on the task (however a study is
+    split over processes), and no training prompt is an eval prompt or in ``exclude``."""
+    ti = list(USER_TASKS).index(task)
+    ev = user_pairs(task, n_eval, seed=1000 + ti)
+    tr = user_pairs(task, n_train, seed=2000 + ti, exclude={p for p, _ in ev} | set(exclude))
+    return tr, ev
 
 
 # ----------------------------------------------------------------------------- base model
@@ -215,9 +226,7 @@ def run_study(a) -> dict:
 
     res = {"setup": {}, "base": {}, "runs": [], "summary": []}
     for task in a.tasks:
-        ti = list(USER_TASKS).index(task)   # data seeds per task, however the study is split
-        ev = user_pairs(task, a.n_eval, seed=1000 + ti)
-        tr = user_pairs(task, a.n_train, seed=2000 + ti, exclude={p for p, _ in ev})
+        tr, ev = task_data(task, a.n_train, a.n_eval)
         d = work / "data" / task
         write_jsonl(d / "train.jsonl", tr)
         write_jsonl(d / "eval.jsonl", ev)
@@ -291,10 +300,13 @@ def parse_variant(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
     ``loreft:all:2,3`` -> (intervention, positions, layers or None = all)."""
     try:
         iv, pos, layers = spec.split(":")
+        if iv not in ("loreft", "direft") or not re.fullmatch(r"all|[fl]\d+(\+[fl]\d+)?", pos):
+            raise ValueError(spec)
         return iv, pos, None if layers == "all" else tuple(int(x) for x in layers.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--reft-variants {spec!r}: use intervention:positions:layers, e.g. "
+            f"--reft-variants {spec!r}: use intervention:positions:layers with intervention "
+            "loreft|direft, positions all|f<p>|l<s>|f<p>+l<s>, layers all or e.g. 2,3; e.g. "
             "direft:all:all or loreft:f3+l3:2,3") from None
 
 
@@ -407,17 +419,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of running: merge quality.json files of runs split by task "
                         "(e.g. one process per task) into --results")
     a = p.parse_args(argv)
+    try:   # before the base model is trained, not after
+        [parse_variant(v) for v in a.reft_variants]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     if a.merge:
         res = merge([json.loads(Path(f).read_text()) for f in a.merge])
-        out = Path(a.results)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "quality.json").write_text(json.dumps(res, indent=1))
-        plot(res, out / "quality.png")
-        print(table(res))
-        return 0
-    import torch
-    torch.set_num_threads(a.threads)
-    res = run_study(a)
+    else:
+        import torch
+        torch.set_num_threads(a.threads)
+        res = run_study(a)
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(res, indent=1))

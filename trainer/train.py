@@ -333,18 +333,11 @@ def evaluate(model_dir: str, adapter_dir: str | None, kind: str | None, examples
     Each greedy output has the response's length (or ``max_new_tokens``). ``batched``:
     decode ``batch_size`` examples at a time (:func:`greedy_batch`; faster, not token-exact
     against the reference at near-ties, and no gaps)."""
-    import torch
-
     model, tok = load_base(model_dir)
     exs = _as_examples(tok, examples, append_eos)
     model, ctl = attach_adapter(model, kind, adapter_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    tot, ntok = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(exs), batch_size):
-            loss, n = batch_loss(model, ctl, exs[i:i + batch_size], pad)
-            tot += float(loss)
-            ntok += n
+    eval_loss = _eval_loss(model, ctl, exs, pad, batch_size)
     outs, gaps, hits = [], [], 0
     if batched:
         for i in range(0, len(exs), batch_size):
@@ -359,7 +352,7 @@ def evaluate(model_dir: str, adapter_dir: str | None, kind: str | None, examples
             gaps.append(g)
     for e, o in zip(exs, outs):
         hits += o[:len(e.response)] == e.response
-    return EvalResult(hits / max(len(exs), 1), tot / max(ntok, 1), len(exs), outs, gaps,
+    return EvalResult(hits / max(len(exs), 1), eval_loss, len(exs), outs, gaps,
                       [e.response for e in exs])
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from adapter_files import edit_config as _edit_config, edit_tensors as _edit_tensors
 from cluster.errors import InvalidAdapter
 from prefill_worker.adapters import validate_adapter
 from prefill_worker.adapters.base import BaseModelShape
@@ -27,20 +27,6 @@ def adapter(assets, tmp_path):
     dst = tmp_path / "ad"
     shutil.copytree(assets["adapters"]["ada"], dst)
     return dst
-
-
-def _edit_tensors(path, fn):
-    f = path / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-
-
-def _edit_config(path, **kv):
-    f = path / "adapter_config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(kv)
-    f.write_text(json.dumps(cfg))
 
 
 def test_valid_adapter(adapter, base):

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from adapter_files import edit_config as _edit_config, edit_tensors as _edit_tensors
 from cluster.errors import InvalidAdapter
 from cluster.tiny import make_reft_adapter
 from prefill_worker.adapters import detect_kind, validate_adapter
@@ -39,20 +40,6 @@ def model_dir(tmp_path_factory):
 def adapter(request, model_dir, tmp_path):
     return make_reft_adapter(tmp_path / "ad", model_dir, seed=3, intervention=request.param,
                              layers=(1, 3), rank=4, positions="f2+l3")
-
-
-def _edit_tensors(path, fn):
-    f = path / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-
-
-def _edit_config(path, **kv):
-    f = path / "adapter_config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(kv)
-    f.write_text(json.dumps(cfg))
 
 
 def _invalid(path, match, max_rank=16):
