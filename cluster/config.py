@@ -12,7 +12,7 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,8 @@ def _need(cond: bool, cls: str, name: str, value: Any, why: str) -> None:
 
 
 def valid_adapter_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name)) and ".." not in name
+    # fullmatch: with match(), "$" also matches before a trailing newline ("abc\n" passed)
+    return bool(_NAME_RE.fullmatch(name)) and ".." not in name
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,15 @@ class PrefillConfig:
     max_cpu_loras: int = 32                        # host-memory tier
     cpu_cores: str | None = None                   # e.g. "0" or "0-3": OpenMP binding
     max_adapter_bytes: int = 512 << 20
-    lora_kernel: str = "grouped"                   # "grouped" (ours) | "stock" (vLLM's CPU ops)
+    lora_kernel: str = "grouped"                   # only "grouped": see __post_init__
     num_gpus: float = 0.0                          # Ray GPU resource per worker (GPU clusters)
     resources: tuple[tuple[str, float], ...] = ()  # extra Ray resources, e.g. (("prefill_node", 1),)
 
     def __post_init__(self) -> None:
         c = "PrefillConfig"
-        _need(self.lora_kernel in ("grouped", "stock"), c, "lora_kernel", self.lora_kernel,
-              "one of grouped, stock")
+        _need(self.lora_kernel == "grouped", c, "lora_kernel", self.lora_kernel,
+              "must be 'grouped': vLLM's stock CPU LoRA ops apply the last slot's adapter to "
+              "adapter-less requests in a mixed batch (docs/grouped_lora.md)")
         _need(self.max_lora_rank in (1, 8, 16, 32, 64, 128, 256, 320, 512), c,
               "max_lora_rank", self.max_lora_rank, "vLLM supports 1, 8, 16, 32, 64, 128, 256, 320, 512")
         _need(self.max_loras >= 1, c, "max_loras", self.max_loras, "must be >= 1")
