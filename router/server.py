@@ -105,7 +105,7 @@ class RouterService(pb_grpc.RouterServicer):
         return out
 
     # ------------------------------------------------------------------ auth & lookup
-    def _tenant(self, context) -> str | None:
+    async def _tenant(self, context) -> str | None:
         """The caller's tenant; None = operator (open mode on loopback)."""
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
         auth = md.get("authorization", "")
@@ -120,7 +120,7 @@ class RouterService(pb_grpc.RouterServicer):
             if not self.cfg.require_auth:
                 return None
             raise Unauthenticated("malformed authorization: expected 'Bearer <key>'")
-        tenant = self.view.tenant_for_key(key.strip())
+        tenant = await self.view.tenant_for_key(key.strip())
         if tenant is None and self.cfg.require_auth:
             raise Unauthenticated("unknown API key")
         return tenant  # open mode: a known key still scopes the caller to its tenant
@@ -142,7 +142,7 @@ class RouterService(pb_grpc.RouterServicer):
     # ------------------------------------------------------------------ adapters
     async def ListAdapters(self, request, context):
         async def run():
-            tenant = self._tenant(context)
+            tenant = await self._tenant(context)
             return pb.ListAdaptersResponse(adapters=[
                 _adapter_pb(r) for _, r in sorted(self.view.adapters.items())
                 if r.visible_to(tenant)])
@@ -150,12 +150,12 @@ class RouterService(pb_grpc.RouterServicer):
 
     async def GetAdapter(self, request, context):
         async def run():
-            return _adapter_pb(self._adapter(request.name, self._tenant(context)))
+            return _adapter_pb(self._adapter(request.name, await self._tenant(context)))
         return await self._guard(context, run)
 
     async def DeleteAdapter(self, request, context):
         async def run():
-            tenant = self._tenant(context)
+            tenant = await self._tenant(context)
             rec = self._adapter(request.name, tenant)
             if tenant not in (None, "admin") and rec.owner != tenant:
                 raise PermissionDenied(f"adapter {rec.name!r} belongs to another tenant")
@@ -169,7 +169,7 @@ class RouterService(pb_grpc.RouterServicer):
 
     async def RegisterAdapter(self, request_iterator, context):
         async def run():
-            tenant = self._tenant(context)
+            tenant = await self._tenant(context)
             first = await anext(request_iterator.__aiter__(), None)
             if first is None or not first.HasField("header"):
                 raise InvalidAdapter("the first upload message must be a header with the name")
@@ -249,7 +249,7 @@ class RouterService(pb_grpc.RouterServicer):
 
     async def ClusterStatus(self, request, context):
         async def run():
-            self._tenant(context)
+            await self._tenant(context)
             out = []
             for w in self.pool.all():
                 ws = pb.WorkerStatus(worker_id=w.worker_id, role=w.info.role, healthy=w.healthy,
@@ -282,7 +282,7 @@ class RouterService(pb_grpc.RouterServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         t_admit = time.time()
         try:
-            preq = self._validate(request, self._tenant(context), t_admit)
+            preq = self._validate(request, await self._tenant(context), t_admit)
             if self.inflight >= self.cfg.max_queue_depth:
                 raise Overloaded(f"router is at its queue limit ({self.inflight} requests in "
                                  f"flight, max_queue_depth={self.cfg.max_queue_depth}); retry "

@@ -68,15 +68,18 @@ class StateView:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    def tenant_for_key(self, api_key: str) -> str | None:
-        tenant = self.key_tenants.get(hash_key(api_key))
+    async def tenant_for_key(self, api_key: str) -> str | None:
+        """The key's tenant from the cached view; a miss asks Redis in a thread (a key
+        created since the last refresh), so the router's event loop never blocks on it."""
+        hashed = hash_key(api_key)
+        tenant = self.key_tenants.get(hashed)
         if tenant is None and not self.stale:
-            try:  # a key created since the last refresh
-                tenant = self.state.tenant_for(api_key)
+            try:
+                tenant = await asyncio.to_thread(self.state.tenant_for, api_key)
             except Exception:
                 return None
             if tenant is not None:
-                self.key_tenants[hash_key(api_key)] = tenant
+                self.key_tenants[hashed] = tenant
         return tenant
 
     def put_adapter(self, rec: AdapterRecord) -> None:
