@@ -665,6 +665,43 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def check_bind_is_safe(gw: Gateway, host: str, timeout: float = 10.0) -> None:
+    """An open API only on loopback, as the router's own check (``router.server``): on any
+    other address the gateway needs a router that refuses callers without an API key. The
+    router says so itself: a ``ListAdapters`` without a key must answer UNAUTHENTICATED."""
+    if _is_loopback(host):
+        return
+    probe = Gateway(gw.router_address, gw.base_model_name, timeout, gw.default_max_tokens,
+                    gw.router_credentials, gw.router_options)
+    await probe.open()
+    try:
+        await probe.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout,
+                                      wait_for_ready=True)
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return
+        raise PermissionError(
+            f"refusing to serve HTTP on {host}: cannot confirm that the router at "
+            f"{gw.router_address} requires API keys ({e.code().name}: {e.details()}); start "
+            "the router first, or bind 127.0.0.1") from None
+    finally:
+        await probe.close()
+    raise PermissionError(
+        f"refusing to serve an open API on {host}: the router at {gw.router_address} answers "
+        "without an API key; either bind 127.0.0.1, or run the router with API keys "
+        "(--require-auth) after creating one with `preft keys create --tenant NAME`")
+
+
 def _uvicorn_server(app: FastAPI, log_level: str, ssl_certfile: str | None = None,
                     ssl_keyfile: str | None = None, ssl_client_ca: str | None = None):
     import ssl
@@ -696,6 +733,9 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
                      router_tls: dict | None = None) -> None:
     """Serve the gateway on ``host:port`` (0 = any free port) until the server exits.
 
+    A ``host`` other than loopback is refused (``PermissionError``) unless the router
+    requires API keys (:func:`check_bind_is_safe`).
+
     ``ready(port)`` is called once it accepts connections; ``server_out``, if given, receives
     the ``uvicorn.Server`` (set its ``should_exit = True`` to stop). ``ssl_certfile`` and
     ``ssl_keyfile`` serve HTTPS; ``ssl_client_ca`` also requires client certificates signed
@@ -703,6 +743,7 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
     """
     app = create_app(router_address, base_model_name, timeout=timeout,
                      default_max_tokens=default_max_tokens, router_tls=router_tls)
+    await check_bind_is_safe(app.state.gateway, host)
     server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
@@ -799,7 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="address of the gRPC router to forward to (as printed by 'preft up')")
     p.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on for HTTP (0.0.0.0 for all interfaces)")
+                   help="interface to listen on for HTTP (0.0.0.0 for all interfaces: only "
+                        "when the router requires API keys)")
     p.add_argument("--port", type=int, default=8000,
                    help="HTTP port to listen on (0 = any free port, printed at start)")
     p.add_argument("--base-model-name", default="base", metavar="NAME",
