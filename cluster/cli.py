@@ -147,7 +147,10 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = any free port)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="engine dtype for both pools (default float32)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="context length (default 2048)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens "
+                   "(prompt + output) of both pools' engines; default: the model's own, from "
+                   "its config.json (max_position_embeddings, with RoPE scaling, as vLLM "
+                   "derives it). A value above the model's own is refused before anything starts")
     p.add_argument("--kv-cache-gib", type=float, default=1.0,
                    help="KV cache per engine in GiB (default 1)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
@@ -561,8 +564,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.config import ConfigError
+
     args = make_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ConfigError as e:   # a setting that cannot work: one line, no traceback
+        print(f"preft {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ class EngineConfig:
 
     model: str
     dtype: str = "float32"
-    max_model_len: int = 2048
+    # Context length; None = the model's own (config.json, as vLLM derives it). The launcher
+    # fills it in and checks it against the model before anything starts (cluster.model_info).
+    max_model_len: int | None = None
     kv_cache_gib: float = 1.0
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
@@ -52,7 +54,9 @@ class EngineConfig:
         if self.model.startswith("~"):
             object.__setattr__(self, "model", str(Path(self.model).expanduser()))
         _need(self.dtype in _DTYPES, c, "dtype", self.dtype, f"one of {_DTYPES}")
-        _need(self.max_model_len >= 16, c, "max_model_len", self.max_model_len, "must be >= 16")
+        _need(self.max_model_len is None or (isinstance(self.max_model_len, int)
+                                             and self.max_model_len >= 16), c, "max_model_len",
+              self.max_model_len, "must be an integer >= 16 (or unset: the model's own length)")
         _need(self.kv_cache_gib > 0, c, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
         _need(self.max_num_seqs >= 1, c, "max_num_seqs", self.max_num_seqs, "must be >= 1")
         _need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 16, c,

@@ -104,6 +104,19 @@ class LocalCluster:
         self._actors[wid] = actor
         return actor
 
+    def resolve_model(self) -> None:
+        """Check the engines' settings against the model's config.json and fill in the unset
+        max_model_len with the model's own, before Redis, Ray or any engine starts."""
+        from cluster.model_info import resolve_cluster
+
+        model = self.cfg.prefill.engine.model
+        if self.cfg.ray_address and not Path(model).is_dir():
+            # e.g. KubeRay: the model is mounted on the worker nodes only; vLLM checks it there.
+            log.warning("model %s is not on this machine: its config.json is checked by the "
+                        "workers' engines, not up front", model)
+            return
+        self.cfg = resolve_cluster(self.cfg)
+
     def start_workers(self, progress: Callable[[str], None] | None = None) -> None:
         import ray
 
@@ -112,6 +125,7 @@ class LocalCluster:
         from router.state_view import StateView
 
         say = progress or (lambda msg: log.info(msg))
+        self.resolve_model()
         cfg = self.cfg
         self.start_state(say)
         if not ray.is_initialized():
