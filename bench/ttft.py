@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths in tokens")
     ap.add_argument("--repeats", type=int, default=5, help="requests per length (median reported)")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="engine context length (default: the model's own)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="bench/results/ttft.json")
     args = ap.parse_args(argv)
