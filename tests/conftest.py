@@ -27,12 +27,12 @@ REFT_ADAPTERS = {
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32), four LoRA-P adapters and
-    four ReFT-P adapters."""
-    from cluster.tiny import make_lora_adapter, make_reft_adapter, make_tiny_model
+    """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32; its own context length is
+    1024 tokens), four LoRA-P adapters and four ReFT-P adapters."""
+    from cluster.tiny import TinyModelSpec, make_lora_adapter, make_reft_adapter, make_tiny_model
 
     root = tmp_path_factory.mktemp("assets")
-    model = make_tiny_model(root / "model")
+    model = make_tiny_model(root / "model", TinyModelSpec(max_position_embeddings=1024))
     adapters = {n: make_lora_adapter(root / n, model, seed=s) for n, s in ADAPTER_SEEDS.items()}
     # A replacement version of "ada" (different weights), registered during a test.
     adapters["ada_v2"] = make_lora_adapter(root / "ada_v2", model, seed=99)
@@ -54,7 +54,9 @@ def cluster(assets):
                                 RouterConfig)
     from cluster.launcher import LocalCluster
 
-    eng = EngineConfig(model=assets["model"], max_model_len=1024)
+    # No max_model_len: the engines take the model's own 1024 (tests/integration/
+    # test_model_limits.py), so the whole suite runs on the default.
+    eng = EngineConfig(model=assets["model"])
     adapters = tuple((n, assets["adapters"][n]) for n in [*ADAPTER_SEEDS, *REFT_ADAPTERS])
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
                         router=RouterConfig(port=0), adapters=adapters,
