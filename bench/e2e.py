@@ -12,11 +12,16 @@ same seeded workload (:mod:`bench.workload`), and each gets all the machine's co
   ``PREFT_LORA_KERNEL=grouped``): the kernel's share of the gain, apart from PreFT's.
 * ``base``               -- the same server without adapters: the ceiling.
 
-All requests are greedy with ``ignore_eos`` so every system produces exactly the same
-number of tokens. For each adapter count N the run records output tokens/s, requests/s,
-TTFT/TPOT/end-to-end p50 and p99 (client-side, streaming), prints a table with the ratios
-preft/multi_lora and preft/base, writes JSON with every figure and the exact
-configuration, and draws PNG plots (throughput vs N; TTFT/TPOT distributions).
+All requests are greedy with ``ignore_eos`` so every system produces the same number of
+tokens (the tokens themselves are not compared: the systems apply adapters differently).
+For each adapter count N the run records output tokens/s, requests/s, TTFT/TPOT/end-to-end
+p50 and p99 (client-side, streaming), prints a table with the ratios preft/multi_lora and
+preft/base, writes JSON with every figure and the exact configuration, and draws PNG plots
+(throughput vs N; TTFT/TPOT distributions).
+
+The multi-LoRA servers must prove which LoRA kernel they run: ``multi_lora_grouped`` fails
+(no numbers, exit status 1) unless its engine log shows the grouped kernel active, and
+``multi_lora`` fails if it does.
 
 Example (the issue-7 workload)::
 
@@ -47,6 +52,8 @@ from bench.workload import POPULARITY, BenchRequest, Workload, build
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("preft", "multi_lora", "multi_lora_grouped", "base")
+# Logged by prefill_worker.grouped_lora.GroupedPunicaWrapperCPU when an engine builds it.
+GROUPED_KERNEL_MARKER = "grouped multi-adapter LoRA kernel active"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -84,6 +91,9 @@ class BenchConfig:
             raise ValueError(f"rank={self.rank}: vLLM supports {LORA_RANKS}")
         if self.distinct_weights < 1 or self.max_loras < 1 or self.max_num_seqs < 1:
             raise ValueError("distinct_weights, max_loras and max_num_seqs must be >= 1")
+        if self.gpus and "multi_lora_grouped" in self.systems:
+            raise ValueError("systems: multi_lora_grouped needs CPU engines (the grouped LoRA "
+                             "kernel is CPU-only); drop it from --systems with --gpus")
 
     @property
     def max_model_len(self) -> int:
@@ -137,8 +147,10 @@ class System(ABC):
         self.cfg, self.model_dir, self.load_format = cfg, model_dir, load_format
         self.adapters = adapters
         self.log_path = log_dir / f"{self.name}.log"
+        self.log = None
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
+        self.lora_kernel: str | None = None   # vLLM servers: the kernel their log proved
 
     def _spawn(self, cmd: list[str], env: dict, read_stdout: bool = False) -> None:
         # stdout is a pipe only when we read it to the end; an unread pipe fills up and
@@ -287,6 +299,22 @@ class VllmSystem(System):
         else:
             raise TimeoutError(f"{self.name} server not healthy in {c.startup_timeout_s}s")
         self.startup_s = time.perf_counter() - t0
+        self.check_lora_kernel()
+
+    def check_lora_kernel(self) -> None:
+        """Refuse to measure a server whose LoRA kernel is not the one its name says: a
+        grouped run that fell back to vLLM's stock ops would report stock numbers."""
+        if self.name == "base":
+            return
+        if self.log is not None:
+            self.log.flush()
+        grouped = GROUPED_KERNEL_MARKER in self.log_path.read_text(errors="replace")
+        if grouped != (self.name == "multi_lora_grouped"):
+            raise RuntimeError(
+                f"{self.name}: the engine {'runs' if grouped else 'did not load'} the grouped "
+                f"LoRA kernel ({GROUPED_KERNEL_MARKER!r} {'in' if grouped else 'not in'} "
+                f"{self.log_path}); refusing to report its numbers as {self.name}")
+        self.lora_kernel = "grouped" if grouped else "stock"
 
     async def request(self, req, adapter):
         body = {"model": adapter or "base", "prompt": list(req.prompt_token_ids),
@@ -400,6 +428,8 @@ async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format
             distinct = len({r.adapter for r in reqs if r.adapter is not None})
             row = summarize(name, n, records, wall, distinct)
             row["startup_s"] = system.startup_s
+            if system.lora_kernel is not None:
+                row["lora_kernel"] = system.lora_kernel
             rows.append(row)
             say(f"[{name}] N={n}: {row['output_tok_s']:.1f} tok/s, {row['completed']} ok, "
                 f"{row['failed']} failed, wall {wall:.1f}s")
@@ -490,6 +520,9 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
         adapters = prepare_adapters(cfg, model_dir, assets_root)     # what vLLM serves
         preft_adapters = (prepare_adapters(cfg, model_dir, assets_root, "reft_p")
                           if cfg.preft_kind == "reft_p" else adapters)
+    for n in (n for n in cfg.adapters if n > cfg.workload.num_requests):
+        say(f"note: N={n} > {cfg.workload.num_requests} requests, so at most "
+            f"{cfg.workload.num_requests} distinct adapters are used (see distinct_used)")
     rows: list[dict] = []
     t0 = time.time()
     for s in cfg.systems:
