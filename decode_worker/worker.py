@@ -17,6 +17,8 @@ from cluster.errors import InvalidRequest, KVTransferFailed, WorkerUnavailable
 from cluster.messages import DecodeDelta, DecodeRequest, WorkerInfo
 from worker_runtime.engine_loop import as_request_error
 from worker_runtime.env import resolve_kv_host
+from worker_runtime.output_stream import OutputStream
+from worker_runtime.prefix_cache import cache_only_prompt_blocks
 
 
 class DecodeWorker:
@@ -38,6 +40,7 @@ class DecodeWorker:
         self.hooks = hooks_for(worker_id)
         self.loop = EngineLoop(self._build_engine, f"decode:{worker_id}", wake=self.hooks.wake)
         self.loop.start()
+        self.tokenizer = self.loop.engine.get_tokenizer()
         if not self.hooks.ready.wait(30):
             raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
         self.heartbeat = None
@@ -68,10 +71,16 @@ class DecodeWorker:
                 kv_connector="PreftKVConnector",
                 kv_connector_module_path="kv_transfer.connector",
                 kv_role="kv_consumer", engine_id=self.worker_id,
+                # a failed pull fails the request: never a base-model recompute of the prompt
+                kv_load_failure_policy="fail",
                 kv_connector_extra_config={
                     "kv_host": resolve_kv_host(t.kv_host), "transfer_timeout_s": t.timeout_s,
                     "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
-        return LLMEngine.from_engine_args(args)
+        engine = LLMEngine.from_engine_args(args)
+        # The first token's and every generated token's KV is the base model's: never cached
+        # where a later prompt (a chat's next turn) could take it for adapter-conditioned KV.
+        cache_only_prompt_blocks(engine, generated_in_prompt=1)
+        return engine
 
     def _prune_pairs(self, members) -> None:
         """Drop KV pair groups to prefill workers that left the cluster."""
@@ -105,29 +114,16 @@ class DecodeWorker:
 
     async def decode(self, req: DecodeRequest):
         """Async generator of :class:`DecodeDelta` (a Ray streaming call)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        if req.kv.layout != self.hooks.layout_fingerprint:
-            raise KVTransferFailed(
-                f"refusing to pair prefill {req.kv.engine_id} (KV layout {req.kv.layout}) with "
-                f"decode {self.worker_id} (KV layout {self.hooks.layout_fingerprint}): both need "
-                "the same model, block size and KV cache dtype")
-        s = req.sampling.validate()
+        self._check_layout(req)
+        s = req.sampling
         if s.max_tokens < 2:
             raise InvalidRequest("max_tokens", "decode needs max_tokens >= 2 (the first token "
                                  "comes from prefill)")
-        params = SamplingParams(
-            max_tokens=s.max_tokens - 1, temperature=s.temperature, top_p=s.top_p,
-            seed=None if s.seed is None else (s.seed + 1) % 2**63, stop=list(s.stop) or None,
-            ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": req.kv.to_params()})
-        prompt = TokensPrompt(prompt_token_ids=[*req.prompt_token_ids, req.first_token],
-                              cache_salt=req.kv_namespace)
+        stream = OutputStream(self.tokenizer, s, req.request_id)
+        stream.append([req.first_token], None)  # prefill already sent what this produces
         t0 = time.perf_counter()
-        q = self.loop.submit(req.request_id, prompt, params)
-        first, finished, n_tokens = True, False, 0
+        q = self.loop.submit(req.request_id, self._prompt(req), self._params(req))
+        engine_done, first, n_tokens = False, True, 0
         try:
             while True:
                 out = await q.get()
@@ -138,27 +134,63 @@ class DecodeWorker:
                     raise KVTransferFailed(
                         f"KV transfer {req.kv.transfer_id} from {req.kv.engine_id} to "
                         f"{self.worker_id} failed; the request was not decoded")
-                delta = DecodeDelta(tuple(comp.token_ids), comp.text, comp.finish_reason)
+                engine_done = out.finished
+                step = stream.append(comp.token_ids, comp.finish_reason if engine_done else None)
+                delta = DecodeDelta(step.token_ids, step.text, step.finish_reason)
                 if first:
-                    first = False
-                    rec = self.hooks.pop_record(req.kv.transfer_id)
-                    total = time.perf_counter() - t0
-                    xfer = rec.seconds if rec else 0.0
-                    if rec:
-                        self.metrics.kv_pull(rec.bytes, rec.seconds)
-                    delta = DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
-                                        kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
-                                        first_step_s=max(0.0, total - xfer))
-                finished = out.finished
+                    first, delta = False, self._with_transfer(delta, req, t0)
                 n_tokens += len(delta.token_ids)
-                if finished:
+                if step.finish_reason is not None:
                     self.metrics.request(n_tokens, time.perf_counter() - t0)
                 yield delta
-                if finished:
+                if step.finish_reason is not None:
                     return
         finally:
-            if not finished:  # cancelled, failed or the caller went away: free its blocks
+            # cancelled, failed, a stop string found before the engine stopped, or the
+            # caller went away: free its blocks
+            if not engine_done:
                 self.loop.abort(req.request_id)
+
+    def _check_layout(self, req: DecodeRequest) -> None:
+        if req.kv.layout != self.hooks.layout_fingerprint:
+            raise KVTransferFailed(
+                f"refusing to pair prefill {req.kv.engine_id} (KV layout {req.kv.layout}) with "
+                f"decode {self.worker_id} (KV layout {self.hooks.layout_fingerprint}): both need "
+                "the same model, block size and KV cache dtype")
+
+    @staticmethod
+    def _prompt(req: DecodeRequest):
+        """The engine's prompt: the prompt, then the first token (its KV is computed here,
+        by the base model); the prompt's KV is declared external (pulled from prefill)."""
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=[*req.prompt_token_ids, req.first_token],
+                            cache_salt=req.kv_namespace)
+
+    @staticmethod
+    def _params(req: DecodeRequest):
+        """Sampling for the tokens after the first. No detokenization and no stop strings in
+        the engine: the request's :class:`OutputStream` owns both, first token included."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = req.sampling
+        return SamplingParams(
+            max_tokens=s.max_tokens - 1, temperature=s.temperature, top_p=s.top_p,
+            seed=None if s.seed is None else (s.seed + 1) % 2**63, ignore_eos=s.ignore_eos,
+            detokenize=False, output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": req.kv.to_params()})
+
+    def _with_transfer(self, delta: DecodeDelta, req: DecodeRequest, t0: float) -> DecodeDelta:
+        """The first delta carries the KV transfer's bytes and seconds."""
+        rec = self.hooks.pop_record(req.kv.transfer_id)
+        total = time.perf_counter() - t0
+        xfer = rec.seconds if rec else 0.0
+        if rec:
+            self.metrics.kv_pull(rec.bytes, rec.seconds)
+        return DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
+                           kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
+                           first_step_s=max(0.0, total - xfer))
 
     async def shutdown(self) -> None:
         if self.heartbeat is not None:

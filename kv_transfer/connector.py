@@ -66,6 +66,12 @@ class PreftConnectorMetadata(KVConnectorMetadata):
     offers: list[Offer] = field(default_factory=list)
     recvs: list[_Recv] = field(default_factory=list)
     releases: list[KVHandle] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)   # prompt KV gone after a preemption
+
+
+# Set in a consumer request's kv_transfer_params once its prompt KV was loaded (or found in
+# the local prefix cache): from then on, a missing prompt block can never be pulled again.
+_LOADED = "preft_loaded"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -106,18 +112,29 @@ class PreftKVConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
-        if self.is_producer or not params or not params.get("do_remote_prefill"):
+        if self.is_producer or not params or not (params.get("do_remote_prefill")
+                                                  or params.get(_LOADED)):
             return 0, False
         count = int(params["num_tokens"]) - num_computed_tokens
+        # A request loaded once and scheduled again with part of its prompt missing was
+        # preempted and its blocks evicted: prefill has freed its copy, and recomputing the
+        # prompt here would be the base model's KV. It is "loaded" again, and that load
+        # fails (update_state_after_alloc), which fails the request (retriable).
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
         params = request.kv_transfer_params
-        if self.is_producer or not params or not params.get("do_remote_prefill"):
+        if self.is_producer or not params:
+            return
+        if params.get(_LOADED) and num_external_tokens > 0:
+            self._meta.lost.append(request.request_id)
+            return
+        if not params.get("do_remote_prefill"):
             return
         handle = KVHandle.from_params(params)
         params["do_remote_prefill"] = False  # one transfer per request
+        params[_LOADED] = True
         if num_external_tokens == 0:
             # Our own prefix cache (same adapter + version salt) already has the prompt.
             self._meta.releases.append(handle)
@@ -198,6 +215,12 @@ class PreftKVConnector(KVConnectorBase_V1):
             self._pool.submit(self._pull, recv)
         for handle in meta.releases:
             self._pool.submit(self._release, handle)
+        if meta.lost:
+            log.error("requests %s lost their prompt KV (preempted); failing them rather than "
+                      "recomputing the prompt without its adapter", meta.lost)
+            with self._done_lock:
+                self._recv_failed.update(meta.lost)
+            self.hooks.wake.set()
 
     def _pull(self, recv: _Recv) -> None:
         h = recv.handle

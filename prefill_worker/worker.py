@@ -27,16 +27,29 @@ from pathlib import Path
 
 from cluster.config import PrefillConfig
 from cluster.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, WorkerUnavailable
-from cluster.messages import AdapterRef, PrefillRequest, PrefillResult, WorkerInfo
+from cluster.messages import AdapterRef, PrefillRequest, PrefillResult, Sampling, WorkerInfo
 from cluster.state import MemberRecord
 from prefill_worker.adapters.base import AdapterSpec
 from kv_transfer.handle import KVHandle
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.engine_loop import as_request_error
 from worker_runtime.env import resolve_kv_host
+from worker_runtime.output_stream import OutputStream
 
 # The tier this task's last adapter lookup was served from (engine | disk | store).
 _TIER: ContextVar[str] = ContextVar("preft_adapter_tier", default="")
+
+
+@dataclass(frozen=True)
+class _AdapterArgs:
+    """What one request's adapter adds to its engine request."""
+
+    namespace: str                  # the prompt KV's cache salt
+    lora: object = None             # vLLM LoRARequest (lora_p)
+    reft_key: str | None = None     # ReFT-P runtime key (reft_p) and its pinned weights
+    reft_weights: object = None
+    tier: str = ""                  # engine | disk | store ("" for the base model)
+    load_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -306,14 +319,7 @@ class PrefillWorker:
             raise InvalidRequest("prompt", "the prompt has no tokens")
         return ids
 
-    async def prefill(self, req: PrefillRequest) -> PrefillResult:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        t_in = time.time()
-        s = req.sampling.validate()
-        ids = self._tokenize(req)
+    def _check_lengths(self, ids: list[int], s: Sampling) -> None:
         max_len = self.loop.engine.model_config.max_model_len
         if len(ids) >= max_len:
             raise InvalidRequest("prompt", f"the prompt has {len(ids)} tokens; this model "
@@ -322,77 +328,111 @@ class PrefillWorker:
             raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
                                  f"({s.max_tokens}) exceeds max_model_len={max_len}; lower "
                                  f"max_tokens to at most {max_len - len(ids)}")
-        lora, namespace, reft_key, extra = None, BASE_NAMESPACE, None, {}
-        tier, load_s = "", 0.0
-        if req.adapter is not None:
-            t_r = time.time()
-            resolved = await self._resolve(req.adapter)
-            tier, load_s = _TIER.get(), time.time() - t_r
-            namespace = req.adapter.namespace
-            if req.adapter.kind == "reft_p":  # applied by the engine hook (reft_runtime)
-                reft_key, reft_weights = resolved
-                extra[REFT_EXTRA_ARG] = reft_key
-            else:
-                lora = resolved
-        hand_over = s.max_tokens > 1
-        if hand_over:
-            extra["kv_transfer_params"] = {"do_remote_decode": True}
-        params = SamplingParams(
-            max_tokens=1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-            stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
-            output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra or None)
-        t0 = time.time()
-        if reft_key is not None:
-            self.reft.acquire(reft_key, reft_weights)  # pinned while the engine holds it
+
+    async def _adapter_args(self, ref: AdapterRef | None, prompt_len: int) -> _AdapterArgs:
+        """The adapter's engine arguments and the prompt KV's cache salt."""
+        if ref is None:
+            return _AdapterArgs(namespace=BASE_NAMESPACE)
+        t_r = time.time()
+        resolved = await self._resolve(ref)
+        tier, load_s = _TIER.get(), time.time() - t_r
+        if ref.kind != "reft_p":
+            return _AdapterArgs(ref.namespace, lora=resolved, tier=tier, load_s=load_s)
+        reft_key, weights = resolved  # applied by the engine hook (reft_runtime)
+        namespace = ref.namespace
+        if weights.positions.depends_on_length:
+            # Which positions are intervened depends on the prompt's length: KV made for one
+            # length is never reused for another.
+            namespace = f"{namespace}/len{prompt_len}"
+        return _AdapterArgs(namespace, reft_key=reft_key, reft_weights=weights, tier=tier,
+                            load_s=load_s)
+
+    async def _run_prompt(self, req: PrefillRequest, ids: list[int], a: _AdapterArgs,
+                          params):
+        """One engine request over the prompt; ReFT weights pinned while the engine has it."""
+        from vllm.inputs import TokensPrompt
+
+        if a.reft_key is not None:
+            self.reft.acquire(a.reft_key, a.reft_weights)
+        pinned = a.reft_key
         try:
             q = self.loop.submit(req.request_id, TokensPrompt(prompt_token_ids=ids,
-                                                              cache_salt=namespace),
-                                 params, lora_request=lora)
+                                                              cache_salt=a.namespace),
+                                 params, lora_request=a.lora)
             out = await q.get()
         except BaseException:
             self.loop.abort(req.request_id)
-            if reft_key is not None:  # unpin only after the engine thread drops the request
+            if pinned is not None:  # unpin only after the engine thread drops the request
                 try:
-                    self.loop.call(lambda _eng, k=reft_key: self.reft.release(k))
+                    self.loop.call(lambda _eng, k=pinned: self.reft.release(k))
                 except RuntimeError:
-                    self.reft.release(reft_key)
-                reft_key = None
+                    self.reft.release(pinned)
+                pinned = None
             raise
         finally:
-            if reft_key is not None:
-                self.reft.release(reft_key)
+            if pinned is not None:
+                self.reft.release(pinned)
         if isinstance(out, BaseException):
             raise as_request_error(out)
+        return out
+
+    def _sampling_params(self, s: Sampling, hand_over: bool, extra: dict):
+        """One token, sampled with the adapter. No detokenization or stop strings in the
+        engine: the request's :class:`OutputStream` owns both, for every generated token."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if hand_over:
+            extra["kv_transfer_params"] = {"do_remote_decode": True}
+        return SamplingParams(
+            max_tokens=1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            ignore_eos=s.ignore_eos, detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra or None)
+
+    def _handle(self, out, finish: str | None) -> KVHandle | None:
+        """The KV handle for decode, or (the request ended here) its blocks freed now."""
+        params_out = out.kv_transfer_params or {}
+        if "transfer_id" not in params_out:
+            if finish is None:
+                raise WorkerUnavailable(f"{self.worker_id}: the engine kept no KV for the prompt")
+            return None
+        if finish is not None:  # ended at prefill: nobody will pull
+            self.hooks.offers.release_local(params_out["transfer_id"])
+            return None
+        host, port = self.hooks.address
+        return KVHandle(params_out["transfer_id"], host, port, self.worker_id,
+                        params_out["num_tokens"], params_out["num_blocks"],
+                        self.hooks.layout_fingerprint)
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        t_in = time.time()
+        s = req.sampling
+        ids = self._tokenize(req)
+        self._check_lengths(ids, s)
+        a = await self._adapter_args(req.adapter, len(ids))
+        hand_over = s.max_tokens > 1
+        extra = {REFT_EXTRA_ARG: a.reft_key} if a.reft_key is not None else {}
+        t0 = time.time()
+        out = await self._run_prompt(req, ids, a, self._sampling_params(s, hand_over, extra))
         comp = out.outputs[0]
         if not comp.token_ids:
             raise WorkerUnavailable(f"{self.worker_id}: prefill produced no token "
                                     f"(finish_reason={comp.finish_reason})")
         first = comp.token_ids[0]
-        finish = None
-        if comp.finish_reason == "stop":
-            finish = "stop"
-        elif not hand_over:
-            finish = "length"
-        kv = None
-        params_out = out.kv_transfer_params or {}
-        if "transfer_id" in params_out:
-            if finish is not None:  # ended at prefill: nobody will pull
-                self.hooks.offers.release_local(params_out["transfer_id"])
-            else:
-                host, port = self.hooks.address
-                kv = KVHandle(params_out["transfer_id"], host, port, self.worker_id,
-                              params_out["num_tokens"], params_out["num_blocks"],
-                              self.hooks.layout_fingerprint)
-        elif finish is None:
-            raise WorkerUnavailable(f"{self.worker_id}: the engine kept no KV for the prompt")
+        # The first generated token enters the request's output stream (the decode worker
+        # replays it): EOS, a stop string inside its text, or max_tokens=1 end it here.
+        engine_finish = "stop" if comp.finish_reason == "stop" else (
+            None if hand_over else "length")
+        step = OutputStream(self.tokenizer, s, req.request_id).append([first], engine_finish)
+        kv = self._handle(out, step.finish_reason)
         prefill_s = time.time() - t0
         self.metrics.request(len(ids), prefill_s)
-        self.metrics.adapter(tier)
+        self.metrics.adapter(a.tier)
         return PrefillResult(
             request_id=req.request_id, prompt_token_ids=tuple(ids), first_token=first,
-            first_text=comp.text, finish_reason=finish, kv=kv, kv_namespace=namespace,
-            queue_s=max(0.0, t0 - (req.enqueued_at or t_in)), prefill_s=prefill_s,
-            adapter_tier=tier, adapter_load_s=load_s)
+            first_text=step.text, finish_reason=step.finish_reason, kv=kv,
+            kv_namespace=a.namespace, queue_s=max(0.0, t0 - (req.enqueued_at or t_in)),
+            prefill_s=prefill_s, adapter_tier=a.tier, adapter_load_s=a.load_s)
 
     async def shutdown(self) -> None:
         if self.heartbeat is not None:

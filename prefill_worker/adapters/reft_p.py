@@ -74,6 +74,11 @@ class Positions:
             return False
         return self.all or pos < self.first or pos >= prompt_len - self.last
 
+    @property
+    def depends_on_length(self) -> bool:
+        """Suffix positions: which tokens are intervened depends on the prompt's length."""
+        return not self.all and self.last > 0
+
     def __str__(self) -> str:
         if self.all:
             return "all"

@@ -54,9 +54,15 @@ def test_cluster_equals_preft_reference(cluster, client, reference, assets):
     with ThreadPoolExecutor(8) as ex:  # concurrent: decode batches mix users
         results = list(ex.map(run, jobs))
 
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
     compared = cut = differ_lora = differ_base = 0
     for (name, p), c in zip(jobs, results):
         assert len(c.token_ids) == N_TOKENS and c.finish_reason == "length"
+        # what a client reads is what the tokens say (the decode engine's first delta once
+        # carried the whole prompt's text)
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True), (name, len(p))
         adapter_dir = assets["adapters"][name] if name else None
         ref = reference.generate(p, adapter_dir, N_TOKENS, mode="preft")
         k, d = _compare(c.token_ids, ref)
