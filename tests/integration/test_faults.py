@@ -189,8 +189,55 @@ def test_kill_worker_mid_load(fcluster, expected, role):
     assert tally.failed > 0, "the kill should have failed some requests (else it tested nothing)"
 
 
+def _direct_prefill(c, rid: str):
+    """A prefill straight on the worker actor: its KV handle, held for a decode pull."""
+    import ray
+
+    from cluster.messages import PrefillRequest, Sampling
+
+    req = PrefillRequest(rid, None, Sampling(max_tokens=8), prompt_text="a held transfer " * 5)
+    res = ray.get(c.pool.prefill[0].actor.prefill.remote(req), timeout=60)
+    assert res.kv is not None
+    return res
+
+
+def _direct_decode_error(c, res) -> BaseException | None:
+    """Decode ``res`` straight on the decode actor; the error it ends with (None: it ran)."""
+    import ray
+
+    from cluster.messages import DecodeRequest, Sampling
+
+    req = DecodeRequest(res.request_id, res.prompt_token_ids, res.first_token, res.kv,
+                        res.kv_namespace, Sampling(max_tokens=8))
+    try:
+        for ref in c.pool.decode[0].actor.decode.remote(req):
+            ray.get(ref, timeout=60)
+    except Exception as e:
+        return getattr(e, "cause", None) or e
+    return None
+
+
+def test_failed_pull_fails_the_request_retriably_and_frees(fcluster, expected):
+    """A pull of KV the prefill worker no longer holds fails the request (vLLM's
+    kv_load_failure_policy is pinned to fail: never a base-model recompute of the prompt)
+    with a retriable error, and neither side keeps a block."""
+    import ray
+
+    from cluster.errors import KVTransferFailed
+
+    res = _direct_prefill(fcluster, "pull-fails")
+    assert ray.get(fcluster.pool.prefill[0].actor.release.remote(res.kv.transfer_id))
+    err = _direct_decode_error(fcluster, res)
+    assert isinstance(err, KVTransferFailed), repr(err)
+    assert err.grpc_code == "UNAVAILABLE"      # the SDK retries it
+    assert leaked_blocks(fcluster) == 0
+
+
 def test_stalled_kv_transfer_times_out_and_frees(fcluster, expected):
     """SIGSTOP the prefill worker: pulls from it stall past the transfer timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.errors import KVTransferFailed
     from router.metrics import default_metrics
 
     w = fcluster.pool.prefill[0]
@@ -198,14 +245,18 @@ def test_stalled_kv_transfer_times_out_and_frees(fcluster, expected):
     fails_before = sum(s.value for f in default_metrics().registry.collect()
                        if f.name == "preft_kv_transfer_failures" for s in f.samples
                        if s.name.endswith("_total"))
+    held = _direct_prefill(fcluster, "stalled-pull")  # a pull that surely stalls
     tally = Tally()
     ts = load(fcluster.address, expected, 12.0, tally)
     time.sleep(2.0)
     os.kill(pid, signal.SIGSTOP)
-    try:
-        time.sleep(8.0)     # > transfer timeout (5 s): in-flight pulls give up
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with ThreadPoolExecutor(1) as ex:
+        try:
+            stalled = ex.submit(_direct_decode_error, fcluster, held)
+            time.sleep(8.0)     # > transfer timeout (5 s): in-flight pulls give up
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        err = stalled.result(timeout=60)
     join(ts, tally, DEADLINE_S + 10)
     retried = recovered(fcluster, expected)
     leaked = leaked_blocks(fcluster)
@@ -214,6 +265,7 @@ def test_stalled_kv_transfer_times_out_and_frees(fcluster, expected):
                       if s.name.endswith("_total"))
     print("\n" + tally.row("stall prefill 8 s", retried, leaked) +
           f" kv_failures_counted={fails_after - fails_before:.0f}")
+    assert isinstance(err, KVTransferFailed), f"the stalled pull did not fail: {err!r}"
     check(tally, leaked)
 
 
