@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 for w in cluster.pool.prefill:   # cold tiers for every policy
                     for n in names:
                         ray.get(w.actor.drop_adapter.remote(n))
-                before = [ray.get(w.actor.stats.remote())["tier_hits"] for w in cluster.pool.prefill]
+                before = [ray.get(w.actor.stats.remote()).tier_hits for w in cluster.pool.prefill]
                 overhead = []
 
                 def one(name):
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
                 with ThreadPoolExecutor(args.concurrency) as ex:
                     list(track(ex.map(one, mix), total=len(mix), description=pol))
-                after = [ray.get(w.actor.stats.remote())["tier_hits"] for w in cluster.pool.prefill]
+                after = [ray.get(w.actor.stats.remote()).tier_hits for w in cluster.pool.prefill]
                 hits = {t: sum(a[t] - b[t] for a, b in zip(after, before)) for t in after[0]}
                 total = sum(hits.values())
                 rows.append({"policy": pol, "requests": total, "engine_hits": hits["engine"],

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 except psutil.Error:
                     row[f"rss_mib:{k}"] = None
             row["kv_blocks_in_use"] = sum(
-                u["blocks_total"] - u["blocks_free"]
+                u.blocks_in_use
                 for u in ray.get([w.actor.kv_usage.remote() for w in cluster.pool.decode]))
             row["held_transfers"] = sum(ray.get([w.actor.held_transfers.remote()
                                                  for w in cluster.pool.prefill]))

@@ -108,9 +108,36 @@ class DecodeDelta:
 
 
 @dataclass(frozen=True)
+class KVUsage:
+    """A worker's engine KV blocks right now (0 in use when idle: nothing leaked)."""
+
+    blocks_total: int
+    blocks_free: int
+    requests: int                            # requests the worker is serving
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.blocks_total - self.blocks_free
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """An adapter-applying worker's counters (prefill and colocated pools)."""
+
+    requests: int
+    tier_hits: dict                          # engine | disk | store -> count
+    resident: dict                           # adapter -> "tier@vN"
+    transfers: int = 0                       # prefill: KV transfers served, their bytes,
+    bytes: int = 0                           # failures, blocks held for a pull and
+    failed: int = 0                          # offers expired unpulled
+    held: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str
-    role: str                                # "prefill" | "decode"
+    role: str                                # "prefill" | "decode" | "colocated"
     kv_layout: str
     max_model_len: int
     vocab_size: int

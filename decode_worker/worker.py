@@ -9,80 +9,38 @@ vLLM computes from the first token on and the worker streams
 
 from __future__ import annotations
 
-import os
 import time
 
 from cluster.config import DecodeConfig
-from cluster.errors import InvalidRequest, KVTransferFailed, WorkerUnavailable
-from cluster.messages import DecodeDelta, DecodeRequest, WorkerInfo
+from cluster.errors import InvalidRequest, KVTransferFailed
+from cluster.messages import DecodeDelta, DecodeRequest
 from worker_runtime.engine_loop import as_request_error
-from worker_runtime.env import resolve_kv_host
+from worker_runtime.engine_worker import EngineWorker
 from worker_runtime.output_stream import OutputStream
 from worker_runtime.prefix_cache import cache_only_prompt_blocks
 
 
-class DecodeWorker:
+class DecodeWorker(EngineWorker):
     """Ray actor (``ray.remote(DecodeWorker)``); all public methods are async."""
+
+    role = "decode"
+    kv_role = "kv_consumer"
 
     def __init__(self, cfg: DecodeConfig, worker_id: str, redis_url: str | None = None,
                  actor_name: str = "") -> None:
-        from worker_runtime.env import configure_engine_process
-
-        configure_engine_process(cfg.engine.kv_cache_gib, cfg.cpu_cores)
         self.cfg = cfg
-        self.worker_id = worker_id
-        from kv_transfer.runtime import hooks_for
-        from worker_runtime.engine_loop import EngineLoop
+        super().__init__(cfg.engine, cfg.cpu_cores, worker_id, redis_url, actor_name,
+                         transfer=cfg.transfer)
 
-        from worker_runtime.ray_metrics import WorkerMetrics
+    def engine_args(self) -> dict:
+        return {"enable_lora": False}
 
-        self.metrics = WorkerMetrics("decode", worker_id)
-        self.hooks = hooks_for(worker_id)
-        self.loop = EngineLoop(self._build_engine, f"decode:{worker_id}", wake=self.hooks.wake)
-        self.loop.start()
-        self.tokenizer = self.loop.engine.get_tokenizer()
-        if not self.hooks.ready.wait(30):
-            raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
-        self.heartbeat = None
-        if redis_url:
-            import socket
-
-            from cluster.state import MemberRecord
-            from worker_runtime.heartbeat import Heartbeat
-
-            self.heartbeat = Heartbeat(redis_url, MemberRecord(
-                worker_id, "decode", actor_name, self.hooks.layout_fingerprint,
-                node=socket.gethostname()), 1.0, on_members=self._prune_pairs)
-            self.heartbeat.start()
-
-    def _build_engine(self):
-        from vllm import EngineArgs
-        from vllm.config import KVTransferConfig
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        e, t = self.cfg.engine, self.cfg.transfer
-        args = EngineArgs(
-            model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
-            load_format=e.load_format, max_num_batched_tokens=e.max_num_batched_tokens,
-            enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
-            enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
-            enable_lora=False, disable_log_stats=True,
-            kv_transfer_config=KVTransferConfig(
-                kv_connector="PreftKVConnector",
-                kv_connector_module_path="kv_transfer.connector",
-                kv_role="kv_consumer", engine_id=self.worker_id,
-                # a failed pull fails the request: never a base-model recompute of the prompt
-                kv_load_failure_policy="fail",
-                kv_connector_extra_config={
-                    "kv_host": resolve_kv_host(t.kv_host), "transfer_timeout_s": t.timeout_s,
-                    "hold_ttl_s": t.hold_ttl_s, "transport": t.transport}))
-        engine = LLMEngine.from_engine_args(args)
+    def after_build(self, engine) -> None:
         # The first token's and every generated token's KV is the base model's: never cached
         # where a later prompt (a chat's next turn) could take it for adapter-conditioned KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=1)
-        return engine
 
-    def _prune_pairs(self, members) -> None:
+    def on_members(self, members) -> None:
         """Drop KV pair groups to prefill workers that left the cluster."""
         live = set()
         for m in members.values():
@@ -90,27 +48,6 @@ class DecodeWorker:
                 host, _, port = m.kv_address.rpartition(":")
                 live.add((host, int(port)))
         self.hooks.transport.prune(live_addresses=live)
-
-    async def info(self) -> WorkerInfo:
-        eng = self.loop.engine
-        return WorkerInfo(
-            worker_id=self.worker_id, role="decode", kv_layout=self.hooks.layout_fingerprint,
-            max_model_len=eng.model_config.max_model_len,
-            vocab_size=eng.model_config.get_vocab_size(), eos_token_id=None,
-            lora_enabled=eng.vllm_config.lora_config is not None,
-            engine_start_s=self.loop.start_s, pid=os.getpid())
-
-    async def kv_usage(self) -> dict:
-        """Blocks in use right now (0 when idle: nothing leaked)."""
-        def read(eng):
-            pool = eng.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-            total = pool.num_gpu_blocks - 1  # block 0 is the null block
-            return {"blocks_total": total, "blocks_free": pool.get_num_free_blocks(),
-                    "requests": self.loop.num_requests}
-        return await self.loop.call(read)
-
-    async def reset_prefix_cache(self) -> bool:
-        return await self.loop.call(lambda eng: eng.reset_prefix_cache())
 
     async def decode(self, req: DecodeRequest):
         """Async generator of :class:`DecodeDelta` (a Ray streaming call)."""
@@ -191,9 +128,3 @@ class DecodeWorker:
         return DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
                            kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
                            first_step_s=max(0.0, total - xfer))
-
-    async def shutdown(self) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        self.loop.stop()
-

@@ -100,8 +100,8 @@ class RouterService(pb_grpc.RouterServicer):
                     u = None
                 if u is not None:
                     lab = {"worker": w.worker_id}
-                    out.append(("preft_kv_blocks_in_use", lab, u["blocks_total"] - u["blocks_free"]))
-                    out.append(("preft_kv_blocks_total", lab, u["blocks_total"]))
+                    out.append(("preft_kv_blocks_in_use", lab, u.blocks_in_use))
+                    out.append(("preft_kv_blocks_total", lab, u.blocks_total))
         return out
 
     # ------------------------------------------------------------------ auth & lookup
@@ -257,11 +257,11 @@ class RouterService(pb_grpc.RouterServicer):
                 try:
                     if w.info.role == "decode":
                         u = await asyncio.wait_for(w.actor.kv_usage.remote(), 5)
-                        ws.kv_blocks_total, ws.kv_blocks_free = u["blocks_total"], u["blocks_free"]
+                        ws.kv_blocks_total, ws.kv_blocks_free = u.blocks_total, u.blocks_free
                     else:
                         st = await asyncio.wait_for(w.actor.stats.remote(), 5)
-                        ws.kv_bytes_sent, ws.held_transfers = st["bytes"], st["held"]
-                        ws.resident.update(st["resident"])
+                        ws.kv_bytes_sent, ws.held_transfers = st.bytes, st.held
+                        ws.resident.update(st.resident)
                 except Exception:  # unreachable: fall back to what it last published
                     ws.healthy = False
                     if w.info.role == "prefill":

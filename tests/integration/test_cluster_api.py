@@ -201,8 +201,8 @@ def test_flood_gets_resource_exhausted_and_cancel_frees_blocks(cluster, client):
                 stream.cancel()
                 break
     d = cluster.pool.decode[0].actor
-    assert cluster.wait_until(lambda: (lambda u: u["blocks_free"] == u["blocks_total"]
-                                       and u["requests"] == 0)(ray.get(d.kv_usage.remote())), 20)
+    assert cluster.wait_until(lambda: (lambda u: u.blocks_free == u.blocks_total
+                                       and u.requests == 0)(ray.get(d.kv_usage.remote())), 20)
     p = cluster.pool.prefill[0].actor
     assert cluster.wait_until(lambda: ray.get(p.held_transfers.remote()) == 0, 20)
 

@@ -130,5 +130,5 @@ def test_kv_bytes_and_no_leaked_blocks(cluster, client):
     p_actor = cluster.pool.prefill[0].actor
     assert cluster.wait_until(lambda: ray.get(p_actor.held_transfers.remote()) == 0, 10)
     usage = ray.get(d.kv_usage.remote())
-    assert usage["blocks_free"] == usage["blocks_total"], usage
-    assert usage["requests"] == 0
+    assert usage.blocks_free == usage.blocks_total, usage
+    assert usage.requests == 0

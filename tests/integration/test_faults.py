@@ -135,7 +135,7 @@ def leaked_blocks(c) -> int:
         n = 0
         for w in c.pool.decode:
             u = ray.get(w.actor.kv_usage.remote(), timeout=10)
-            n += u["blocks_total"] - u["blocks_free"]
+            n += u.blocks_in_use
         return n
 
     wait_until(lambda: held() == 0 and used() == 0, c.cfg.prefill.transfer.hold_ttl_s + 10)

@@ -48,7 +48,7 @@ def prefill_tier_hits(cluster) -> dict[str, int]:
 
     hits: dict[str, int] = defaultdict(int)
     for w in cluster.pool.prefill:
-        for tier, n in ray.get(w.actor.stats.remote(), timeout=30)["tier_hits"].items():
+        for tier, n in ray.get(w.actor.stats.remote(), timeout=30).tier_hits.items():
             hits[tier] += n
     return hits
 

@@ -99,7 +99,7 @@ def test_reft_prefix_cache_and_new_version(cluster, client, reference, assets):
         assert out_2 != out_1
         resident = {}
         for w in cluster.pool.prefill:
-            resident.update(ray.get(w.actor.stats.remote())["resident"])
+            resident.update(ray.get(w.actor.stats.remote()).resident)
         assert resident.get("rtmp") == "engine@v2", resident
     finally:
         client.delete_adapter("rtmp")

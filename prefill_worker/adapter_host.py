@@ -1,0 +1,250 @@
+"""Adapters on one engine worker: tiers, loading, validation (step 3's adapter half).
+
+Used by the two pools that apply adapters: prefill workers and colocated workers (the
+decode pool never imports it). Tiers, fastest first: the engine's own LoRA cache
+(``max_loras`` slots in the batch, ``max_cpu_loras`` in host memory, LRU) or, for ReFT-P,
+the runtime's pinned host-memory LRU; this worker's disk cache (``<cache_dir>/<sha256>``,
+verified against the registry's sha256); the store URI from the registry. The router passes
+an :class:`~cluster.messages.AdapterRef` (name, version, sha256, URI) with each request,
+so a worker loads a new version on first use and never serves a stale one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import AdapterNotFound, InvalidAdapter
+from cluster.messages import AdapterRef
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    ref: AdapterRef
+    path: str            # this worker's disk-tier copy
+    lora_int_id: int
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request's adapter, ready for the engine, and where it came from."""
+
+    ref: AdapterRef
+    tier: str                       # engine | disk | store
+    load_s: float
+    lora: Any = None                # vLLM LoRARequest (lora_p, lora)
+    reft_key: str | None = None     # ReFT-P runtime key and its loaded weights (reft_p)
+    reft_weights: Any = None
+
+
+class AdapterHost:
+    """One worker's adapters. ``cfg`` is the pool's config (``PrefillConfig`` or
+    ``ColocatedConfig``: ``engine``, ``max_lora_rank``, ``max_cpu_loras``,
+    ``max_adapter_bytes``, ``lora_kernel``); ``loop`` the worker's :class:`EngineLoop`."""
+
+    def __init__(self, cfg, cache_dir: Path) -> None:
+        from prefill_worker.reft_runtime import ReftRuntime
+
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.loop = None
+        self._adapters: dict[str, AdapterEntry] = {}
+        self._lora_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        # Mirror of the engine's adapter LRU (max_cpu_loras): which ids vLLM still holds.
+        self._engine_loras: OrderedDict[int, None] = OrderedDict()
+        self._resolving: dict[str, asyncio.Lock] = {}
+        self.tier_hits = {"engine": 0, "disk": 0, "store": 0}
+        self.reft = ReftRuntime(cfg.max_cpu_loras)  # ReFT-P: engine hook + host-memory tier
+        self._load_base_shape()
+
+    # ------------------------------------------------------------------ engine set-up
+    def _load_base_shape(self) -> None:
+        from transformers import AutoConfig
+
+        from prefill_worker.adapters.base import BaseModelShape
+
+        hf = AutoConfig.from_pretrained(self.cfg.engine.model)
+        self.base_shape = BaseModelShape.from_hf_config(hf)
+        self.vocab_size = hf.vocab_size
+        self.eos_token_id = hf.eos_token_id if isinstance(hf.eos_token_id, int) else None
+
+    def install_kernel(self) -> None:
+        """Grouped per-adapter GEMMs instead of vLLM's per-token CPU ops (CPU only; GPU
+        engines keep vLLM's punica kernels). Must precede engine construction."""
+        if self.cfg.lora_kernel != "grouped":
+            return
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from prefill_worker.grouped_lora import install_grouped_lora
+
+            install_grouped_lora()
+
+    def lora_engine_args(self) -> dict:
+        return dict(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank,
+                    max_loras=self.cfg.max_loras, max_cpu_loras=self.cfg.max_cpu_loras)
+
+    def attach(self, engine, loop) -> None:
+        """After the engine is built (engine thread): the ReFT-P hook, and the loop that
+        runs engine calls."""
+        self.reft.install(engine)
+        self.loop = loop
+
+    # ------------------------------------------------------------------ validation
+    async def validate(self, path: str):
+        """Full validation of a staged upload (the router has no torch)."""
+        from prefill_worker.adapters import validate_adapter
+
+        return await asyncio.to_thread(validate_adapter, path, self.base_shape,
+                                       max_rank=self.cfg.max_lora_rank,
+                                       max_bytes=self.cfg.max_adapter_bytes)
+
+    # ------------------------------------------------------------------ resolve
+    async def resolve(self, ref: AdapterRef) -> Resolved:
+        t0 = time.time()
+        lock = self._resolving.setdefault(ref.name, asyncio.Lock())
+        async with lock:  # concurrent first requests for one adapter fetch it once
+            entry, tier = await self._entry(ref)
+        self.tier_hits[tier] += 1
+        if ref.kind == "reft_p":
+            key, weights = await self._reft_weights(entry)
+            return Resolved(ref, tier, time.time() - t0, reft_key=key, reft_weights=weights)
+        from vllm.lora.request import LoRARequest
+
+        self._engine_loras[entry.lora_int_id] = None
+        self._engine_loras.move_to_end(entry.lora_int_id)
+        while len(self._engine_loras) > self.cfg.max_cpu_loras:  # vLLM's LRU evicts too
+            self._engine_loras.popitem(last=False)
+        return Resolved(ref, tier, time.time() - t0,
+                        lora=LoRARequest(ref.namespace, entry.lora_int_id, entry.path))
+
+    async def _entry(self, ref: AdapterRef) -> tuple[AdapterEntry, str]:
+        entry = self._adapters.get(ref.name)
+        if entry is not None and entry.ref.version > ref.version:
+            raise AdapterNotFound(ref.name)  # the router's view is stale: an older version
+        if entry is not None and entry.ref == ref:
+            return entry, "engine" if self._hot(entry) else "disk"
+        path, tier = await asyncio.to_thread(self._fetch, ref)
+        with self._lock:
+            old = self._adapters.get(ref.name)
+            entry = AdapterEntry(ref, str(path), next(self._lora_ids))
+            self._adapters[ref.name] = entry
+        if old is not None:  # replaced: drop the old version from the engine's tiers
+            await self._evict(old)
+        return entry, tier
+
+    def _fetch(self, ref: AdapterRef) -> tuple[Path, str]:
+        """Disk tier: ``<cache_dir>/<sha256>``, fetched from the store and verified."""
+        from cluster.adapter_store import digest_dir, store_of
+
+        local = self.cache_dir / ref.sha256
+        if local.is_dir():
+            return local, "disk"
+        tmp = self.cache_dir / f".fetch-{ref.sha256}-{threading.get_ident()}"
+        store_of(ref.uri).fetch(ref.uri, tmp)
+        sha, _ = digest_dir(tmp)
+        if sha != ref.sha256:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InvalidAdapter(f"adapter {ref.name} v{ref.version}: store copy has sha256 "
+                                 f"{sha[:12]}..., registry says {ref.sha256[:12]}...")
+        try:
+            tmp.rename(local)
+        except OSError:  # another fetch of the same content won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        return local, "store"
+
+    @staticmethod
+    def _reft_key(entry: AdapterEntry) -> str:
+        return f"reft:{entry.lora_int_id}"
+
+    def _hot(self, entry: AdapterEntry) -> bool:
+        if entry.ref.kind == "reft_p":
+            return self._reft_key(entry) in self.reft
+        return entry.lora_int_id in self._engine_loras
+
+    async def _reft_weights(self, entry: AdapterEntry):
+        """ReFT-P: (runtime key, loaded weights), from host memory or the disk tier."""
+        from prefill_worker.adapters import reft_p
+
+        if self.reft.unsupported:
+            raise InvalidAdapter(f"adapter {entry.ref.name}: this worker cannot apply "
+                                 f"ReFT-P adapters ({self.reft.unsupported})")
+        key = self._reft_key(entry)
+        weights = self.reft.cached(key)
+        if weights is None:
+            weights = await asyncio.to_thread(reft_p.load, entry.path, self.base_shape,
+                                              self.cfg.max_lora_rank)
+            self.reft.put(key, weights)
+        return key, weights
+
+    # ------------------------------------------------------------------ eviction
+    async def _evict(self, entry: AdapterEntry) -> None:
+        if entry.ref.kind == "reft_p":
+            self.reft.drop(self._reft_key(entry))
+            return
+        lora_id = entry.lora_int_id
+        self._engine_loras.pop(lora_id, None)
+        await self.loop.call(lambda eng: eng.remove_lora(lora_id))
+
+    async def drop(self, name: str) -> bool:
+        """Deleted from the registry: remove it from every tier on this worker."""
+        with self._lock:
+            entry = self._adapters.pop(name, None)
+        if entry is None:
+            return False
+        await self._evict(entry)
+        if not any(e.ref.sha256 == entry.ref.sha256 for e in self._adapters.values()):
+            shutil.rmtree(self.cache_dir / entry.ref.sha256, ignore_errors=True)
+        return True
+
+    async def invalidate(self, name: str, version: int) -> bool:
+        """A newer version was registered: drop any older one held here."""
+        entry = self._adapters.get(name)
+        if entry is not None and entry.ref.version < version:
+            return await self.drop(name)
+        return False
+
+    def residency(self) -> dict[str, str]:
+        return {n: f"{'engine' if self._hot(e) else 'disk'}@v{e.ref.version}"
+                for n, e in list(self._adapters.items())}
+
+    # ------------------------------------------------------------------ per request
+    def namespace(self, r: Resolved | None, prompt_len: int) -> str:
+        """The prompt KV's cache salt: the adapter version; for ReFT-P with suffix
+        positions, also the prompt's length (which positions are intervened depends on it,
+        so KV made for one length is never reused for another)."""
+        if r is None:
+            return BASE_NAMESPACE
+        if r.reft_weights is not None and r.reft_weights.positions.depends_on_length:
+            return f"{r.ref.namespace}/len{prompt_len}"
+        return r.ref.namespace
+
+    def pin(self, r: Resolved | None) -> None:
+        """ReFT-P weights stay pinned while the engine holds the request."""
+        if r is not None and r.reft_key is not None:
+            self.reft.acquire(r.reft_key, r.reft_weights)
+
+    def unpin(self, r: Resolved | None, *, after_engine_step: bool) -> None:
+        """``after_engine_step``: the request may still be in the engine (cancelled or
+        failed), so unpin on the engine thread, after it has dropped the request."""
+        if r is None or r.reft_key is None:
+            return
+        key = r.reft_key
+        if after_engine_step:
+            try:
+                self.loop.call(lambda _eng: self.reft.release(key))
+                return
+            except RuntimeError:  # no running event loop: release here
+                pass
+        self.reft.release(key)
+
+
+BASE_NAMESPACE = "base"

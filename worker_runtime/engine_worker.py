@@ -1,0 +1,163 @@
+"""What every pool's worker actor shares: one engine, its thread, membership, info, shutdown.
+
+Prefill, decode and colocated workers (steps 3-5 of the request path) are Ray actors that
+each own one in-process vLLM engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor
+``uni``) driven by an :class:`~worker_runtime.engine_loop.EngineLoop`. This base builds the
+engine from the pool's :class:`~cluster.config.EngineConfig` plus what the subclass adds
+(:meth:`EngineWorker.engine_args`: LoRA, the KV connector), joins the cluster by heartbeat,
+and answers the calls the router makes of every worker (:class:`WorkerApi`): ``info``,
+``kv_usage``, ``reset_prefix_cache``, ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Protocol
+
+from cluster.config import EngineConfig, TransferConfig
+from cluster.errors import WorkerUnavailable
+from cluster.messages import KVUsage, WorkerInfo
+from cluster.state import MemberRecord
+
+HEARTBEAT_S = 1.0
+
+
+class WorkerApi(Protocol):
+    """The calls the router makes of every worker (Ray actor methods, awaited)."""
+
+    async def info(self) -> WorkerInfo: ...
+    async def kv_usage(self) -> KVUsage: ...
+    async def shutdown(self) -> None: ...
+
+
+class EngineWorker:
+    """Base of the worker actors. Subclasses set ``role``, may set ``kv_role``
+    (``kv_producer`` | ``kv_consumer``: the engine gets our KV connector) and override
+    :meth:`engine_args`, :meth:`after_build`, :meth:`residency` and :meth:`on_members`."""
+
+    role = ""
+    kv_role: str | None = None
+    holds_adapters = False      # publishes residency (adapter -> tier@version) by heartbeat
+
+    def __init__(self, engine: EngineConfig, cpu_cores: str | None, worker_id: str,
+                 redis_url: str | None, actor_name: str,
+                 transfer: TransferConfig | None = None) -> None:
+        from worker_runtime.env import configure_engine_process
+
+        configure_engine_process(engine.kv_cache_gib, cpu_cores)
+        from worker_runtime.engine_loop import EngineLoop
+        from worker_runtime.ray_metrics import WorkerMetrics
+
+        self.engine_cfg, self.transfer = engine, transfer
+        self.worker_id = worker_id
+        self.metrics = WorkerMetrics(self.role, worker_id)
+        self.hooks = None
+        if self.kv_role is not None:
+            from kv_transfer.runtime import hooks_for
+
+            self.hooks = hooks_for(worker_id)
+        self.loop = EngineLoop(self._build_engine, f"{self.role}:{worker_id}",
+                               wake=self.hooks.wake if self.hooks else None)
+        self.loop.start()
+        self.tokenizer = self.loop.engine.get_tokenizer()
+        if self.hooks is not None and not self.hooks.ready.wait(30):
+            raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
+        self.heartbeat = None
+        if redis_url:
+            from worker_runtime.heartbeat import Heartbeat
+
+            self.heartbeat = Heartbeat(
+                redis_url, self._member(actor_name), HEARTBEAT_S, on_members=self.on_members,
+                residency=self.residency if self.holds_adapters else None)
+            self.heartbeat.start()
+
+    # ------------------------------------------------------------------ engine
+    def engine_args(self) -> dict:
+        """What this pool adds to the engine's arguments."""
+        return {}
+
+    def after_build(self, engine: Any) -> None:
+        """Engine-thread hooks installed once the engine exists."""
+
+    def _build_engine(self):
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        e = self.engine_cfg
+        args = EngineArgs(
+            model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
+            load_format=e.load_format, max_num_batched_tokens=e.max_num_batched_tokens,
+            enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
+            enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
+            disable_log_stats=True, kv_transfer_config=self._kv_transfer_config(),
+            **self.engine_args())
+        engine = LLMEngine.from_engine_args(args)
+        self.after_build(engine)
+        return engine
+
+    def _kv_transfer_config(self):
+        if self.kv_role is None:
+            return None
+        from vllm.config import KVTransferConfig
+
+        from worker_runtime.env import resolve_kv_host
+
+        t = self.transfer
+        return KVTransferConfig(
+            kv_connector="PreftKVConnector", kv_connector_module_path="kv_transfer.connector",
+            kv_role=self.kv_role, engine_id=self.worker_id,
+            # a failed pull fails the request: never a base-model recompute of the prompt
+            kv_load_failure_policy="fail",
+            kv_connector_extra_config={
+                "kv_host": resolve_kv_host(t.kv_host), "transfer_timeout_s": t.timeout_s,
+                "hold_ttl_s": t.hold_ttl_s, "transport": t.transport, "secret": t.secret})
+
+    # ------------------------------------------------------------------ membership
+    def _member(self, actor_name: str) -> MemberRecord:
+        address = ""
+        if self.hooks is not None and self.hooks.address is not None:
+            host, port = self.hooks.address
+            address = f"{host}:{port}"
+        layout = self.hooks.layout_fingerprint if self.hooks is not None else ""
+        return MemberRecord(self.worker_id, self.role, actor_name, layout,
+                            node=socket.gethostname(), kv_address=address)
+
+    def residency(self) -> dict[str, str]:
+        """Adapters held here (published with the heartbeat when ``holds_adapters``)."""
+        return {}
+
+    def on_members(self, members) -> None:
+        """The cluster's membership, every few beats."""
+
+    # ------------------------------------------------------------------ API
+    async def info(self) -> WorkerInfo:
+        eng = self.loop.engine
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role,
+            kv_layout=self.hooks.layout_fingerprint if self.hooks is not None else "",
+            max_model_len=eng.model_config.max_model_len,
+            vocab_size=eng.model_config.get_vocab_size(), eos_token_id=self._eos_token_id(),
+            lora_enabled=eng.vllm_config.lora_config is not None,
+            engine_start_s=self.loop.start_s, pid=os.getpid())
+
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return eos if isinstance(eos, int) else None
+
+    async def kv_usage(self) -> KVUsage:
+        """Blocks in use right now (0 when idle: nothing leaked)."""
+        def read(eng):
+            pool = eng.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+            return KVUsage(blocks_total=pool.num_gpu_blocks - 1,  # block 0 is the null block
+                           blocks_free=pool.get_num_free_blocks(),
+                           requests=self.loop.num_requests)
+        return await self.loop.call(read)
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.loop.call(lambda eng: eng.reset_prefix_cache())
+
+    async def shutdown(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.loop.stop()
