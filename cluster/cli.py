@@ -73,14 +73,26 @@ def tiny_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
     return model, adapters
 
 
-def _parse_adapters(items: list[str]) -> tuple[tuple[str, str], ...]:
-    out = []
+def _parse_adapters(items: list[str]):
+    """``NAME=PATH`` or ``NAME:KIND=PATH`` -> ((name, path), ...), ((name, kind), ...)."""
+    out, kinds = [], []
     for item in items:
         name, sep, path = item.partition("=")
+        name, _, kind = name.partition(":")
         if not sep or not name or not path:
-            raise SystemExit(f"--adapter expects NAME=PATH, got {item!r}")
+            raise SystemExit(f"--adapter expects NAME=PATH or NAME:KIND=PATH, got {item!r}")
         out.append((name, path))
-    return tuple(out)
+        if kind:
+            kinds.append((name, kind))
+    return tuple(out), tuple(kinds)
+
+
+def _pool_sizes(args) -> tuple[int, int, int]:
+    """--colocated-workers alone: a colocated-only cluster; else one prefill/decode pair."""
+    colo = args.colocated_workers
+    default = 0 if colo and args.prefill_workers is None and args.decode_workers is None else 1
+    pick = lambda v: default if v is None else v  # noqa: E731
+    return pick(args.prefill_workers), pick(args.decode_workers), colo
 
 
 def build_config(args):
@@ -99,7 +111,7 @@ def build_config(args):
         if tls:  # TLS flags are never silently dropped: they override the YAML's router.*
             cfg = replace(cfg, router=replace(cfg.router, **tls))
         return cfg
-    adapters = _parse_adapters(args.adapter or [])
+    adapters, kinds = _parse_adapters(args.adapter or [])
     model = args.model
     if model is None:
         model_dir, demo = default_assets()
@@ -109,21 +121,30 @@ def build_config(args):
     eng = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                        kv_cache_gib=args.kv_cache_gib)
     xfer = TransferConfig(kv_host=args.kv_host)
+    n_prefill, n_decode, n_colocated = _pool_sizes(args)
     return ClusterConfig(
         prefill=PrefillConfig(engine=eng, transfer=xfer, max_lora_rank=args.max_lora_rank),
         decode=DecodeConfig(engine=eng, transfer=xfer),
         router=RouterConfig(host=args.host, port=args.port, require_auth=args.require_auth,
                             tls_cert=args.tls_cert, tls_key=args.tls_key,
                             tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port),
-        ray_address=args.ray_address, prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers, redis_url=args.redis_url or
-        os.environ.get("REDIS_URL"), run_dir=args.run_dir, adapters=adapters, name=args.name)
+        ray_address=args.ray_address, prefill_workers=n_prefill, decode_workers=n_decode,
+        colocated_workers=n_colocated, redis_url=args.redis_url or os.environ.get("REDIS_URL"),
+        run_dir=args.run_dir, adapters=adapters, adapter_kinds=kinds, name=args.name)
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="cluster YAML (deploy/*.yaml); overrides the flags below")
-    p.add_argument("--prefill-workers", type=int, default=1, help="prefill pool size (default 1)")
-    p.add_argument("--decode-workers", type=int, default=1, help="decode pool size (default 1)")
+    p.add_argument("--prefill-workers", type=int, default=None, help="prefill pool size "
+                   "(default 1; 0 when --colocated-workers is given alone)")
+    p.add_argument("--decode-workers", type=int, default=None, help="decode pool size "
+                   "(default 1; 0 when --colocated-workers is given alone)")
+    p.add_argument("--colocated-workers", type=int, default=0, help="colocated pool size: "
+                   "workers whose one engine applies the adapter to the prompt and decodes in "
+                   "the same batch (no KV moves; best on a single device, and the only pool "
+                   "that serves all-token LoRA adapters). Given alone, the cluster is "
+                   "colocated-only; with --prefill-workers/--decode-workers the router picks "
+                   "a path per request by load and adapter locality (default 0)")
     p.add_argument("--redis-url", default=None, help="cluster state in this Redis (redis:// or "
                    "rediss:// with password); default $REDIS_URL, else a local redis-server "
                    "on loopback with its data under --run-dir")
@@ -139,10 +160,13 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "/metrics (preft_* series) on this port; 0 = any free port")
     p.add_argument("--model", help="base model directory (HF format); default: the embedded "
                    "demo model, trained locally under $PREFT_HOME/demo (~/.cache/preft)")
-    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
-                   help="register a PEFT LoRA adapter directory under NAME (repeatable); "
-                   "default with the embedded model: the trained demo adapters alice (LoRA-P), "
-                   "bob (LoReFT-P), carol (DiReFT-P)")
+    p.add_argument("--adapter", action="append", metavar="NAME[:KIND]=PATH",
+                   help="register an adapter directory under NAME (repeatable). KIND: lora_p "
+                   "(PEFT LoRA files, adapter on the prompt only: the default for them), reft_p "
+                   "(ReFT-P files), or lora (the PEFT LoRA files on every token, standard PEFT "
+                   "semantics: served by colocated workers only). Default with the embedded "
+                   "model: the trained demo adapters alice (LoRA-P), bob (LoReFT-P), carol "
+                   "(DiReFT-P)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = any free port)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -354,6 +378,7 @@ def cmd_adapters(args) -> int:
                 with Progress(console=console) as prog:
                     task = prog.add_task(f"upload {args.name}", total=None)
                     info = c.register_adapter(args.name, args.path, public=args.public,
+                                              kind=args.kind,
                                               progress=lambda s, t: prog.update(task, completed=s, total=t))
                 console.print(f"registered {info.name} v{info.version} ({info.kind}, rank "
                               f"{info.rank}, sha256 {info.sha256[:12]}...)")
@@ -505,6 +530,10 @@ def make_parser() -> argparse.ArgumentParser:
     a_add.add_argument("name")
     a_add.add_argument("path")
     a_add.add_argument("--public", action="store_true", help="usable by every tenant")
+    a_add.add_argument("--kind", choices=["lora_p", "reft_p", "lora"], default=None,
+                       help="lora_p: PEFT LoRA on the prompt only (default for LoRA files); "
+                       "reft_p: ReFT-P files; lora: the LoRA on every token (all-token, served "
+                       "by colocated workers only)")
     a_list = ad_sub.add_parser("list", help="adapters you can use")
     a_show = ad_sub.add_parser("show", help="one adapter's registry record")
     a_show.add_argument("name")

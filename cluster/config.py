@@ -72,9 +72,14 @@ class TransferConfig:
                                    # "auto": the worker's Ray node IP (multi-node, KubeRay)
     timeout_s: float = 30.0
     hold_ttl_s: float = 120.0      # prefill frees unpulled blocks after this
+    # Per-cluster secret: a decode engine pairs with (and pulls from) a prefill engine only
+    # when both hold the same one. Empty: LocalCluster draws a random one for both pools.
+    secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         c = "TransferConfig"
+        _need(isinstance(self.secret, str), c, "secret", f"<{type(self.secret).__name__}>",
+              "must be a string (the value is not shown)")
         _need(self.timeout_s > 0, c, "timeout_s", self.timeout_s, "must be > 0")
         _need(self.hold_ttl_s > self.timeout_s, c, "hold_ttl_s", self.hold_ttl_s,
               "must exceed timeout_s, or blocks could be freed while a pull is running")
@@ -94,15 +99,38 @@ class PrefillConfig:
     resources: tuple[tuple[str, float], ...] = ()  # extra Ray resources, e.g. (("prefill_node", 1),)
 
     def __post_init__(self) -> None:
-        c = "PrefillConfig"
-        _need(self.lora_kernel == "grouped", c, "lora_kernel", self.lora_kernel,
-              "must be 'grouped': vLLM's stock CPU LoRA ops apply the last slot's adapter to "
-              "adapter-less requests in a mixed batch (docs/grouped_lora.md)")
-        _need(self.max_lora_rank in (1, 8, 16, 32, 64, 128, 256, 320, 512), c,
-              "max_lora_rank", self.max_lora_rank, "vLLM supports 1, 8, 16, 32, 64, 128, 256, 320, 512")
-        _need(self.max_loras >= 1, c, "max_loras", self.max_loras, "must be >= 1")
-        _need(self.max_cpu_loras >= self.max_loras, c, "max_cpu_loras", self.max_cpu_loras,
-              f"must be >= max_loras={self.max_loras}")
+        _check_adapter_engine(self, "PrefillConfig")
+
+
+def _check_adapter_engine(cfg, c: str) -> None:
+    """The fields of a pool whose engine applies adapters (prefill, colocated)."""
+    _need(cfg.lora_kernel == "grouped", c, "lora_kernel", cfg.lora_kernel,
+          "must be 'grouped': vLLM's stock CPU LoRA ops apply the last slot's adapter to "
+          "adapter-less requests in a mixed batch (docs/grouped_lora.md)")
+    _need(cfg.max_lora_rank in (1, 8, 16, 32, 64, 128, 256, 320, 512), c,
+          "max_lora_rank", cfg.max_lora_rank, "vLLM supports 1, 8, 16, 32, 64, 128, 256, 320, 512")
+    _need(cfg.max_loras >= 1, c, "max_loras", cfg.max_loras, "must be >= 1")
+    _need(cfg.max_cpu_loras >= cfg.max_loras, c, "max_cpu_loras", cfg.max_cpu_loras,
+          f"must be >= max_loras={cfg.max_loras}")
+
+
+@dataclass(frozen=True)
+class ColocatedConfig:
+    """A colocated worker: one engine applies the adapter to prompt positions and decodes
+    (no KV transfer, so no TransferConfig). The only pool that serves kind ``lora``."""
+
+    engine: EngineConfig
+    max_lora_rank: int = 16
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    cpu_cores: str | None = None
+    max_adapter_bytes: int = 512 << 20
+    lora_kernel: str = "grouped"
+    num_gpus: float = 0.0
+    resources: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_adapter_engine(self, "ColocatedConfig")
 
 
 @dataclass(frozen=True)
@@ -167,32 +195,67 @@ class ClusterConfig:
     num_cpus: int | None = None
     prefill_workers: int = 1
     decode_workers: int = 1
+    colocated_workers: int = 0       # one engine each: prompt with the adapter, then decode
+    colocated: ColocatedConfig | None = None  # None: the prefill pool's engine and adapter fields
     redis_url: str | None = None     # None: start a local redis-server under run_dir
     run_dir: str = ".preft/run"      # redis data, adapter store (when local), caches
     store_uri: str | None = None     # adapter store; default <run_dir>/store (shared dir)
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
+    adapter_kinds: tuple[tuple[str, str], ...] = ()  # (name, kind) for those; default: the files'
     max_restarts: int = 5            # Ray restarts a dead worker actor this often (-1: always)
     name: str = "preft"              # Ray actor names are <name>-<role>-<i>: one Ray, many clusters
 
     def __post_init__(self) -> None:
-        _need(self.prefill_workers >= 1, "ClusterConfig", "prefill_workers",
-              self.prefill_workers, "must be >= 1")
-        _need(self.decode_workers >= 1, "ClusterConfig", "decode_workers",
-              self.decode_workers, "must be >= 1")
-        _need(valid_adapter_name(self.name), "ClusterConfig", "name", self.name,
+        c = "ClusterConfig"
+        for f in ("prefill_workers", "decode_workers", "colocated_workers"):
+            _need(getattr(self, f) >= 0, c, f, getattr(self, f), "must be >= 0")
+        _need((self.prefill_workers == 0) == (self.decode_workers == 0), c,
+              "decode_workers" if self.prefill_workers else "prefill_workers",
+              self.decode_workers if self.prefill_workers else self.prefill_workers,
+              "prefill and decode pools come together: both >= 1, or both 0 (colocated only)")
+        _need(self.prefill_workers + self.colocated_workers >= 1, c, "colocated_workers",
+              self.colocated_workers, "the cluster needs workers: colocated_workers >= 1, or "
+              "prefill_workers and decode_workers >= 1")
+        _need(valid_adapter_name(self.name), c, "name", self.name,
               "1-128 of [A-Za-z0-9._-], starting alphanumeric")
-        _need(self.max_restarts >= -1, "ClusterConfig", "max_restarts", self.max_restarts,
+        _need(self.max_restarts >= -1, c, "max_restarts", self.max_restarts,
               "must be >= -1 (-1 = restart forever)")
+        self._check_adapters()
+        a, b = self.prefill.engine, self.decode.engine
+        for f in ("model", "dtype", "max_model_len", "load_format"):
+            _need(getattr(a, f) == getattr(b, f), c, f"decode.engine.{f}",
+                  getattr(b, f), f"must equal prefill.engine.{f}={getattr(a, f)!r}: "
+                  "both pools exchange KV blocks of the same model")
+        _need(self.colocated_cfg.engine.model == a.model, c, "colocated.engine.model",
+              self.colocated_cfg.engine.model, f"must equal prefill.engine.model={a.model!r}: "
+              "every pool serves the same base model and its adapters")
+
+    def _check_adapters(self) -> None:
+        from cluster.messages import ADAPTER_KINDS
+
         for name, path in self.adapters:
             _need(valid_adapter_name(name), "ClusterConfig", "adapters", name,
                   "adapter names are 1-128 of [A-Za-z0-9._-], starting alphanumeric, no '..'")
             _need(Path(path).is_dir(), "ClusterConfig", "adapters", path,
                   "adapter directory does not exist")
-        a, b = self.prefill.engine, self.decode.engine
-        for f in ("model", "dtype", "max_model_len", "load_format"):
-            _need(getattr(a, f) == getattr(b, f), "ClusterConfig", f"decode.engine.{f}",
-                  getattr(b, f), f"must equal prefill.engine.{f}={getattr(a, f)!r}: "
-                  "both pools exchange KV blocks of the same model")
+        names = {n for n, _ in self.adapters}
+        for name, kind in self.adapter_kinds:
+            _need(name in names, "ClusterConfig", "adapter_kinds", name,
+                  "names an adapter that is not in adapters")
+            _need(kind in ADAPTER_KINDS, "ClusterConfig", "adapter_kinds", kind,
+                  f"one of {ADAPTER_KINDS}")
+
+    @property
+    def colocated_cfg(self) -> ColocatedConfig:
+        """The colocated pool's config: given, or the prefill pool's engine and adapter
+        fields."""
+        if self.colocated is not None:
+            return self.colocated
+        p = self.prefill
+        return ColocatedConfig(
+            engine=p.engine, max_lora_rank=p.max_lora_rank, max_loras=p.max_loras,
+            max_cpu_loras=p.max_cpu_loras, max_adapter_bytes=p.max_adapter_bytes,
+            lora_kernel=p.lora_kernel, num_gpus=p.num_gpus)
 
 
 def from_dict(cls, data: dict):
@@ -209,10 +272,11 @@ def from_dict(cls, data: dict):
         ftype = known[name].type
         sub = {"EngineConfig": EngineConfig, "TransferConfig": TransferConfig,
                "PrefillConfig": PrefillConfig, "DecodeConfig": DecodeConfig,
-               "RouterConfig": RouterConfig}.get(str(ftype).split(" ")[0])
+               "RouterConfig": RouterConfig, "ColocatedConfig": ColocatedConfig,
+               }.get(str(ftype).split(" ")[0])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value)
-        elif name in ("adapters", "resources") and isinstance(value, dict):
+        elif name in ("adapters", "adapter_kinds", "resources") and isinstance(value, dict):
             value = tuple(sorted(value.items()))
         kwargs[name] = value
     return cls(**kwargs)

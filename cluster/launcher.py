@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import replace
@@ -31,10 +32,33 @@ def split_cores(n: int) -> tuple[str, str]:
     return fmt(0, half - 1), fmt(half, n - 1)
 
 
+def with_kv_secret(cfg: ClusterConfig) -> ClusterConfig:
+    """Both pools' KV endpoints share one secret: the configured one, else a random one."""
+    p, d = cfg.prefill.transfer.secret, cfg.decode.transfer.secret
+    if p and d and p != d:
+        raise ConfigError("prefill.transfer.secret and decode.transfer.secret differ: the "
+                          "pools could never pair; set the same one on both, or neither")
+    secret = p or d or secrets.token_hex(16)
+    return replace(
+        cfg, prefill=replace(cfg.prefill, transfer=replace(cfg.prefill.transfer, secret=secret)),
+        decode=replace(cfg.decode, transfer=replace(cfg.decode.transfer, secret=secret)))
+
+
+def _worker_class(role: str):
+    if role == "prefill":
+        from prefill_worker.worker import PrefillWorker
+        return PrefillWorker
+    if role == "decode":
+        from decode_worker.worker import DecodeWorker
+        return DecodeWorker
+    from colocated_worker.worker import ColocatedWorker
+    return ColocatedWorker
+
+
 class LocalCluster:
     def __init__(self, cfg: ClusterConfig, *, log_to_driver: bool = False,
                  api_key: str | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = with_kv_secret(cfg)   # restarted and added workers get the same secret
         self.log_to_driver = log_to_driver
         self.api_key = api_key           # used for start-up adapter uploads when auth is on
         self.pool = None
@@ -48,7 +72,7 @@ class LocalCluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._owns_ray = False
-        self._next_index = {"prefill": 0, "decode": 0}
+        self._next_index = {"prefill": 0, "decode": 0, "colocated": 0}
         self._actors: dict = {}
         self._metrics_http = None        # Prometheus /metrics server (router.metrics_port)
         self.metrics_port: int | None = None
@@ -70,22 +94,25 @@ class LocalCluster:
 
     # -------------------------------------------------------------- workers
     def _cores(self, role: str, index: int) -> str | None:
+        """Locally: disjoint cores for a prefill/decode pair; a colocated engine, which
+        prefills and decodes, gets them all."""
         if self.cfg.ray_address:
             return None
-        p_cores, d_cores = split_cores(os.cpu_count() or 2)
+        n = os.cpu_count() or 2
+        if role == "colocated":
+            return "0" if n <= 1 else f"0-{n - 1}"
+        p_cores, d_cores = split_cores(n)
         return p_cores if role == "prefill" else d_cores
 
     def add_worker(self, role: str):
         """Start one more worker actor of ``role``; it joins the router's pool by heartbeat."""
         import ray
 
-        from decode_worker.worker import DecodeWorker
-        from prefill_worker.worker import PrefillWorker
-
         i = self._next_index[role]
         self._next_index[role] += 1
         wid, name = f"{role}-{i}", f"{self.cfg.name}-{role}-{i}"
-        wcfg = self.cfg.prefill if role == "prefill" else self.cfg.decode
+        wcfg = {"prefill": self.cfg.prefill, "decode": self.cfg.decode,
+                "colocated": self.cfg.colocated_cfg}[role]
         # GPU clusters: one GPU (or a fraction) per worker via Ray resources; custom
         # resources pin pools to node groups (e.g. prefill nodes vs decode nodes).
         # A crashed worker is restarted by Ray (its __init__ runs again: new engine, new KV
@@ -93,13 +120,13 @@ class LocalCluster:
         opts = dict(name=name, num_cpus=1, max_concurrency=1000,
                     max_restarts=self.cfg.max_restarts, max_task_retries=0,
                     num_gpus=wcfg.num_gpus or None, resources=dict(wcfg.resources) or None)
-        if role == "prefill":
-            cfg = replace(self.cfg.prefill, cpu_cores=self.cfg.prefill.cpu_cores or self._cores(role, i))
-            actor = ray.remote(PrefillWorker).options(**opts).remote(
+        cfg = replace(wcfg, cpu_cores=wcfg.cpu_cores or self._cores(role, i))
+        cls = _worker_class(role)
+        if role == "decode":
+            actor = ray.remote(cls).options(**opts).remote(cfg, wid, self.redis_url, name)
+        else:  # adapter hosts: a disk cache of their own
+            actor = ray.remote(cls).options(**opts).remote(
                 cfg, wid, self.redis_url, str(self.run_dir / "cache" / wid), name)
-        else:
-            cfg = replace(self.cfg.decode, cpu_cores=self.cfg.decode.cpu_cores or self._cores(role, i))
-            actor = ray.remote(DecodeWorker).options(**opts).remote(cfg, wid, self.redis_url, name)
         # Ray ends an actor when its creator's last handle goes; the cluster owns them all.
         self._actors[wid] = actor
         return actor
@@ -138,17 +165,18 @@ class LocalCluster:
                      object_store_memory=None if cfg.ray_address else 256 << 20,
                      log_to_driver=self.log_to_driver, logging_level=logging.WARNING)
             self._owns_ray = True
-        say(f"starting {cfg.prefill_workers} prefill and {cfg.decode_workers} decode workers "
-            "(vLLM engines)")
-        actors = [("prefill", self.add_worker("prefill")) for _ in range(cfg.prefill_workers)]
-        actors += [("decode", self.add_worker("decode")) for _ in range(cfg.decode_workers)]
+        say(f"starting {cfg.prefill_workers} prefill, {cfg.decode_workers} decode and "
+            f"{cfg.colocated_workers} colocated workers (vLLM engines)")
+        actors = [(role, self.add_worker(role)) for role, n in (
+            ("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers),
+            ("colocated", cfg.colocated_workers)) for _ in range(n)]
         infos: list[WorkerInfo] = []
         for role, actor in actors:
             info = ray.get(actor.info.remote())
             say(f"{info.worker_id} ready ({info.engine_start_s:.1f} s engine start)")
             infos.append(info)
-        layouts = {i.kv_layout for i in infos}
-        if len(layouts) != 1:
+        layouts = {i.kv_layout for i in infos if i.role in ("prefill", "decode")}
+        if len(layouts) > 1:
             raise ConfigError(f"refusing to pair workers with different KV layouts {sorted(layouts)}: "
                               "all need the same model, block size and KV cache dtype")
         if any(i.lora_enabled for i in infos if i.role == "decode"):
@@ -164,16 +192,18 @@ class LocalCluster:
 
         return ClusterState.from_url(self.redis_url)
 
-    def register_adapter(self, name: str, path: str, public: bool = True) -> int:
+    def register_adapter(self, name: str, path: str, public: bool = True,
+                         kind: str | None = None) -> int:
         """Upload an adapter through the router's RegisterAdapter; returns its version."""
         from preft_client import PreftClient
 
         with PreftClient(self.local_address or self.address, api_key=self.api_key) as c:
-            return c.register_adapter(name, path, public=public).version
+            return c.register_adapter(name, path, public=public, kind=kind).version
 
     def register_startup_adapters(self, progress=None) -> None:
+        kinds = dict(self.cfg.adapter_kinds)
         for name, path in self.cfg.adapters:
-            v = self.register_adapter(name, path)
+            v = self.register_adapter(name, path, kind=kinds.get(name))
             if progress:
                 progress(f"adapter {name} registered (v{v})")
 

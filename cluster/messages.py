@@ -16,7 +16,10 @@ from kv_transfer.handle import KVHandle
 
 # Adapter kinds the prefill pool can apply (prefill_worker.adapters.KINDS; a unit test
 # keeps the two equal). The router checks names only; the files are validated by a worker.
-ADAPTER_KINDS = ("lora_p", "reft_p")
+ADAPTER_KINDS = ("lora_p", "reft_p", "lora")
+# Kinds that only colocated workers may serve: the adapter runs on every token, so it can
+# never reach the adapter-free decode pool.
+ALL_TOKEN_KINDS = ("lora",)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,20 @@ class DecodeDelta:
 
 
 @dataclass(frozen=True)
+class ColocatedDelta:
+    """One item of a colocated worker's stream; the first carries the prefill figures."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None         # set on the first delta
+    queue_s: float = 0.0
+    prefill_s: float = 0.0                   # from engine submit to the first token
+    adapter_tier: str = ""
+    adapter_load_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class KVUsage:
     """A worker's engine KV blocks right now (0 in use when idle: nothing leaked)."""
 
@@ -132,6 +149,9 @@ class AdapterStats:
     failed: int = 0                          # offers expired unpulled
     held: int = 0
     expired: int = 0
+    mixed_steps: int = 0                     # colocated: steps holding a prompt chunk and
+    by_kind: dict = field(default_factory=dict)  # another request's decode token; requests
+                                             # per adapter kind (lora_p | reft_p | lora | base)
 
 
 @dataclass(frozen=True)

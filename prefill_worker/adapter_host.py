@@ -99,13 +99,14 @@ class AdapterHost:
         self.loop = loop
 
     # ------------------------------------------------------------------ validation
-    async def validate(self, path: str):
-        """Full validation of a staged upload (the router has no torch)."""
+    async def validate(self, path: str, kind: str | None = None):
+        """Full validation of a staged upload as ``kind`` (None: what its files declare);
+        the router has no torch."""
         from prefill_worker.adapters import validate_adapter
 
         return await asyncio.to_thread(validate_adapter, path, self.base_shape,
                                        max_rank=self.cfg.max_lora_rank,
-                                       max_bytes=self.cfg.max_adapter_bytes)
+                                       max_bytes=self.cfg.max_adapter_bytes, kind=kind)
 
     # ------------------------------------------------------------------ resolve
     async def resolve(self, ref: AdapterRef) -> Resolved:

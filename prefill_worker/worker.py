@@ -61,8 +61,8 @@ class PrefillWorker(EngineWorker):
             live_peers={m.worker_id for m in members.values() if m.role == "decode"})
 
     # ------------------------------------------------------------------ adapters
-    async def validate_adapter(self, path: str) -> AdapterSpec:
-        return await self.adapters.validate(path)
+    async def validate_adapter(self, path: str, kind: str | None = None) -> AdapterSpec:
+        return await self.adapters.validate(path, kind)
 
     async def drop_adapter(self, name: str) -> bool:
         return await self.adapters.drop(name)

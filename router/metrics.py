@@ -88,6 +88,10 @@ class RouterMetrics:
         self.routing = Counter("preft_routing_decisions",
                                "Worker picks by pool and policy", ["pool", "policy", "worker"],
                                registry=r)
+        self.paths = Counter("preft_request_paths",
+                             "Generate requests by serving path (colocated | prefill_decode) "
+                             "and adapter kind (lora_p | reft_p | lora | base)",
+                             ["path", "kind"], registry=r)
         self.spills = Counter("preft_routing_spills",
                               "Locality picks that went past the adapter's first-ranked worker "
                               "(bounded load)", ["policy"], registry=r)

@@ -86,12 +86,28 @@ class Locality(RoutingPolicy):
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (Locality, RoundRobin, LeastLoaded)}
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one request runs: a colocated worker, or a prefill worker and a decode worker."""
+
+    path: str                                # "colocated" | "prefill_decode"
+    colocated: WorkerHandle | None = None
+    prefill: WorkerHandle | None = None
+    decode: WorkerHandle | None = None
+
+
+class NeedsColocated(NoWorkers):
+    """An all-token adapter, and no healthy colocated worker to run it."""
+
+
 @dataclass
 class WorkerPool:
     prefill: list[WorkerHandle] = field(default_factory=list)
     decode: list[WorkerHandle] = field(default_factory=list)
+    colocated: list[WorkerHandle] = field(default_factory=list)
     prefill_policy: RoutingPolicy = field(default_factory=Locality)
     decode_policy: RoutingPolicy = field(default_factory=LeastLoaded)
+    colocated_policy: RoutingPolicy = field(default_factory=Locality)
 
     def pick_prefill(self, adapter: str | None) -> WorkerHandle:
         live = [w for w in self.prefill if w.healthy]
@@ -105,14 +121,53 @@ class WorkerPool:
             raise NoWorkers("no healthy decode worker")
         return self.decode_policy.pick(live, None)
 
+    def pick_colocated(self, adapter: str | None) -> WorkerHandle:
+        live = [w for w in self.colocated if w.healthy]
+        if not live:
+            raise NoWorkers("no healthy colocated worker")
+        return self.colocated_policy.pick(live, adapter)
+
+    def pick_adapter_host(self, adapter: str | None) -> WorkerHandle:
+        """A worker that can validate and load adapters: prefill, else colocated."""
+        try:
+            return self.pick_prefill(adapter)
+        except NoWorkers:
+            return self.pick_colocated(adapter)
+
+    def place(self, adapter: str | None, all_token: bool) -> Placement:
+        """The request's path. All-token adapters: colocated only (by adapter locality).
+        PreFT requests: the only path the cluster has; with both, the colocated worker
+        picked by locality unless it has more requests outstanding than the prefill/decode
+        pair's busier worker (no KV moves on a tie)."""
+        colo = [w for w in self.colocated if w.healthy]
+        if all_token:
+            if not colo:
+                raise NeedsColocated("no healthy colocated worker")
+            return Placement("colocated", colocated=self.pick_colocated(adapter))
+        pd = any(w.healthy for w in self.prefill) and any(w.healthy for w in self.decode)
+        if not colo:
+            return Placement("prefill_decode", prefill=self.pick_prefill(adapter),
+                             decode=self.pick_decode())
+        c = self.pick_colocated(adapter)
+        if not pd:
+            return Placement("colocated", colocated=c)
+        p, d = self.pick_prefill(adapter), self.pick_decode()
+        if c.outstanding <= max(p.outstanding, d.outstanding):
+            return Placement("colocated", colocated=c)
+        return Placement("prefill_decode", prefill=p, decode=d)
+
+    def adapter_hosts(self) -> list[WorkerHandle]:
+        return self.prefill + self.colocated
+
     def all(self) -> list[WorkerHandle]:
-        return self.prefill + self.decode
+        return self.prefill + self.decode + self.colocated
 
     def find(self, worker_id: str) -> WorkerHandle | None:
         return next((w for w in self.all() if w.worker_id == worker_id), None)
 
     def add(self, handle: WorkerHandle) -> None:
-        (self.prefill if handle.info.role == "prefill" else self.decode).append(handle)
+        {"prefill": self.prefill, "decode": self.decode,
+         "colocated": self.colocated}[handle.info.role].append(handle)
 
     def mark_alive(self, alive_ids: set[str]) -> None:
         """Membership from heartbeats: workers without a live record take no new requests."""

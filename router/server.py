@@ -24,12 +24,13 @@ from cluster.adapter_store import AdapterStore, UploadWriter, check_adapter_name
 from cluster.config import RouterConfig
 from cluster.errors import (AdapterNotFound, InvalidAdapter, InvalidRequest, Overloaded,
                             PermissionDenied, PreftError, Unauthenticated, WorkerUnavailable)
-from cluster.messages import ADAPTER_KINDS, AdapterRef, DecodeRequest, PrefillRequest, Sampling
+from cluster.messages import (ADAPTER_KINDS, ALL_TOKEN_KINDS, AdapterRef, DecodeDelta,
+                              DecodeRequest, PrefillRequest, Sampling)
 from cluster.state import AdapterRecord
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 from router.metrics import RouterMetrics, default_metrics
-from router.pool import NoWorkers, WorkerHandle, WorkerPool
+from router.pool import NeedsColocated, NoWorkers, Placement, WorkerHandle, WorkerPool
 from router.state_view import StateView
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,15 @@ class RouterService(pb_grpc.RouterServicer):
     def _gauges(self) -> list:
         """Scrape-time gauges: pool queues, per-worker load, decode KV blocks in use."""
         out = [("preft_router_inflight_requests", {}, self.inflight)]
-        for pool, workers in (("prefill", self.pool.prefill), ("decode", self.pool.decode)):
+        for pool, workers in (("prefill", self.pool.prefill), ("decode", self.pool.decode),
+                              ("colocated", self.pool.colocated)):
             out.append(("preft_pool_queue_depth", {"pool": pool},
                         sum(w.outstanding for w in workers)))
             out.append(("preft_pool_healthy_workers", {"pool": pool},
                         sum(w.healthy for w in workers)))
             out += [("preft_worker_outstanding_requests", {"pool": pool, "worker": w.worker_id},
                      w.outstanding) for w in workers]
-        live = [w for w in self.pool.decode if w.healthy]
+        live = [w for w in self.pool.decode + self.pool.colocated if w.healthy]
         if live:
             import ray
 
@@ -187,7 +189,7 @@ class RouterService(pb_grpc.RouterServicer):
                     if not msg.HasField("chunk"):
                         raise InvalidAdapter("only one header per upload")
                     writer.write(msg.chunk.filename, msg.chunk.data)
-                spec = await self._validate_upload(writer.finish())
+                spec = await self._validate_upload(writer.finish(), h.kind)
                 if h.kind and h.kind != spec.kind:
                     raise InvalidAdapter(f"the header says kind {h.kind!r} but the files are a "
                                          f"{spec.kind} adapter; fix the header or the files")
@@ -208,14 +210,15 @@ class RouterService(pb_grpc.RouterServicer):
 
         return await self._guard(context, run)
 
-    async def _validate_upload(self, staged):
-        """Tensor-level checks need torch: a prefill worker does them."""
+    async def _validate_upload(self, staged, kind: str):
+        """Tensor-level checks need torch: a prefill (or colocated) worker does them, as
+        ``kind`` (empty: what the files declare)."""
         try:
-            validator = self.pool.pick_prefill(None)
+            validator = self.pool.pick_adapter_host(None)
         except NoWorkers as e:  # else gRPC answers UNKNOWN "Unexpected NoWorkers"
             raise WorkerUnavailable(f"cannot validate the adapter now: {e}; retry") from None
         try:
-            return await validator.actor.validate_adapter.remote(str(staged))
+            return await validator.actor.validate_adapter.remote(str(staged), kind or None)
         except Exception as e:
             cause = _unwrap(e)
             if isinstance(cause, PreftError):
@@ -224,7 +227,8 @@ class RouterService(pb_grpc.RouterServicer):
                 f"adapter validation failed on {validator.worker_id}: {cause}") from None
 
     async def _broadcast(self, method: str, *args) -> None:
-        refs = [getattr(w.actor, method).remote(*args) for w in self.pool.prefill if w.healthy]
+        refs = [getattr(w.actor, method).remote(*args)
+                for w in self.pool.adapter_hosts() if w.healthy]
         for ref in refs:
             try:
                 await asyncio.wait_for(ref, 30)
@@ -255,16 +259,16 @@ class RouterService(pb_grpc.RouterServicer):
                 ws = pb.WorkerStatus(worker_id=w.worker_id, role=w.info.role, healthy=w.healthy,
                                      outstanding=w.outstanding)
                 try:
-                    if w.info.role == "decode":
+                    if w.info.role in ("decode", "colocated"):
                         u = await asyncio.wait_for(w.actor.kv_usage.remote(), 5)
                         ws.kv_blocks_total, ws.kv_blocks_free = u.blocks_total, u.blocks_free
-                    else:
+                    if w.info.role in ("prefill", "colocated"):
                         st = await asyncio.wait_for(w.actor.stats.remote(), 5)
                         ws.kv_bytes_sent, ws.held_transfers = st.bytes, st.held
                         ws.resident.update(st.resident)
                 except Exception:  # unreachable: fall back to what it last published
                     ws.healthy = False
-                    if w.info.role == "prefill":
+                    if w.info.role in ("prefill", "colocated"):
                         ws.resident.update(await asyncio.to_thread(self._residency, w.worker_id))
                 out.append(ws)
             return pb.ClusterStatusResponse(workers=out, router_inflight=self.inflight,
@@ -381,86 +385,170 @@ class RouterService(pb_grpc.RouterServicer):
         await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(cause).__name__}: {cause}")
 
     async def _generate(self, preq: PrefillRequest, t_admit: float, context):
-        m = self.metrics
+        """Place the request, run its path, then the final message."""
+        place = await self._place(preq, context)
+        out = _Outcome()
+        run = self._run_colocated if place.path == "colocated" else self._run_prefill_decode
+        async for delta in run(preq, place, t_admit, context, out):
+            yield pb.GenerateResponse(delta=delta)
+        yield self._final(preq, t_admit, out)
+
+    async def _place(self, preq: PrefillRequest, context) -> Placement:
+        a = preq.adapter
+        name = a.name if a else None
+        policies = {"prefill": self.pool.prefill_policy, "colocated": self.pool.colocated_policy}
+        spills = {k: getattr(p, "spills", 0) for k, p in policies.items()}
         try:
-            spills = getattr(self.pool.prefill_policy, "spills", 0)
-            pw = self.pool.pick_prefill(preq.adapter.name if preq.adapter else None)
-            dw = self.pool.pick_decode()
+            place = self.pool.place(name, all_token=a is not None and a.kind in ALL_TOKEN_KINDS)
+        except NeedsColocated:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"adapter {a.name!r} is an all-token LoRA (kind {a.kind!r}): only colocated "
+                "workers serve it, and this cluster has none healthy; start some "
+                "(`preft up --colocated-workers N`) or register it as kind lora_p"))
         except NoWorkers as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        pol = self.pool.prefill_policy.name
-        m.routing.labels("prefill", pol, pw.worker_id).inc()
-        m.routing.labels("decode", self.pool.decode_policy.name, dw.worker_id).inc()
-        if getattr(self.pool.prefill_policy, "spills", 0) > spills:
-            m.spills.labels(pol).inc()
+        m = self.metrics
+        m.paths.labels(place.path, a.kind if a else "base").inc()
+        for pool, w in (("colocated", place.colocated), ("prefill", place.prefill),
+                        ("decode", place.decode)):
+            if w is not None:
+                pol = policies.get(pool, self.pool.decode_policy)
+                m.routing.labels(pool, pol.name, w.worker_id).inc()
+                if pool in spills and getattr(pol, "spills", 0) > spills[pool]:
+                    m.spills.labels(pol.name).inc()
+        return place
+
+    def _first_token(self, out: "_Outcome", t_admit: float, queue_s: float, prefill_s: float,
+                     prompt_tokens: int, preq: PrefillRequest, tier: str, load_s: float) -> None:
+        m = self.metrics
+        out.ttft_s, out.queue_s, out.prefill_s = time.time() - t_admit, queue_s, prefill_s
+        out.prompt_tokens = prompt_tokens
+        m.ttft.observe(out.ttft_s)
+        m.queue.observe(queue_s)
+        m.prefill.observe(prefill_s)
+        m.prompt_tokens.inc(prompt_tokens)
+        if preq.adapter is not None:
+            m.observe_adapter(tier, load_s)
+
+    async def _run_colocated(self, preq, place: Placement, t_admit: float, context, out):
+        """One colocated worker: prompt with the adapter, first token, decode, no KV moves."""
+        w = place.colocated
+        out.kv = pb.KVTransfer(prefill_worker=w.worker_id, decode_worker=w.worker_id)
+        w.outstanding += 1
+        gen = w.actor.generate.remote(preq)
+        t_dec = None
+        try:
+            async for d in self._stream(gen, context, "generate", w):
+                if d.prompt_tokens is not None:
+                    self._first_token(out, t_admit, d.queue_s, d.prefill_s, d.prompt_tokens,
+                                      preq, d.adapter_tier, d.adapter_load_s)
+                    t_dec = time.time()
+                out.add(d)
+                if d.token_ids or d.text:
+                    yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)
+        finally:
+            w.outstanding -= 1
+        out.decode_s = time.time() - t_dec if t_dec is not None else 0.0
+
+    async def _run_prefill_decode(self, preq, place: Placement, t_admit: float, context, out):
+        """Prefill (adapter, first token, KV held) -> first token out -> decode stream."""
+        pw, dw = place.prefill, place.decode
+        res = await self._prefill(pw, preq, context)
+        self._first_token(out, t_admit, res.queue_s, res.prefill_s, len(res.prompt_token_ids),
+                          preq, res.adapter_tier, res.adapter_load_s)
+        out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
+        out.add(DecodeDelta((res.first_token,), res.first_text, res.finish_reason))
+        yield pb.TokenDelta(token_ids=[res.first_token], text=res.first_text)
+        if res.kv is not None:
+            out.kv.blocks = res.kv.num_blocks
+        if res.finish_reason is not None:
+            return
+        dreq = DecodeRequest(preq.request_id, res.prompt_token_ids, res.first_token, res.kv,
+                             res.kv_namespace, preq.sampling)
+        out.kv.decode_worker = dw.worker_id
+        t_dec = time.time()
+        async for delta in self._decode(pw, dw, dreq, res, context, out):
+            yield delta
+        out.decode_s = time.time() - t_dec
+
+    async def _prefill(self, pw: WorkerHandle, preq: PrefillRequest, context):
         pw.outstanding += 1
         ref = pw.actor.prefill.remote(preq)
         try:
-            res = await self._call(ref, context, "prefill", pw)
+            return await self._call(ref, context, "prefill", pw)
         except BaseException:
             _cancel(ref)  # client cancel or deadline: the worker aborts the request
             raise
         finally:
             pw.outstanding -= 1
-        t_first = time.time()
-        m.ttft.observe(t_first - t_admit)
-        m.queue.observe(res.queue_s)
-        m.prefill.observe(res.prefill_s)
-        m.prompt_tokens.inc(len(res.prompt_token_ids))
-        if preq.adapter is not None:
-            m.observe_adapter(res.adapter_tier, res.adapter_load_s)
-        yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=[res.first_token],
-                                                      text=res.first_text))
-        n_out, finish = 1, res.finish_reason
-        timings = pb.Timings(queue_s=res.queue_s, prefill_s=res.prefill_s,
-                             ttft_s=t_first - t_admit)
-        kv = pb.KVTransfer(prefill_worker=pw.worker_id)
-        if finish is None:
-            dreq = DecodeRequest(preq.request_id, res.prompt_token_ids, res.first_token, res.kv,
-                                 res.kv_namespace, preq.sampling)
-            kv.decode_worker = dw.worker_id
-            dw.outstanding += 1
-            gen = dw.actor.decode.remote(dreq)
-            t_dec = time.time()
-            try:
-                while True:
-                    try:
-                        ref = await self._call(gen.__anext__(), context, "decode", dw)
-                    except StopAsyncIteration:
-                        break
-                    d = await self._call(ref, context, "decode", dw)
-                    if d.kv_transfer_s is not None:
-                        timings.kv_transfer_s = d.kv_transfer_s
-                        timings.first_decode_step_s = d.first_step_s or 0.0
-                        kv.bytes = d.kv_bytes or 0
-                        m.observe_kv(pw.worker_id, dw.worker_id, kv.bytes, d.kv_transfer_s)
-                    n_out += len(d.token_ids)
-                    if d.token_ids or d.text:
-                        yield pb.GenerateResponse(delta=pb.TokenDelta(
-                            token_ids=list(d.token_ids), text=d.text))
-                    if d.finish_reason:
-                        finish = d.finish_reason
-            except BaseException as e:
-                _cancel(gen)
-                if kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
-                    pw.actor.release.remote(res.kv.transfer_id)
-                    if not isinstance(e, asyncio.CancelledError):
-                        m.kv_failures.labels(pw.worker_id, dw.worker_id).inc()
-                raise
-            finally:
-                dw.outstanding -= 1
-            timings.decode_s = time.time() - t_dec
-        timings.total_s = time.time() - t_admit
-        m.e2e.observe(timings.total_s)
-        m.generation_tokens.inc(n_out)
-        if n_out > 1:
-            m.tpot.observe((timings.total_s - timings.ttft_s) / (n_out - 1))
-        if res.kv is not None:
-            kv.blocks = res.kv.num_blocks
-        yield pb.GenerateResponse(final=pb.Final(
-            request_id=preq.request_id, finish_reason=finish or "length",
-            usage=pb.Usage(prompt_tokens=len(res.prompt_token_ids), completion_tokens=n_out),
-            timings=timings, kv=kv))
+
+    async def _decode(self, pw, dw, dreq: DecodeRequest, res, context, out):
+        m = self.metrics
+        dw.outstanding += 1
+        gen = dw.actor.decode.remote(dreq)
+        try:
+            async for d in self._stream(gen, context, "decode", dw):
+                if d.kv_transfer_s is not None:
+                    out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
+                    out.kv.bytes = d.kv_bytes or 0
+                    m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s)
+                out.add(d)
+                if d.token_ids or d.text:
+                    yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)
+        except BaseException as e:
+            if out.kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
+                pw.actor.release.remote(res.kv.transfer_id)
+                if not isinstance(e, asyncio.CancelledError):
+                    m.kv_failures.labels(pw.worker_id, dw.worker_id).inc()
+            raise
+        finally:
+            dw.outstanding -= 1
+
+    async def _stream(self, gen, context, what: str, worker: WorkerHandle):
+        """The items of a worker's Ray stream, each within the request's deadline."""
+        try:
+            while True:
+                try:
+                    ref = await self._call(gen.__anext__(), context, what, worker)
+                except StopAsyncIteration:
+                    return
+                yield await self._call(ref, context, what, worker)
+        except BaseException:
+            _cancel(gen)
+            raise
+
+    def _final(self, preq: PrefillRequest, t_admit: float, out: "_Outcome") -> pb.GenerateResponse:
+        m = self.metrics
+        total = time.time() - t_admit
+        m.e2e.observe(total)
+        m.generation_tokens.inc(out.n_tokens)
+        if out.n_tokens > 1:
+            m.tpot.observe((total - out.ttft_s) / (out.n_tokens - 1))
+        timings = pb.Timings(queue_s=out.queue_s, prefill_s=out.prefill_s, ttft_s=out.ttft_s,
+                             kv_transfer_s=out.kv_transfer_s,
+                             first_decode_step_s=out.first_decode_step_s or 0.0,
+                             decode_s=out.decode_s, total_s=total)
+        return pb.GenerateResponse(final=pb.Final(
+            request_id=preq.request_id, finish_reason=out.finish or "length",
+            usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.n_tokens),
+            timings=timings, kv=out.kv))
+
+
+class _Outcome:
+    """What one Generate gathered on its path, for the final message and the metrics."""
+
+    def __init__(self) -> None:
+        self.n_tokens = 0
+        self.finish: str | None = None
+        self.prompt_tokens = 0
+        self.ttft_s = self.queue_s = self.prefill_s = self.decode_s = 0.0
+        self.kv_transfer_s = self.first_decode_step_s = 0.0
+        self.kv = pb.KVTransfer()
+
+    def add(self, d) -> None:
+        self.n_tokens += len(d.token_ids)
+        if d.finish_reason:
+            self.finish = d.finish_reason
 
 
 def _cancel(ref) -> None:

@@ -72,13 +72,26 @@ def register_kind(name: str):
     return deco
 
 
+# Kinds that share one file format: the files cannot say which the uploader means.
+_SAME_FILES = {"lora": "lora_p"}
+
+
 def validate_adapter(path: str | Path, base: BaseModelShape, *, max_rank: int,
-                     max_bytes: int = 1 << 30) -> AdapterSpec:
-    """Detect the kind from the directory and validate it; raises :class:`InvalidAdapter`."""
+                     max_bytes: int = 1 << 30, kind: str | None = None) -> AdapterSpec:
+    """Validate an adapter directory as ``kind`` (default: the kind its files declare);
+    raises :class:`InvalidAdapter`."""
     p = Path(path)
     if not p.is_dir():
         raise InvalidAdapter(f"adapter directory {str(path)!r} does not exist")
-    return KINDS[detect_kind(p)](p, base, max_rank, max_bytes)
+    files = detect_kind(p)
+    if kind is None:
+        kind = files
+    if kind not in KINDS:
+        raise InvalidAdapter(f"kind {kind!r} is not supported; supported: {sorted(KINDS)}")
+    if _SAME_FILES.get(kind, kind) != files:
+        raise InvalidAdapter(f"the upload says kind {kind!r} but the files are a {files} "
+                             "adapter; fix the kind or the files")
+    return KINDS[kind](p, base, max_rank, max_bytes)
 
 
 def detect_kind(path: Path) -> str:

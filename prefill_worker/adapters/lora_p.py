@@ -5,6 +5,10 @@ B ∈ R^{d_out×r}: y = W x + (alpha/r) · B (A x), for prompt positions only. T
 never sees the adapter; generated tokens run through W alone, attending to the prompt's
 adapter-conditioned KV. Files: standard PEFT (``adapter_config.json`` +
 ``adapter_model.safetensors``); pickle-based weights are refused.
+
+Kind ``lora`` is the same files under standard PEFT semantics: the delta on *every* token,
+generated ones included. Only colocated workers serve it (the router never sends it to a
+prefill/decode pair), and the uploader says so (``kind="lora"``): the files cannot.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ def _dims(base: BaseModelShape) -> dict[str, tuple[int, int]]:
     h, i = base.hidden_size, base.intermediate_size
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@register_kind("lora")
+def validate_all_token(path: Path, base: BaseModelShape, max_rank: int,
+                       max_bytes: int) -> AdapterSpec:
+    from dataclasses import replace
+
+    return replace(validate(path, base, max_rank, max_bytes), kind="lora")
 
 
 @register_kind("lora_p")

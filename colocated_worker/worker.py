@@ -1,0 +1,150 @@
+"""The colocated worker: a Ray actor whose one engine prefills and decodes (steps 3-5).
+
+Per request (the router's :class:`~cluster.messages.PrefillRequest`) it resolves the
+adapter through the same tiers as a prefill worker (:class:`AdapterHost`), submits the
+prompt with the adapter, and streams :class:`~cluster.messages.ColocatedDelta` items: the
+first carries the prefill timings. Inside the engine the adapter touches prompt positions
+only (``colocated_worker/prompt_lora.py``; all-token adapters every position), generated
+tokens' KV is never cached (``worker_runtime/prefix_cache.py``), and the request's
+:class:`OutputStream` owns detokenization and stop strings, as on the prefill/decode path.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from cluster.config import ColocatedConfig
+from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling, WorkerInfo
+from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
+from prefill_worker.adapter_host import AdapterHost, Resolved
+from prefill_worker.adapters.base import AdapterSpec
+from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
+from worker_runtime.engine_loop import as_request_error
+from worker_runtime.engine_worker import EngineWorker
+from worker_runtime.output_stream import OutputStream
+from worker_runtime.prefix_cache import cache_only_prompt_blocks
+from worker_runtime.prompt import check_lengths, prompt_ids
+
+
+class ColocatedWorker(EngineWorker):
+    """Ray actor (``ray.remote(ColocatedWorker)``); all public methods are async."""
+
+    role = "colocated"
+    holds_adapters = True
+
+    def __init__(self, cfg: ColocatedConfig, worker_id: str, redis_url: str | None = None,
+                 cache_dir: str | None = None, actor_name: str = "") -> None:
+        self.cfg = cfg
+        cache = Path(cache_dir or tempfile.mkdtemp(prefix=f"preft-{worker_id}-"))
+        cache.mkdir(parents=True, exist_ok=True)
+        self.adapters = AdapterHost(cfg, cache)
+        self.adapters.install_kernel()
+        self.all_token_ids: set[int] = set()   # LoRA ids applied on every token (kind lora)
+        self.mix = StepMix()
+        self.requests_by_kind = {"lora_p": 0, "reft_p": 0, "lora": 0, "base": 0}
+        super().__init__(cfg.engine, cfg.cpu_cores, worker_id, redis_url, actor_name)
+
+    def engine_args(self) -> dict:
+        return self.adapters.lora_engine_args()
+
+    def after_build(self, engine) -> None:
+        self.adapters.attach(engine, self.loop)
+        install_prompt_only_lora(engine, self.all_token_ids, self.mix)
+        # Generated tokens' KV (base weights, or an all-token adapter's) is never cached
+        # where a later prompt could take it for adapter-conditioned prompt KV.
+        cache_only_prompt_blocks(engine, generated_in_prompt=0)
+
+    def residency(self) -> dict[str, str]:
+        return self.adapters.residency()
+
+    # ------------------------------------------------------------------ adapters
+    async def validate_adapter(self, path: str, kind: str | None = None) -> AdapterSpec:
+        return await self.adapters.validate(path, kind)
+
+    async def drop_adapter(self, name: str) -> bool:
+        return await self.adapters.drop(name)
+
+    async def invalidate(self, name: str, version: int) -> bool:
+        return await self.adapters.invalidate(name, version)
+
+    # ------------------------------------------------------------------ API
+    async def info(self) -> WorkerInfo:
+        from dataclasses import replace
+
+        info = await super().info()
+        return replace(info, vocab_size=self.adapters.vocab_size,
+                       eos_token_id=self.adapters.eos_token_id)
+
+    async def stats(self) -> AdapterStats:
+        return AdapterStats(requests=self.loop.num_requests,
+                            tier_hits=dict(self.adapters.tier_hits), resident=self.residency(),
+                            mixed_steps=self.mix.mixed, by_kind=dict(self.requests_by_kind))
+
+    async def generate(self, req: PrefillRequest):
+        """Async generator of :class:`ColocatedDelta` (a Ray streaming call)."""
+        t_in = time.time()
+        s = req.sampling
+        ids = prompt_ids(req, self.tokenizer, self.adapters.vocab_size)
+        check_lengths(len(ids), s.max_tokens, self.loop.engine.model_config.max_model_len)
+        r = await self.adapters.resolve(req.adapter) if req.adapter is not None else None
+        if r is not None and r.ref.kind == "lora":
+            self.all_token_ids.add(r.lora.lora_int_id)
+        self.requests_by_kind[r.ref.kind if r else "base"] += 1
+        stream = OutputStream(self.tokenizer, s, req.request_id)
+        t0 = time.time()
+        self.adapters.pin(r)
+        q = self.loop.submit(req.request_id, self._prompt(ids, r), self._params(s, r),
+                             lora_request=r.lora if r else None)
+        engine_done, first, n_out = False, True, 0
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise as_request_error(out)
+                engine_done = out.finished
+                comp = out.outputs[0]
+                step = stream.append(comp.token_ids, comp.finish_reason if engine_done else None)
+                delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason)
+                if first:
+                    first, delta = False, self._first(delta, len(ids), r, t0 - (req.enqueued_at or t_in),
+                                        time.time() - t0)
+                n_out += len(delta.token_ids)
+                yield delta
+                if step.finish_reason is not None:
+                    self.metrics.request(len(ids) + n_out, time.time() - t0)
+                    return
+        finally:
+            if not engine_done:  # cancelled, failed, or a stop string ended it early
+                self.loop.abort(req.request_id)
+            self.adapters.unpin(r, after_engine_step=not engine_done)
+
+    def _prompt(self, ids: list[int], r: Resolved | None):
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=ids,
+                            cache_salt=self.adapters.namespace(r, len(ids)))
+
+    @staticmethod
+    def _params(s: Sampling, r: Resolved | None):
+        """No detokenization or stop strings in the engine: the request's OutputStream owns
+        both, as on the prefill/decode path."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = {REFT_EXTRA_ARG: r.reft_key} if r is not None and r.reft_key else None
+        return SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            ignore_eos=s.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
+            extra_args=extra)
+
+    def _first(self, delta: ColocatedDelta, n_prompt: int, r: Resolved | None,
+               queue_s: float, prefill_s: float) -> ColocatedDelta:
+        """The first delta carries what the router reports as prefill."""
+        from dataclasses import replace
+
+        self.metrics.adapter(r.tier if r else "")
+        return replace(delta, prompt_tokens=n_prompt, queue_s=max(0.0, queue_s),
+                       prefill_s=prefill_s, adapter_tier=r.tier if r else "",
+                       adapter_load_s=r.load_s if r else 0.0)

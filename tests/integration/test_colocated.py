@@ -1,0 +1,162 @@
+"""Colocated workers: one engine, adapter on prompt positions only, decode in the same batch.
+
+A colocated-only cluster (``preft up --colocated-workers 1``: no prefill or decode pool)
+must reproduce the single-process PreFT reference token for token (LoRA-P, ReFT-P and the
+base model, concurrent, so prompt chunks and other users' decode tokens share engine
+steps: asserted from the worker's step counter), serve all-token LoRA adapters (kind
+``lora``) exactly as HF+PEFT with the adapter on every token, and then -- grown by a
+prefill and a decode worker -- keep every all-token request off the decode pool.
+"""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ADAPTER_SEEDS, REFT_ADAPTERS
+
+pytestmark = pytest.mark.integration
+
+GAP_TOL = 1e-3
+N_TOKENS = 24
+LENGTHS = [128, 129, 256, 1, 2, 5, 17, 63, 127, 200, 255, 257]
+
+
+@pytest.fixture(scope="module")
+def colo(assets, tmp_path_factory):
+    from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
+                                RouterConfig)
+    from cluster.launcher import LocalCluster
+
+    eng = EngineConfig(model=assets["model"])
+    a = assets["adapters"]
+    adapters = tuple((n, a[n]) for n in [*ADAPTER_SEEDS, *REFT_ADAPTERS]) + (("cid_all", a["cid"]),)
+    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
+                        prefill_workers=0, decode_workers=0, colocated_workers=1,
+                        router=RouterConfig(port=0), adapters=adapters,
+                        adapter_kinds=(("cid_all", "lora"),),
+                        run_dir=str(tmp_path_factory.mktemp("colo-run")), name="colo")
+    c = LocalCluster(cfg).start_in_thread()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def cclient(colo):
+    from preft_client import PreftClient
+
+    with PreftClient(colo.address, timeout=120) as c:
+        yield c
+
+
+def _compare(got, ref, what: str) -> tuple[int, int]:
+    k = ref.comparable_prefix(GAP_TOL)
+    assert tuple(got[:k]) == ref.tokens[:k], (
+        f"{what}: mismatch at step {next(i for i in range(k) if got[i] != ref.tokens[i])}: "
+        f"cluster {tuple(got[:k])} vs reference {ref.tokens[:k]}")
+    return k, len(ref.tokens) - k
+
+
+def _stats(colo):
+    import ray
+
+    return ray.get(colo.pool.colocated[0].actor.stats.remote(), timeout=30)
+
+
+def test_colocated_only_cluster_has_no_prefill_or_decode_pool(colo, cclient):
+    assert not colo.pool.prefill and not colo.pool.decode and len(colo.pool.colocated) == 1
+    st = cclient.cluster_status()
+    assert [w.role for w in st["workers"]] == ["colocated"]
+    assert cclient.get_adapter("cid_all").kind == "lora"
+    assert cclient.get_adapter("cid").kind == "lora_p"
+
+
+def test_colocated_equals_preft_reference_in_mixed_steps(colo, cclient, reference, assets):
+    from transformers import AutoTokenizer
+
+    rng = random.Random(7)
+    vocab = colo.pool.colocated[0].info.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in LENGTHS]
+    jobs = [(name, p) for name in [*ADAPTER_SEEDS, "rlo", "rfl", None] for p in prompts]
+    mixed_before = _stats(colo).mixed_steps
+
+    def run(job):
+        name, p = job
+        return cclient.generate(name, prompt_token_ids=p, max_tokens=N_TOKENS, ignore_eos=True)
+
+    with ThreadPoolExecutor(8) as ex:  # concurrent: prompt chunks beside decode tokens
+        results = list(ex.map(run, jobs))
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    compared = cut = differ_base = 0
+    for (name, p), c in zip(jobs, results):
+        assert len(c.token_ids) == N_TOKENS and c.finish_reason == "length"
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        adapter_dir = assets["adapters"][name] if name else None
+        k, d = _compare(c.token_ids, reference.generate(p, adapter_dir, N_TOKENS, mode="preft"),
+                        f"{name}, {len(p)}-token prompt")
+        compared, cut = compared + k, cut + d
+        if name is not None:
+            differ_base += c.token_ids != reference.generate(p, None, N_TOKENS, "base").tokens
+        assert c.workers[0] == colo.pool.colocated[0].worker_id and c.kv_bytes == 0
+    print(f"\n{len(jobs)} sequences on the colocated worker, {compared} steps compared, "
+          f"{cut} cut at near-ties")
+    assert cut <= 0.05 * len(jobs) * N_TOKENS
+    assert differ_base >= 0.9 * (len(jobs) - len(prompts))
+    mixed = _stats(colo).mixed_steps - mixed_before
+    assert mixed >= 1, "no engine step held a prompt chunk and another request's decode token"
+
+
+def test_all_token_lora_equals_peft_on_every_token(colo, cclient, reference, assets):
+    rng = random.Random(9)
+    vocab = colo.pool.colocated[0].info.vocab_size
+    cid = assets["adapters"]["cid"]
+    differ = 0
+    for n in (5, 64, 130):
+        p = [rng.randrange(3, vocab) for _ in range(n)]
+        full = cclient.generate("cid_all", prompt_token_ids=p, max_tokens=16, ignore_eos=True)
+        _compare(full.token_ids, reference.generate(p, cid, 16, mode="lora"), f"cid_all, {n}")
+        prompt_only = cclient.generate("cid", prompt_token_ids=p, max_tokens=16, ignore_eos=True)
+        _compare(prompt_only.token_ids, reference.generate(p, cid, 16, mode="preft"), f"cid, {n}")
+        differ += full.token_ids != prompt_only.token_ids
+    assert differ == 3, "all-token LoRA must differ from the same files served as LoRA-P"
+
+
+def test_mixed_cluster_keeps_all_token_requests_off_the_decode_pool(colo, cclient):
+    """Grown by a prefill and a decode worker: PreFT requests may take either path, all-token
+    requests only the colocated one."""
+    import ray
+
+    from router.metrics import default_metrics
+
+    new = [colo.add_worker("prefill"), colo.add_worker("decode")]
+    ray.get([a.info.remote() for a in new])
+    pool = colo.pool
+    assert colo.wait_until(lambda: len(pool.prefill) == 1 and len(pool.decode) == 1
+                           and all(w.healthy for w in pool.all()), 60)
+
+    def paths():
+        out = {}
+        for fam in default_metrics().registry.collect():
+            if fam.name == "preft_request_paths":
+                for s in fam.samples:
+                    if s.name.endswith("_total"):
+                        key = (s.labels["path"], s.labels["kind"])
+                        out[key] = out.get(key, 0) + s.value
+        return out
+
+    before, lora_before = paths(), _stats(colo).by_kind.get("lora", 0)
+    jobs = ["cid_all", "ada", "cid_all", "rlo", "cid_all", None] * 4
+    with ThreadPoolExecutor(6) as ex:
+        outs = list(ex.map(lambda a: cclient.generate(a, prompt="The scheduler batches "
+                                                      "requests", max_tokens=8), jobs))
+    after = paths()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    n_all = jobs.count("cid_all")
+    assert delta.get(("prefill_decode", "lora"), 0) == 0, delta
+    assert delta.get(("colocated", "lora"), 0) == n_all, delta
+    assert _stats(colo).by_kind["lora"] - lora_before == n_all
+    assert all(o.workers[1] == pool.colocated[0].worker_id
+               for a, o in zip(jobs, outs) if a == "cid_all")
+    assert sum(delta.values()) == len(jobs)
