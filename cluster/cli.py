@@ -420,7 +420,8 @@ def cmd_status(args) -> int:
                 "KV sent", "resident adapters"):
         table.add_column(col)
     for w in st["workers"]:
-        used = f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}" if w.role == "decode" else "-"
+        used = (f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
+                if w.role in ("decode", "colocated") else "-")
         table.add_row(w.worker_id, w.role, "yes" if w.healthy else "NO", str(w.outstanding), used,
                       str(w.held_transfers) if w.role == "prefill" else "-",
                       f"{w.kv_bytes_sent / 2**20:.1f} MiB" if w.role == "prefill" else "-",
@@ -483,9 +484,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="start a local cluster and serve until interrupted",
-                        description="Start Ray, one prefill worker (vLLM + adapters), one "
-                        "decode worker (vLLM, no adapters) and the gRPC router. Prints "
-                        "'router listening on HOST:PORT' when ready; Ctrl-C shuts down.")
+                        description="Start Ray, the worker pools and the gRPC router. By "
+                        "default one prefill worker (vLLM + adapters) and one decode worker "
+                        "(vLLM, no adapters); --colocated-workers N alone starts N colocated "
+                        "workers instead (one engine each: the adapter on the prompt, decoding "
+                        "in the same batch, all-token LoRA adapters too). Prints 'router "
+                        "listening on HOST:PORT' when ready; Ctrl-C shuts down.")
     _add_cluster_args(up)
     up.set_defaults(fn=cmd_up)
 

@@ -86,6 +86,8 @@ def rates(a: Snapshot, b: Snapshot, dt: float) -> dict:
         "tpot_p99_ms": ms(quantile(a, b, "preft_time_per_output_token_seconds", 0.99)),
         "adapter_hit_rate": (delta(a, b, "preft_adapter_cache_hits_total", tier="engine") / hits
                              if hits else None),
+        "paths": {k: v / dt for (k,), v in by_label(
+            a, b, "preft_request_paths_total", ("path",)).items()},
     }
 
 
@@ -117,15 +119,22 @@ def render(status: dict, r: dict | None, address: str):
             for k, v in sorted(r["kv_pairs"].items()):
                 pt.add_row(k, f"{v:.3f}")
             parts.append(pt)
+        if r["paths"]:
+            pa = Table(title="requests per path", show_edge=False)
+            pa.add_column("path")
+            pa.add_column("req/s", justify="right")
+            for k, v in sorted(r["paths"].items()):
+                pa.add_row(k, f"{v:.2f}")
+            parts.append(pa)
     w = Table(title="workers", show_edge=False)
     for c in ("worker", "role", "healthy", "outstanding", "KV blocks used", "held", "resident"):
         w.add_column(c)
     for ws in status["workers"]:
         used = (f"{ws.kv_blocks_total - ws.kv_blocks_free}/{ws.kv_blocks_total}"
-                if ws.role == "decode" else "-")
+                if ws.role in ("decode", "colocated") else "-")
         w.add_row(ws.worker_id, ws.role, "yes" if ws.healthy else "[red]NO[/red]",
                   str(ws.outstanding), used, str(ws.held_transfers) if ws.role == "prefill" else "-",
-                  str(len(ws.resident)) if ws.role == "prefill" else "-")
+                  str(len(ws.resident)) if ws.role in ("prefill", "colocated") else "-")
     parts.append(w)
     return Group(*parts)
 

@@ -31,6 +31,7 @@ def exported_sample_names() -> set[str]:
     m.observe_adapter("store", 0.2)
     m.routing.labels("prefill", "locality", "p").inc()
     m.spills.labels("locality").inc()
+    m.paths.labels("colocated", "lora").inc()
     m.set_gauge_source(lambda: [(n, {"x": "1"}, 1.0) for n in GAUGES])
     return {s.name for f in text_string_to_metric_families(m.render().decode())
             for s in f.samples}
