@@ -1,18 +1,20 @@
 """PreFT Serve client SDK: step 1 of a request's path, on the application's side.
 
 ``PreftClient(address).generate(adapter, prompt=...)`` returns a :class:`Completion`;
-``stream(...)`` yields :class:`Delta` items. ``AsyncPreftClient`` has the same methods as
+``stream(...)`` yields :class:`Delta` items, ``events(...)`` the deltas and then the
+:class:`Completion`; ``list_adapters()``, ``health()`` and the rest take ``api_key=`` per call
+(a gateway forwarding its callers' keys). ``AsyncPreftClient`` has the same methods as
 coroutines / async iterators. gRPC errors surface as :class:`PreftClientError` subclasses
 carrying the status code and the server's message. Imports neither torch nor vLLM.
 """
 
 from preft_client.client import AsyncPreftClient, PreftClient
-from preft_client.errors import (DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
-                                 PreftClientError, ResourceExhausted, Unauthenticated,
-                                 Unavailable)
+from preft_client.errors import (DeadlineExceeded, IncompleteStream, InvalidArgument, NotFound,
+                                 PermissionDenied, PreftClientError, ResourceExhausted,
+                                 Unauthenticated, Unavailable)
 from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
 
 __all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Timings", "Usage",
            "AdapterInfo", "WorkerStatus", "PreftClientError", "InvalidArgument", "NotFound",
            "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
-           "PermissionDenied"]
+           "PermissionDenied", "IncompleteStream"]

@@ -1,8 +1,12 @@
 """Sync and async clients for the ``preft.v1.Router`` gRPC service.
 
-Both send ``authorization: Bearer <api_key>`` when given a key, and retry ``UNAVAILABLE``
-with exponential backoff where that is safe: read-only calls always, ``generate``/``stream``
-only before the first token arrived (nothing was delivered twice).
+The two clients share one request/response body (:class:`_Base` and the helpers here): each
+call is described once (:class:`_Unary`: the RPC, the request message, how the answer becomes
+SDK types; :func:`_request` and :class:`_Collector` for ``Generate``), and a client only runs
+it, blocking or on asyncio. Both send ``authorization: Bearer <api_key>`` when given a key
+(the client's, or ``api_key=`` on one call), and retry ``UNAVAILABLE`` with exponential
+backoff where that is safe: read-only calls always, ``generate``/``stream``/``events`` only
+before the first token arrived (nothing was delivered twice).
 """
 
 from __future__ import annotations
@@ -10,19 +14,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from preft_client.errors import Unavailable, from_rpc_error
+from preft_client.errors import IncompleteStream, Unavailable, from_rpc_error
 from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 
 UPLOAD_CHUNK = 1 << 20
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+HEALTH_SERVICE = "preft.v1.Router"
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
+_CLIENT_TIMEOUT = object()   # a call's timeout when none is given: the client's
 
 
 def _pem(value: str | Path | bytes | None, what: str) -> bytes | None:
@@ -55,8 +63,13 @@ def _channel_args(address: str, tls: bool, tls_ca, tls_cert, tls_key, tls_server
     return creds, options
 
 
+# --------------------------------------------------------------------------- requests
+
+
 def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed, stop,
              ignore_eos, request_id) -> pb.GenerateRequest:
+    """The ``GenerateRequest`` of one generate/stream/events call. Raises ``ValueError`` for
+    bad arguments, including text protobuf cannot encode (lone surrogates)."""
     if (prompt is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt or prompt_token_ids")
     sp = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -71,26 +84,16 @@ def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, 
     return req
 
 
-def _adapter_info(a: pb.Adapter) -> AdapterInfo:
-    return AdapterInfo(a.name, a.version, a.kind, a.rank, tuple(a.target_modules), a.size_bytes,
-                       a.sha256, a.owner, a.public, a.created)
-
-
-def _status(resp: pb.ClusterStatusResponse) -> dict:
-    return {"workers": [WorkerStatus(w.worker_id, w.role, w.healthy, w.outstanding,
-                                     w.kv_blocks_total, w.kv_blocks_free, dict(w.resident),
-                                     w.kv_bytes_sent, w.held_transfers) for w in resp.workers],
-            "router_inflight": resp.router_inflight, "adapters": resp.adapters,
-            "state_stale": resp.state_stale}
-
-
 def upload_chunks(name: str, path: str | Path, public: bool,
-                  progress: Callable[[int, int], None] | None) -> Iterator[pb.AdapterUploadChunk]:
-    """Header, then the PEFT files in 1 MiB chunks; ``progress(sent, total)`` after each."""
+                  progress: Callable[[int, int], None] | None,
+                  kind: str | None = None) -> Iterator[pb.AdapterUploadChunk]:
+    """Header, then the PEFT files in 1 MiB chunks; ``progress(sent, total)`` after each.
+    ``kind`` (``lora_p``, ``reft_p``, ``lora``): what the files are; None = from the files."""
     path = Path(path)
     files = [path / f for f in ADAPTER_FILES if (path / f).is_file()]
     total = sum(f.stat().st_size for f in files)
-    yield pb.AdapterUploadChunk(header=pb.AdapterUploadHeader(name=name, public=public))
+    yield pb.AdapterUploadChunk(header=pb.AdapterUploadHeader(name=name, public=public,
+                                                              kind=kind or ""))
     sent = 0
     for f in files:
         with f.open("rb") as fh:
@@ -106,7 +109,34 @@ def upload_chunks(name: str, path: str | Path, public: bool,
             yield pb.AdapterUploadChunk(chunk=pb.AdapterFileChunk(filename=f.name, data=b""))
 
 
+# --------------------------------------------------------------------------- responses
+
+
+def _adapter_info(a: pb.Adapter) -> AdapterInfo:
+    return AdapterInfo(a.name, a.version, a.kind, a.rank, tuple(a.target_modules), a.size_bytes,
+                       a.sha256, a.owner, a.public, a.created)
+
+
+def _adapters(resp: pb.ListAdaptersResponse) -> dict[str, AdapterInfo]:
+    return {a.name: _adapter_info(a) for a in resp.adapters}
+
+
+def _status(resp: pb.ClusterStatusResponse) -> dict:
+    return {"workers": [WorkerStatus(w.worker_id, w.role, w.healthy, w.outstanding,
+                                     w.kv_blocks_total, w.kv_blocks_free, dict(w.resident),
+                                     w.kv_bytes_sent, w.held_transfers) for w in resp.workers],
+            "router_inflight": resp.router_inflight, "adapters": resp.adapters,
+            "state_stale": resp.state_stale}
+
+
+def _serving(resp: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 class _Collector:
+    """Assembles one ``Generate`` stream: :class:`Delta` per token message, then the
+    :class:`Completion` (whole text and ids, finish reason, usage, timings)."""
+
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.text: list[str] = []
@@ -124,7 +154,8 @@ class _Collector:
     def completion(self) -> Completion:
         f = self.final
         if f is None:
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "stream ended without a final message")
+            raise IncompleteStream(grpc.StatusCode.UNAVAILABLE,
+                                   "stream ended without a final message")
         t = f.timings
         return Completion(
             request_id=f.request_id, token_ids=tuple(self.ids), text="".join(self.text),
@@ -136,110 +167,227 @@ class _Collector:
             workers=(f.kv.prefill_worker, f.kv.decode_worker))
 
 
+# --------------------------------------------------------------------------- the shared body
+
+
+@dataclass(frozen=True)
+class _Unary:
+    """One read-only call, described once for both clients: ``rpc`` on the Router stub (or
+    on the health stub), the request message, and how its answer becomes SDK types."""
+
+    rpc: str
+    request: Any
+    answer: Callable[[Any], Any]
+    health: bool = False
+
+
 class _Base:
+    """What both clients share: channel settings, call options, and the calls themselves."""
+
+    _grpc: Any = grpc   # the module that makes channels: grpc or grpc.aio
+
     def __init__(self, address: str, api_key: str | None, timeout: float | None,
-                 retries: int, backoff_s: float) -> None:
+                 retries: int, backoff_s: float, wait_for_ready: bool, tls: bool,
+                 tls_ca, tls_cert, tls_key, tls_server_name) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
-        self._md = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self.wait_for_ready = wait_for_ready
+        self._api_key = api_key
+        # Validated and PEM files read now: bad TLS options fail here, not on the first call.
+        self._creds, self._options = _channel_args(address, tls, tls_ca, tls_cert, tls_key,
+                                                   tls_server_name)
+        self._channel = None
+        self._stubs: tuple[pb_grpc.RouterStub, health_pb2_grpc.HealthStub] | None = None
+
+    def _open(self) -> tuple[pb_grpc.RouterStub, health_pb2_grpc.HealthStub]:
+        if self._channel is None:
+            g = self._grpc
+            self._channel = (g.insecure_channel(self.address, options=self._options)
+                             if self._creds is None else
+                             g.secure_channel(self.address, self._creds, options=self._options))
+            self._stubs = (pb_grpc.RouterStub(self._channel),
+                           health_pb2_grpc.HealthStub(self._channel))
+        return self._stubs
+
+    @property
+    def _stub(self) -> pb_grpc.RouterStub:
+        return self._open()[0]
+
+    def _kw(self, api_key: str | None, timeout=_CLIENT_TIMEOUT) -> dict:
+        """gRPC call options: deadline, ``authorization`` metadata, wait-for-ready."""
+        key = self._api_key if api_key is None else api_key
+        return {"timeout": self.timeout if timeout is _CLIENT_TIMEOUT else timeout,
+                "metadata": (("authorization", f"Bearer {key}"),) if key else None,
+                "wait_for_ready": True if self.wait_for_ready else None}
+
+    def _method(self, call: _Unary):
+        router, health = self._open()
+        return getattr(health if call.health else router, call.rpc)
 
     def _delay(self, attempt: int) -> float:
         return self.backoff_s * (2 ** attempt) * (0.5 + random.random())
 
+    def _retry(self, err: Exception, attempt: int, started: bool = False) -> bool:
+        return not started and isinstance(err, Unavailable) and attempt < self.retries
+
+    # The calls, described once.
+    @staticmethod
+    def _list_adapters() -> _Unary:
+        return _Unary("ListAdapters", pb.ListAdaptersRequest(), _adapters)
+
+    @staticmethod
+    def _get_adapter(name: str) -> _Unary:
+        return _Unary("GetAdapter", pb.GetAdapterRequest(name=name), _adapter_info)
+
+    @staticmethod
+    def _delete_adapter(name: str) -> _Unary:
+        return _Unary("DeleteAdapter", pb.DeleteAdapterRequest(name=name), lambda r: r.deleted)
+
+    @staticmethod
+    def _cluster_status() -> _Unary:
+        return _Unary("ClusterStatus", pb.ClusterStatusRequest(), _status)
+
+    @staticmethod
+    def _health() -> _Unary:
+        return _Unary("Check", health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), _serving,
+                      health=True)
+
+
+# --------------------------------------------------------------------------- blocking client
+
 
 class PreftClient(_Base):
-    """Blocking client. ``PreftClient("127.0.0.1:50051").generate("my-adapter", prompt="Hi")``."""
+    """Blocking client. ``PreftClient("127.0.0.1:50051").generate("my-adapter", prompt="Hi")``.
+
+    Every call takes ``api_key=`` to use another key than the client's for that call."""
 
     def __init__(self, address: str, *, api_key: str | None = None,
                  timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2,
-                 tls: bool = False, tls_ca: str | Path | bytes | None = None,
+                 wait_for_ready: bool = False, tls: bool = False,
+                 tls_ca: str | Path | bytes | None = None,
                  tls_cert: str | Path | bytes | None = None,
                  tls_key: str | Path | bytes | None = None,
                  tls_server_name: str | None = None) -> None:
         """``tls=True`` (or any ``tls_*``) connects over TLS: ``tls_ca`` verifies the router's
         certificate (default: system roots), ``tls_cert``/``tls_key`` are this client's
         certificate for mutual TLS, ``tls_server_name`` the name to check the certificate
-        against when it differs from the address's host."""
-        super().__init__(address, api_key, timeout, retries, backoff_s)
-        creds, options = _channel_args(address, tls, tls_ca, tls_cert, tls_key, tls_server_name)
-        self._channel = (grpc.insecure_channel(address, options=options) if creds is None
-                         else grpc.secure_channel(address, creds, options=options))
-        self._stub = pb_grpc.RouterStub(self._channel)
+        against when it differs from the address's host. ``wait_for_ready``: calls wait (up to
+        ``timeout``) for the router to come up instead of failing at once."""
+        super().__init__(address, api_key, timeout, retries, backoff_s, wait_for_ready, tls,
+                         tls_ca, tls_cert, tls_key, tls_server_name)
+        self._open()
 
-    def _unary(self, method, req):
+    def _unary(self, call: _Unary, api_key: str | None = None, **kw):
         for attempt in range(self.retries + 1):
             try:
-                return method(req, timeout=self.timeout, metadata=self._md)
+                return call.answer(self._method(call)(call.request, **self._kw(api_key, **kw)))
             except grpc.RpcError as e:
                 err = from_rpc_error(e)
-                if not isinstance(err, Unavailable) or attempt == self.retries:
+                if not self._retry(err, attempt):
                     raise err from None
-                time.sleep(self._delay(attempt))
+            time.sleep(self._delay(attempt))
 
-    def _responses(self, req: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+    def _responses(self, req: pb.GenerateRequest,
+                   api_key: str | None) -> Iterator[pb.GenerateResponse]:
         for attempt in range(self.retries + 1):
             started = False
+            call = self._stub.Generate(req, **self._kw(api_key))
             try:
-                for msg in self._stub.Generate(req, timeout=self.timeout, metadata=self._md):
+                for msg in call:
                     started = True
                     yield msg
                 return
             except grpc.RpcError as e:
                 err = from_rpc_error(e)
-                if started or not isinstance(err, Unavailable) or attempt == self.retries:
+                if not self._retry(err, attempt, started):
                     raise err from None
-                time.sleep(self._delay(attempt))
+            finally:
+                call.cancel()   # no-op when finished; frees the router's work if we left
+            time.sleep(self._delay(attempt))
+
+    def events(self, adapter: str | None, prompt: str | None = None,
+               prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | None = None, ignore_eos: bool = False,
+               request_id: str | None = None, *,
+               api_key: str | None = None) -> Iterator[Delta | Completion]:
+        """:class:`Delta` items as they arrive, then the :class:`Completion` (finish reason,
+        usage, timings, whole text). Bad arguments raise ``ValueError`` here, at the call."""
+        req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
+                       stop, ignore_eos, request_id)
+        return self._events(req, api_key)
+
+    def _events(self, req, api_key) -> Iterator[Delta | Completion]:
+        col = _Collector()
+        for msg in self._responses(req, api_key):
+            d = col.add(msg)
+            if d is not None:
+                yield d
+        yield col.completion()
 
     def stream(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | None = None, ignore_eos: bool = False,
-               request_id: str | None = None) -> Iterator[Delta]:
+               request_id: str | None = None, *, api_key: str | None = None) -> Iterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        for msg in self._responses(req):
-            if msg.HasField("delta"):
-                yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
+        return self._deltas(req, api_key)
+
+    def _deltas(self, req, api_key) -> Iterator[Delta]:
+        col = _Collector()
+        for msg in self._responses(req, api_key):
+            d = col.add(msg)
+            if d is not None:
+                yield d
 
     def generate(self, adapter: str | None, prompt: str | None = None,
                  prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | None = None, ignore_eos: bool = False,
-                 request_id: str | None = None) -> Completion:
+                 request_id: str | None = None, *, api_key: str | None = None) -> Completion:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
         col = _Collector()
-        for msg in self._responses(req):
+        for msg in self._responses(req, api_key):
             col.add(msg)
         return col.completion()
 
     def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
-                         progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
-        """Upload a PEFT adapter directory; a second upload of a name is a new version."""
+                         kind: str | None = None,
+                         progress: Callable[[int, int], None] | None = None,
+                         api_key: str | None = None) -> AdapterInfo:
+        """Upload a PEFT adapter directory; a second upload of a name is a new version.
+        ``kind``: ``lora_p``, ``reft_p`` or ``lora`` (all-token); None = from the files."""
         try:
-            a = self._stub.RegisterAdapter(upload_chunks(name, path, public, progress),
-                                           timeout=self.timeout, metadata=self._md)
+            a = self._stub.RegisterAdapter(upload_chunks(name, path, public, progress, kind),
+                                           **self._kw(api_key))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return _adapter_info(a)
 
-    def list_adapters(self) -> dict[str, AdapterInfo]:
-        resp = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
-        return {a.name: _adapter_info(a) for a in resp.adapters}
+    def list_adapters(self, *, api_key: str | None = None) -> dict[str, AdapterInfo]:
+        return self._unary(self._list_adapters(), api_key)
 
-    def get_adapter(self, name: str) -> AdapterInfo:
-        return _adapter_info(self._unary(self._stub.GetAdapter, pb.GetAdapterRequest(name=name)))
+    def get_adapter(self, name: str, *, api_key: str | None = None) -> AdapterInfo:
+        return self._unary(self._get_adapter(name), api_key)
 
-    def delete_adapter(self, name: str) -> bool:
-        return self._unary(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name)).deleted
+    def delete_adapter(self, name: str, *, api_key: str | None = None) -> bool:
+        return self._unary(self._delete_adapter(name), api_key)
 
-    def cluster_status(self) -> dict:
-        return _status(self._unary(self._stub.ClusterStatus, pb.ClusterStatusRequest()))
+    def cluster_status(self, *, api_key: str | None = None) -> dict:
+        return self._unary(self._cluster_status(), api_key)
+
+    def health(self, *, timeout: float | None = 5.0) -> str:
+        """The router's gRPC health status (``"SERVING"``, ``"NOT_SERVING"``, ...)."""
+        return self._unary(self._health(), timeout=timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def __enter__(self) -> "PreftClient":
         return self
@@ -248,94 +396,137 @@ class PreftClient(_Base):
         self.close()
 
 
+# --------------------------------------------------------------------------- asyncio client
+
+
 class AsyncPreftClient(_Base):
-    """asyncio client with the same methods as :class:`PreftClient`."""
+    """asyncio client with the same methods as :class:`PreftClient` (coroutines; ``stream``
+    and ``events`` return async iterators). It may be built outside a running event loop:
+    its channel opens on the first call, on that call's loop, and again after ``close()``."""
+
+    _grpc = grpc.aio
 
     def __init__(self, address: str, *, api_key: str | None = None,
                  timeout: float | None = 300.0, retries: int = 3, backoff_s: float = 0.2,
-                 tls: bool = False, tls_ca: str | Path | bytes | None = None,
+                 wait_for_ready: bool = False, tls: bool = False,
+                 tls_ca: str | Path | bytes | None = None,
                  tls_cert: str | Path | bytes | None = None,
                  tls_key: str | Path | bytes | None = None,
                  tls_server_name: str | None = None) -> None:
-        super().__init__(address, api_key, timeout, retries, backoff_s)
-        creds, options = _channel_args(address, tls, tls_ca, tls_cert, tls_key, tls_server_name)
-        self._channel = (grpc.aio.insecure_channel(address, options=options) if creds is None
-                         else grpc.aio.secure_channel(address, creds, options=options))
-        self._stub = pb_grpc.RouterStub(self._channel)
+        super().__init__(address, api_key, timeout, retries, backoff_s, wait_for_ready, tls,
+                         tls_ca, tls_cert, tls_key, tls_server_name)
 
-    async def _unary(self, method, req):
+    async def _unary(self, call: _Unary, api_key: str | None = None, **kw):
         for attempt in range(self.retries + 1):
             try:
-                return await method(req, timeout=self.timeout, metadata=self._md)
+                resp = await self._method(call)(call.request, **self._kw(api_key, **kw))
+                return call.answer(resp)
             except grpc.RpcError as e:
                 err = from_rpc_error(e)
-                if not isinstance(err, Unavailable) or attempt == self.retries:
+                if not self._retry(err, attempt):
                     raise err from None
-                await asyncio.sleep(self._delay(attempt))
+            await asyncio.sleep(self._delay(attempt))
 
-    async def _responses(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def _responses(self, req: pb.GenerateRequest,
+                         api_key: str | None) -> AsyncIterator[pb.GenerateResponse]:
         for attempt in range(self.retries + 1):
             started = False
+            call = self._stub.Generate(req, **self._kw(api_key))
             try:
-                async for msg in self._stub.Generate(req, timeout=self.timeout, metadata=self._md):
+                async for msg in call:
                     started = True
                     yield msg
                 return
             except grpc.RpcError as e:
                 err = from_rpc_error(e)
-                if started or not isinstance(err, Unavailable) or attempt == self.retries:
+                if not self._retry(err, attempt, started):
                     raise err from None
-                await asyncio.sleep(self._delay(attempt))
+            finally:
+                call.cancel()   # no-op when finished; frees the router's work if we left
+            await asyncio.sleep(self._delay(attempt))
 
-    async def stream(self, adapter: str | None, prompt: str | None = None,
-                     prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                     stop: Sequence[str] | None = None, ignore_eos: bool = False,
-                     request_id: str | None = None) -> AsyncIterator[Delta]:
+    def events(self, adapter: str | None, prompt: str | None = None,
+               prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | None = None, ignore_eos: bool = False,
+               request_id: str | None = None, *,
+               api_key: str | None = None) -> AsyncIterator[Delta | Completion]:
+        """:class:`Delta` items as they arrive, then the :class:`Completion`. Bad arguments
+        raise ``ValueError`` here, at the call; the RPC starts on the first ``__anext__``."""
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        async for msg in self._responses(req):
-            if msg.HasField("delta"):
-                yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
+        return self._events(req, api_key)
+
+    async def _events(self, req, api_key) -> AsyncIterator[Delta | Completion]:
+        col = _Collector()
+        async for msg in self._responses(req, api_key):
+            d = col.add(msg)
+            if d is not None:
+                yield d
+        yield col.completion()
+
+    def stream(self, adapter: str | None, prompt: str | None = None,
+               prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | None = None, ignore_eos: bool = False,
+               request_id: str | None = None, *,
+               api_key: str | None = None) -> AsyncIterator[Delta]:
+        req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
+                       stop, ignore_eos, request_id)
+        return self._deltas(req, api_key)
+
+    async def _deltas(self, req, api_key) -> AsyncIterator[Delta]:
+        col = _Collector()
+        async for msg in self._responses(req, api_key):
+            d = col.add(msg)
+            if d is not None:
+                yield d
 
     async def generate(self, adapter: str | None, prompt: str | None = None,
                        prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        stop: Sequence[str] | None = None, ignore_eos: bool = False,
-                       request_id: str | None = None) -> Completion:
+                       request_id: str | None = None, *,
+                       api_key: str | None = None) -> Completion:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
         col = _Collector()
-        async for msg in self._responses(req):
+        async for msg in self._responses(req, api_key):
             col.add(msg)
         return col.completion()
 
     async def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
-                               progress: Callable[[int, int], None] | None = None) -> AdapterInfo:
+                               kind: str | None = None,
+                               progress: Callable[[int, int], None] | None = None,
+                               api_key: str | None = None) -> AdapterInfo:
         try:
-            a = await self._stub.RegisterAdapter(upload_chunks(name, path, public, progress),
-                                                 timeout=self.timeout, metadata=self._md)
+            a = await self._stub.RegisterAdapter(upload_chunks(name, path, public, progress,
+                                                               kind),
+                                                 **self._kw(api_key))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return _adapter_info(a)
 
-    async def list_adapters(self) -> dict[str, AdapterInfo]:
-        resp = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
-        return {a.name: _adapter_info(a) for a in resp.adapters}
+    async def list_adapters(self, *, api_key: str | None = None) -> dict[str, AdapterInfo]:
+        return await self._unary(self._list_adapters(), api_key)
 
-    async def get_adapter(self, name: str) -> AdapterInfo:
-        return _adapter_info(await self._unary(self._stub.GetAdapter,
-                                               pb.GetAdapterRequest(name=name)))
+    async def get_adapter(self, name: str, *, api_key: str | None = None) -> AdapterInfo:
+        return await self._unary(self._get_adapter(name), api_key)
 
-    async def delete_adapter(self, name: str) -> bool:
-        resp = await self._unary(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name))
-        return resp.deleted
+    async def delete_adapter(self, name: str, *, api_key: str | None = None) -> bool:
+        return await self._unary(self._delete_adapter(name), api_key)
 
-    async def cluster_status(self) -> dict:
-        return _status(await self._unary(self._stub.ClusterStatus, pb.ClusterStatusRequest()))
+    async def cluster_status(self, *, api_key: str | None = None) -> dict:
+        return await self._unary(self._cluster_status(), api_key)
+
+    async def health(self, *, timeout: float | None = 5.0) -> str:
+        """The router's gRPC health status (``"SERVING"``, ``"NOT_SERVING"``, ...)."""
+        return await self._unary(self._health(), timeout=timeout)
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
 
     async def __aenter__(self) -> "AsyncPreftClient":
         return self

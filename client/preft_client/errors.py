@@ -23,6 +23,11 @@ class Unauthenticated(PreftClientError): ...
 class PermissionDenied(PreftClientError): ...
 
 
+class IncompleteStream(Unavailable):
+    """A ``Generate`` stream ended without its final message (finish reason, usage): the
+    router broke the protocol. An ``Unavailable``, so callers that retry those still do."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
