@@ -232,7 +232,7 @@ def cmd_up(args) -> int:
         http_server: list = []
         http_task = None
         if args.http_port is not None:
-            from router.http_gateway import serve_http
+            from http_gateway import serve_http
             r = cfg.router   # with TLS: HTTPS with the router's certificate (and client CA)
             http_task = asyncio.get_running_loop().create_task(serve_http(
                 cluster.local_address or cluster.address, r.host, args.http_port,

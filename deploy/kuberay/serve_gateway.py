@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP gateway as a Ray Serve application (deploy/kuberay/rayservice.yaml).
 
-Serve replicas run ``router.http_gateway.create_app`` (a FastAPI app: a pure translator, no
+Serve replicas run ``http_gateway.create_app`` (a FastAPI app: a pure translator, no
 model or KV) and forward every request over gRPC to the PreFT router, whose address comes
 from ``PREFT_ROUTER_ADDRESS`` (default ``preft-router:50051``, the Service in the manifest).
 The router itself and the prefill/decode pools are started by ``preft up`` in the head pod;
@@ -16,7 +16,7 @@ import os
 
 from ray import serve
 
-from router.http_gateway import create_app
+from http_gateway import create_app
 
 ROUTER_ADDRESS = os.environ.get("PREFT_ROUTER_ADDRESS", "preft-router:50051")
 

@@ -296,7 +296,7 @@ def test_fuzzed_requests_end_to_end(client, req):
 
 @pytest.fixture(scope="module")
 def gateway(cluster):
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
 
     gw = HttpGatewayThread(cluster.address, timeout=60)
     gw.start()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP gateway (router/http_gateway.py).
+"""The OpenAI-compatible HTTP gateway (http_gateway/).
 
 Against the real cluster: the official ``openai`` package (completions and chat, plain and
 streamed, usage), greedy output equal to the gRPC client's, /v1/models, /health, and bad
@@ -22,7 +22,7 @@ import pytest
 
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
-from router.http_gateway import HttpGatewayThread, format_chat
+from http_gateway import HttpGatewayThread, format_chat
 
 ADAPTERS = ("ada", "bea", "cid", "dov")
 integration = pytest.mark.integration
@@ -101,7 +101,7 @@ def test_chat_plain_and_streamed_follow_the_template(oai, client):
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "Name a colour."}]
     prompt = "<|system|>\nYou are terse.\n<|user|>\nName a colour.\n<|assistant|>\n"
-    from router.http_gateway import ChatMessage
+    from http_gateway import ChatMessage
     assert format_chat([ChatMessage(**m) for m in messages]) == prompt
     ref = client.generate("dov", prompt=prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -130,6 +130,10 @@ def test_models_and_health(oai, http):
     assert set(ADAPTERS) <= set(ids) and "base" in ids
     assert all(m.owned_by == "preft" and m.object == "model" for m in oai.models.list())
     assert oai.models.retrieve("ada").id == "ada"
+    cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert all(cards[a]["preft_kind"] in ("lora_p", "reft_p", "lora") for a in ADAPTERS)
+    assert "preft_kind" not in cards["base"]
+    assert http.get("/v1/models/ada").json()["preft_kind"] == cards["ada"]["preft_kind"]
     h = http.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
 
@@ -185,7 +189,7 @@ def test_malformed_bodies_are_400(http):
 
 
 def test_gateway_imports_neither_torch_nor_vllm():
-    code = "import sys, router.http_gateway; print('\\n'.join(sys.modules))"
+    code = "import sys, http_gateway; print('\\n'.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     mods = set(out.stdout.split())
@@ -209,7 +213,8 @@ class _FakeRouter(pb_grpc.RouterServicer):
 
     async def ListAdapters(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
-        return pb.ListAdaptersResponse(adapters=[pb.Adapter(name="x", version=3)])
+        adapter = pb.Adapter(name="x", version=3, kind="reft_p")
+        return pb.ListAdaptersResponse(adapters=[adapter])
 
     async def Generate(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
@@ -331,4 +336,6 @@ def test_base_model_name_means_no_adapter(fake):
     assert req.sampling.max_tokens == 16 and req.sampling.temperature == 1.0
     models = http.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["base", "x"]
+    assert models[1]["preft_kind"] == "reft_p" and models[1]["version"] == 3
+    assert "preft_kind" not in models[0]
     assert http.get("/health").status_code == 200

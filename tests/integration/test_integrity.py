@@ -39,7 +39,7 @@ def tokenizer(assets):
 def oai(cluster):
     import openai
 
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
 
     gw = HttpGatewayThread(cluster.address, timeout=120)
     gw.start()

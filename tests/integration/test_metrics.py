@@ -115,7 +115,7 @@ def test_gauges_show_pools_and_free_kv(cluster, client, metrics_url):
 def test_gateway_serves_metrics(cluster):
     from fastapi.testclient import TestClient
 
-    from router.http_gateway import create_app
+    from http_gateway import create_app
 
     with TestClient(create_app(cluster.address)) as http:
         r = http.get("/metrics")

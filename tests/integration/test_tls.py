@@ -231,7 +231,7 @@ def _https_get(url: str, ca: str, cert: tuple[str, str] | None = None):
 async def test_http_gateway_serves_https(pki, redis_server, tmp_path, mtls):
     import httpx
 
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
 
     async with _Router(_router_cfg(pki, mtls), redis_server.url, tmp_path / "s") as r:
         gw = HttpGatewayThread(r.server.local_address, ssl_certfile=pki["cert"],
@@ -263,7 +263,7 @@ async def test_http_gateway_reaches_a_tls_router(pki, redis_server, tmp_path):
     """Standalone gateway (`--router-tls-*`) in front of a mutual-TLS router."""
     import httpx
 
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
 
     async with _Router(_router_cfg(pki, mtls=True), redis_server.url, tmp_path / "s") as r:
         tls = {"tls_ca": pki["server_ca"], "tls_cert": pki["client_cert"],

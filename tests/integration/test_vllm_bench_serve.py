@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_vllm_bench_serve_against_the_gateway(cluster, assets, tmp_path):
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
     from vllm.benchmarks.serve import add_cli_args, main
 
     gw = HttpGatewayThread(cluster.address)

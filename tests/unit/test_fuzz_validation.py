@@ -240,7 +240,7 @@ def test_grpc_generate_answers_only_documented_codes(stub, req):
 def http(router):
     from fastapi.testclient import TestClient
 
-    from router.http_gateway import create_app
+    from http_gateway import create_app
 
     with TestClient(create_app(f"127.0.0.1:{router.port}", timeout=10),
                     raise_server_exceptions=False) as c:

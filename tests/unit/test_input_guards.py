@@ -179,7 +179,7 @@ def fake_router(request):
 
 @pytest.mark.parametrize("fake_router", [False], indirect=True)
 def test_gateway_refuses_open_api_on_a_public_address(fake_router, capsys):
-    from router.http_gateway import main, serve_http
+    from http_gateway import main, serve_http
 
     with pytest.raises(PermissionError, match="refusing to serve an open API on 0.0.0.0"):
         asyncio.run(serve_http(fake_router, "0.0.0.0", 0))
@@ -189,7 +189,7 @@ def test_gateway_refuses_open_api_on_a_public_address(fake_router, capsys):
 
 @pytest.mark.parametrize("fake_router", [False], indirect=True)
 def test_gateway_serves_open_api_on_loopback(fake_router):
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
 
     gw = HttpGatewayThread(fake_router, host="127.0.0.1", port=0)
     assert gw.start() > 0
@@ -198,7 +198,7 @@ def test_gateway_serves_open_api_on_loopback(fake_router):
 
 @pytest.mark.parametrize("fake_router", [True], indirect=True)
 def test_gateway_serves_a_public_address_when_the_router_requires_keys(fake_router):
-    from router.http_gateway import HttpGatewayThread
+    from http_gateway import HttpGatewayThread
 
     gw = HttpGatewayThread(fake_router, host="0.0.0.0", port=0)
     assert gw.start() > 0
@@ -208,7 +208,7 @@ def test_gateway_serves_a_public_address_when_the_router_requires_keys(fake_rout
 def test_gateway_refuses_a_public_address_when_the_router_is_unreachable():
     import socket
 
-    from router.http_gateway import check_bind_is_safe, create_app
+    from http_gateway import check_bind_is_safe, create_app
 
     with socket.socket() as s:              # bound, not listening: connections are refused
         s.bind(("127.0.0.1", 0))

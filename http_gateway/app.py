@@ -1,0 +1,198 @@
+"""The ASGI app: routes for the OpenAI API, health and metrics, and the error handlers.
+
+Each route parses its body (``schema``), asks the router through the app's
+:class:`~http_gateway.gateway.Gateway` (the SDK), and answers OpenAI-shaped JSON or, with
+``"stream": true``, server-sent events (``sse``). ``Authorization: Bearer <key>`` is passed on
+as the SDK call's ``api_key`` (gRPC metadata ``authorization: Bearer <key>``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from http_gateway.errors import GatewayError
+from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, Gateway
+from http_gateway.schema import (ChatCompletionRequest, CompletionRequest, Sampling,
+                                 format_chat, single_prompt, validation_error)
+from http_gateway.sse import Envelope, stream_response, usage
+
+log = logging.getLogger(__name__)
+routes = APIRouter()
+
+
+def create_app(router_address: str, base_model_name: str = "base", *,
+               timeout: float | None = DEFAULT_TIMEOUT_S,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               router_tls: dict | None = None) -> FastAPI:
+    """The OpenAI-compatible FastAPI app, forwarding to the gRPC router at ``router_address``.
+
+    ``base_model_name`` is the OpenAI ``model`` that means "no adapter"; ``timeout`` is the
+    deadline of each gRPC call (seconds, None = none); ``default_max_tokens`` applies when a
+    request gives neither ``max_tokens`` nor ``max_completion_tokens``. ``router_tls``: reach
+    a TLS router, with the SDK's options (``tls_ca``, ``tls_cert``, ``tls_key``,
+    ``tls_server_name``; see ``preft_client.AsyncPreftClient``).
+    """
+    gw = Gateway(router_address, base_model_name, timeout, default_max_tokens, router_tls)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            await gw.close()
+
+    app = FastAPI(title="PreFT Serve OpenAI-compatible gateway", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gw
+    _add_error_handlers(app)
+    app.include_router(routes)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _on_gateway_error(request: Request, exc: GatewayError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(404)
+    async def _on_not_found(request: Request, exc):
+        return GatewayError(404, f"no route {request.method} {request.url.path}").response()
+
+    @app.exception_handler(405)
+    async def _on_bad_method(request: Request, exc):
+        return GatewayError(405, f"method {request.method} not allowed on {request.url.path}",
+                            type_="invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return GatewayError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def bearer_key(request: Request) -> str | None:
+    """The API key of ``Authorization: Bearer <key>``, or None without one."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, key = auth.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return None
+    if not all(33 <= ord(ch) < 127 for ch in key):
+        raise GatewayError(401, "Authorization header: the bearer key must be printable ASCII "
+                                "without spaces", type_="authentication_error")
+    return key
+
+
+def _envelope(gw: Gateway, body: Sampling, prefix: str, obj: str) -> Envelope:
+    return Envelope(f"{prefix}-{uuid.uuid4().hex}", obj, int(time.time()),
+                    body.model or gw.base_model_name, body.include_usage())
+
+
+# --------------------------------------------------------------------------- health, metrics
+
+
+@routes.get("/metrics")
+async def metrics():
+    """Prometheus exposition of this process's router metrics (``router.metrics``: the
+    router's registry when the gateway runs in the router's process, as ``preft up
+    --http-port`` does)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from router.metrics import default_metrics
+
+    body = await asyncio.to_thread(default_metrics().render)  # gauges may ask workers
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@routes.get("/health")
+async def health(request: Request):
+    gw = _gateway(request)
+    await gw.check_health()
+    return {"status": "ok", "router": gw.router_address}
+
+
+# --------------------------------------------------------------------------- /v1/models
+
+
+@routes.get("/v1/models")
+async def list_models(request: Request):
+    gw = _gateway(request)
+    adapters = await gw.adapters(bearer_key(request))
+    data = [gw.model_card(gw.base_model_name)]
+    data += [gw.model_card(n, a) for n, a in sorted(adapters.items())
+             if n != gw.base_model_name]
+    return {"object": "list", "data": data}
+
+
+@routes.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    gw = _gateway(request)
+    if model_id == gw.base_model_name:
+        return gw.model_card(gw.base_model_name)
+    adapters = await gw.adapters(bearer_key(request))
+    if model_id not in adapters:
+        raise GatewayError(404, f"model {model_id!r} does not exist", "model")
+    return gw.model_card(model_id, adapters[model_id])
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _text_choice(text: str, finish: str | None) -> dict:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _chat_choice(text: str, finish: str | None) -> dict:
+    return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+            "finish_reason": finish}
+
+
+_CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}
+
+
+@routes.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    gw = _gateway(request)
+    text, ids = single_prompt(body.prompt)
+    env = _envelope(gw, body, "cmpl", "text_completion")
+    items = gw.events(body, env.id, text=text, token_ids=ids, api_key=bearer_key(request))
+    if body.stream:
+        return await stream_response(items, env, _text_choice)
+    c = await gw.complete(items)
+    return {**env.head(), "choices": [{"index": 0, "text": c.text,
+                                       "finish_reason": c.finish_reason, "logprobs": None}],
+            "usage": usage(c.usage)}
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    gw = _gateway(request)
+    max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
+                  else body.max_tokens)
+    env = _envelope(gw, body, "chatcmpl", "chat.completion.chunk" if body.stream
+                    else "chat.completion")
+    items = gw.events(body, env.id, text=format_chat(body.messages), max_tokens=max_tokens,
+                      api_key=bearer_key(request))
+    if body.stream:
+        return await stream_response(items, env, _chat_choice, opening=_CHAT_OPENING)
+    c = await gw.complete(items)
+    return {**env.head(), "choices": [{"index": 0,
+                                       "message": {"role": "assistant", "content": c.text},
+                                       "finish_reason": c.finish_reason, "logprobs": None}],
+            "usage": usage(c.usage)}

@@ -1,0 +1,186 @@
+"""The OpenAI request bodies the gateway accepts, and how a bad one is answered.
+
+Bodies are pydantic models: unknown fields (``user``, ...) are ignored, OpenAI fields we do
+not implement are refused with 400 unless left at their default (``_UNSUPPORTED``), and every
+validation error becomes a 400 whose message starts with the offending field
+(:func:`validation_error`). Chat messages become one plain-text prompt (:func:`format_chat`)::
+
+    <|system|>\\n{system text}\\n<|user|>\\n{user text}\\n<|assistant|>\\n{reply}\\n ... <|assistant|>\\n
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from http_gateway.errors import GatewayError
+
+NonNegInt = Annotated[int, Field(ge=0, lt=2**32)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM extension; accepted, not used
+
+
+# OpenAI fields we accept only at their default: field -> (refused(value), message).
+_UNSUPPORTED = {
+    "n": (lambda v: v is not None and v != 1, "only n=1 is supported"),
+    "best_of": (lambda v: v is not None and v != 1, "only best_of=1 is supported"),
+    "presence_penalty": (bool, "penalties are not supported; leave unset or 0"),
+    "frequency_penalty": (bool, "penalties are not supported; leave unset or 0"),
+    "logit_bias": (bool, "logit_bias is not supported"),
+    "echo": (bool, "echo is not supported"),
+    "suffix": (bool, "suffix is not supported"),
+    "logprobs": (bool, "logprobs are not supported"),
+    "tools": (bool, "tools are not supported"),
+    "response_format": (lambda v: bool(v) and v.get("type", "text") != "text",
+                        "only response_format {'type': 'text'} is supported"),
+}
+
+
+class Sampling(BaseModel):
+    """Fields shared by both endpoints. Unknown fields (``user``, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1, lt=2**32)] | None = None
+    temperature: Annotated[Finite, Field(ge=0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0, le=1)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    n: int | None = 1
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator(*_UNSUPPORTED, check_fields=False)   # also the subclasses' fields
+    @classmethod
+    def _supported(cls, v, info: ValidationInfo):
+        refused, why = _UNSUPPORTED[info.field_name]
+        if refused(v):
+            raise ValueError(why)
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v):
+        strings = [v] if isinstance(v, str) else (v or [])
+        if any(not s for s in strings):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[NonNegInt], list[str], list[list[NonNegInt]]]
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1, lt=2**32)] | None = None
+    logprobs: bool | None = False
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- prompts
+
+_ROLE_TAG = {"system": "system", "developer": "system", "user": "user",
+             "assistant": "assistant", "tool": "tool"}
+
+
+def format_chat(messages: list[ChatMessage]) -> str:
+    """The plain-text chat template: one ``<|role|>\\n{text}\\n`` block per message, then
+    ``<|assistant|>\\n`` for the reply. ``developer`` is written as ``system``; list content
+    (text parts) is concatenated."""
+    out = []
+    for m in messages:
+        if isinstance(m.content, list):
+            text = "".join(p.text for p in m.content)
+        else:
+            text = m.content or ""
+        out.append(f"<|{_ROLE_TAG[m.role]}|>\n{text}\n")
+    out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def single_prompt(prompt) -> tuple[str | None, list[int] | None]:
+    """(text, None) or (None, token ids): a string, a list of token ids, or a list holding
+    exactly one of those."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if not prompt:
+        raise GatewayError(400, "prompt: is empty: give a string or token ids", "prompt")
+    if isinstance(prompt[0], int):
+        return None, list(prompt)
+    if len(prompt) != 1:
+        raise GatewayError(400, f"prompt: only one prompt per request is supported, got "
+                                f"{len(prompt)}", "prompt")
+    return single_prompt(prompt[0])
+
+
+# --------------------------------------------------------------------------- bad bodies
+
+_UNION_MESSAGES = {"prompt": "prompt: must be a string, a list of token ids (integers >= 0), "
+                             "or a list holding one of those",
+                   "stop": "stop: must be a string or a list of strings"}
+
+
+def _field(error: dict) -> list[str]:
+    return [str(p) for p in error.get("loc", ()) if p != "body"]
+
+
+def validation_error(exc: RequestValidationError) -> GatewayError:
+    """A 400 naming the first offending field (``max_tokens: Input should be ...``)."""
+    errors = exc.errors()
+    if not errors:
+        return GatewayError(400, "invalid request body")
+    first = errors[0]
+    loc = _field(first)
+    if first.get("type") == "json_invalid":
+        return GatewayError(400, f"request body is not valid JSON: {first.get('msg', '')}")
+    if not loc:
+        if first.get("type") == "missing":
+            return GatewayError(400, "a JSON request body is required")
+        return GatewayError(400, f"request body: {first.get('msg', 'invalid')}")
+    param = loc[0]
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    same_field = [e for e in errors if _field(e)[:1] == [param]]
+    if first.get("type") == "missing":
+        text = f"{param}: field required"
+    elif len(same_field) > 1 and param in _UNION_MESSAGES:
+        text = _UNION_MESSAGES[param]
+    else:
+        text = f"{'.'.join(loc)}: {msg}"
+    return GatewayError(400, text, param)
