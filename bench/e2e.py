@@ -5,6 +5,10 @@ same seeded workload (:mod:`bench.workload`), and each gets all the machine's co
 
 * ``preft``              -- this project: ``preft up`` (Redis, Ray, 1 prefill + 1 decode
   worker, gRPC router) driven through the async gRPC SDK; adapters act at prefill only.
+* ``preft_colocated``    -- ``preft up --colocated-workers 1``: one engine applies each
+  adapter to its prompt positions and decodes adapter-free in the same batch (no KV moves).
+* ``preft_mixed``        -- 1 colocated + 1 prefill + 1 decode worker: the router chooses
+  a path per request (its choices are recorded in the row's ``paths``).
 * ``multi_lora``         -- the paper's baseline: one ``vllm.entrypoints.openai.api_server``
   with ``--enable-lora`` serving all adapters on every token (vLLM's own CPU LoRA ops),
   driven through its OpenAI ``/v1/completions`` streaming API.
@@ -51,7 +55,9 @@ from pathlib import Path
 from bench.workload import POPULARITY, BenchRequest, Workload, build
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("preft", "multi_lora", "multi_lora_grouped", "base")
+PREFT_SYSTEMS = ("preft", "preft_colocated", "preft_mixed")
+SYSTEMS = (*PREFT_SYSTEMS, "multi_lora", "multi_lora_grouped", "base")
+DEFAULT_SYSTEMS = ("preft_colocated", "preft", "multi_lora", "multi_lora_grouped", "base")
 # Logged by prefill_worker.grouped_lora.GroupedPunicaWrapperCPU when an engine builds it.
 GROUPED_KERNEL_MARKER = "grouped multi-adapter LoRA kernel active"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -61,7 +67,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class BenchConfig:
     model: str = "tiny"
     dtype: str = "float32"
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
     adapters: tuple[int, ...] = (1, 8, 64)
     rank: int = 8
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -186,7 +192,38 @@ class System(ABC):
 
 
 class PreftSystem(System):
-    name = "preft"
+    """``preft up`` in one of its shapes: ``preft`` (prefill/decode pools),
+    ``preft_colocated`` (colocated workers only) or ``preft_mixed`` (both)."""
+
+    def __init__(self, name: str, *a, **kw) -> None:
+        self.name = name
+        super().__init__(*a, **kw)
+        self.metrics_port = _free_port()
+
+    def paths(self) -> dict[str, float]:
+        """Requests per serving path so far (the router's preft_request_paths_total)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name == "preft_request_paths_total":
+                    out[smp.labels["path"]] = out.get(smp.labels["path"], 0) + smp.value
+        return out
+
+    def _pools(self) -> dict:
+        n = max(1, self.cfg.gpus)
+        if self.name == "preft_colocated":
+            return {"prefill_workers": 0, "decode_workers": 0, "colocated_workers": n}
+        n_pre = max(1, self.cfg.gpus // 2)
+        pools = {"prefill_workers": n_pre, "decode_workers": max(1, self.cfg.gpus - n_pre)}
+        if self.name == "preft_mixed":
+            pools["colocated_workers"] = 1
+        return pools
 
     async def start(self) -> None:
         import yaml
@@ -196,20 +233,21 @@ class PreftSystem(System):
                "max_model_len": c.max_model_len, "kv_cache_gib": _kv_gib(self.model_dir, c),
                "max_num_seqs": c.max_num_seqs}
         n_max = max(c.adapters)
-        n_pre = max(1, c.gpus // 2)
-        n_dec = max(1, c.gpus - n_pre)
         # GPU: CUDA graphs for decode; prefill stays eager (ReFT-P hooks need it).
         dec_eng = {**eng, "enforce_eager": not c.gpus}
         gpu = {"num_gpus": 1} if c.gpus else {}
+        slots = {"max_lora_rank": c.rank, "max_loras": min(c.max_loras, n_max),
+                 "max_cpu_loras": n_max, **gpu}
         conf = {
-            "prefill_workers": n_pre, "decode_workers": n_dec,
+            **self._pools(),
             "run_dir": str(self.log_path.parent / "preft-run"),
             "adapters": {n: str(p) for n, p in self.adapters},
             "prefill": {"engine": {**eng, "max_num_batched_tokens": c.preft_prefill_tokens},
-                        "max_lora_rank": c.rank, **gpu,
-                        "max_loras": min(c.max_loras, n_max), "max_cpu_loras": n_max},
+                        **slots},
             "decode": {"engine": dec_eng, **gpu},
+            "colocated": {"engine": eng, **slots},
             "router": {"port": 0, "request_timeout_s": c.request_timeout_s,
+                       "metrics_port": self.metrics_port,
                        "max_queue_depth": max(256, c.workload.num_requests)},
         }
         path = self.log_path.parent / "preft-cluster.yaml"
@@ -351,7 +389,7 @@ def _record(t0: float, times: list[float], n: int) -> Record:
 
 
 def make_system(name: str, *a) -> System:
-    return PreftSystem(*a) if name == "preft" else VllmSystem(name, *a)
+    return PreftSystem(name, *a) if name in PREFT_SYSTEMS else VllmSystem(name, *a)
 
 
 # --------------------------------------------------------------------------- running
@@ -424,9 +462,12 @@ async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format
             await run_workload(system, warm, names, None)
             reqs = build(cfg.workload, n)
             say(f"[{name}] N={n}: {len(reqs)} requests ...")
+            paths = system.paths() if isinstance(system, PreftSystem) else None
             records, wall = await run_workload(system, reqs, names, cfg.workload.concurrency)
             distinct = len({r.adapter for r in reqs if r.adapter is not None})
             row = summarize(name, n, records, wall, distinct)
+            if paths is not None:   # where the router sent this N's requests
+                row["paths"] = {k: v - paths.get(k, 0) for k, v in system.paths().items()}
             row["startup_s"] = system.startup_s
             if system.lora_kernel is not None:
                 row["lora_kernel"] = system.lora_kernel
@@ -443,13 +484,17 @@ async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format
 
 
 def ratios(rows: list[dict]) -> list[dict]:
+    """Each PreFT shape's output tok/s over the others', per N (runs of this invocation)."""
     by = {(r["system"], r["adapters"]): r for r in rows if r.get("adapters", -1) >= 0}
     base = by.get(("base", 0))
     out = []
     for (s, n), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if s != "preft":
+        if s not in PREFT_SYSTEMS:
             continue
-        row = {"adapters": n, "preft_tok_s": r["output_tok_s"]}
+        row = {"system": s, "adapters": n, "preft_tok_s": r["output_tok_s"]}
+        if s != "preft":
+            o = by.get(("preft", n))
+            row["x_preft"] = r["output_tok_s"] / o["output_tok_s"] if o and o["output_tok_s"] else None
         for other in ("multi_lora", "multi_lora_grouped"):
             o = by.get((other, n))
             row[f"x_{other}"] = r["output_tok_s"] / o["output_tok_s"] if o and o["output_tok_s"] else None
@@ -471,7 +516,7 @@ def plot(rows: list[dict], cfg: BenchConfig, out_dir: Path, tag: str) -> list[Pa
         if s == "base" and pts:
             ax.axhline(pts[0][1], ls="--", color="gray", label="base (no adapters)")
         elif pts:
-            label = f"preft ({cfg.preft_kind})" if s == "preft" else s
+            label = f"{s} ({cfg.preft_kind})" if s in PREFT_SYSTEMS else s
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("distinct adapters in the pool (N)")
@@ -527,7 +572,7 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
     t0 = time.time()
     for s in cfg.systems:
         rows += asyncio.run(bench_system(s, cfg, model_dir, load_format,
-                                         preft_adapters if s == "preft" else adapters,
+                                         preft_adapters if s in PREFT_SYSTEMS else adapters,
                                          log_dir, say))
     table = Table(title=f"preft bench: {cfg.model} ({cfg.dtype}), rank {cfg.rank}, "
                         f"{cfg.workload.num_requests} requests")
@@ -541,11 +586,13 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
     console.print(table)
     rt = ratios(rows)
     rtab = Table(title="PreFT output tok/s ratios")
-    for c in ("adapters", "preft_tok_s", "x_multi_lora", "x_multi_lora_grouped", "x_base"):
+    rcols = ("system", "adapters", "preft_tok_s", "x_preft", "x_multi_lora",
+             "x_multi_lora_grouped", "x_base")
+    for c in rcols:
         rtab.add_column(c)
     for r in rt:
-        rtab.add_row(*("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-                       for v in r.values()))
+        rtab.add_row(*("-" if r.get(c) is None else f"{r[c]:.2f}" if isinstance(r[c], float)
+                       else str(r[c]) for c in rcols))
     console.print(rtab)
     result = {"config": _jsonable(asdict(cfg)), "model_dir": str(model_dir),
               "load_format": load_format, "machine": machine(), "started": t0,
@@ -607,8 +654,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="architecture: 'tiny' = the embedded test model (CI smoke run); the "
                    "others are published configs with random weights (nothing downloaded)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated, run in this order (default {','.join(SYSTEMS)})")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma-separated, run in this order, from {','.join(SYSTEMS)} "
+                   f"(default {','.join(DEFAULT_SYSTEMS)})")
     p.add_argument("--adapters", type=_ints, default=(1, 8, 64),
                    help="adapter counts N to sweep, e.g. 1,8,64,512 (base runs once)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter (default 8)")
