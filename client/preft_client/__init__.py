@@ -9,7 +9,8 @@ carrying the status code and the server's message. Imports neither torch nor vLL
 """
 
 from preft_client.client import AsyncPreftClient, PreftClient
-from preft_client.errors import (DeadlineExceeded, IncompleteStream, InvalidArgument, NotFound,
+from preft_client.errors import (DeadlineExceeded, FailedPrecondition, IncompleteStream,
+                                 InvalidArgument, NotFound,
                                  PermissionDenied, PreftClientError, ResourceExhausted,
                                  Unauthenticated, Unavailable)
 from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
@@ -17,4 +18,4 @@ from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, W
 __all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Timings", "Usage",
            "AdapterInfo", "WorkerStatus", "PreftClientError", "InvalidArgument", "NotFound",
            "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
-           "PermissionDenied", "IncompleteStream"]
+           "PermissionDenied", "IncompleteStream", "FailedPrecondition"]

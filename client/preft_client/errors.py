@@ -21,6 +21,9 @@ class ResourceExhausted(PreftClientError): ...
 class DeadlineExceeded(PreftClientError): ...
 class Unauthenticated(PreftClientError): ...
 class PermissionDenied(PreftClientError): ...
+class FailedPrecondition(PreftClientError):
+    """The cluster cannot serve this as it stands (e.g. an all-token adapter and no
+    colocated worker); retrying will not help until an operator changes the cluster."""
 
 
 class IncompleteStream(Unavailable):
@@ -36,6 +39,7 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 

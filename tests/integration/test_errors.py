@@ -97,3 +97,22 @@ def test_decode_engine_has_no_lora_and_no_adapter_code(cluster):
         .punica_wrapper_mapping.values())))
     assert wrappers == ["GroupedPunicaWrapperCPU"]   # our grouped LoRA-P kernel, not vLLM's
     assert cluster.pool.prefill[0].info.lora_enabled is True
+
+
+def test_all_token_adapter_without_colocated_workers_is_failed_precondition(client, cluster,
+                                                                            assets):
+    """The session cluster has prefill and decode pools only: an all-token LoRA (kind lora)
+    can never run there (it would need the adapter on decode), so the request is refused
+    with FAILED_PRECONDITION naming the kind and what to start; the cluster keeps serving."""
+    from preft_client import FailedPrecondition
+
+    assert cluster.register_adapter("everytok", assets["adapters"]["dov"], kind="lora") >= 1
+    assert client.get_adapter("everytok").kind == "lora"
+    with pytest.raises(FailedPrecondition) as ei:
+        client.generate("everytok", prompt="hi", max_tokens=4)
+    assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "kind 'lora'" in ei.value.message and "--colocated-workers" in ei.value.message
+    with pytest.raises(FailedPrecondition):
+        list(client.stream("everytok", prompt="hi", max_tokens=4))
+    _still_serving(client)
+    client.delete_adapter("everytok")

@@ -133,7 +133,7 @@ def leaked_blocks(c) -> int:
 
     def used():
         n = 0
-        for w in c.pool.decode:
+        for w in c.pool.decode + c.pool.colocated:
             u = ray.get(w.actor.kv_usage.remote(), timeout=10)
             n += u.blocks_in_use
         return n
@@ -310,3 +310,37 @@ def test_router_restart(fcluster, expected):
     leaked = leaked_blocks(c)
     print("\n" + tally.row("restart router", retried, leaked))
     check(tally, leaked)
+
+
+def test_kill_colocated_worker_mid_load(fcluster, expected):
+    """The fault cluster grows a colocated worker (PreFT requests now take either path) and
+    loses it under load: every request completes (right tokens) or fails retriably, Ray
+    restarts it, and no KV block is left on any engine."""
+    import ray
+
+    from router.metrics import default_metrics
+
+    ray.get(fcluster.add_worker("colocated").info.remote())
+    pool = fcluster.pool
+    assert wait_until(lambda: len(pool.colocated) == 1 and pool.colocated[0].healthy, 60)
+    w = pool.colocated[0]
+
+    def on_colocated() -> float:
+        return sum(s.value for f in default_metrics().registry.collect()
+                   if f.name == "preft_request_paths" for s in f.samples
+                   if s.name.endswith("_total") and s.labels["path"] == "colocated")
+
+    old_pid, before = pid_of(w), on_colocated()
+    tally = Tally()
+    ts = load(fcluster.address, expected, 10.0, tally)
+    assert wait_until(lambda: on_colocated() > before, 10.0), "no request took the colocated path"
+    time.sleep(1.0)
+    os.kill(old_pid, signal.SIGKILL)
+    assert wait_until(lambda: not w.healthy, 12.0), "router kept the dead worker healthy"
+    join(ts, tally, DEADLINE_S + 10)
+    retried = recovered(fcluster, expected)
+    assert pid_of(w) != old_pid
+    leaked = leaked_blocks(fcluster)
+    print("\n" + tally.row("kill colocated worker", retried, leaked))
+    check(tally, leaked)
+
