@@ -43,3 +43,21 @@ def test_unknown_field_in_a_deploy_yaml_is_an_error(tmp_path):
     data["prefill"]["engine"]["tensor_parallel_size"] = 4
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         from_dict(ClusterConfig, data)
+
+
+def test_colocated_example_is_colocated_only():
+    c = _load("local-colocated.yaml")
+    assert (c.prefill_workers, c.decode_workers, c.colocated_workers) == (0, 0, 1)
+    assert c.colocated_cfg.max_loras == 8 and c.colocated_cfg.engine.model == c.prefill.engine.model
+
+
+def test_pool_sizes_are_validated_with_the_field_named():
+    from cluster.config import ConfigError
+
+    data = yaml.safe_load((DEPLOY / "local-colocated.yaml").read_text())
+    with pytest.raises(ConfigError, match="prefill_workers.*both >= 1, or both 0"):
+        from_dict(ClusterConfig, {**data, "decode_workers": 1})
+    with pytest.raises(ConfigError, match="colocated_workers=0: the cluster needs workers"):
+        from_dict(ClusterConfig, {**data, "colocated_workers": 0})
+    with pytest.raises(ConfigError, match="adapter_kinds"):
+        from_dict(ClusterConfig, {**data, "adapter_kinds": {"nobody": "lora"}})
