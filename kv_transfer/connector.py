@@ -94,6 +94,7 @@ class PreftKVConnector(KVConnectorBase_V1):
         self.timeout_s = float(extra.get("transfer_timeout_s", 30.0))
         self.hold_ttl_s = float(extra.get("hold_ttl_s", 120.0))
         self.transport_name = extra.get("transport", "torch_dist")
+        self._secret = str(extra.get("secret", ""))  # the cluster's: pairs only within it
         if self.transport_name not in TRANSPORTS:
             raise ValueError(f"PreftKVConnector: unknown transport {self.transport_name!r}; "
                              f"known: {sorted(TRANSPORTS)}")
@@ -196,7 +197,7 @@ class PreftKVConnector(KVConnectorBase_V1):
         layout = KVLayout.from_tensors(self.layers, self.block_size)
         self.transport = TRANSPORTS[self.transport_name](
             self.layers, layout, local_host=self.local_host, timeout_s=self.timeout_s,
-            engine_name=self.engine_id, on_record=self.hooks.record)
+            engine_name=self.engine_id, on_record=self.hooks.record, secret=self._secret)
         self.hooks.layout_fingerprint = layout.fingerprint()
         self.hooks.transport = self.transport
         if self.is_producer:

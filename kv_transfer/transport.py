@@ -7,8 +7,11 @@ time a handle names that peer. Control is tiny JSON messages on the prefill work
 made for that pair alone (rank 0 = prefill, rank 1 = decode): gloo when the caches are on
 the CPU, NCCL when they are on a GPU. One code path, chosen by the caches' device.
 
-Protocol for one request:
-  decode  -> store  ``pull/<pair>/<seq>``  {transfer_id, start_block, num_blocks}
+Protocol for one pair (``n`` from the store's ``joins`` counter):
+  decode  -> store  ``join/<n>``           {peer, layout, mac}
+  prefill -> store  ``joinack/<n>``        {ok} or {error}; on ok both sides build the group
+and for one request on it:
+  decode  -> store  ``pull/<pair>/<seq>``  {op, transfer_id, start_block, num_blocks, mac}
   prefill -> store  ``ack/<pair>/<seq>``   {ok} or {error}
   prefill -> group  the held blocks [start_block:] of every layer, whole blocks, packed
                     into one [layers, blocks, ...] buffer sent as few large messages
@@ -17,14 +20,25 @@ A ``release`` op frees held blocks without sending (decode found them in its own
 cache, or its request was aborted before it was scheduled). Held blocks that nobody pulls
 expire after ``hold_ttl_s``. A transfer that errors or times out breaks its pair group;
 both sides drop it and the next pull makes a new one.
+
+Trust: ``mac`` is an HMAC-SHA256 under the cluster's secret of the endpoint's nonce (the
+store's ``nonce`` key, fresh per endpoint), the message's store key and its body, so the
+secret itself never enters the store, which anyone who can connect may read. The server
+checks every message (:func:`parse_join`, :func:`parse_request`) and refuses a bad one
+with an error ack; no input ends the accept thread or a pair's serve thread. What it does
+not protect (the store's keys, the group's rendezvous and bytes): docs/deploy.md, Security.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
 import logging
+import secrets
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -46,8 +60,110 @@ _MAX_MESSAGE = 64 << 20             # bytes per send/recv
 _SCRATCH_CACHE_BYTES = int(os.environ.get("PREFT_KV_SCRATCH_CACHE_BYTES", 256 << 20))
 
 
+_MAX_CONTROL_BYTES = 4096          # a control message is ~200 bytes; larger ones are refused
+_MAX_NAME = 256                    # characters of a peer name or layout fingerprint
+_MAX_TRANSFER_ID = (1 << 63) - 1
+
+
 class TransferError(RuntimeError):
     """A KV transfer failed; the request it belonged to cannot continue on this path."""
+
+
+class BadMessage(ValueError):
+    """A control message that failed its checks: refused with an error, never fatal."""
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A decode peer asks to form a pair (checked: authentic, names within limits)."""
+
+    peer: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """One request on a formed pair (checked: authentic, op known, numbers in range)."""
+
+    op: str                  # "pull" | "release" | "close"
+    transfer_id: int = -1
+    start_block: int = 0
+    num_blocks: int = 0
+
+
+def _mac(secret: str, nonce: str, key: str, body: dict) -> str:
+    data = "\n".join((nonce, key, json.dumps(body, sort_keys=True, separators=(",", ":"))))
+    return hmac.new(secret.encode(), data.encode(), hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, nonce: str, key: str, body: dict) -> str:
+    """The control message ``body`` as stored under ``key`` on the endpoint with ``nonce``."""
+    return json.dumps({**body, "mac": _mac(secret, nonce, key, body)})
+
+
+def _open(raw: bytes, secret: str, nonce: str, key: str) -> dict:
+    """Parse one control message read from ``key`` and check its MAC."""
+    if len(raw) > _MAX_CONTROL_BYTES:
+        raise BadMessage(f"{len(raw)} bytes; control messages are at most {_MAX_CONTROL_BYTES}")
+    try:
+        msg = json.loads(raw)
+    except Exception as e:  # ValueError, UnicodeDecodeError, RecursionError
+        raise BadMessage(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(msg, dict):
+        raise BadMessage(f"expected a JSON object, got {type(msg).__name__}")
+    mac = msg.pop("mac", None)
+    if not isinstance(mac, str) or not hmac.compare_digest(
+            mac.encode(), _mac(secret, nonce, key, msg).encode()):
+        raise BadMessage("missing or wrong cluster secret (the peer is not of this cluster)")
+    return msg
+
+
+def _int(msg: dict, name: str, lo: int, hi: int) -> int:
+    v = msg.get(name)
+    if type(v) is not int or not lo <= v <= hi:   # bool is not a count
+        raise BadMessage(f"{name}={v!r:.40}: expected an integer in [{lo}, {hi}]")
+    return v
+
+
+def _name(msg: dict, name: str) -> str:
+    v = msg.get(name)
+    if not isinstance(v, str) or not 0 < len(v) <= _MAX_NAME:
+        raise BadMessage(f"{name}={v!r:.40}: expected a string of 1-{_MAX_NAME} characters")
+    return v
+
+
+def parse_join(raw: bytes, secret: str, nonce: str, key: str) -> JoinRequest:
+    msg = _open(raw, secret, nonce, key)
+    return JoinRequest(peer=_name(msg, "peer"), layout=_name(msg, "layout"))
+
+
+def parse_request(raw: bytes, secret: str, nonce: str, key: str, capacity: int) -> PairRequest:
+    """``capacity``: blocks in the serving cache, the bound on any block index or count."""
+    msg = _open(raw, secret, nonce, key)
+    op = msg.get("op")
+    if op == "close":
+        return PairRequest("close")
+    if op not in ("pull", "release"):
+        raise BadMessage(f"op={op!r:.40}: expected pull, release or close")
+    tid = _int(msg, "transfer_id", 0, _MAX_TRANSFER_ID)
+    if op == "release":
+        return PairRequest("release", tid)
+    start = _int(msg, "start_block", 0, capacity - 1)
+    return PairRequest("pull", tid, start, _int(msg, "num_blocks", 1, capacity - start))
+
+
+def _read_ack(store, key: str) -> dict:
+    """Decode side: the endpoint's answer under ``key`` (waited for by the caller)."""
+    try:
+        ack = json.loads(store.get(key))
+    except ValueError:
+        ack = None
+    store.delete_key(key)
+    if not isinstance(ack, dict):
+        raise TransferError(f"malformed answer from the KV endpoint under {key}")
+    if "error" in ack:
+        raise TransferError(str(ack["error"]))
+    return ack
 
 
 @dataclass
@@ -145,6 +261,25 @@ def _make_pair_group(store, rank: int, local_host: str, device: torch.device,
     return dist.ProcessGroupGloo(store, rank, 2, opts)
 
 
+def _bound_store(host: str, timeout: timedelta) -> TCPStore:
+    """A TCPStore server that listens on ``host`` only.
+
+    Given a host and port, TCPStore's server listens on every interface; handed a socket
+    already bound to ``host`` (``master_listen_fd``, libuv backend) it listens on that."""
+    family, _, _, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+        store = TCPStore(host, sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                         timeout=timeout, master_listen_fd=sock.fileno(), use_libuv=True)
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now
+    return store
+
+
 def _wait_all(works, timeout: timedelta, device: torch.device) -> None:
     for w in works:
         if not w.wait(timeout):
@@ -193,7 +328,8 @@ class TorchDistTransport(KVTransport):
 
     def __init__(self, layers: list[torch.Tensor], layout: KVLayout, *, local_host: str,
                  timeout_s: float, engine_name: str,
-                 on_record: Callable[[TransferRecord], None] | None = None) -> None:
+                 on_record: Callable[[TransferRecord], None] | None = None,
+                 secret: str = "") -> None:
         self.layers = layers
         self.layout = layout
         self.local_host = local_host
@@ -207,11 +343,18 @@ class TorchDistTransport(KVTransport):
         self._clients_lock = threading.Lock()
         self._pairs: dict[int, dict] = {}   # prefill side: pair -> {"peer", "seq"}
         self._pairs_lock = threading.Lock()
+        self._secret = secret               # the cluster's; never stored, logged or sent
+        self._nonce = ""                    # prefill side: this endpoint's, in the store
+        self.refused = 0                    # prefill side: control messages refused
 
     # ---------------------------------------------------------------- prefill side
     def serve(self, offers: OfferTable) -> tuple[str, int]:
-        self._store = TCPStore(self.local_host, 0, is_master=True, wait_for_workers=False,
-                               timeout=self.timeout)
+        if not self._secret:
+            log.warning("KV endpoint of %s has no cluster secret: any peer that reaches it "
+                        "may pair and pull", self.engine_name)
+        self._store = _bound_store(self.local_host, self.timeout)
+        self._nonce = secrets.token_hex(16)
+        self._store.set("nonce", self._nonce)
         self._offers = offers
         threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True).start()
         return self.local_host, self._store.port
@@ -222,24 +365,59 @@ class TorchDistTransport(KVTransport):
         return TCPStore(self.local_host, self._store.port, is_master=False, timeout=self.timeout)
 
     def _accept_loop(self) -> None:
+        """Answer join n, then n+1, ...; a bad or abandoned join is refused, never fatal."""
         store, n = self._own_client(), 0
-        while _blocking_wait(store, f"join/{n}", self._stop):
-            info = json.loads(store.get(f"join/{n}"))
-            if info.get("op") == "close":
-                return
-            peer = info.get("peer", f"pair{n}")
+        while (state := self._wait_join(store, n)) != "stop":
             try:
-                self.layout.check_compatible(info.get("layout", "?"), local=self.engine_name,
-                                             remote=peer)
-            except LayoutMismatch as e:
-                log.error("%s", e)
-                store.set(f"joinack/{n}", json.dumps({"error": str(e)}))
-                n += 1
-                continue
-            store.set(f"joinack/{n}", json.dumps({"ok": True}))
-            threading.Thread(target=self._serve_pair, args=(n, peer), name=f"kv-serve-{n}",
-                             daemon=True).start()
+                if state == "stale":
+                    self._refuse(store, f"joinack/{n}", f"join {n} was claimed but not "
+                                 f"written within {2 * self.timeout.total_seconds():g} s")
+                else:
+                    self._accept_one(store, n)
+            except Exception:
+                log.exception("KV endpoint %s: join %d failed; still accepting",
+                              self.engine_name, n)
             n += 1
+
+    def _wait_join(self, store, n: int) -> str:
+        """Wait for join/n: "ready" once it is written; "stale" when its slot stayed claimed
+        (``joins`` > n) but empty for a whole timeout (its peer died between add and set,
+        or never meant to write); "stop" once the endpoint closes."""
+        key, claimed = f"join/{n}", False
+        while not self._stop.is_set():
+            try:
+                store.wait([key], self.timeout)
+                return "stop" if self._stop.is_set() else "ready"
+            except dist.DistStoreError:
+                pass
+            if store.add("joins", 0) > n:
+                if claimed:
+                    return "stale"
+                claimed = True
+        return "stop"
+
+    def _accept_one(self, store, n: int) -> None:
+        key, ack = f"join/{n}", f"joinack/{n}"
+        raw = store.get(key)
+        store.delete_key(key)
+        try:
+            join = parse_join(raw, self._secret, self._nonce, key)
+            self.layout.check_compatible(join.layout, local=self.engine_name, remote=join.peer)
+        except LayoutMismatch as e:
+            self._refuse(store, ack, str(e))
+            return
+        except BadMessage as e:
+            self._refuse(store, ack, f"refusing to pair {self.engine_name} with join {n}: {e}")
+            return
+        store.set(ack, json.dumps({"ok": True}))
+        threading.Thread(target=self._serve_pair, args=(n, join.peer), name=f"kv-serve-{n}",
+                         daemon=True).start()
+
+    def _refuse(self, store, ack: str, why: str) -> None:
+        log.error("KV endpoint %s: %s", self.engine_name, why)
+        with self._pairs_lock:
+            self.refused += 1
+        store.set(ack, json.dumps({"error": why}))
 
     def _serve_pair(self, pair: int, peer: str) -> None:
         store = self._own_client()
@@ -260,53 +438,63 @@ class TorchDistTransport(KVTransport):
             _shutdown_group(pg)
 
     def _serve_loop(self, pair: int, peer: str, store, pg, state: dict) -> None:
+        capacity = self.layers[0].shape[0]
         while _blocking_wait(store, f"pull/{pair}/{state['seq']}", self._stop):
             seq = state["seq"]
-            key = f"pull/{pair}/{seq}"
-            msg = json.loads(store.get(key))
-            store.delete_key(key)
-            ack = f"ack/{pair}/{seq}"
             state["seq"] = seq + 1
-            if msg["op"] == "close":
-                break
-            # Answer before the peer's own ack wait (the full timeout) gives up on us.
-            offer = self._offers.claim(msg["transfer_id"], timeout=self.timeout.total_seconds() / 2)
-            if offer is None:
-                store.set(ack, json.dumps({"error": (
-                    f"KV transfer {msg['transfer_id']} is unknown or expired on "
-                    f"{self.engine_name}")}))
-                continue
-            if msg["op"] == "release":
-                self._offers.finish(offer.req_id)
-                store.set(ack, json.dumps({"ok": True}))
-                continue
-            blocks = offer.block_ids[msg["start_block"]:]
-            if len(blocks) != msg["num_blocks"]:
-                self._offers.finish(offer.req_id)
-                store.set(ack, json.dumps({"error": (
-                    f"decode asked for {msg['num_blocks']} blocks from block "
-                    f"{msg['start_block']}, prefill holds {len(offer.block_ids)}")}))
-                continue
-            store.set(ack, json.dumps({"ok": True}))
-            t0 = time.perf_counter()
+            key, ack = f"pull/{pair}/{seq}", f"ack/{pair}/{seq}"
             try:
-                idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-                buf = self._scratch(len(blocks), state)
-                for i, layer in enumerate(self.layers):
-                    torch.index_select(layer, 0, idx, out=buf[i])
-                works = [pg.send([c], 1, tag) for tag, c in enumerate(self._messages(buf))]
-                _wait_all(works, self.timeout, self.device)
-                err = ""
-            except Exception as e:  # broken pair: free the blocks, drop the group
-                err = f"{type(e).__name__}: {e}"
-            finally:
-                self._offers.finish(offer.req_id)
-            self._on_record(TransferRecord(
-                offer.transfer_id, peer, len(blocks), len(blocks) * self.layout.bytes_per_block,
-                time.perf_counter() - t0, ok=not err, error=err))
-            if err:
-                log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
-                break
+                raw = store.get(key)
+                store.delete_key(key)
+                req = parse_request(raw, self._secret, self._nonce, key, capacity)
+                if req.op == "close":
+                    break
+                if not self._answer(req, peer, store, ack, pg, state):
+                    break
+            except BadMessage as e:
+                self._refuse(store, ack, f"KV pair {pair} with {peer}: {e}")
+            except Exception:  # one request's failure never ends the pair's thread
+                log.exception("KV pair %d with %s: request %d failed", pair, peer, seq)
+
+    def _answer(self, req: PairRequest, peer: str, store, ack: str, pg, state: dict) -> bool:
+        """Serve one checked pull or release; False when the pair's group broke."""
+        # Answer before the peer's own ack wait (the full timeout) gives up on us.
+        offer = self._offers.claim(req.transfer_id, timeout=self.timeout.total_seconds() / 2)
+        if offer is None:
+            store.set(ack, json.dumps({"error": (
+                f"KV transfer {req.transfer_id} is unknown or expired on {self.engine_name}")}))
+            return True
+        blocks, err, t0 = offer.block_ids[req.start_block:], "", time.perf_counter()
+        try:
+            if req.op == "release":
+                store.set(ack, json.dumps({"ok": True}))
+                return True
+            if len(blocks) != req.num_blocks:
+                raise BadMessage(f"decode asked for {req.num_blocks} blocks from block "
+                                 f"{req.start_block}, prefill holds {len(offer.block_ids)}")
+            store.set(ack, json.dumps({"ok": True}))
+            err = self._send(blocks, pg, state)
+        finally:  # transferred, released or refused: the engine may free the blocks
+            self._offers.finish(offer.req_id)
+        self._on_record(TransferRecord(
+            offer.transfer_id, peer, len(blocks), len(blocks) * self.layout.bytes_per_block,
+            time.perf_counter() - t0, ok=not err, error=err))
+        if err:
+            log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
+        return not err
+
+    def _send(self, blocks: list[int], pg, state: dict) -> str:
+        """Send ``blocks`` of every layer to rank 1; the error text, or "" when sent."""
+        try:
+            idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            buf = self._scratch(len(blocks), state)
+            for i, layer in enumerate(self.layers):
+                torch.index_select(layer, 0, idx, out=buf[i])
+            works = [pg.send([c], 1, tag) for tag, c in enumerate(self._messages(buf))]
+            _wait_all(works, self.timeout, self.device)
+            return ""
+        except Exception as e:  # broken pair: free the blocks, drop the group
+            return f"{type(e).__name__}: {e}"
 
     # ---------------------------------------------------------------- both sides
     def _scratch(self, n_blocks: int, cache: dict | None = None) -> torch.Tensor:
@@ -377,8 +565,9 @@ class TorchDistTransport(KVTransport):
             with self._pairs_lock:
                 gone = [(n, dict(st)) for n, st in self._pairs.items() if st["peer"] not in live_peers]
             for n, st in gone:
+                key = f"pull/{n}/{st['seq']}"
                 try:
-                    self._store.set(f"pull/{n}/{st['seq']}", json.dumps({"op": "close"}))
+                    self._store.set(key, sign(self._secret, self._nonce, key, {"op": "close"}))
                 except Exception:
                     pass
         if live_addresses is not None:
@@ -393,7 +582,7 @@ class TorchDistTransport(KVTransport):
                 c.close()
             self._clients.clear()
         if self._store is not None:
-            # Wake the accept loop; serve loops see _stop within their idle wait.
+            # Wake the accept loop (it sees _stop); serve loops see it within their idle wait.
             try:
                 n = self._store.add("joins", 0)
                 self._store.set(f"join/{n}", json.dumps({"op": "close"}))
@@ -418,28 +607,28 @@ class _PairClient:
         self._cache: dict = {}            # reused receive buffer (pulls are serialized)
         timeout = transport.timeout
         self.store = TCPStore(host, port, is_master=False, timeout=timeout)
+        self.nonce = self.store.get("nonce").decode()
         n = self.store.add("joins", 1) - 1
-        self.store.set(f"join/{n}", json.dumps(
-            {"peer": transport.engine_name, "layout": transport.layout.fingerprint()}))
+        self.store.set(f"join/{n}", self._sign(f"join/{n}", {
+            "peer": transport.engine_name, "layout": transport.layout.fingerprint()}))
         self.store.wait([f"joinack/{n}"], timeout)
-        ack = json.loads(self.store.get(f"joinack/{n}"))
-        if "error" in ack:
-            raise LayoutMismatch(ack["error"])
+        _read_ack(self.store, f"joinack/{n}")
         self.pair = n
         self.pg = _make_pair_group(PrefixStore(f"pair/{n}/", self.store), 1,
                                    transport.local_host, transport.device, timeout)
         self.seq = 0
 
+    def _sign(self, key: str, body: dict) -> str:
+        return sign(self.t._secret, self.nonce, key, body)
+
     def _request(self, msg: dict) -> None:
         seq = self.seq
         self.seq += 1
-        self.store.set(f"pull/{self.pair}/{seq}", json.dumps(msg))
+        key = f"pull/{self.pair}/{seq}"
+        self.store.set(key, self._sign(key, msg))
         ack_key = f"ack/{self.pair}/{seq}"
         self.store.wait([ack_key], self.t.timeout)
-        ack = json.loads(self.store.get(ack_key))
-        self.store.delete_key(ack_key)
-        if "error" in ack:
-            raise TransferError(ack["error"])
+        _read_ack(self.store, ack_key)
 
     def pull(self, transfer_id: int, start_block: int, dst_block_ids: list[int]) -> None:
         t = self.t
@@ -473,8 +662,9 @@ class _PairClient:
 
     def close(self) -> None:
         with self._lock:
+            key = f"pull/{self.pair}/{self.seq}"
             try:
-                self.store.set(f"pull/{self.pair}/{self.seq}", json.dumps({"op": "close"}))
+                self.store.set(key, self._sign(key, {"op": "close"}))
             except Exception:
                 pass
             _shutdown_group(self.pg)
