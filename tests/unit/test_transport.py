@@ -15,13 +15,13 @@ SHAPE = (2, 16, 64)   # kv_heads, block_size, 2*head_size
 N_LAYERS, N_BLOCKS = 3, 12
 
 
-def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e"):
+def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e", secret="", timeout_s=5):
     g = torch.Generator().manual_seed(seed)
     layers = [torch.randn((N_BLOCKS, *shape), generator=g).to(dtype) for _ in range(N_LAYERS)]
     layout = KVLayout.from_tensors(layers, block_size=shape[1])
     records = []
-    t = TorchDistTransport(layers, layout, local_host="127.0.0.1", timeout_s=5,
-                           engine_name=name, on_record=records.append)
+    t = TorchDistTransport(layers, layout, local_host="127.0.0.1", timeout_s=timeout_s,
+                           engine_name=name, on_record=records.append, secret=secret)
     return t, layers, records
 
 
