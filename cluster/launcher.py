@@ -44,6 +44,16 @@ def with_kv_secret(cfg: ClusterConfig) -> ClusterConfig:
         decode=replace(cfg.decode, transfer=replace(cfg.decode.transfer, secret=secret)))
 
 
+def omp_env(cpu_cores: str) -> dict[str, str]:
+    """The worker process's OpenMP settings for its engine's cores, as vLLM's own CPU
+    executor gives its worker processes: one thread per core, each bound to its core."""
+    from worker_runtime.env import parse_cores
+
+    cores = parse_cores(cpu_cores)
+    return {"OMP_NUM_THREADS": str(len(cores)), "OMP_PROC_BIND": "true",
+            "OMP_PLACES": "{" + ",".join(map(str, cores)) + "}"}
+
+
 def _worker_class(role: str):
     if role == "prefill":
         from prefill_worker.worker import PrefillWorker
@@ -121,6 +131,8 @@ class LocalCluster:
                     max_restarts=self.cfg.max_restarts, max_task_retries=0,
                     num_gpus=wcfg.num_gpus or None, resources=dict(wcfg.resources) or None)
         cfg = replace(wcfg, cpu_cores=wcfg.cpu_cores or self._cores(role, i))
+        if cfg.cpu_cores:  # OpenMP reads these once, when the worker process loads torch
+            opts["runtime_env"] = {"env_vars": omp_env(cfg.cpu_cores)}
         cls = _worker_class(role)
         if role == "decode":
             actor = ray.remote(cls).options(**opts).remote(cfg, wid, self.redis_url, name)

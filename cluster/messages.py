@@ -166,3 +166,4 @@ class WorkerInfo:
     engine_start_s: float
     pid: int
     adapters: dict = field(default_factory=dict)   # name -> version (prefill only)
+    engine_threads: int = 1                  # the engine thread's OpenMP (torch) threads

@@ -49,7 +49,7 @@ class EngineWorker:
         from worker_runtime.engine_loop import EngineLoop
         from worker_runtime.ray_metrics import WorkerMetrics
 
-        self.engine_cfg, self.transfer = engine, transfer
+        self.engine_cfg, self.transfer, self.cpu_cores = engine, transfer, cpu_cores
         self.worker_id = worker_id
         self.metrics = WorkerMetrics(self.role, worker_id)
         self.hooks = None
@@ -84,6 +84,12 @@ class EngineWorker:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from worker_runtime.env import use_engine_cores
+
+        use_engine_cores(self.cpu_cores)  # engine thread: one OpenMP thread per core
+        import torch
+
+        self.engine_threads = torch.get_num_threads()
         e = self.engine_cfg
         args = EngineArgs(
             model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
@@ -139,7 +145,8 @@ class EngineWorker:
             max_model_len=eng.model_config.max_model_len,
             vocab_size=eng.model_config.get_vocab_size(), eos_token_id=self._eos_token_id(),
             lora_enabled=eng.vllm_config.lora_config is not None,
-            engine_start_s=self.loop.start_s, pid=os.getpid())
+            engine_start_s=self.loop.start_s, pid=os.getpid(),
+            engine_threads=self.engine_threads)
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.tokenizer, "eos_token_id", None)

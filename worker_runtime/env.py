@@ -26,14 +26,39 @@ def configure_engine_process(kv_cache_gib: float, cpu_cores: str | None) -> None
 
 
 def _count_cores(spec: str) -> int:
-    n = 0
+    return max(1, len(parse_cores(spec)))
+
+
+def parse_cores(spec: str) -> list[int]:
+    """``"0-3,6"`` -> ``[0, 1, 2, 3, 6]``."""
+    out: list[int] = []
     for part in spec.split(","):
         if "-" in part:
             a, b = part.split("-")
-            n += int(b) - int(a) + 1
+            out += range(int(a), int(b) + 1)
         elif part:
-            n += 1
-    return max(1, n)
+            out.append(int(part))
+    return out
+
+
+def use_engine_cores(cpu_cores: str | None) -> None:
+    """On the engine thread, before the engine is built: its OpenMP team gets one thread
+    per core in ``cpu_cores``, and the thread (and the OpenMP workers it starts) runs on
+    those cores only.
+
+    vLLM's own CPU executor binds the worker *processes* it starts; our in-process engine
+    runs in a Ray worker whose ``OMP_NUM_THREADS`` Ray set to its CPU slots (1) before
+    torch loaded, so without this every GEMM of a multi-core engine ran on one thread
+    (measured: a colocated engine on 2 cores ran at its 1-core speed). ``None``: leave
+    the process's threads as they are (clusters where Ray places the workers).
+    """
+    if not cpu_cores:
+        return
+    import torch
+
+    cores = parse_cores(cpu_cores)
+    os.sched_setaffinity(0, cores)       # Linux: 0 = the calling thread
+    torch.set_num_threads(len(cores))    # before vLLM's CPU worker disables set_num_threads
 
 
 def resolve_kv_host(kv_host: str) -> str:

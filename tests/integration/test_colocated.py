@@ -66,7 +66,12 @@ def _stats(colo):
 
 
 def test_colocated_only_cluster_has_no_prefill_or_decode_pool(colo, cclient):
+    import os
+
     assert not colo.pool.prefill and not colo.pool.decode and len(colo.pool.colocated) == 1
+    # a colocated engine computes on every core (one OpenMP thread each: before, Ray's
+    # OMP_NUM_THREADS=1 left a multi-core engine single-threaded)
+    assert colo.pool.colocated[0].info.engine_threads == (os.cpu_count() or 1)
     st = cclient.cluster_status()
     assert [w.role for w in st["workers"]] == ["colocated"]
     assert cclient.get_adapter("cid_all").kind == "lora"

@@ -113,6 +113,9 @@ def test_two_adapters_back_to_back_and_new_version(cluster, client, reference, a
 def test_kv_bytes_and_no_leaked_blocks(cluster, client):
     import ray
 
+    # the launcher splits this machine's cores between the prefill and decode engines
+    assert all(w.info.engine_threads == 1 for w in cluster.pool.all())
+
     info = cluster.pool.prefill[0].info
     layers, blocks_shape, dtype = info.kv_layout.split("/")[0], info.kv_layout.split("/")[2], info.kv_layout.split("/")[3]
     n_layers = int(layers[1:])

@@ -78,3 +78,28 @@ def test_cli_pool_sizes():
     assert _parse_adapters(["a=/x", "b:lora=/y"]) == ((("a", "/x"), ("b", "/y")), (("b", "lora"),))
     with pytest.raises(SystemExit, match="NAME:KIND=PATH"):
         _parse_adapters(["nopath"])
+
+
+def test_engine_cores_and_openmp_env():
+    import threading
+
+    from cluster.launcher import omp_env
+    from worker_runtime.env import parse_cores, use_engine_cores
+
+    assert parse_cores("0-2,5") == [0, 1, 2, 5]
+    assert omp_env("0-1") == {"OMP_NUM_THREADS": "2", "OMP_PROC_BIND": "true",
+                              "OMP_PLACES": "{0,1}"}
+    got = {}
+
+    def engine_thread():
+        import os
+
+        import torch
+
+        use_engine_cores("0")
+        got["threads"], got["cpus"] = torch.get_num_threads(), os.sched_getaffinity(0)
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert got == {"threads": 1, "cpus": {0}}
