@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark runs recorded in docs/benchmarks.md. Each `preft bench` runs every
 # system on this machine one after the other (same seeded workload). ~35 minutes on
-# 2 cores. Run on an otherwise idle machine.
+# 2 cores (runs 8 and 9: ~45 more). Run on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.venv/bin/preft
@@ -28,3 +28,12 @@ $P bench $Q --systems preft --adapters 1,8,64,512 --num-requests 32 --output-len
 # 7. Llama PreFT again after the offer-publication fix (the first run lost 2/32 requests).
 $P bench --model llama-3.2-1b --systems preft --adapters 64 --num-requests 32 \
   --prompt-len 128 --output-len 32 --out-dir bench/results/e2e/llama-32x128x32-fix
+# 8. Colocated workers (issue 13) beside the P/D cluster and vLLM multi-LoRA (grouped and
+#    stock kernels) and base, one invocation: 64 x 128 x 64, N = 1, 8, 64.
+$P bench $Q --output-len 64 --num-requests 64 --adapters 1,8,64 \
+  --systems preft_colocated,preft,multi_lora_grouped,multi_lora,base \
+  --out-dir bench/results/e2e/colocated-64x128x64
+# 9. Poisson arrivals (1 req/s): the mixed cluster (1 colocated + 1 prefill + 1 decode)
+#    records where the router sent each request, beside each single-shape cluster.
+$P bench $Q --output-len 64 --num-requests 64 --rate 1.0 --adapters 64 \
+  --systems preft_mixed,preft_colocated,preft,base --out-dir bench/results/e2e/mixed-poisson-64x128x64
