@@ -79,7 +79,10 @@ class PrefillWorker(EngineWorker):
                        eos_token_id=self.adapters.eos_token_id)
 
     async def release(self, transfer_id: int) -> bool:
-        return self.hooks.offers.release_local(transfer_id)
+        """Free a transfer's held blocks (the router: decode never pulled them). Never
+        waits; True when held blocks were freed now, False when they were not held (already
+        pulled, released or expired; or not yet offered: then freed when they are)."""
+        return self.hooks.offers.release(transfer_id)
 
     async def held_transfers(self) -> int:
         return len(self.hooks.offers)
@@ -167,7 +170,7 @@ class PrefillWorker(EngineWorker):
                 raise WorkerUnavailable(f"{self.worker_id}: the engine kept no KV for the prompt")
             return None
         if finish is not None:  # ended at prefill: nobody will pull
-            self.hooks.offers.release_local(params_out["transfer_id"])
+            self.hooks.offers.release(params_out["transfer_id"])
             return None
         host, port = self.hooks.address
         return KVHandle(params_out["transfer_id"], host, port, self.worker_id,
