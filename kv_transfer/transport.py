@@ -42,7 +42,6 @@ import secrets
 import socket
 import threading
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -334,30 +333,13 @@ def _blocking_wait(store, key: str, stop: threading.Event) -> bool:
     return False
 
 
-class KVTransport(ABC):
-    """The KV transport seam. One instance per engine; ``serve`` on prefill, ``pull`` on decode."""
+class TorchDistTransport:
+    """Pairwise torch.distributed groups, created lazily; gloo on CPU, NCCL on GPU.
 
-    name: str
-
-    @abstractmethod
-    def serve(self, offers: OfferTable) -> tuple[str, int]:
-        """Start answering pulls for ``offers``; returns the address decode peers use."""
-
-    @abstractmethod
-    def pull(self, host: str, port: int, transfer_id: int, start_block: int,
-             dst_block_ids: list[int]) -> TransferRecord:
-        """Copy held blocks [start_block:] of ``transfer_id`` into ``dst_block_ids``."""
-
-    @abstractmethod
-    def release(self, host: str, port: int, transfer_id: int) -> None:
-        """Tell the holder to free ``transfer_id`` without sending it."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
-class TorchDistTransport(KVTransport):
-    """Pairwise torch.distributed groups, created lazily; gloo on CPU, NCCL on GPU."""
+    The one KV transport: one instance per engine (owned by its
+    :class:`~kv_transfer.endpoint.KVEndpoint`); ``serve`` on prefill, ``pull`` and
+    ``release`` on decode. No abstract base until a second transport lands.
+    """
 
     name = "torch_dist"
 
@@ -705,5 +687,3 @@ class _PairClient:
                 pass
             _shutdown_group(self.pg)
 
-
-TRANSPORTS: dict[str, type[KVTransport]] = {TorchDistTransport.name: TorchDistTransport}
