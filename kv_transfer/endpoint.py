@@ -39,7 +39,9 @@ _MAX_RECORDS = 10_000
 
 class KVEndpoint:
     """One engine's KV endpoint. Thread-safe: the actor's event loop, the engine thread,
-    the heartbeat thread and the transport's threads all use it, and no call waits."""
+    the heartbeat thread and the transport's threads all use it. What the event loop calls
+    (:meth:`release`, :meth:`records`, :meth:`pop_record`, the properties) never waits;
+    :meth:`pull`, :meth:`send_release` and :meth:`close` do, on threads of their own."""
 
     def __init__(self, engine_id: str, role: str, *, kv_host: str = "127.0.0.1",
                  timeout_s: float = 30.0, hold_ttl_s: float = 120.0,

@@ -218,7 +218,7 @@ class OfferTable:
 
     def add(self, offer: Offer) -> None:
         with self._cv:
-            early = self._released.pop(offer.transfer_id, None) is not None
+            early = offer.transfer_id in self._released   # kept: a pull of it is refused
             if early:
                 self._finished.add(offer.req_id)   # released before it arrived: free it now
             else:
