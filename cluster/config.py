@@ -12,6 +12,7 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_KV_TRANSPORTS = ("torch_dist",)   # kv_transfer.transport.TorchDistTransport.name
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -78,6 +79,8 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         c = "TransferConfig"
+        _need(self.transport in _KV_TRANSPORTS, c, "transport", self.transport,
+              f"one of {_KV_TRANSPORTS}")
         _need(isinstance(self.secret, str), c, "secret", f"<{type(self.secret).__name__}>",
               "must be a string (the value is not shown)")
         _need(self.timeout_s > 0, c, "timeout_s", self.timeout_s, "must be > 0")

@@ -40,15 +40,6 @@ class DecodeWorker(EngineWorker):
         # where a later prompt (a chat's next turn) could take it for adapter-conditioned KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=1)
 
-    def on_members(self, members) -> None:
-        """Drop KV pair groups to prefill workers that left the cluster."""
-        live = set()
-        for m in members.values():
-            if m.role == "prefill" and m.kv_address:
-                host, _, port = m.kv_address.rpartition(":")
-                live.add((host, int(port)))
-        self.hooks.transport.prune(live_addresses=live)
-
     async def decode(self, req: DecodeRequest):
         """Async generator of :class:`DecodeDelta` (a Ray streaming call)."""
         self._check_layout(req)
@@ -89,10 +80,10 @@ class DecodeWorker(EngineWorker):
                 self.loop.abort(req.request_id)
 
     def _check_layout(self, req: DecodeRequest) -> None:
-        if req.kv.layout != self.hooks.layout_fingerprint:
+        if req.kv.layout != self.kv.layout_fingerprint:
             raise KVTransferFailed(
                 f"refusing to pair prefill {req.kv.engine_id} (KV layout {req.kv.layout}) with "
-                f"decode {self.worker_id} (KV layout {self.hooks.layout_fingerprint}): both need "
+                f"decode {self.worker_id} (KV layout {self.kv.layout_fingerprint}): both need "
                 "the same model, block size and KV cache dtype")
 
     @staticmethod
@@ -120,7 +111,7 @@ class DecodeWorker(EngineWorker):
 
     def _with_transfer(self, delta: DecodeDelta, req: DecodeRequest, t0: float) -> DecodeDelta:
         """The first delta carries the KV transfer's bytes and seconds."""
-        rec = self.hooks.pop_record(req.kv.transfer_id)
+        rec = self.kv.pop_record(req.kv.transfer_id)
         total = time.perf_counter() - t0
         xfer = rec.seconds if rec else 0.0
         if rec:

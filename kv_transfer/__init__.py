@@ -2,8 +2,12 @@
 
 The prefill engine keeps a finished prompt's adapter-conditioned KV blocks and offers them
 under a transfer id; the decode engine pulls them into its own blocks before it computes
-the first generated token. Both sides are hooked into vLLM through our own v1 KV connector
-(:mod:`kv_transfer.connector`, loaded with ``kv_connector_module_path``); bytes move over a
-pairwise torch.distributed group (:mod:`kv_transfer.transport`: gloo on CPU, NCCL on GPU).
-The router only ever sees a :class:`kv_transfer.handle.KVHandle`, never KV bytes.
+the first generated token. Each engine process has one :class:`kv_transfer.endpoint.KVEndpoint`
+(address, layout, offers and their one release route, pruning, transfer records), created
+by the worker actor with its engine and handed to the engine's connector in the KV transfer
+config. Both engines are hooked into vLLM through our own v1 KV connector
+(:mod:`kv_transfer.connector`, loaded with ``kv_connector_module_path``; a scheduler side
+and a worker side, as vLLM's NIXL connector); bytes move over a pairwise torch.distributed
+group (:mod:`kv_transfer.transport`: gloo on CPU, NCCL on GPU). The router only ever sees a
+:class:`kv_transfer.handle.KVHandle`, never KV bytes.
 """

@@ -1,30 +1,37 @@
 """PreFT's vLLM v1 KV connector: hooks both engines into the KV transfer (step 4).
 
 Loaded by vLLM through ``kv_transfer_config = {"kv_connector": "PreftKVConnector",
-"kv_connector_module_path": "kv_transfer.connector", "kv_role": ...}`` — no fork of vLLM.
+"kv_connector_module_path": "kv_transfer.connector", "kv_role": ...,
+"kv_connector_extra_config": {"endpoint": <KVEndpoint>}}`` -- no fork of vLLM. vLLM builds
+the connector twice, once per role, as it does vLLM's NIXL connector: the engine's
+scheduler gets a SCHEDULER-role :class:`PreftKVConnector` that delegates to a
+:class:`PreftConnectorScheduler`, its model runner a WORKER-role one that delegates to a
+:class:`PreftConnectorWorker`. Both sides use the :class:`~kv_transfer.endpoint.KVEndpoint`
+the worker actor created with the engine; they talk to each other only through vLLM's
+per-step :class:`PreftConnectorMetadata`.
 
 Producer (prefill engine, ``kv_producer``): a request sent with ``kv_transfer_params =
 {"do_remote_decode": True}`` runs as usual (prompt with its adapter, one sampled token).
-When it finishes, :meth:`request_finished` keeps its prompt blocks (delayed free) and
-returns ``{transfer_id, num_tokens, num_blocks}``, which vLLM attaches to the request's
-output. The worker side offers those blocks to the transport, which sends them when the
-decode side pulls, and reports the request in ``finished_sending`` so vLLM frees them.
+When it finishes, the scheduler side's :meth:`~PreftConnectorScheduler.request_finished`
+keeps its prompt blocks (delayed free), holds them on the endpoint under a new transfer id
+and returns ``{transfer_id, num_tokens, num_blocks}``, which vLLM attaches to the
+request's output. The endpoint's transport sends them when the decode side pulls; the
+worker side reports the request in ``finished_sending`` once they are sent, released or
+expired, and vLLM frees them.
 
 Consumer (decode engine, ``kv_consumer``): a request whose ``kv_transfer_params`` is a
 :class:`~kv_transfer.handle.KVHandle` (``do_remote_prefill``) declares the prompt's tokens
-external (:meth:`get_num_new_matched_tokens`), beyond whatever its own prefix cache holds
-under the same cache salt. vLLM allocates blocks; the worker side pulls the remote blocks
-into them on a background thread and reports ``finished_recving`` (or ``failed_recving``,
-which fails the request: vLLM's ``kv_load_failure_policy`` is ``fail``, never a silent
-base-model recompute of an adapter-conditioned prompt).
+external (:meth:`~PreftConnectorScheduler.get_num_new_matched_tokens`), beyond whatever its
+own prefix cache holds under the same cache salt. vLLM allocates blocks; the worker side
+pulls the remote blocks into them on a background thread and reports ``finished_recving``
+(or ``failed_recving``, which fails the request: vLLM's ``kv_load_failure_policy`` is
+``fail``, never a silent base-model recompute of an adapter-conditioned prompt).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,10 +43,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from kv_transfer.endpoint import KVEndpoint
 from kv_transfer.handle import KVHandle
-from kv_transfer.layout import KVLayout
-from kv_transfer.runtime import hooks_for
-from kv_transfer.transport import TRANSPORTS, Offer, OfferTable
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -61,9 +66,9 @@ class _Recv:
 
 @dataclass
 class PreftConnectorMetadata(KVConnectorMetadata):
-    """Scheduler → worker, once per engine step."""
+    """Scheduler side → worker side, once per engine step (decode engines only: a prefill
+    engine's scheduler side holds blocks on the endpoint directly)."""
 
-    offers: list[Offer] = field(default_factory=list)
     recvs: list[_Recv] = field(default_factory=list)
     releases: list[KVHandle] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)   # prompt KV gone after a preemption
@@ -78,38 +83,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class PreftKVConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
-                 kv_cache_config=None) -> None:
-        super().__init__(vllm_config, role, kv_cache_config)
-        cfg = vllm_config.kv_transfer_config
-        self.engine_id = cfg.engine_id
-        self.is_producer = cfg.kv_role == "kv_producer"
-        if cfg.kv_role not in ("kv_producer", "kv_consumer"):
-            raise ValueError(f"PreftKVConnector: kv_role must be kv_producer (prefill) or "
-                             f"kv_consumer (decode), got {cfg.kv_role!r}")
-        self.block_size = vllm_config.cache_config.block_size
-        extra = cfg.kv_connector_extra_config
-        self.local_host = extra.get("kv_host", "127.0.0.1")
-        self.timeout_s = float(extra.get("transfer_timeout_s", 30.0))
-        self.hold_ttl_s = float(extra.get("hold_ttl_s", 120.0))
-        self.transport_name = extra.get("transport", "torch_dist")
-        self._secret = str(extra.get("secret", ""))  # the cluster's: pairs only within it
-        if self.transport_name not in TRANSPORTS:
-            raise ValueError(f"PreftKVConnector: unknown transport {self.transport_name!r}; "
-                             f"known: {sorted(TRANSPORTS)}")
-        self.hooks = hooks_for(self.engine_id)
-        # scheduler side
-        self._meta = PreftConnectorMetadata()
-        # worker side
-        self.transport = None
-        self.layers: list = []
-        self._pool: ThreadPoolExecutor | None = None
-        self._done_lock = threading.Lock()
-        self._recv_done: set[str] = set()
-        self._recv_failed: set[str] = set()
+class PreftConnectorScheduler:
+    """Scheduler side, on the engine thread: which tokens a decode request loads, which
+    blocks a finished prefill request keeps; what the worker side does next step."""
 
-    # ================================================================ scheduler side
+    def __init__(self, endpoint: KVEndpoint, block_size: int) -> None:
+        self.endpoint = endpoint
+        self.is_producer = endpoint.is_producer
+        self.block_size = block_size
+        self._meta = PreftConnectorMetadata()
+
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
@@ -166,7 +149,15 @@ class PreftKVConnector(KVConnectorBase_V1):
                 self._meta.releases.append(KVHandle.from_params(params))
                 params["do_remote_prefill"] = False
             return False, None
-        if not params.get("do_remote_decode") or not request.is_finished():
+        return self._hold(request, block_ids)
+
+    def _hold(self, request: "Request",
+              block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Prefill: keep a prompt that finished normally for decode, on the endpoint now
+        (through the next step's metadata its blocks would be offered only when that step
+        runs -- with vLLM's async scheduling, after a whole further step, which on a slow
+        prefill step outlasted the decode side's claim timeout)."""
+        if not request.kv_transfer_params.get("do_remote_decode") or not request.is_finished():
             return False, None
         from vllm.v1.request import RequestStatus
 
@@ -177,41 +168,30 @@ class PreftKVConnector(KVConnectorBase_V1):
         num_blocks = _cdiv(num_tokens, self.block_size)
         if num_tokens < 1 or len(block_ids) < num_blocks:
             return False, None
-        transfer_id = secrets.randbits(62)
-        offer = Offer(transfer_id, request.request_id, list(block_ids[:num_blocks]), num_tokens,
-                      expires_at=time.monotonic() + self.hold_ttl_s)
-        if self.hooks.offers is not None:
-            # In-process engine (how our workers run it): offer the blocks now. Through the
-            # next step's metadata they would appear only when that step runs -- with
-            # vLLM's async scheduling, after a whole further step, which on a slow prefill
-            # step outlasted the decode side's claim timeout.
-            self.hooks.offers.add(offer)
-        else:
-            self._meta.offers.append(offer)
+        transfer_id = self.endpoint.hold(request.request_id, list(block_ids[:num_blocks]),
+                                         num_tokens)
         return True, {"transfer_id": transfer_id, "num_tokens": num_tokens,
                       "num_blocks": num_blocks}
 
-    # ================================================================ worker side
-    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        self.layers = list(kv_caches.values())
-        layout = KVLayout.from_tensors(self.layers, self.block_size)
-        self.transport = TRANSPORTS[self.transport_name](
-            self.layers, layout, local_host=self.local_host, timeout_s=self.timeout_s,
-            engine_name=self.engine_id, on_record=self.hooks.record, secret=self._secret)
-        self.hooks.layout_fingerprint = layout.fingerprint()
-        self.hooks.transport = self.transport
-        if self.is_producer:
-            self.hooks.offers = OfferTable()
-            self.hooks.address = self.transport.serve(self.hooks.offers)
-        else:
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
-        self.hooks.ready.set()
 
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, PreftConnectorMetadata)
-        for offer in meta.offers:
-            self.hooks.offers.add(offer)
+class PreftConnectorWorker:
+    """Worker side, in the model runner: opens the endpoint on the engine's caches, starts
+    decode's pulls and releases on background threads, and reports finished transfers."""
+
+    def __init__(self, endpoint: KVEndpoint, block_size: int) -> None:
+        self.endpoint = endpoint
+        self.block_size = block_size
+        self._pool: ThreadPoolExecutor | None = None
+        self._done_lock = threading.Lock()
+        self._recv_done: set[str] = set()
+        self._recv_failed: set[str] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self.endpoint.open(list(kv_caches.values()), self.block_size)
+        if not self.endpoint.is_producer:
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
+
+    def start_load_kv(self, meta: PreftConnectorMetadata) -> None:
         for recv in meta.recvs:
             self._pool.submit(self._pull, recv)
         for handle in meta.releases:
@@ -221,27 +201,81 @@ class PreftKVConnector(KVConnectorBase_V1):
                       "recomputing the prompt without its adapter", meta.lost)
             with self._done_lock:
                 self._recv_failed.update(meta.lost)
-            self.hooks.wake.set()
+            self.endpoint.wake.set()
 
     def _pull(self, recv: _Recv) -> None:
         h = recv.handle
         ok = False
         try:
-            self.transport.pull(h.host, h.port, h.transfer_id, recv.start_block,
-                                recv.local_block_ids)
+            self.endpoint.pull(h, recv.start_block, recv.local_block_ids)
             ok = True
         except Exception as e:
             log.error("pull of KV transfer %d for %s failed: %s", h.transfer_id,
                       recv.req_id, e)
         with self._done_lock:
             (self._recv_done if ok else self._recv_failed).add(recv.req_id)
-        self.hooks.wake.set()
+        self.endpoint.wake.set()
 
     def _release(self, handle: KVHandle) -> None:
         try:
-            self.transport.release(handle.host, handle.port, handle.transfer_id)
+            self.endpoint.send_release(handle)
         except Exception as e:  # the holder's TTL frees them anyway
             log.warning("release of KV transfer %d failed: %s", handle.transfer_id, e)
+
+    def get_transfer_results(self) -> KVConnectorTransferResults:
+        if self.endpoint.is_producer:
+            return KVConnectorTransferResults(finished_sending=self.endpoint.take_finished())
+        with self._done_lock:
+            done, failed = self._recv_done, self._recv_failed
+            self._recv_done, self._recv_failed = set(), set()
+        return KVConnectorTransferResults(finished_recving=done | failed, failed_recving=failed)
+
+    def shutdown(self) -> None:
+        """The engine is going away: its caches may no longer be served or written."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.endpoint.close()
+
+
+class PreftKVConnector(KVConnectorBase_V1):
+    """What vLLM loads: delegates to the scheduler side or the worker side by role."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config=None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        endpoint = KVEndpoint.of(vllm_config.kv_transfer_config)
+        block_size = vllm_config.cache_config.block_size
+        self.scheduler: PreftConnectorScheduler | None = None
+        self.worker: PreftConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = PreftConnectorScheduler(endpoint, block_size)
+        else:
+            self.worker = PreftConnectorWorker(endpoint, block_size)
+
+    # ================================================================ scheduler side
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    # ================================================================ worker side
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PreftConnectorMetadata)
+        self.worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -253,19 +287,12 @@ class PreftKVConnector(KVConnectorBase_V1):
         return None
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        if self.is_producer:
-            return KVConnectorTransferResults(finished_sending=self.hooks.offers.take_finished())
-        with self._done_lock:
-            done, failed = self._recv_done, self._recv_failed
-            self._recv_done, self._recv_failed = set(), set()
-        return KVConnectorTransferResults(finished_recving=done | failed, failed_recving=failed)
+        return self.worker.get_transfer_results()
 
     def get_finished(self, finished_req_ids: set[str]):
-        r = self.get_transfer_results(finished_req_ids)
+        r = self.worker.get_transfer_results()
         return r.finished_sending or None, r.finished_recving or None
 
     def shutdown(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.worker is not None:
+            self.worker.shutdown()

@@ -17,9 +17,10 @@ and for one request on it:
                     into one [layers, blocks, ...] buffer sent as few large messages
   decode  <- group  recv into the same-shaped scratch, then ``index_copy_`` per layer
 A ``release`` op frees held blocks without sending (decode found them in its own prefix
-cache, or its request was aborted before it was scheduled). Held blocks that nobody pulls
-expire after ``hold_ttl_s``. A transfer that errors or times out breaks its pair group;
-both sides drop it and the next pull makes a new one.
+cache, or its request was aborted before it was scheduled): it takes the offers' one
+release route, :meth:`OfferTable.release`, as the prefill worker's own releases do. Held
+blocks that nobody pulls or releases expire after ``hold_ttl_s``. A transfer that errors or
+times out breaks its pair group; both sides drop it and the next pull makes a new one.
 
 Trust: ``mac`` is an HMAC-SHA256 under the cluster's secret of the endpoint's nonce (the
 store's ``nonce`` key, fresh per endpoint), the message's store key and its body, so the
@@ -41,7 +42,6 @@ import secrets
 import socket
 import threading
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -190,45 +190,77 @@ class TransferRecord:
     error: str = ""
 
 
-class OfferTable:
-    """Prefill side: held blocks by transfer id. Thread-safe.
+_MAX_RELEASED = 1 << 16            # remembered early releases (each a few dozen bytes)
 
-    The engine thread adds offers (from connector metadata) and collects finished request
-    ids; serve threads claim offers. A claim may arrive before the offer does (the router
-    is faster than the engine's next step), so ``claim`` waits a little.
+
+class OfferTable:
+    """Prefill side: held blocks by transfer id. Thread-safe; no method waits but ``claim``.
+
+    The engine thread adds offers (the connector's scheduler side) and collects finished
+    request ids; serve threads claim offers for pulls. A claim may arrive before the offer
+    does (the router is faster than the engine's next step), so ``claim`` waits a little.
+
+    :meth:`release` is the one release route (the worker's own, and the decode side's
+    ``release`` op through a serve thread) and never waits: an offer not here yet is
+    remembered as released, and freed the moment it arrives. ``expires_at`` is the
+    fallback: :meth:`take_finished` frees what nobody pulled or released in time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, release_ttl_s: float = 600.0,
+                 on_finish: Callable[[], None] | None = None) -> None:
         self._cv = threading.Condition()
         self._offers: dict[int, Offer] = {}
         self._finished: set[str] = set()
+        self._released: dict[int, float] = {}   # transfer id -> forget after (monotonic)
+        self._release_ttl_s = release_ttl_s
+        self._on_finish = on_finish or (lambda: None)
         self.expired = 0
 
     def add(self, offer: Offer) -> None:
         with self._cv:
-            self._offers[offer.transfer_id] = offer
-            self._cv.notify_all()
+            early = offer.transfer_id in self._released   # kept: a pull of it is refused
+            if early:
+                self._finished.add(offer.req_id)   # released before it arrived: free it now
+            else:
+                self._offers[offer.transfer_id] = offer
+                self._cv.notify_all()
+        if early:
+            self._on_finish()
 
     def claim(self, transfer_id: int, timeout: float) -> Offer | None:
+        """The offer, for a pull; None if it is unknown after ``timeout`` or released."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while transfer_id not in self._offers:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or transfer_id in self._released:
                     return None
                 self._cv.wait(left)
             return self._offers.pop(transfer_id)
 
     def finish(self, req_id: str) -> None:
+        """A claimed offer's blocks may be freed (sent, or the pull refused)."""
         with self._cv:
             self._finished.add(req_id)
+        self._on_finish()
 
-    def release_local(self, transfer_id: int) -> bool:
-        """Free an offer nobody will pull (the request ended at prefill)."""
-        offer = self.claim(transfer_id, timeout=5.0)
-        if offer is not None:
-            self.finish(offer.req_id)
-        return offer is not None
+    def release(self, transfer_id: int) -> bool:
+        """Free ``transfer_id``'s blocks without sending them; never waits.
+
+        True when held blocks were freed now; False when the offer is not here (already
+        pulled or expired, or not yet arrived: then it is freed on arrival)."""
+        now = time.monotonic()
+        with self._cv:
+            offer = self._offers.pop(transfer_id, None)
+            if offer is None:
+                self._released[transfer_id] = now + self._release_ttl_s
+                while len(self._released) > _MAX_RELEASED:
+                    self._released.pop(next(iter(self._released)))
+                self._cv.notify_all()             # a waiting claim gives up now
+                return False
+            self._finished.add(offer.req_id)
+        self._on_finish()
+        return True
 
     def take_finished(self, now: float | None = None) -> set[str]:
         """Request ids whose blocks may be freed: transferred, released or expired."""
@@ -240,6 +272,8 @@ class OfferTable:
                 self.expired += 1
                 log.warning("KV transfer %d expired unpulled; freeing %d blocks",
                             tid, len(offer.block_ids))
+            for tid in [t for t, until in self._released.items() if until <= now]:
+                del self._released[tid]
             done, self._finished = self._finished, set()
             return done
 
@@ -299,30 +333,13 @@ def _blocking_wait(store, key: str, stop: threading.Event) -> bool:
     return False
 
 
-class KVTransport(ABC):
-    """The KV transport seam. One instance per engine; ``serve`` on prefill, ``pull`` on decode."""
+class TorchDistTransport:
+    """Pairwise torch.distributed groups, created lazily; gloo on CPU, NCCL on GPU.
 
-    name: str
-
-    @abstractmethod
-    def serve(self, offers: OfferTable) -> tuple[str, int]:
-        """Start answering pulls for ``offers``; returns the address decode peers use."""
-
-    @abstractmethod
-    def pull(self, host: str, port: int, transfer_id: int, start_block: int,
-             dst_block_ids: list[int]) -> TransferRecord:
-        """Copy held blocks [start_block:] of ``transfer_id`` into ``dst_block_ids``."""
-
-    @abstractmethod
-    def release(self, host: str, port: int, transfer_id: int) -> None:
-        """Tell the holder to free ``transfer_id`` without sending it."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
-class TorchDistTransport(KVTransport):
-    """Pairwise torch.distributed groups, created lazily; gloo on CPU, NCCL on GPU."""
+    The one KV transport: one instance per engine (owned by its
+    :class:`~kv_transfer.endpoint.KVEndpoint`); ``serve`` on prefill, ``pull`` and
+    ``release`` on decode. No abstract base until a second transport lands.
+    """
 
     name = "torch_dist"
 
@@ -458,23 +475,24 @@ class TorchDistTransport(KVTransport):
 
     def _answer(self, req: PairRequest, peer: str, store, ack: str, pg, state: dict) -> bool:
         """Serve one checked pull or release; False when the pair's group broke."""
+        if req.op == "release":  # the offers' one release route; it never waits
+            self._offers.release(req.transfer_id)
+            store.set(ack, json.dumps({"ok": True}))
+            return True
         # Answer before the peer's own ack wait (the full timeout) gives up on us.
         offer = self._offers.claim(req.transfer_id, timeout=self.timeout.total_seconds() / 2)
         if offer is None:
-            store.set(ack, json.dumps({"error": (
+            store.set(ack, json.dumps({"error": (  # released: as gone as expired
                 f"KV transfer {req.transfer_id} is unknown or expired on {self.engine_name}")}))
             return True
         blocks, err, t0 = offer.block_ids[req.start_block:], "", time.perf_counter()
         try:
-            if req.op == "release":
-                store.set(ack, json.dumps({"ok": True}))
-                return True
             if len(blocks) != req.num_blocks:
                 raise BadMessage(f"decode asked for {req.num_blocks} blocks from block "
                                  f"{req.start_block}, prefill holds {len(offer.block_ids)}")
             store.set(ack, json.dumps({"ok": True}))
             err = self._send(blocks, pg, state)
-        finally:  # transferred, released or refused: the engine may free the blocks
+        finally:  # transferred or refused: the engine may free the blocks
             self._offers.finish(offer.req_id)
         self._on_record(TransferRecord(
             offer.transfer_id, peer, len(blocks), len(blocks) * self.layout.bytes_per_block,
@@ -669,5 +687,3 @@ class _PairClient:
                 pass
             _shutdown_group(self.pg)
 
-
-TRANSPORTS: dict[str, type[KVTransport]] = {TorchDistTransport.name: TorchDistTransport}

@@ -55,11 +55,6 @@ class PrefillWorker(EngineWorker):
     def residency(self) -> dict[str, str]:
         return self.adapters.residency()
 
-    def on_members(self, members) -> None:
-        """Tear down KV pair groups whose decode side left the cluster."""
-        self.hooks.transport.prune(
-            live_peers={m.worker_id for m in members.values() if m.role == "decode"})
-
     # ------------------------------------------------------------------ adapters
     async def validate_adapter(self, path: str, kind: str | None = None) -> AdapterSpec:
         return await self.adapters.validate(path, kind)
@@ -79,18 +74,21 @@ class PrefillWorker(EngineWorker):
                        eos_token_id=self.adapters.eos_token_id)
 
     async def release(self, transfer_id: int) -> bool:
-        return self.hooks.offers.release_local(transfer_id)
+        """Free a transfer's held blocks (the router: decode never pulled them). Never
+        waits; True when held blocks were freed now, False when they were not held (already
+        pulled, released or expired; or not yet offered: then freed when they are)."""
+        return self.kv.release(transfer_id)
 
     async def held_transfers(self) -> int:
-        return len(self.hooks.offers)
+        return len(self.kv.offers)
 
     async def stats(self) -> AdapterStats:
-        recs = list(self.hooks.records)
+        recs = self.kv.records()
         return AdapterStats(
             requests=self.loop.num_requests, tier_hits=dict(self.adapters.tier_hits),
             resident=self.residency(), transfers=len(recs), bytes=sum(r.bytes for r in recs),
-            failed=sum(not r.ok for r in recs), held=len(self.hooks.offers),
-            expired=self.hooks.offers.expired)
+            failed=sum(not r.ok for r in recs), held=len(self.kv.offers),
+            expired=self.kv.offers.expired)
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """The prompt with its adapter, the first token, the KV handle for decode."""
@@ -167,9 +165,9 @@ class PrefillWorker(EngineWorker):
                 raise WorkerUnavailable(f"{self.worker_id}: the engine kept no KV for the prompt")
             return None
         if finish is not None:  # ended at prefill: nobody will pull
-            self.hooks.offers.release_local(params_out["transfer_id"])
+            self.kv.release(params_out["transfer_id"])
             return None
-        host, port = self.hooks.address
+        host, port = self.kv.address
         return KVHandle(params_out["transfer_id"], host, port, self.worker_id,
                         params_out["num_tokens"], params_out["num_blocks"],
-                        self.hooks.layout_fingerprint)
+                        self.kv.layout_fingerprint)

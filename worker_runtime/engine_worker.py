@@ -4,13 +4,16 @@ Prefill, decode and colocated workers (steps 3-5 of the request path) are Ray ac
 each own one in-process vLLM engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor
 ``uni``) driven by an :class:`~worker_runtime.engine_loop.EngineLoop`. This base builds the
 engine from the pool's :class:`~cluster.config.EngineConfig` plus what the subclass adds
-(:meth:`EngineWorker.engine_args`: LoRA, the KV connector), joins the cluster by heartbeat,
-and answers the calls the router makes of every worker (:class:`WorkerApi`): ``info``,
-``kv_usage``, ``reset_prefix_cache``, ``shutdown``.
+(:meth:`EngineWorker.engine_args`: LoRA), creates the prefill or decode engine's
+:class:`~kv_transfer.endpoint.KVEndpoint` with it (handed to the engine's KV connector in
+the KV transfer config; the worker keeps it as ``self.kv``), joins the cluster by
+heartbeat, and answers the calls the router makes of every worker (:class:`WorkerApi`):
+``info``, ``kv_usage``, ``reset_prefix_cache``, ``shutdown``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from typing import Any, Protocol
@@ -33,8 +36,9 @@ class WorkerApi(Protocol):
 
 class EngineWorker:
     """Base of the worker actors. Subclasses set ``role``, may set ``kv_role``
-    (``kv_producer`` | ``kv_consumer``: the engine gets our KV connector) and override
-    :meth:`engine_args`, :meth:`after_build`, :meth:`residency` and :meth:`on_members`."""
+    (``kv_producer`` | ``kv_consumer``: the engine gets our KV connector, the worker its KV
+    endpoint as ``self.kv``) and override :meth:`engine_args`, :meth:`after_build` and
+    :meth:`residency`."""
 
     role = ""
     kv_role: str | None = None
@@ -52,16 +56,12 @@ class EngineWorker:
         self.engine_cfg, self.transfer, self.cpu_cores = engine, transfer, cpu_cores
         self.worker_id = worker_id
         self.metrics = WorkerMetrics(self.role, worker_id)
-        self.hooks = None
-        if self.kv_role is not None:
-            from kv_transfer.runtime import hooks_for
-
-            self.hooks = hooks_for(worker_id)
+        self.kv = self._kv_endpoint()
         self.loop = EngineLoop(self._build_engine, f"{self.role}:{worker_id}",
-                               wake=self.hooks.wake if self.hooks else None)
+                               wake=self.kv.wake if self.kv is not None else None)
         self.loop.start()
         self.tokenizer = self.loop.engine.get_tokenizer()
-        if self.hooks is not None and not self.hooks.ready.wait(30):
+        if self.kv is not None and not self.kv.ready.wait(30):
             raise WorkerUnavailable(f"{worker_id}: KV connector did not register its caches")
         self.heartbeat = None
         if redis_url:
@@ -102,46 +102,57 @@ class EngineWorker:
         self.after_build(engine)
         return engine
 
-    def _kv_transfer_config(self):
+    def _kv_endpoint(self):
+        """This engine's KV endpoint (prefill and decode roles), created with the engine:
+        handed to its connector in the KV transfer config, used here by the worker."""
         if self.kv_role is None:
             return None
-        from vllm.config import KVTransferConfig
-
+        from kv_transfer.endpoint import KVEndpoint
         from worker_runtime.env import resolve_kv_host
 
         t = self.transfer
+        return KVEndpoint(self.worker_id, self.kv_role, kv_host=resolve_kv_host(t.kv_host),
+                          timeout_s=t.timeout_s, hold_ttl_s=t.hold_ttl_s,
+                          transport=t.transport, secret=t.secret)
+
+    def _kv_transfer_config(self):
+        if self.kv is None:
+            return None
+        from vllm.config import KVTransferConfig
+
+        from kv_transfer.endpoint import EXTRA_CONFIG_KEY
+
         return KVTransferConfig(
             kv_connector="PreftKVConnector", kv_connector_module_path="kv_transfer.connector",
             kv_role=self.kv_role, engine_id=self.worker_id,
             # a failed pull fails the request: never a base-model recompute of the prompt
             kv_load_failure_policy="fail",
-            kv_connector_extra_config={
-                "kv_host": resolve_kv_host(t.kv_host), "transfer_timeout_s": t.timeout_s,
-                "hold_ttl_s": t.hold_ttl_s, "transport": t.transport, "secret": t.secret})
+            kv_connector_extra_config={EXTRA_CONFIG_KEY: self.kv})
 
     # ------------------------------------------------------------------ membership
     def _member(self, actor_name: str) -> MemberRecord:
-        address = ""
-        if self.hooks is not None and self.hooks.address is not None:
-            host, port = self.hooks.address
-            address = f"{host}:{port}"
-        layout = self.hooks.layout_fingerprint if self.hooks is not None else ""
-        return MemberRecord(self.worker_id, self.role, actor_name, layout,
-                            node=socket.gethostname(), kv_address=address)
+        kv = self.kv
+        return MemberRecord(self.worker_id, self.role, actor_name,
+                            kv.layout_fingerprint if kv is not None else "",
+                            node=socket.gethostname(),
+                            kv_address=kv.kv_address if kv is not None else "")
 
     def residency(self) -> dict[str, str]:
         """Adapters held here (published with the heartbeat when ``holds_adapters``)."""
         return {}
 
     def on_members(self, members) -> None:
-        """The cluster's membership, every few beats."""
+        """The cluster's membership, every few beats (heartbeat thread): tear down KV pair
+        groups whose other side left."""
+        if self.kv is not None:
+            self.kv.prune(members)
 
     # ------------------------------------------------------------------ API
     async def info(self) -> WorkerInfo:
         eng = self.loop.engine
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role,
-            kv_layout=self.hooks.layout_fingerprint if self.hooks is not None else "",
+            kv_layout=self.kv.layout_fingerprint if self.kv is not None else "",
             max_model_len=eng.model_config.max_model_len,
             vocab_size=eng.model_config.get_vocab_size(), eos_token_id=self._eos_token_id(),
             lora_enabled=eng.vllm_config.lora_config is not None,
@@ -165,6 +176,13 @@ class EngineWorker:
         return await self.loop.call(lambda eng: eng.reset_prefix_cache())
 
     async def shutdown(self) -> None:
+        """Leave the cluster, stop the engine, close the KV endpoint's pairs: each may wait
+        seconds (Redis, the engine thread's step, a pair's pull), so off the event loop."""
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.loop.stop()
+        if self.kv is not None:
+            self.kv.close()

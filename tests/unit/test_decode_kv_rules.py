@@ -1,7 +1,8 @@
 """What the decode side may do with prompt KV, at the connector and prefix-cache seams.
 
-No engine: the connector's scheduler/worker methods with fake vLLM request objects, and
-the prefix-cache rule on a fake coordinator.
+No engine: the connector in both roles (as vLLM builds it: one instance per role, sharing
+the endpoint their worker created) with fake vLLM request objects, and the prefix-cache
+rule on a fake coordinator.
 - A decode request's prompt KV comes from prefill, once. If the request is scheduled again
   with part of its prompt missing (preempted, blocks evicted), the connector declares the
   missing tokens external and fails that load: vLLM then fails the request instead of
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from kv_transfer.connector import PreftKVConnector
+from kv_transfer.endpoint import KVEndpoint
 from kv_transfer.handle import KVHandle
 from worker_runtime.prefix_cache import cache_only_prompt_blocks, cacheable_tokens
 
@@ -25,13 +27,16 @@ BLOCK = 4
 
 @pytest.fixture
 def consumer():
+    """The decode engine's connector: ``.scheduler`` and ``.worker`` roles, one endpoint."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+    endpoint = KVEndpoint("decode-rules-test", "kv_consumer")
     xfer = SimpleNamespace(engine_id="decode-rules-test", kv_role="kv_consumer",
-                           kv_connector_extra_config={})
+                           kv_connector_extra_config={"endpoint": endpoint})
     cfg = SimpleNamespace(kv_transfer_config=xfer,
                           cache_config=SimpleNamespace(block_size=BLOCK))
-    return PreftKVConnector(cfg, KVConnectorRole.SCHEDULER)
+    return SimpleNamespace(scheduler=PreftKVConnector(cfg, KVConnectorRole.SCHEDULER),
+                           worker=PreftKVConnector(cfg, KVConnectorRole.WORKER))
 
 
 def _request(num_tokens: int = 10):
@@ -45,38 +50,41 @@ def _blocks(n: int):
 
 
 def test_prompt_kv_is_pulled_once(consumer):
+    sched = consumer.scheduler
     req = _request(10)
-    assert consumer.get_num_new_matched_tokens(req, 0) == (10, True)
-    consumer.update_state_after_alloc(req, _blocks(3), 10)
-    meta = consumer.build_connector_meta(None)
+    assert sched.get_num_new_matched_tokens(req, 0) == (10, True)
+    sched.update_state_after_alloc(req, _blocks(3), 10)
+    meta = sched.build_connector_meta(None)
     assert [r.req_id for r in meta.recvs] == ["r1"] and not meta.lost
     # loaded: the prompt is complete, nothing more to load
-    assert consumer.get_num_new_matched_tokens(req, 10) == (0, False)
+    assert sched.get_num_new_matched_tokens(req, 10) == (0, False)
 
 
 def test_preempted_request_missing_prompt_kv_fails_instead_of_recomputing(consumer):
+    sched, worker = consumer.scheduler, consumer.worker
     req = _request(10)
-    consumer.get_num_new_matched_tokens(req, 0)
-    consumer.update_state_after_alloc(req, _blocks(3), 10)
-    consumer.build_connector_meta(None)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, _blocks(3), 10)
+    sched.build_connector_meta(None)
     # preempted: vLLM reschedules it with only its first cached block still local
-    assert consumer.get_num_new_matched_tokens(req, BLOCK) == (10 - BLOCK, True)
-    consumer.update_state_after_alloc(req, _blocks(2), 10 - BLOCK)
-    meta = consumer.build_connector_meta(None)
+    assert sched.get_num_new_matched_tokens(req, BLOCK) == (10 - BLOCK, True)
+    sched.update_state_after_alloc(req, _blocks(2), 10 - BLOCK)
+    meta = sched.build_connector_meta(None)
     assert meta.lost == ["r1"] and not meta.recvs
     # worker side: the "load" fails at once, so vLLM fails the request
-    consumer.bind_connector_metadata(meta)
-    consumer.start_load_kv(None)
-    res = consumer.get_transfer_results(set())
+    worker.bind_connector_metadata(meta)
+    worker.start_load_kv(None)
+    res = worker.get_transfer_results(set())
     assert res.failed_recving == {"r1"} and "r1" in res.finished_recving
 
 
 def test_preempted_request_whose_prompt_is_still_cached_runs_on(consumer):
+    sched = consumer.scheduler
     req = _request(8)
-    consumer.get_num_new_matched_tokens(req, 0)
-    consumer.update_state_after_alloc(req, _blocks(2), 8)
-    consumer.build_connector_meta(None)
-    assert consumer.get_num_new_matched_tokens(req, 8) == (0, False)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, _blocks(2), 8)
+    sched.build_connector_meta(None)
+    assert sched.get_num_new_matched_tokens(req, 8) == (0, False)
 
 
 def test_cacheable_tokens_stop_at_the_prompt():

@@ -1,0 +1,182 @@
+"""The KV endpoint of one engine process: what step 4 shares between a worker and its engine.
+
+A worker actor (:class:`~worker_runtime.engine_worker.EngineWorker`, prefill or decode)
+creates one :class:`KVEndpoint` with its engine and hands it to the engine in the KV
+transfer config (``kv_connector_extra_config["endpoint"]``): vLLM builds our connector
+itself (:mod:`kv_transfer.connector`), and with the in-process engine our workers run
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor ``uni``) both connector sides receive this
+very object. Nothing is parked in a process-global; an endpoint that cannot reach its
+connector that way (an engine in another process would get a pickled copy) refuses to be
+pickled, so that mistake fails at startup.
+
+What it holds:
+- the engine's KV address (prefill: the TCPStore decode peers pull from) and layout, once
+  the connector's worker side has opened it on the engine's caches (:meth:`open`);
+- prefill: the offers (held prompt blocks by transfer id) and their one release route,
+  :meth:`release`, which never waits; a TTL frees what nobody pulled or released;
+- decode: pulls, and the ``release`` message that frees a holder's blocks (that holder's
+  :meth:`release`, through its transport);
+- membership pruning of pair groups, the transfer records, and the ``wake`` event the
+  engine loop waits on (set when a transfer completes or blocks may be freed).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any, Mapping
+
+from kv_transfer.handle import KVHandle
+from kv_transfer.layout import KVLayout
+from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferRecord
+
+ROLES = ("kv_producer", "kv_consumer")   # prefill, decode (vLLM's kv_role)
+EXTRA_CONFIG_KEY = "endpoint"            # where the connector finds it in the config
+_MAX_RECORDS = 10_000
+
+
+class KVEndpoint:
+    """One engine's KV endpoint. Thread-safe: the actor's event loop, the engine thread,
+    the heartbeat thread and the transport's threads all use it. What the event loop calls
+    (:meth:`release`, :meth:`records`, :meth:`pop_record`, the properties) never waits;
+    :meth:`pull`, :meth:`send_release` and :meth:`close` do, on threads of their own."""
+
+    def __init__(self, engine_id: str, role: str, *, kv_host: str = "127.0.0.1",
+                 timeout_s: float = 30.0, hold_ttl_s: float = 120.0,
+                 transport: str = TorchDistTransport.name, secret: str = "") -> None:
+        if role not in ROLES:
+            raise ValueError(f"KVEndpoint {engine_id}: role must be kv_producer (prefill) or "
+                             f"kv_consumer (decode), got {role!r}")
+        if transport != TorchDistTransport.name:
+            raise ValueError(f"KVEndpoint {engine_id}: unknown transport {transport!r}; "
+                             f"known: {TorchDistTransport.name!r}")
+        self.engine_id, self.role = engine_id, role
+        self.is_producer = role == "kv_producer"
+        self.kv_host, self.timeout_s, self.hold_ttl_s = kv_host, timeout_s, hold_ttl_s
+        self._secret = secret              # the cluster's: pairs only within it; never shown
+        self.wake = threading.Event()      # the engine loop steps when set
+        self.ready = threading.Event()     # set once open() ran on the engine's caches
+        self.offers = (OfferTable(release_ttl_s=hold_ttl_s, on_finish=self.wake.set)
+                       if self.is_producer else None)
+        self.layout: KVLayout | None = None
+        self.address: tuple[str, int] | None = None
+        self.transport: TorchDistTransport | None = None
+        self._lock = threading.Lock()
+        self._records: deque[TransferRecord] = deque(maxlen=_MAX_RECORDS)
+        self._by_transfer: dict[int, TransferRecord] = {}
+        self._closed = False
+
+    @classmethod
+    def of(cls, kv_transfer_config: Any) -> "KVEndpoint":
+        """The endpoint a worker handed to its engine (vLLM's ``KVTransferConfig``)."""
+        ep = kv_transfer_config.kv_connector_extra_config.get(EXTRA_CONFIG_KEY)
+        if not isinstance(ep, cls):
+            raise RuntimeError(
+                "PreftKVConnector needs the KVEndpoint its worker created, in "
+                f"kv_connector_extra_config[{EXTRA_CONFIG_KEY!r}] of an in-process engine "
+                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0, executor uni); got {type(ep).__name__}")
+        if (ep.engine_id, ep.role) != (kv_transfer_config.engine_id,
+                                       kv_transfer_config.kv_role):
+            raise RuntimeError(f"{ep!r} handed to engine {kv_transfer_config.engine_id!r} "
+                               f"with kv_role {kv_transfer_config.kv_role!r}")
+        return ep
+
+    def __repr__(self) -> str:
+        return f"KVEndpoint({self.engine_id!r}, {self.role!r}, address={self.address})"
+
+    def __reduce__(self):
+        raise TypeError(f"{self!r} belongs to its engine's process and cannot be copied "
+                        "to another: the engine must run in-process")
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self, layers: list, block_size: int) -> None:
+        """On the engine's registered caches (the connector's worker side, once)."""
+        self.layout = KVLayout.from_tensors(layers, block_size)
+        self.transport = TorchDistTransport(
+            layers, self.layout, local_host=self.kv_host, timeout_s=self.timeout_s,
+            engine_name=self.engine_id, on_record=self._record, secret=self._secret)
+        if self.is_producer:
+            self.address = self.transport.serve(self.offers)
+        self.ready.set()
+
+    def close(self) -> None:
+        """Stop serving and close every pair (the worker leaving, or its engine shut down)."""
+        with self._lock:
+            if self._closed or self.transport is None:
+                return
+            self._closed = True
+        self.transport.close()
+
+    @property
+    def layout_fingerprint(self) -> str:
+        return self.layout.fingerprint() if self.layout is not None else ""
+
+    @property
+    def kv_address(self) -> str:
+        """``host:port`` that decode peers pull from ("" on decode)."""
+        return f"{self.address[0]}:{self.address[1]}" if self.address is not None else ""
+
+    # ------------------------------------------------------------------ prefill
+    def hold(self, req_id: str, block_ids: list[int], num_tokens: int) -> int:
+        """Hold a finished prompt's blocks (engine request ``req_id``) until decode pulls
+        or releases them, or ``hold_ttl_s`` passes; their new transfer id."""
+        transfer_id = secrets.randbits(62)
+        self.offers.add(Offer(transfer_id, req_id, block_ids, num_tokens,
+                              expires_at=time.monotonic() + self.hold_ttl_s))
+        return transfer_id
+
+    def release(self, transfer_id: int) -> bool:
+        """The one release route of held blocks (see :meth:`OfferTable.release`): never
+        waits; True when blocks were freed now, False when the offer is not (yet) here."""
+        return self.offers.release(transfer_id)
+
+    def take_finished(self) -> set[str]:
+        """Engine request ids whose held blocks may be freed now."""
+        return self.offers.take_finished()
+
+    # ------------------------------------------------------------------ decode
+    def pull(self, handle: KVHandle, start_block: int, dst_block_ids: list[int]) -> None:
+        """Copy ``handle``'s blocks [start_block:] into ``dst_block_ids`` (blocks a thread)."""
+        self.transport.pull(handle.host, handle.port, handle.transfer_id, start_block,
+                            dst_block_ids)
+
+    def send_release(self, handle: KVHandle) -> None:
+        """Ask the holder to release ``handle``'s blocks unsent (blocks a thread)."""
+        self.transport.release(handle.host, handle.port, handle.transfer_id)
+
+    # ------------------------------------------------------------------ membership
+    def prune(self, members: Mapping[str, Any]) -> None:
+        """Tear down pair groups whose other side left the cluster. ``members``: worker id →
+        membership record (``role``, ``worker_id``, ``kv_address``: cluster.state)."""
+        if self.transport is None:
+            return
+        if self.is_producer:
+            self.transport.prune(live_peers={m.worker_id for m in members.values()
+                                             if m.role == "decode"})
+            return
+        live = set()
+        for m in members.values():
+            if m.role == "prefill" and m.kv_address:
+                host, _, port = m.kv_address.rpartition(":")
+                live.add((host, int(port)))
+        self.transport.prune(live_addresses=live)
+
+    # ------------------------------------------------------------------ records
+    def _record(self, rec: TransferRecord) -> None:
+        with self._lock:
+            self._records.append(rec)
+            self._by_transfer[rec.transfer_id] = rec
+            if len(self._by_transfer) > _MAX_RECORDS:
+                self._by_transfer.pop(next(iter(self._by_transfer)))
+        self.wake.set()
+
+    def records(self) -> list[TransferRecord]:
+        """The last transfers this engine recorded, oldest first."""
+        with self._lock:
+            return list(self._records)
+
+    def pop_record(self, transfer_id: int) -> TransferRecord | None:
+        with self._lock:
+            return self._by_transfer.pop(transfer_id, None)
