@@ -5,5 +5,5 @@ under a transfer id; the decode engine pulls them into its own blocks before it 
 the first generated token. Both sides are hooked into vLLM through our own v1 KV connector
 (:mod:`kv_transfer.connector`, loaded with ``kv_connector_module_path``); bytes move over a
 pairwise torch.distributed group (:mod:`kv_transfer.transport`: gloo on CPU, NCCL on GPU).
-The router only ever sees a :class:`kv_transfer.handle.KVHandle`, never KV bytes.
+The router only ever sees a :class:`cluster.messages.KVHandle`, never KV bytes.
 """

@@ -11,7 +11,7 @@ output. The worker side offers those blocks to the transport, which sends them w
 decode side pulls, and reports the request in ``finished_sending`` so vLLM frees them.
 
 Consumer (decode engine, ``kv_consumer``): a request whose ``kv_transfer_params`` is a
-:class:`~kv_transfer.handle.KVHandle` (``do_remote_prefill``) declares the prompt's tokens
+:class:`~cluster.messages.KVHandle` (``do_remote_prefill``) declares the prompt's tokens
 external (:meth:`get_num_new_matched_tokens`), beyond whatever its own prefix cache holds
 under the same cache salt. vLLM allocates blocks; the worker side pulls the remote blocks
 into them on a background thread and reports ``finished_recving`` (or ``failed_recving``,
@@ -36,7 +36,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
-from kv_transfer.handle import KVHandle
+from cluster.messages import KVHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.runtime import hooks_for
 from kv_transfer.transport import TRANSPORTS, Offer, OfferTable

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from kv_transfer.connector import PreftKVConnector
-from kv_transfer.handle import KVHandle
+from cluster.messages import KVHandle
 from worker_runtime.prefix_cache import cache_only_prompt_blocks, cacheable_tokens
 
 BLOCK = 4
