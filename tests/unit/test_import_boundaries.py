@@ -15,7 +15,7 @@ def _loaded_after(stmt: str) -> set[str]:
 
 
 @pytest.mark.parametrize("stmt", ["import router.server", "import preft_client",
-                                  "import cluster.cli, cluster.launcher, cluster.config"])
+                                  "import app.cli, app.launcher, cluster.config"])
 def test_router_client_cli_import_neither_torch_nor_vllm(stmt):
     mods = _loaded_after(stmt)
     assert not {"torch", "vllm"} & mods

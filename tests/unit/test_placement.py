@@ -69,7 +69,7 @@ def _args(**kw):
 
 
 def test_cli_pool_sizes():
-    from cluster.cli import _parse_adapters, _pool_sizes
+    from app.cli import _parse_adapters, _pool_sizes
 
     assert _pool_sizes(_args()) == (1, 1, 0)
     assert _pool_sizes(_args(colocated_workers=2)) == (0, 0, 2)

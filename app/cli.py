@@ -24,53 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("PREFT_HOME", Path.home() / ".cache" / "preft"))
-DEMO_ADAPTERS = ("alice", "bob", "carol")
-
-
-def default_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
-    """The embedded default: a small base model and the adapters alice, bob and carol, all
-    trained here with ``preft train`` (trainer/demo.py; ~3-4 min the first time, with a
-    progress bar, then reused from $PREFT_HOME/demo)."""
-    model, adapters, _ = demo_assets(home)
-    return model, adapters
-
-
-def demo_assets(home: Path | None = None):
-    """(model dir, {name: adapter dir}, demo.json record) of the trained embedded demo."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    from trainer.demo import build
-
-    home = Path(home) if home is not None else DEFAULT_HOME
-    marker = home / "demo" / "demo.json"
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
-                  disable=marker.exists()) as bar:
-        task = bar.add_task("training the demo model and adapters (first run only)", total=None)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=f"training the demo: {what}", completed=done,
-                       total=total)
-
-        return build(home, progress)
-
-
-def tiny_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
-    """Random-weight tiny model (BPE tokenizer, 4k context) and three random LoRA-P adapters:
-    built in seconds, for benchmarks that need long prompts rather than meaningful text."""
-    from cluster.tiny import make_lora_adapter, make_tiny_model
-
-    home = Path(home) if home is not None else DEFAULT_HOME
-    model = make_tiny_model(home / "tiny-llama")
-    adapters = {}
-    for i, name in enumerate(DEMO_ADAPTERS):
-        path = home / "adapters" / name
-        if not (path / "adapter_model.safetensors").exists():
-            make_lora_adapter(path, model, seed=100 + i)
-        adapters[name] = path
-    return model, adapters
+from app import assets
 
 
 def _parse_adapters(items: list[str]):
@@ -114,7 +68,7 @@ def build_config(args):
     adapters, kinds = _parse_adapters(args.adapter or [])
     model = args.model
     if model is None:
-        model_dir, demo = default_assets()
+        model_dir, demo = assets.default_assets()
         model = str(model_dir)
         if not adapters:
             adapters = tuple((n, str(p)) for n, p in demo.items())
@@ -194,7 +148,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 def _start(cfg, verbose: bool):
     from rich.console import Console
 
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
     from router.server import check_bind_is_safe
 
     check_bind_is_safe(cfg.router)   # before anything starts
@@ -298,7 +252,7 @@ def cmd_demo(args) -> int:
     from trainer.demo import DEMO, DEMO_PROMPTS, expected
 
     args.port = 0
-    rec = demo_assets()[2] if args.model is None else {"adapters": {}}
+    rec = assets.demo_assets()[2] if args.model is None else {"adapters": {}}
     cfg = build_config(args)
     cluster, console = _start(cfg, args.verbose)
     demo = args.model is None   # the ✓ column checks the embedded demo's answers only
@@ -431,7 +385,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_top(args) -> int:
-    from cluster.top import run
+    from app.top import run
 
     url = args.metrics_url
     if url and not url.startswith("http"):
@@ -459,22 +413,20 @@ def cmd_keys(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    model, adapters, rec = demo_assets(Path(args.home))
+    model, adapters, rec = assets.demo_assets(Path(args.home))
     print(f"demo model: {model}")
     for n, p in adapters.items():
         a = rec["adapters"][n]
         print(f"adapter {n}: {p}  ({a['label']}: {a['trained_to']}; held-out exact match "
               f"{a['eval_exact_match']:.0%})")
-    print(f"tiny model (benchmarks): {tiny_assets(Path(args.home))[0]}")
+    print(f"tiny model (benchmarks): {assets.tiny_assets(Path(args.home))[0]}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from bench.e2e import config_from_args, run
+    from bench.e2e import run_from_args
 
-    result = run(config_from_args(args),
-                 Path(args.assets) if args.assets else DEFAULT_HOME / "bench")
-    return 0 if all(r.get("completed") for r in result["rows"]) else 1
+    return run_from_args(args, assets.DEFAULT_HOME / "bench")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -591,7 +543,7 @@ def make_parser() -> argparse.ArgumentParser:
                         description="Train the embedded demo model and adapters alice, bob, "
                         "carol (trainer/demo.py; no download, ~3-4 CPU minutes) and write the "
                         "random-weight tiny model the benchmarks use.")
-    mk.add_argument("--home", default=str(DEFAULT_HOME), help="where to write them")
+    mk.add_argument("--home", default=str(assets.DEFAULT_HOME), help="where to write them")
     mk.set_defaults(fn=cmd_make_tiny)
     return p
 
