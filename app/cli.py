@@ -430,11 +430,25 @@ def cmd_bench(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """``preft``'s parser: one sub-command per ``_parser_*`` below, in ``--help`` order."""
     p = argparse.ArgumentParser(
         prog="preft", description="PreFT Serve: per-user adapters applied at prefill only, "
         "decoded by adapter-free engines over the adapter-conditioned KV cache.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_parser_up, _parser_generate, _parser_demo, _parser_adapters, _parser_status,
+                _parser_top, _parser_keys, _parser_bench, _parser_trainer, _parser_make_tiny):
+        add(sub)
+    return p
 
+
+def _add_client_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
+    sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
+    sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
+    _add_client_tls_args(sp)
+
+
+def _parser_up(sub) -> None:
     up = sub.add_parser("up", help="start a local cluster and serve until interrupted",
                         description="Start Ray, the worker pools and the gRPC router. By "
                         "default one prefill worker (vLLM + adapters) and one decode worker "
@@ -445,6 +459,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_cluster_args(up)
     up.set_defaults(fn=cmd_up)
 
+
+def _parser_generate(sub) -> None:
     gen = sub.add_parser("generate", help="send one request to a running router",
                          description="Generate a completion through the router.")
     gen.add_argument("prompt", help="prompt text")
@@ -460,6 +476,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_client_tls_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
+
+def _parser_demo(sub) -> None:
     demo = sub.add_parser("demo", help="run the embedded default cluster and a few requests",
                           description="Train the demo model and its adapters locally (first "
                           "run only, ~3-4 min; then reused from $PREFT_HOME/demo), start a "
@@ -472,12 +490,8 @@ def make_parser() -> argparse.ArgumentParser:
                       "demo model is character-level; answers end at EOS)")
     demo.set_defaults(fn=cmd_demo)
 
-    def client_args(sp):
-        sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
-        sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
-        sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
-        _add_client_tls_args(sp)
 
+def _parser_adapters(sub) -> None:
     ad = sub.add_parser("adapters", help="manage adapters on a running router",
                         description="Upload, list, show or delete adapters (PEFT LoRA "
                         "directories: adapter_config.json + adapter_model.safetensors).")
@@ -496,25 +510,31 @@ def make_parser() -> argparse.ArgumentParser:
     a_rm = ad_sub.add_parser("rm", help="delete an adapter from every tier")
     a_rm.add_argument("name")
     for sp in (a_add, a_list, a_show, a_rm):
-        client_args(sp)
+        _add_client_args(sp)
     ad.set_defaults(fn=cmd_adapters)
 
+
+def _parser_status(sub) -> None:
     st = sub.add_parser("status", help="workers, residency, queues and KV usage (a table)")
-    client_args(st)
+    _add_client_args(st)
     st.set_defaults(fn=cmd_status)
 
+
+def _parser_top(sub) -> None:
     top = sub.add_parser("top", help="live view: KV GB/s, TTFT/TPOT, queues, workers",
                          description="A live terminal view of a running cluster: workers, "
                          "health, queues and KV blocks from the router; with --metrics-url "
                          "also KV transfer GB/s (overall and per pair), request and token "
                          "rates, TTFT/TPOT p50/p99 and adapter hit rate per interval.")
-    client_args(top)
+    _add_client_args(top)
     top.add_argument("--metrics-url", default=None, help="router /metrics (HOST:PORT or URL), "
                      "as served by `preft up --metrics-port` or --http-port")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
     top.set_defaults(fn=cmd_top)
 
+
+def _parser_keys(sub) -> None:
     keys = sub.add_parser("keys", help="manage API keys", description="API keys map to "
                           "tenants; a tenant uses its own adapters and public ones.")
     k_sub = keys.add_subparsers(dest="action", required=True)
@@ -523,6 +543,8 @@ def make_parser() -> argparse.ArgumentParser:
     k_new.add_argument("--redis-url", default=None, help="the cluster's Redis (default $REDIS_URL)")
     keys.set_defaults(fn=cmd_keys)
 
+
+def _parser_bench(sub) -> None:
     from bench.e2e import __doc__ as bench_doc, add_args as bench_args
 
     bn = sub.add_parser("bench", help="throughput: PreFT cluster vs vLLM multi-LoRA vs base",
@@ -531,21 +553,22 @@ def make_parser() -> argparse.ArgumentParser:
     bench_args(bn)
     bn.set_defaults(fn=cmd_bench)
 
+
+def _parser_trainer(sub) -> None:
     from trainer.cli import add_train_parser
-
-    add_train_parser(sub)   # preft train: SFT of lora_p / reft_p / lora adapters
-
     from trainer.pyreft_convert import add_parser as add_convert_parser
 
+    add_train_parser(sub)     # preft train: SFT of lora_p / reft_p / lora adapters
     add_convert_parser(sub)   # preft convert-pyreft: pyreft save -> ReFT-P safetensors
 
+
+def _parser_make_tiny(sub) -> None:
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
                         description="Train the embedded demo model and adapters alice, bob, "
                         "carol (trainer/demo.py; no download, ~3-4 CPU minutes) and write the "
                         "random-weight tiny model the benchmarks use.")
     mk.add_argument("--home", default=str(assets.DEFAULT_HOME), help="where to write them")
     mk.set_defaults(fn=cmd_make_tiny)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
