@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
     import random
 
-    from cluster.cli import tiny_assets
+    from app.assets import tiny_assets
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
     from preft_client import AsyncPreftClient
 
     model, adapters = tiny_assets()

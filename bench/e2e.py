@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 PREFT_SYSTEMS = ("preft", "preft_colocated", "preft_mixed")
 SYSTEMS = (*PREFT_SYSTEMS, "multi_lora", "multi_lora_grouped", "base")
 DEFAULT_SYSTEMS = ("preft_colocated", "preft", "multi_lora", "multi_lora_grouped", "base")
-# Logged by prefill_worker.grouped_lora.GroupedPunicaWrapperCPU when an engine builds it.
+# Logged by lora_kernel.grouped_lora.GroupedPunicaWrapperCPU when an engine builds it.
 GROUPED_KERNEL_MARKER = "grouped multi-adapter LoRA kernel active"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -253,7 +253,7 @@ class PreftSystem(System):
         path = self.log_path.parent / "preft-cluster.yaml"
         path.write_text(yaml.safe_dump(conf))
         t0 = time.perf_counter()
-        self._spawn([sys.executable, "-m", "cluster.cli", "up", "--config", str(path)],
+        self._spawn([sys.executable, "-m", "app.cli", "up", "--config", str(path)],
                     {"PYTHONUNBUFFERED": "1"}, read_stdout=True)
         line = await asyncio.wait_for(asyncio.to_thread(self._wait_line), c.startup_timeout_s)
         self.address = line.split()[3]   # "router listening on HOST:PORT [(TLS)]"
@@ -426,7 +426,7 @@ def summarize(system: str, n_adapters: int, records: list[Record], wall: float,
 def prepare_adapters(cfg: BenchConfig, model_dir: Path, root: Path,
                      kind: str = "lora_p") -> list[tuple[str, Path]]:
     """``max(adapters)`` named adapters over ``distinct_weights`` weight files of ``kind``."""
-    from cluster.tiny import make_lora_adapter, make_reft_adapter
+    from app.tiny import make_lora_adapter, make_reft_adapter
 
     n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     layers = tuple(sorted({round(i * (n_layers - 1) / max(1, cfg.reft_layers - 1))
@@ -709,13 +709,21 @@ def config_from_args(a) -> BenchConfig:
                        preft_prefill_tokens=a.preft_prefill_tokens)
 
 
+def run_from_args(args, default_assets: Path) -> int:
+    """``preft bench`` (and ``python -m bench.e2e``): run the parsed arguments; 0 when every
+    row completed. Model dirs and adapters are built under ``--assets``, else
+    ``default_assets``."""
+    result = run(config_from_args(args), Path(args.assets) if args.assets else default_assets)
+    return 0 if all(r.get("completed") for r in result["rows"]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    from app.assets import DEFAULT_HOME
+
     p = argparse.ArgumentParser(prog="preft bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
-    from cluster.cli import cmd_bench
-
-    return cmd_bench(p.parse_args(argv))
+    return run_from_args(p.parse_args(argv), DEFAULT_HOME / "bench")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 word-level tokenizer covering the whole vocabulary (every id decodes to ``t<id>``), and
 returns the directory with the vLLM ``load_format`` to use: ``dummy`` (vLLM fills the
 weights with random values at load time) for the real architectures, ``auto`` for the
-embedded tiny model, whose weights are written locally by :mod:`cluster.tiny`.
+embedded tiny model, whose weights are written locally by :mod:`app.tiny`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def make_model(name: str, root: str | Path) -> tuple[Path, str]:
     """(model directory, load_format) for ``name`` in :data:`MODELS`, built under ``root``."""
     root = Path(root)
     if name == "tiny":
-        from cluster.tiny import make_tiny_model
+        from app.tiny import make_tiny_model
         return make_tiny_model(root / "tiny-llama"), "auto"
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")

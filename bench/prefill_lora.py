@@ -7,7 +7,7 @@ downloaded; the config is written locally).  Three systems:
 
 * ``base``    -- engine without LoRA (the reference every ratio is taken against),
 * ``stock``   -- ``enable_lora`` with vLLM's own ``PunicaWrapperCPU`` (torch sgmv ops),
-* ``grouped`` -- ``enable_lora`` after :func:`prefill_worker.grouped_lora.install_grouped_lora`.
+* ``grouped`` -- ``enable_lora`` after :func:`lora_kernel.grouped_lora.install_grouped_lora`.
 
 Each system is a persistent engine in its own subprocess (clean patch state: only the
 ``grouped`` one calls ``install_grouped_lora``).  For every adapter count all systems get
@@ -90,7 +90,7 @@ def _worker(spec: dict) -> None:
     system, dtype, rank = spec["system"], spec["dtype"], spec["rank"]
     n_req, plen = spec["num_requests"], spec["prompt_len"]
     if system == "grouped":
-        from prefill_worker.grouped_lora import install_grouped_lora
+        from lora_kernel.grouped_lora import install_grouped_lora
         install_grouped_lora()
     kw = dict(model=spec["model_dir"], load_format="dummy", skip_tokenizer_init=True,
               enforce_eager=True, distributed_executor_backend="uni", dtype=dtype,
@@ -143,7 +143,7 @@ def _worker(spec: dict) -> None:
 # ------------------------------------------------------------------ parent side
 def _prepare(workdir: Path, ranks: list[int], n_weights: int) -> tuple[Path, dict]:
     sys.path.insert(0, str(REPO))
-    from cluster.tiny import make_lora_adapter
+    from app.tiny import make_lora_adapter
     model_dir = workdir / "qwen2.5-0.5b-shape"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(QWEN25_05B, indent=1))

@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.progress import track
 
-    from cluster.cli import tiny_assets
+    from app.assets import tiny_assets
     from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig, RouterConfig
-    from cluster.launcher import LocalCluster
-    from cluster.tiny import make_lora_adapter
+    from app.launcher import LocalCluster
+    from app.tiny import make_lora_adapter
     from preft_client import PreftClient
     from router.pool import POLICIES
 

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.progress import track
 
-    from cluster.cli import tiny_assets
+    from app.assets import tiny_assets
     from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig, RouterConfig
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
     from preft_client import PreftClient
 
     console = Console()

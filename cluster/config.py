@@ -1,14 +1,22 @@
 """Frozen, validated configs: one per component. YAML in ``deploy/`` parses into these.
 
-Every check names the field and the value so an operator knows what to fix.
+Stdlib frozen dataclasses, each checking its values in ``__post_init__``. :func:`from_dict`
+turns plain data (parsed YAML) into them through pydantic: it checks every field's type,
+refuses unknown fields (``extra="forbid"``), builds the nested configs and accepts a YAML
+mapping where a tuple of pairs is meant (``adapters``, ``adapter_kinds``, ``resources``).
+Every error names the field and the value so an operator knows what to fix.
 """
 
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -25,6 +33,16 @@ def _need(cond: bool, cls: str, name: str, value: Any, why: str) -> None:
         raise ConfigError(f"{cls}.{name}={value!r}: {why}")
 
 
+def _pairs(value: Any) -> Any:
+    """A YAML mapping ``{name: value}`` where a tuple of pairs is meant: its sorted items."""
+    return tuple(sorted(value.items())) if isinstance(value, dict) else value
+
+
+Pairs = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_pairs)]
+Resources = Annotated[tuple[tuple[str, float], ...], BeforeValidator(_pairs)]
+_FORBID_EXTRA = ConfigDict(extra="forbid")   # pydantic: an unknown field is an error
+
+
 def valid_adapter_name(name: str) -> bool:
     # fullmatch: with match(), "$" also matches before a trailing newline ("abc\n" passed)
     return bool(_NAME_RE.fullmatch(name)) and ".." not in name
@@ -34,6 +52,7 @@ def valid_adapter_name(name: str) -> bool:
 class EngineConfig:
     """What both pools' vLLM engines share: they must agree on model, dtype and blocks."""
 
+    __pydantic_config__ = _FORBID_EXTRA
     model: str
     dtype: str = "float32"
     # Context length; None = the model's own (config.json, as vLLM derives it). The launcher
@@ -68,6 +87,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     transport: str = "torch_dist"
     kv_host: str = "127.0.0.1"     # address this worker's KV endpoint binds/advertises;
                                    # "auto": the worker's Ray node IP (multi-node, KubeRay)
@@ -90,6 +111,8 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class PrefillConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     engine: EngineConfig
     transfer: TransferConfig = field(default_factory=TransferConfig)
     max_lora_rank: int = 16
@@ -99,7 +122,7 @@ class PrefillConfig:
     max_adapter_bytes: int = 512 << 20
     lora_kernel: str = "grouped"                   # only "grouped": see __post_init__
     num_gpus: float = 0.0                          # Ray GPU resource per worker (GPU clusters)
-    resources: tuple[tuple[str, float], ...] = ()  # extra Ray resources, e.g. (("prefill_node", 1),)
+    resources: Resources = ()                      # extra Ray resources, e.g. {prefill_node: 1}
 
     def __post_init__(self) -> None:
         _check_adapter_engine(self, "PrefillConfig")
@@ -122,6 +145,7 @@ class ColocatedConfig:
     """A colocated worker: one engine applies the adapter to prompt positions and decodes
     (no KV transfer, so no TransferConfig). The only pool that serves kind ``lora``."""
 
+    __pydantic_config__ = _FORBID_EXTRA
     engine: EngineConfig
     max_lora_rank: int = 16
     max_loras: int = 8
@@ -130,7 +154,7 @@ class ColocatedConfig:
     max_adapter_bytes: int = 512 << 20
     lora_kernel: str = "grouped"
     num_gpus: float = 0.0
-    resources: tuple[tuple[str, float], ...] = ()
+    resources: Resources = ()
 
     def __post_init__(self) -> None:
         _check_adapter_engine(self, "ColocatedConfig")
@@ -138,15 +162,19 @@ class ColocatedConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     engine: EngineConfig
     transfer: TransferConfig = field(default_factory=TransferConfig)
     cpu_cores: str | None = None
     num_gpus: float = 0.0
-    resources: tuple[tuple[str, float], ...] = ()
+    resources: Resources = ()
 
 
 @dataclass(frozen=True)
 class RouterConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     host: str = "127.0.0.1"
     port: int = 50051              # 0 = any free port
     request_timeout_s: float = 300.0
@@ -191,6 +219,8 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     prefill: PrefillConfig
     decode: DecodeConfig
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -203,8 +233,8 @@ class ClusterConfig:
     redis_url: str | None = None     # None: start a local redis-server under run_dir
     run_dir: str = ".preft/run"      # redis data, adapter store (when local), caches
     store_uri: str | None = None     # adapter store; default <run_dir>/store (shared dir)
-    adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
-    adapter_kinds: tuple[tuple[str, str], ...] = ()  # (name, kind) for those; default: the files'
+    adapters: Pairs = ()             # (name, path) registered at start-up
+    adapter_kinds: Pairs = ()        # (name, kind) for those; default: the files'
     max_restarts: int = 5            # Ray restarts a dead worker actor this often (-1: always)
     name: str = "preft"              # Ray actor names are <name>-<role>-<i>: one Ray, many clusters
 
@@ -261,25 +291,40 @@ class ClusterConfig:
             lora_kernel=p.lora_kernel, num_gpus=p.num_gpus)
 
 
-def from_dict(cls, data: dict):
-    """Build a (nested) config dataclass from plain data, e.g. parsed YAML."""
-    if not is_dataclass(cls):
-        return data
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; "
-                          f"known: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        ftype = known[name].type
-        sub = {"EngineConfig": EngineConfig, "TransferConfig": TransferConfig,
-               "PrefillConfig": PrefillConfig, "DecodeConfig": DecodeConfig,
-               "RouterConfig": RouterConfig, "ColocatedConfig": ColocatedConfig,
-               }.get(str(ftype).split(" ")[0])
-        if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value)
-        elif name in ("adapters", "adapter_kinds", "resources") and isinstance(value, dict):
-            value = tuple(sorted(value.items()))
-        kwargs[name] = value
-    return cls(**kwargs)
+def from_dict(cls, data: Any):
+    """Build a (nested) config dataclass from plain data, e.g. parsed YAML (pydantic);
+    raises :class:`ConfigError` naming each bad field and its value."""
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_describe(cls, err) for err in e.errors(include_url=False))
+                          ) from None
+
+
+@cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _describe(cls, err: dict) -> str:
+    """One pydantic error as ``Config.path.field=value: what is wrong``."""
+    loc = tuple(str(p) for p in err["loc"])
+    own = (err.get("ctx") or {}).get("error")
+    if isinstance(own, ConfigError):   # a dataclass's own __post_init__ check
+        return f"{'.'.join(loc)}: {own}" if loc else str(own)
+    where = ".".join((cls.__name__, *loc))
+    owner = _owner(cls, loc[:-1]) if loc else None
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = f"; known: {sorted(f.name for f in fields(owner))}" if owner else ""
+        return f"{where}: unknown field{known}"
+    hidden = bool(loc) and owner is not None and any(f.name == loc[-1] and not f.repr
+                                                     for f in fields(owner))
+    return f"{where}={'<not shown>' if hidden else repr(err['input'])}: {err['msg']}"
+
+
+def _owner(cls, path: tuple[str, ...]):
+    """The config dataclass at ``path`` below ``cls`` (None if the path leaves them)."""
+    for name in path:
+        hint = typing.get_type_hints(cls).get(name) if is_dataclass(cls) else None
+        cls = next((t for t in (hint, *typing.get_args(hint)) if is_dataclass(t)), None)
+    return cls if is_dataclass(cls) else None

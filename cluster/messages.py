@@ -8,10 +8,9 @@ salt that keeps KV made under one adapter version apart from every other).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from cluster.errors import InvalidRequest
-from kv_transfer.handle import KVHandle
 
 
 # Adapter kinds the prefill pool can apply (prefill_worker.adapters.KINDS; a unit test
@@ -20,6 +19,36 @@ ADAPTER_KINDS = ("lora_p", "reft_p", "lora")
 # Kinds that only colocated workers may serve: the adapter runs on every token, so it can
 # never reach the adapter-free decode pool.
 ALL_TOKEN_KINDS = ("lora",)
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """Where a prompt's KV waits and how much of it there is: what the router passes from
+    the prefill worker to the decode worker (plain data, no torch). Created by the prefill
+    worker after its engine finishes a prompt, it travels through the router inside a Ray
+    call and ends up in the decode engine's ``kv_transfer_params``, from which the decode
+    connector (:mod:`kv_transfer.connector`) pulls the blocks."""
+
+    transfer_id: int        # unique per prefill worker; the key of the held blocks
+    host: str               # prefill worker's KV rendezvous (TCPStore) address
+    port: int
+    engine_id: str          # prefill engine id, for logs and metrics labels
+    num_tokens: int         # prompt tokens whose KV is held (the whole prompt)
+    num_blocks: int         # ceil(num_tokens / block_size)
+    layout: str             # KVLayout.fingerprint() of the prefill engine
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1 or self.num_blocks < 1:
+            raise ValueError(f"KVHandle with no KV: num_tokens={self.num_tokens}, "
+                             f"num_blocks={self.num_blocks}")
+
+    def to_params(self) -> dict:
+        """As the decode request's ``kv_transfer_params`` (vLLM wants a dict)."""
+        return {"do_remote_prefill": True, **asdict(self)}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "KVHandle":
+        return cls(**{k: params[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

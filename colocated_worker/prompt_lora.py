@@ -5,7 +5,7 @@ maps every scheduled token of a request to the request's LoRA slot
 (``InputBatch.make_lora_inputs``). PreFT wants the adapter on *prompt* positions only: a
 token at position ``p`` of a request with ``n`` prompt tokens gets the request's adapter iff
 ``p < n``; every generated token gets none (slot id 0), so its rows cost what the base
-model's cost, and the grouped kernel (``prefill_worker/grouped_lora.py``) skips them. The
+model's cost, and the grouped kernel (``lora_kernel/grouped_lora.py``) skips them. The
 first generated token is sampled from the last prompt position, with the adapter, exactly
 as on the prefill/decode path. All-token adapters (kind ``lora``) keep vLLM's mapping:
 their ids are in ``all_token_ids``.

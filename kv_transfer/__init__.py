@@ -9,5 +9,5 @@ config. Both engines are hooked into vLLM through our own v1 KV connector
 (:mod:`kv_transfer.connector`, loaded with ``kv_connector_module_path``; a scheduler side
 and a worker side, as vLLM's NIXL connector); bytes move over a pairwise torch.distributed
 group (:mod:`kv_transfer.transport`: gloo on CPU, NCCL on GPU). The router only ever sees a
-:class:`kv_transfer.handle.KVHandle`, never KV bytes.
+:class:`cluster.messages.KVHandle`, never KV bytes.
 """

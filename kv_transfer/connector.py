@@ -20,7 +20,7 @@ worker side reports the request in ``finished_sending`` once they are sent, rele
 expired, and vLLM frees them.
 
 Consumer (decode engine, ``kv_consumer``): a request whose ``kv_transfer_params`` is a
-:class:`~kv_transfer.handle.KVHandle` (``do_remote_prefill``) declares the prompt's tokens
+:class:`~cluster.messages.KVHandle` (``do_remote_prefill``) declares the prompt's tokens
 external (:meth:`~PreftConnectorScheduler.get_num_new_matched_tokens`), beyond whatever its
 own prefix cache holds under the same cache salt. vLLM allocates blocks; the worker side
 pulls the remote blocks into them on a background thread and reports ``finished_recving``
@@ -44,7 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kv_transfer.endpoint import KVEndpoint
-from kv_transfer.handle import KVHandle
+from cluster.messages import KVHandle
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

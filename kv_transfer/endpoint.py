@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import Any, Mapping
 
-from kv_transfer.handle import KVHandle
+from cluster.messages import KVHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferRecord
 

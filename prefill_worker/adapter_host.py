@@ -84,7 +84,7 @@ class AdapterHost:
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            from prefill_worker.grouped_lora import install_grouped_lora
+            from lora_kernel.grouped_lora import install_grouped_lora
 
             install_grouped_lora()
 

@@ -4,7 +4,7 @@ A Ray actor owning a vLLM engine with LoRA enabled and our KV connector as produ
 request it applies the adapter over the prompt, samples the first output token (so that
 token *is* produced with the adapter), and keeps the prompt's KV blocks until the decode
 worker pulls them (or a TTL frees them). It returns a :class:`~cluster.messages.PrefillResult`
-carrying the first token and a :class:`~kv_transfer.handle.KVHandle`.
+carrying the first token and a :class:`~cluster.messages.KVHandle`.
 
 The KV of a prompt is salted with the adapter's name and version (vLLM's ``cache_salt``), so
 prefix caching never serves one adapter's KV to another, or to a replaced version.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cluster.config import PrefillConfig
 from cluster.errors import WorkerUnavailable
-from cluster.messages import AdapterStats, PrefillRequest, PrefillResult, Sampling, WorkerInfo
-from kv_transfer.handle import KVHandle
+from cluster.messages import (AdapterStats, KVHandle, PrefillRequest, PrefillResult, Sampling,
+                              WorkerInfo)
 from prefill_worker.adapter_host import AdapterHost, Resolved
 from prefill_worker.adapters.base import AdapterSpec
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 ADAPTER_SEEDS = {"ada": 11, "bea": 22, "cid": 33, "dov": 44}
-# ReFT-P adapters (cluster.tiny.make_reft_adapter keyword arguments), registered at startup.
+# ReFT-P adapters (app.tiny.make_reft_adapter keyword arguments), registered at startup.
 REFT_ADAPTERS = {
     "rlo": dict(seed=51, intervention="loreft", layers=(1, 3), rank=4, positions="all"),
     "rdi": dict(seed=52, intervention="direft", layers=(0, 2), rank=8, positions="all"),
@@ -29,7 +29,7 @@ REFT_ADAPTERS = {
 def assets(tmp_path_factory):
     """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32; its own context length is
     1024 tokens), four LoRA-P adapters and four ReFT-P adapters."""
-    from cluster.tiny import TinyModelSpec, make_lora_adapter, make_reft_adapter, make_tiny_model
+    from app.tiny import TinyModelSpec, make_lora_adapter, make_reft_adapter, make_tiny_model
 
     root = tmp_path_factory.mktemp("assets")
     model = make_tiny_model(root / "model", TinyModelSpec(max_position_embeddings=1024))
@@ -52,7 +52,7 @@ def reference(assets):
 def cluster(assets):
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
 
     # No max_model_len: the engines take the model's own 1024 (tests/integration/
     # test_model_limits.py), so the whole suite runs on the default.

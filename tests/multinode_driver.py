@@ -20,7 +20,7 @@ def main(cfg_path: str, requests_path: str, out_path: str) -> int:
     import yaml
 
     from cluster.config import ClusterConfig, from_dict
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
     from preft_client import PreftClient
 
     cfg = from_dict(ClusterConfig, yaml.safe_load(Path(cfg_path).read_text()))

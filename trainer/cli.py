@@ -1,6 +1,6 @@
 """``preft train``: the trainer as a subcommand of the ``preft`` CLI (see trainer.train).
 
-Hook-up in cluster/cli.py's ``make_parser``: ``from trainer.cli import add_train_parser;
+Hook-up in app/cli.py's ``make_parser``: ``from trainer.cli import add_train_parser;
 add_train_parser(sub)``. The subcommand sets ``fn`` so ``main`` runs it like the others.
 """
 

@@ -137,7 +137,6 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     ``on_step(step, loss)``, if given, is called after every step (progress bars)."""
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     marker = out / "quality_base.json"
@@ -150,30 +149,16 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     out.mkdir(parents=True, exist_ok=True)
     tok = build_char_tokenizer(out)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=hidden // 4, max_position_embeddings=max_positions,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.02)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = _new_base_model(len(tok), hidden, layers, max_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.05, 1 - (s - warm) / (steps - warm)))
     rng = random.Random(seed)
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     t0, losses = time.time(), []
     model.train()
     for step in range(steps):
-        seqs, labs = [], []
-        for _ in range(batch):
-            p, r = base_pair(rng, tags)
-            pi, ri = enc(p), enc(r) + [tok.eos_token_id]
-            seqs.append(pi + ri)
-            labs.append([-100] * len(pi) + ri)
-        T = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-        lab = torch.tensor([lb + [-100] * (T - len(lb)) for lb in labs])
+        ids, lab = _base_batch(rng, tok, tags, batch)
         logits = model(input_ids=ids).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1),
                                ignore_index=-100)
@@ -194,6 +179,36 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     return out
 
 
+def _new_base_model(vocab: int, hidden: int, layers: int, max_positions: int):
+    """A randomly initialised small Llama (float32), from torch's current seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=hidden // 4, max_position_embeddings=max_positions,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.02)
+    return LlamaForCausalLM(cfg).to(torch.float32)
+
+
+def _base_batch(rng: random.Random, tok, tags: tuple[str, ...], batch: int):
+    """(input ids, labels) of ``batch`` tagged pairs, padded; labels only on the response."""
+    import torch
+
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    seqs, labs = [], []
+    for _ in range(batch):
+        p, r = base_pair(rng, tags)
+        pi, ri = enc(p), enc(r) + [tok.eos_token_id]
+        seqs.append(pi + ri)
+        labs.append([-100] * len(pi) + ri)
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+    lab = torch.tensor([lb + [-100] * (T - len(lb)) for lb in labs])
+    return ids, lab
+
+
 def base_skill_check(model_dir: Path, n: int = 40, seed: int = 99,
                      tags: tuple[str, ...] = TAGS) -> dict:
     """Greedy exact match of the base model on each tagged task (it must know them)."""
@@ -212,8 +227,9 @@ def base_skill_check(model_dir: Path, n: int = 40, seed: int = 99,
 
 # ----------------------------------------------------------------------------- study
 def run_study(a) -> dict:
-    from trainer.data import write_jsonl
-    from trainer.train import TrainConfig, evaluate, train
+    """Train every (task, kind, rank, seed) adapter on one base model and evaluate it; the
+    results with per-configuration means and the setup."""
+    from trainer.train import evaluate
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -226,32 +242,14 @@ def run_study(a) -> dict:
 
     res = {"setup": {}, "base": {}, "runs": [], "summary": []}
     for task in a.tasks:
-        tr, ev = task_data(task, a.n_train, a.n_eval)
-        d = work / "data" / task
-        write_jsonl(d / "train.jsonl", tr)
-        write_jsonl(d / "eval.jsonl", ev)
+        train_file, ev = _write_task_data(work, task, a.n_train, a.n_eval)
         b = evaluate(str(base), None, None, ev, batched=True, batch_size=50)
         res["base"][task] = b.summary()
         log(f"[{task}] base: {b.summary()}")
         for kind, variant in runs_of(a):
-            iv, positions, layers = variant or ("loreft", "all", None)
             for rank in a.ranks:
                 for seed in a.seeds:
-                    out = work / "adapters" / f"{task}-{label(kind, variant)}-r{rank}-s{seed}"
-                    cfg = TrainConfig(model=str(base), data=str(d / "train.jsonl"),
-                                      eval_data=str(d / "eval.jsonl"), out=str(out), kind=kind,
-                                      rank=rank, steps=a.adapter_steps, batch_size=a.batch_size,
-                                      lr=a.lr_reft if kind == "reft_p" else a.lr_lora,
-                                      seed=seed, max_eval=a.n_eval, quiet=True,
-                                      eval_batched=True, intervention=iv, positions=positions,
-                                      layers=layers)
-                    r = train(cfg)
-                    lg = json.loads(Path(r.log_path).read_text())
-                    row = {"task": task, "kind": label(kind, variant), "rank": rank, "seed": seed,
-                           "eval_loss": r.eval["eval_loss"], "accuracy": r.eval["accuracy"],
-                           "final_train_loss": r.losses[-1],
-                           "trainable_params": lg["trainable_params"],
-                           "train_seconds": lg["train_seconds"]}
+                    row = _study_run(a, work, base, task, train_file, kind, variant, rank, seed)
                     res["runs"].append(row)
                     partial = Path(a.results) / "quality.partial.json"
                     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -260,20 +258,66 @@ def run_study(a) -> dict:
                         f"acc {row['accuracy']:.2f} ({row['train_seconds']:.0f}s, "
                         f"{time.time() - t0:.0f}s total)")
     kinds = [label(k, v) for k, v in runs_of(a)]
-    for task in a.tasks:
+    res["summary"] = _study_summary(res["runs"], a.tasks, kinds, a.ranks)
+    res["setup"] = _study_setup(a, base_meta, skills, kinds, t0)
+    return res
+
+
+def _write_task_data(work: Path, task: str, n_train: int, n_eval: int):
+    """(train.jsonl path, eval pairs) of one task, written under ``work/data/task``."""
+    from trainer.data import write_jsonl
+
+    tr, ev = task_data(task, n_train, n_eval)
+    d = work / "data" / task
+    write_jsonl(d / "train.jsonl", tr)
+    write_jsonl(d / "eval.jsonl", ev)
+    return d / "train.jsonl", ev
+
+
+def _study_run(a, work: Path, base: Path, task: str, train_file: Path, kind: str, variant,
+               rank: int, seed: int) -> dict:
+    """Train one adapter and return its results row."""
+    from trainer.train import TrainConfig, train
+
+    iv, positions, layers = variant or ("loreft", "all", None)
+    out = work / "adapters" / f"{task}-{label(kind, variant)}-r{rank}-s{seed}"
+    cfg = TrainConfig(model=str(base), data=str(train_file),
+                      eval_data=str(train_file.parent / "eval.jsonl"), out=str(out), kind=kind,
+                      rank=rank, steps=a.adapter_steps, batch_size=a.batch_size,
+                      lr=a.lr_reft if kind == "reft_p" else a.lr_lora,
+                      seed=seed, max_eval=a.n_eval, quiet=True,
+                      eval_batched=True, intervention=iv, positions=positions,
+                      layers=layers)
+    r = train(cfg)
+    lg = json.loads(Path(r.log_path).read_text())
+    return {"task": task, "kind": label(kind, variant), "rank": rank, "seed": seed,
+            "eval_loss": r.eval["eval_loss"], "accuracy": r.eval["accuracy"],
+            "final_train_loss": r.losses[-1], "trainable_params": lg["trainable_params"],
+            "train_seconds": lg["train_seconds"]}
+
+
+def _study_summary(runs: list[dict], tasks, kinds: list[str], ranks) -> list[dict]:
+    """Mean and standard deviation over seeds, per (task, kind, rank)."""
+    out = []
+    for task in tasks:
         for kind in kinds:
-            for rank in a.ranks:
-                rows = [r for r in res["runs"] if (r["task"], r["kind"], r["rank"]) == (task, kind, rank)]
+            for rank in ranks:
+                rows = [r for r in runs if (r["task"], r["kind"], r["rank"]) == (task, kind, rank)]
                 ls, acc = [r["eval_loss"] for r in rows], [r["accuracy"] for r in rows]
-                res["summary"].append({
+                out.append({
                     "task": task, "kind": kind, "rank": rank, "n_seeds": len(rows),
                     "eval_loss_mean": statistics.fmean(ls),
                     "eval_loss_std": statistics.stdev(ls) if len(ls) > 1 else 0.0,
                     "accuracy_mean": statistics.fmean(acc),
                     "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                     "trainable_params": rows[0]["trainable_params"]})
+    return out
+
+
+def _study_setup(a, base_meta: dict, skills: dict, kinds: list[str], t0: float) -> dict:
     import torch
-    res["setup"] = {
+
+    return {
         "base_model": {"arch": "LlamaForCausalLM", "hidden": a.hidden, "layers": 4,
                        "heads": 4, "kv_heads": 2, "vocab": "char-level",
                        "pretrain_steps": a.base_steps, "pretrain_batch": a.base_batch,
@@ -289,7 +333,6 @@ def run_study(a) -> dict:
         "torch_threads": torch.get_num_threads(), "total_seconds": round(time.time() - t0, 1),
         "command": "python -m trainer.quality " + " ".join(sys.argv[1:]),
     }
-    return res
 
 
 DEFAULT_VARIANT = "loreft:all:all"

@@ -376,7 +376,6 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     import torch
 
     from trainer.data import read_pairs, tokenize
-    from trainer.reft import ReftModule
 
     t0 = time.time()
     if cfg.threads > 0:
@@ -388,61 +387,16 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     train_ex = tokenize(tok, read_pairs(cfg.data), cfg.append_eos)
     eval_ex = tokenize(tok, read_pairs(cfg.eval_data), cfg.append_eos)[:cfg.max_eval] \
         if cfg.eval_data else []
-
-    if cfg.kind == "reft_p":
-        layers = cfg.layers if cfg.layers is not None else tuple(range(model.config.num_hidden_layers))
-        reft = ReftModule(model, cfg.intervention, layers, cfg.rank, cfg.positions, seed=cfg.seed)
-        params = list(reft.parameters())
-        ctl = Control(model, cfg.kind, reft)
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
-                          target_modules=list(cfg.targets), lora_dropout=0.0, bias="none",
-                          task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        ctl = Control(model, cfg.kind)
-        reft = None
-    n_params = sum(p.numel() for p in params)
+    model, params, ctl, reft = _attach_adapter(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warm = cfg.warmup if cfg.warmup is not None else cfg.steps // 10
-
-    def lr_at(s):  # linear warmup, then linear decay to 10%
-        if s < warm:
-            return (s + 1) / warm
-        return 1.0 - 0.9 * (s - warm) / max(cfg.steps - warm, 1)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-
-    def next_batch():
-        nonlocal order
-        if len(order) < cfg.batch_size:
-            more = list(range(len(train_ex)))
-            rng.shuffle(more)
-            order += more
-        b, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        return [train_ex[i] for i in b]
-
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(warm, cfg.steps))
+    batches = _batches(train_ex, cfg.batch_size, cfg.seed)
     losses, history = [], []
     model.train()
     for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        micro = [next_batch() for _ in range(cfg.grad_accum)]
-        total = sum(len(e.response) for b in micro for e in b)
-        run = 0.0
-        for b in micro:
-            loss, _ = batch_loss(model, ctl, b, pad)
-            (loss / total).backward()
-            run += loss.item()
-        if not math.isfinite(run):
-            raise FloatingPointError(f"loss is {run} at step {step}; lower --lr")
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        losses.append(run / total)
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        losses.append(_optimizer_step(ctl, params, opt, sched, micro, pad, cfg, step))
         if on_step is not None:
             on_step(step + 1, losses[-1])
         if cfg.eval_every and eval_ex and (step + 1) % cfg.eval_every == 0:
@@ -452,23 +406,15 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         if not cfg.quiet and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             print(f"step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
     model.eval()
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if reft is not None:
-        reft.save(out, cfg.model)
-        reft.remove()
-    else:
-        model.save_pretrained(str(out), safe_serialization=True)
+    out = _save_adapter(model, reft, cfg)
     train_s = time.time() - t0
-
     final = None
     if eval_ex:   # from the saved files: also checks that they round-trip
         final = evaluate(cfg.model, str(out), cfg.kind, eval_ex, batched=cfg.eval_batched,
                          batch_size=50 if cfg.eval_batched else 16).summary()
     log = {"config": asdict(cfg), "seed": cfg.seed, "kind": cfg.kind,
-           "trainable_params": n_params, "lr": cfg.learning_rate, "warmup": warm,
-           "n_train": len(train_ex), "n_eval": len(eval_ex), "losses": losses,
+           "trainable_params": sum(p.numel() for p in params), "lr": cfg.learning_rate,
+           "warmup": warm, "n_train": len(train_ex), "n_eval": len(eval_ex), "losses": losses,
            "eval_history": history, "eval": final, "train_seconds": round(train_s, 2),
            "torch_threads": torch.get_num_threads()}
     log_path = out / "train_log.json"
@@ -476,6 +422,77 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     if cfg.plot:
         _plot(losses, history, out / "loss.png", f"{cfg.kind} r={cfg.rank} seed={cfg.seed}")
     return TrainResult(str(out), losses, final, str(log_path), time.time() - t0)
+
+
+def _attach_adapter(model, cfg: TrainConfig):
+    """(model, trainable params, Control, ReftModule or None): a fresh adapter of
+    ``cfg.kind`` on the base model (ReFT-P hooks, or PEFT LoRA wrapping it)."""
+    if cfg.kind == "reft_p":
+        from trainer.reft import ReftModule
+
+        layers = cfg.layers if cfg.layers is not None else tuple(range(model.config.num_hidden_layers))
+        reft = ReftModule(model, cfg.intervention, layers, cfg.rank, cfg.positions, seed=cfg.seed)
+        return model, list(reft.parameters()), Control(model, cfg.kind, reft), reft
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
+                      target_modules=list(cfg.targets), lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, Control(model, cfg.kind), None
+
+
+def _lr_schedule(warm: int, steps: int):
+    def lr_at(s):  # linear warmup, then linear decay to 10%
+        if s < warm:
+            return (s + 1) / warm
+        return 1.0 - 0.9 * (s - warm) / max(steps - warm, 1)
+    return lr_at
+
+
+def _batches(examples: list, batch_size: int, seed: int):
+    """Endless batches: each pass over the examples in a fresh seeded shuffle."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        b, order = order[:batch_size], order[batch_size:]
+        yield [examples[i] for i in b]
+
+
+def _optimizer_step(ctl, params, opt, sched, micro: list, pad: int, cfg: TrainConfig,
+                    step: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; the loss per response token."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    total = sum(len(e.response) for b in micro for e in b)
+    run = 0.0
+    for b in micro:
+        loss, _ = batch_loss(ctl.model, ctl, b, pad)
+        (loss / total).backward()
+        run += loss.item()
+    if not math.isfinite(run):
+        raise FloatingPointError(f"loss is {run} at step {step}; lower --lr")
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    return run / total
+
+
+def _save_adapter(model, reft, cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if reft is not None:
+        reft.save(out, cfg.model)
+        reft.remove()
+    else:
+        model.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 def _plot(losses, history, path: Path, title: str) -> None:

@@ -2,7 +2,8 @@
 
 Each kind is a small module with its formula in the docstring, a typed config and a loader
 that validates files, shapes, dtype and rank before anything reaches an engine. The
-registry maps a kind name (as stored with the adapter) to its validator.
+registry (:mod:`.base`) maps a kind name (as stored with the adapter) to its validator;
+importing this package imports the kinds, which register themselves there.
 """
 
 from prefill_worker.adapters.base import AdapterSpec, KINDS, detect_kind, validate_adapter  # noqa: F401

@@ -1,4 +1,9 @@
-"""The adapter-kind seam: ``validate(path, base) -> AdapterSpec`` per kind, in a registry."""
+"""The adapter-kind seam: ``validate(path, base) -> AdapterSpec`` per kind, in a registry.
+
+The kinds (:mod:`.lora_p`, :mod:`.reft_p`) register themselves into :data:`KINDS` (and, when
+their ``adapter_config.json`` says so in a way of its own, into :data:`CLAIMS`) with
+:func:`register_kind`; the package's ``__init__`` imports them. Nothing here imports a kind.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ def read_json(path: Path, what: str) -> dict:
 
 Validator = Callable[[Path, BaseModelShape, int, int], AdapterSpec]
 KINDS: dict[str, Validator] = {}
+# kind -> does this adapter_config.json declare it? (kinds whose files say so themselves)
+CLAIMS: dict[str, Callable[[dict], bool]] = {}
 
 
 def safetensors_weights(path: Path, how_to_save: str) -> Path:
@@ -65,9 +72,13 @@ def safetensors_weights(path: Path, how_to_save: str) -> Path:
     return weights
 
 
-def register_kind(name: str):
+def register_kind(name: str, claims: Callable[[dict], bool] | None = None):
+    """Register a kind's validator; ``claims(adapter_config) -> bool`` if its files declare
+    the kind in a way :func:`detect_kind` must look for before ``preft_kind``."""
     def deco(fn: Validator) -> Validator:
         KINDS[name] = fn
+        if claims is not None:
+            CLAIMS[name] = claims
         return fn
     return deco
 
@@ -97,15 +108,15 @@ def validate_adapter(path: str | Path, base: BaseModelShape, *, max_rank: int,
 def detect_kind(path: Path) -> str:
     """The kind an adapter directory declares in ``adapter_config.json``: ``reft_p`` when
     it says ``"peft_type": "REFT_P"`` or ``"preft_kind": "reft_p"``, an explicit
-    ``preft_kind`` otherwise, else ``lora_p`` (standard PEFT files)."""
-    from prefill_worker.adapters import lora_p, reft_p  # noqa: F401  (register the kinds)
-
+    ``preft_kind`` otherwise, else ``lora_p`` (standard PEFT files). The kinds' own claims
+    come from the registry (:data:`CLAIMS`)."""
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         return "lora_p"  # the kind's validator reports the missing file
     cfg = read_json(cfg_file, "adapter")
-    if reft_p.is_reft_config(cfg):
-        return reft_p.KIND
+    for name, claims in CLAIMS.items():
+        if claims(cfg):
+            return name
     kind = cfg.get("preft_kind")
     if kind is None:
         return "lora_p"

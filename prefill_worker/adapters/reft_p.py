@@ -208,7 +208,7 @@ def load_tensors(path: Path, cfg: ReftConfig) -> dict[int, dict[str, "torch.Tens
     return out
 
 
-@register_kind(KIND)
+@register_kind(KIND, claims=is_reft_config)
 def validate(path: Path, base: BaseModelShape, max_rank: int, max_bytes: int) -> AdapterSpec:
     raw = read_json(path / "adapter_config.json", "ReFT-P adapter")
     cfg = parse_config(raw, base, max_rank)

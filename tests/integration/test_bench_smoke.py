@@ -22,7 +22,7 @@ ROW_FIELDS = {"system", "adapters", "distinct_used", "completed", "failed", "wal
 
 def test_bench_smoke_all_systems(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cluster.cli", "bench", "--model", "tiny", "--adapters", "1,3",
+    cmd = [sys.executable, "-m", "app.cli", "bench", "--model", "tiny", "--adapters", "1,3",
            "--num-requests", "6", "--prompt-len", "8:40", "--output-len", "4", "--rank", "8",
            "--systems", "preft_colocated,preft,preft_mixed,multi_lora,multi_lora_grouped,base",
            "--popularity", "zipf", "--out-dir", str(out), "--assets", str(tmp_path / "assets")]

@@ -30,7 +30,7 @@ def _store_snapshot(cluster) -> set[str]:
 
 
 def test_adapter_lifecycle(cluster, client, reference, assets):
-    from cluster.tiny import make_lora_adapter
+    from app.tiny import make_lora_adapter
 
     root = Path(assets["root"])
     v1 = make_lora_adapter(root / "eve1", assets["model"], seed=501)

@@ -28,7 +28,7 @@ LENGTHS = [128, 129, 256, 1, 2, 5, 17, 63, 127, 200, 255, 257]
 def colo(assets, tmp_path_factory):
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
 
     eng = EngineConfig(model=assets["model"])
     a = assets["adapters"]

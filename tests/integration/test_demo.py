@@ -39,7 +39,7 @@ def demo(tmp_path_factory):
 def dcluster(demo, tmp_path_factory):
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
 
     eng = EngineConfig(model=demo["model"], max_model_len=512)
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng, max_lora_rank=16),
@@ -127,9 +127,10 @@ def test_demo_adapters_token_exact_vs_reference(dcluster, demo):
 
 
 def test_preft_demo_command(demo, tmp_path, monkeypatch, capsys):
-    import cluster.cli as cli
+    import app.assets as assets
+    import app.cli as cli
 
-    monkeypatch.setattr(cli, "DEFAULT_HOME", demo["home"])
+    monkeypatch.setattr(assets, "DEFAULT_HOME", demo["home"])
     rc = cli.main(["demo", "--name", "democmd", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 0

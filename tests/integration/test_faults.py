@@ -48,7 +48,7 @@ class Tally:
 def fcluster(assets, tmp_path_factory):
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig, TransferConfig)
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
 
     eng = EngineConfig(model=assets["model"], max_model_len=1024)
     xfer = TransferConfig(timeout_s=5.0, hold_ttl_s=12.0)

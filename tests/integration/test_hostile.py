@@ -80,7 +80,7 @@ def _safetensors_header(path: Path, header: dict, payload: bytes = b"") -> None:
 
 def _poisoned(assets, tmp: Path):
     """(case, adapter dir, words the refusal must contain)."""
-    from cluster.tiny import make_lora_adapter
+    from app.tiny import make_lora_adapter
 
     out = []
     d = _variant(assets, tmp, "pickle-bin")

@@ -35,7 +35,7 @@ def test_preft_up_above_the_models_limit_fails_before_anything_starts(assets, tm
     env["PREFT_HOME"] = str(tmp_path / "home")
     t0 = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "up", "--model", assets["model"],
+        [sys.executable, "-m", "app.cli", "up", "--model", assets["model"],
          "--max-model-len", "4096", "--port", "0", "--run-dir", str(run_dir)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     took = time.monotonic() - t0

@@ -115,7 +115,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    from cluster.redis_proc import RedisServer
+    from app.redis_proc import RedisServer
 
     # A password with URL metacharacters: RedisServer.url must percent-encode it.
     r = RedisServer(tmp_path_factory.mktemp("redis-tls"), password="s3cr@t/p:w#d %").start()
@@ -318,7 +318,7 @@ async def test_a_key_that_is_not_pem_fails_at_start(pki, redis_server, tmp_path)
 def test_cli_tls_flags(pki, tmp_path):
     import yaml
 
-    from cluster.cli import build_config, make_parser
+    from app.cli import build_config, make_parser
 
     root = Path(__file__).resolve().parents[2]
     args = make_parser().parse_args(
@@ -382,7 +382,7 @@ def test_rediss_urls_are_passed_through():
 
 def test_redis_auth_errors_are_clear_before_anything_starts(redis_server, tmp_path):
     from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
     from cluster.state import ClusterState
 
     ClusterState.from_url(redis_server.url).check()

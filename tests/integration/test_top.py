@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 def test_top_shows_workers_and_kv_rate(cluster, client):
     from rich.console import Console
 
-    from cluster.top import run
+    from app.top import run
     from router.metrics import default_metrics, start_metrics_server
 
     server, port = start_metrics_server("127.0.0.1", 0, default_metrics())

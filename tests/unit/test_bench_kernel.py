@@ -54,7 +54,7 @@ def test_base_server_has_no_kernel_to_check(tmp_path):
 
 
 def test_the_marker_is_what_the_grouped_wrapper_logs():
-    src = (ROOT / "prefill_worker" / "grouped_lora.py").read_text()
+    src = (ROOT / "lora_kernel" / "grouped_lora.py").read_text()
     assert f'"{GROUPED_KERNEL_MARKER} (pid %d)"' in src
 
 
@@ -75,17 +75,17 @@ def _fake_vllm(monkeypatch, is_cpu: bool) -> list:
         "is_cpu": lambda self: is_cpu})()
     vllm = types.ModuleType("vllm")
     vllm.platforms = platforms
-    grouped = types.ModuleType("prefill_worker.grouped_lora")
+    grouped = types.ModuleType("lora_kernel.grouped_lora")
     grouped.install_grouped_lora = lambda **kw: installs.append(kw)
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
-    monkeypatch.setitem(sys.modules, "prefill_worker.grouped_lora", grouped)
+    monkeypatch.setitem(sys.modules, "lora_kernel.grouped_lora", grouped)
     return installs
 
 
 @pytest.mark.parametrize("value", [None, "", "stock"])
 def test_plugin_does_nothing_unless_asked(monkeypatch, value):
-    from worker_runtime.vllm_plugin import load
+    from lora_kernel.vllm_plugin import load
 
     installs = _fake_vllm(monkeypatch, is_cpu=True)
     if value is None:
@@ -97,7 +97,7 @@ def test_plugin_does_nothing_unless_asked(monkeypatch, value):
 
 
 def test_plugin_installs_grouped_on_cpu(monkeypatch):
-    from worker_runtime.vllm_plugin import load
+    from lora_kernel.vllm_plugin import load
 
     installs = _fake_vllm(monkeypatch, is_cpu=True)
     monkeypatch.setenv("PREFT_LORA_KERNEL", "grouped")
@@ -106,7 +106,7 @@ def test_plugin_installs_grouped_on_cpu(monkeypatch):
 
 
 def test_plugin_refuses_grouped_off_cpu(monkeypatch):
-    from worker_runtime.vllm_plugin import load
+    from lora_kernel.vllm_plugin import load
 
     installs = _fake_vllm(monkeypatch, is_cpu=False)
     monkeypatch.setenv("PREFT_LORA_KERNEL", "grouped")
@@ -116,7 +116,7 @@ def test_plugin_refuses_grouped_off_cpu(monkeypatch):
 
 
 def test_plugin_refuses_unknown_values(monkeypatch):
-    from worker_runtime.vllm_plugin import load
+    from lora_kernel.vllm_plugin import load
 
     _fake_vllm(monkeypatch, is_cpu=True)
     monkeypatch.setenv("PREFT_LORA_KERNEL", "grouped ")

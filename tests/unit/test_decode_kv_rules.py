@@ -19,7 +19,7 @@ import pytest
 
 from kv_transfer.connector import PreftKVConnector
 from kv_transfer.endpoint import KVEndpoint
-from kv_transfer.handle import KVHandle
+from cluster.messages import KVHandle
 from worker_runtime.prefix_cache import cache_only_prompt_blocks, cacheable_tokens
 
 BLOCK = 4

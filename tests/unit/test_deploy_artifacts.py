@@ -206,3 +206,15 @@ def test_dockerfile_structure(name, pin):
         for pkg in ("torchvision", "torchaudio", "torchcodec", "triton"):
             assert re.search(rf"pip uninstall[^&]*\b{pkg}\b", runs), pkg
     assert "EXPOSE" in ops and "CMD" in ops
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_dockerfile_copies_every_installed_package(name):
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool.get("package-dir", {})
+    tops = {dirs.get(p, p).split("/")[0] for p in {q.split(".")[0] for q in tool["packages"]}}
+    copied = {rest.split()[-2] for op, rest in _instructions(DEPLOY / "docker" / name)
+              if op == "COPY"}
+    assert tops <= copied, f"{name} does not copy {sorted(tops - copied)}"

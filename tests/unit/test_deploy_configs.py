@@ -61,3 +61,32 @@ def test_pool_sizes_are_validated_with_the_field_named():
         from_dict(ClusterConfig, {**data, "colocated_workers": 0})
     with pytest.raises(ConfigError, match="adapter_kinds"):
         from_dict(ClusterConfig, {**data, "adapter_kinds": {"nobody": "lora"}})
+
+
+def test_yaml_errors_name_the_field_and_value_and_hide_the_secret():
+    from cluster.config import ConfigError
+
+    data = yaml.safe_load((DEPLOY / "local-cpu.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"ClusterConfig\.router\.port='x': .*valid integer"):
+        from_dict(ClusterConfig, {**data, "router": {"port": "x"}})
+    with pytest.raises(ConfigError, match=r"prefill\.engine: EngineConfig\.dtype='fp8'"):
+        from_dict(ClusterConfig, {**data, "prefill": {"engine": {"model": "m", "dtype": "fp8"}}})
+    with pytest.raises(ConfigError, match=r"ClusterConfig\.prefill\.resources\.0\.1='y'"):
+        from_dict(ClusterConfig, {**data, "prefill": {**data["prefill"],
+                                                      "resources": [["n", "y"]]}})
+    unknown = r"ClusterConfig\.router\.prot: unknown field; known: \[.*'port'"
+    with pytest.raises(ConfigError, match=unknown):
+        from_dict(ClusterConfig, {**data, "router": {"prot": 1}})
+    with pytest.raises(ConfigError) as e:
+        from_dict(ClusterConfig, {**data, "decode": {**data["decode"],
+                                                     "transfer": {"secret": 271828182}}})
+    assert "decode.transfer.secret=<not shown>" in str(e.value) and "271828182" not in str(e.value)
+
+
+def test_yaml_mappings_become_pairs():
+    data = yaml.safe_load((DEPLOY / "local-cpu.yaml").read_text())
+    data["prefill"] = {**data["prefill"], "resources": {"b_node": 1, "a_node": 2}}
+    cfg = from_dict(ClusterConfig, data)
+    assert cfg.prefill.resources == (("a_node", 2.0), ("b_node", 1.0))
+    with pytest.raises(Exception):
+        cfg.prefill.max_loras = 1   # still frozen

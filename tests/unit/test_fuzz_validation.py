@@ -201,7 +201,7 @@ class _RouterThread:
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
-    from cluster.redis_proc import RedisServer
+    from app.redis_proc import RedisServer
 
     redis = RedisServer(tmp_path_factory.mktemp("fuzz-redis")).start()
     r = _RouterThread(redis.url, tmp_path_factory.mktemp("fuzz-store"))

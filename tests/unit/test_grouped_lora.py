@@ -1,4 +1,4 @@
-"""Grouped multi-adapter LoRA (prefill_worker.grouped_lora): wrapper math and a real engine."""
+"""Grouped multi-adapter LoRA (lora_kernel.grouped_lora): wrapper math and a real engine."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.platforms.cpu import CpuPlatform
 
-from prefill_worker import grouped_lora as gl
-from prefill_worker.grouped_lora import GroupedPunicaWrapperCPU
+from lora_kernel import grouped_lora as gl
+from lora_kernel.grouped_lora import GroupedPunicaWrapperCPU
 
 STOCK = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
@@ -200,7 +200,7 @@ def test_install_is_idempotent_and_uninstall_restores():
     gl.install_grouped_lora()
     gl.install_grouped_lora()
     assert gl.is_grouped_lora_installed()
-    assert CpuPlatform.get_punica_wrapper() == "prefill_worker.grouped_lora.GroupedPunicaWrapperCPU"
+    assert CpuPlatform.get_punica_wrapper() == "lora_kernel.grouped_lora.GroupedPunicaWrapperCPU"
     from vllm.lora.punica_wrapper import get_punica_wrapper
     assert isinstance(get_punica_wrapper(16, max_batches=4, device="cpu"),
                       GroupedPunicaWrapperCPU)
@@ -255,7 +255,7 @@ def test_engine_greedy_matches_hf_peft(tmp_path, monkeypatch):
     (adapter A, adapter B, no adapter) decodes token-for-token like HF+PEFT."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    from cluster.tiny import make_lora_adapter, make_tiny_model
+    from app.tiny import make_lora_adapter, make_tiny_model
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

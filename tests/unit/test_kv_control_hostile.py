@@ -272,7 +272,7 @@ def test_endpoint_listens_on_its_kv_host_only(endpoint):
 def test_cluster_secret_is_shared_hidden_and_drawn_when_empty():
     from cluster.config import (ClusterConfig, ConfigError, DecodeConfig, EngineConfig,
                                 PrefillConfig, TransferConfig)
-    from cluster.launcher import with_kv_secret
+    from app.launcher import with_kv_secret
 
     engine = EngineConfig(model="/models/tiny")
     cfg = ClusterConfig(PrefillConfig(engine), DecodeConfig(engine))

@@ -20,7 +20,7 @@ import torch
 
 from kv_transfer.connector import PreftKVConnector
 from kv_transfer.endpoint import KVEndpoint
-from kv_transfer.handle import KVHandle
+from cluster.messages import KVHandle
 from kv_transfer.transport import Offer, TorchDistTransport, TransferError
 
 BLOCK = 4

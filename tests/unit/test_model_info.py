@@ -135,7 +135,7 @@ def test_resolve_cluster_fills_both_pools(tmp_path):
 
 
 def test_preft_up_flags_default_to_the_models_own_length(tmp_path):
-    from cluster.cli import build_config, make_parser
+    from app.cli import build_config, make_parser
 
     m = model_dir(tmp_path)
     args = make_parser().parse_args(["up", "--model", m])

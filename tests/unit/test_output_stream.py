@@ -17,7 +17,7 @@ from worker_runtime.output_stream import OutputStream
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from cluster.tiny import build_tokenizer
+    from app.tiny import build_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     build_tokenizer(1024, d)

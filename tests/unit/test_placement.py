@@ -69,7 +69,7 @@ def _args(**kw):
 
 
 def test_cli_pool_sizes():
-    from cluster.cli import _parse_adapters, _pool_sizes
+    from app.cli import _parse_adapters, _pool_sizes
 
     assert _pool_sizes(_args()) == (1, 1, 0)
     assert _pool_sizes(_args(colocated_workers=2)) == (0, 0, 2)
@@ -83,7 +83,7 @@ def test_cli_pool_sizes():
 def test_engine_cores_and_openmp_env():
     import threading
 
-    from cluster.launcher import omp_env
+    from app.launcher import omp_env
     from worker_runtime.env import parse_cores, use_engine_cores
 
     assert parse_cores("0-2,5") == [0, 1, 2, 5]

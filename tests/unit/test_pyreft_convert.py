@@ -160,7 +160,7 @@ def test_refusals(pyreft, ref, tmp_path):
 
 def test_cli_and_upload_hint(pyreft, ref, tmp_path, capsys):
     from cluster.adapter_store import check_filename
-    from cluster.cli import main
+    from app.cli import main
     from cluster.errors import InvalidAdapter
 
     _, lo = _save(pyreft, ref.base, tmp_path, "LoreftIntervention", layers=(0, 2))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from adapter_files import edit_config as _edit_config, edit_tensors as _edit_tensors
 from cluster.errors import InvalidAdapter
-from cluster.tiny import make_reft_adapter
+from app.tiny import make_reft_adapter
 from prefill_worker.adapters import detect_kind, validate_adapter
 from prefill_worker.adapters import reft_p
 from prefill_worker.adapters.base import BaseModelShape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.top import quantile, rates
+from app.top import quantile, rates
 
 
 def snap(**series):

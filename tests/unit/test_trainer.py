@@ -1,7 +1,7 @@
 """Trainer (trainer/train.py): the loss falls, adapters load where the cluster loads them,
 and the trained adapter's PreFT semantics are the reference's (tests/reference.py).
 
-Runs on the tiny random model (cluster/tiny.py); a few dozen steps each, no engine.
+Runs on the tiny random model (app/tiny.py); a few dozen steps each, no engine.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cluster.tiny import make_tiny_model
+    from app.tiny import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
 

@@ -266,7 +266,7 @@ _EXPECTED_PARAMS: dict[str, tuple[str, ...]] = {
 
 def _incompatible(msg: str) -> RuntimeError:
     return RuntimeError(
-        f"prefill_worker.grouped_lora was written against vLLM {SUPPORTED_VLLM_VERSION} but "
+        f"lora_kernel.grouped_lora was written against vLLM {SUPPORTED_VLLM_VERSION} but "
         f"the installed vLLM is {vllm.__version__}: {msg}. Re-check the punica wrapper "
         "interface (vllm/lora/punica_wrapper/) before updating SUPPORTED_VLLM_VERSION.")
 
@@ -332,7 +332,7 @@ def install_grouped_lora(*, every_process: bool = False) -> None:
         def get_punica_wrapper(cls) -> str:
             return qualname
 
-        get_punica_wrapper.__doc__ = "Grouped multi-adapter LoRA (prefill_worker.grouped_lora)."
+        get_punica_wrapper.__doc__ = "Grouped multi-adapter LoRA (lora_kernel.grouped_lora)."
         CpuPlatform.get_punica_wrapper = classmethod(get_punica_wrapper)
 
 

@@ -27,6 +27,6 @@ def load() -> None:
         raise RuntimeError(
             f"PREFT_LORA_KERNEL=grouped: the grouped LoRA kernel is for vLLM's CPU backend, "
             f"this engine runs on {type(current_platform).__name__}; unset the variable")
-    from prefill_worker.grouped_lora import install_grouped_lora
+    from lora_kernel.grouped_lora import install_grouped_lora
 
     install_grouped_lora(every_process=True)

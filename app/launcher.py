@@ -90,7 +90,7 @@ class LocalCluster:
     # -------------------------------------------------------------- state
     def start_state(self, say) -> None:
         from cluster.adapter_store import store_for
-        from cluster.redis_proc import RedisServer
+        from app.redis_proc import RedisServer
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.redis_url is None:

@@ -7,7 +7,7 @@ corpus; ``make_lora_adapter`` writes a PEFT-format LoRA adapter (``adapter_confi
 files that ``preft up`` serves and that the prefill worker's adapter store loads.
 
 Heavy imports (torch, transformers, tokenizers) happen inside the functions so that
-importing :mod:`cluster` stays cheap for the router and the CLI.
+importing :mod:`app` stays cheap for the CLI.
 """
 
 from __future__ import annotations

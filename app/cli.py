@@ -24,53 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("PREFT_HOME", Path.home() / ".cache" / "preft"))
-DEMO_ADAPTERS = ("alice", "bob", "carol")
-
-
-def default_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
-    """The embedded default: a small base model and the adapters alice, bob and carol, all
-    trained here with ``preft train`` (trainer/demo.py; ~3-4 min the first time, with a
-    progress bar, then reused from $PREFT_HOME/demo)."""
-    model, adapters, _ = demo_assets(home)
-    return model, adapters
-
-
-def demo_assets(home: Path | None = None):
-    """(model dir, {name: adapter dir}, demo.json record) of the trained embedded demo."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    from trainer.demo import build
-
-    home = Path(home) if home is not None else DEFAULT_HOME
-    marker = home / "demo" / "demo.json"
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
-                  disable=marker.exists()) as bar:
-        task = bar.add_task("training the demo model and adapters (first run only)", total=None)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=f"training the demo: {what}", completed=done,
-                       total=total)
-
-        return build(home, progress)
-
-
-def tiny_assets(home: Path | None = None) -> tuple[Path, dict[str, Path]]:
-    """Random-weight tiny model (BPE tokenizer, 4k context) and three random LoRA-P adapters:
-    built in seconds, for benchmarks that need long prompts rather than meaningful text."""
-    from cluster.tiny import make_lora_adapter, make_tiny_model
-
-    home = Path(home) if home is not None else DEFAULT_HOME
-    model = make_tiny_model(home / "tiny-llama")
-    adapters = {}
-    for i, name in enumerate(DEMO_ADAPTERS):
-        path = home / "adapters" / name
-        if not (path / "adapter_model.safetensors").exists():
-            make_lora_adapter(path, model, seed=100 + i)
-        adapters[name] = path
-    return model, adapters
+from app import assets
 
 
 def _parse_adapters(items: list[str]):
@@ -114,7 +68,7 @@ def build_config(args):
     adapters, kinds = _parse_adapters(args.adapter or [])
     model = args.model
     if model is None:
-        model_dir, demo = default_assets()
+        model_dir, demo = assets.default_assets()
         model = str(model_dir)
         if not adapters:
             adapters = tuple((n, str(p)) for n, p in demo.items())
@@ -194,7 +148,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 def _start(cfg, verbose: bool):
     from rich.console import Console
 
-    from cluster.launcher import LocalCluster
+    from app.launcher import LocalCluster
     from router.server import check_bind_is_safe
 
     check_bind_is_safe(cfg.router)   # before anything starts
@@ -298,7 +252,7 @@ def cmd_demo(args) -> int:
     from trainer.demo import DEMO, DEMO_PROMPTS, expected
 
     args.port = 0
-    rec = demo_assets()[2] if args.model is None else {"adapters": {}}
+    rec = assets.demo_assets()[2] if args.model is None else {"adapters": {}}
     cfg = build_config(args)
     cluster, console = _start(cfg, args.verbose)
     demo = args.model is None   # the ✓ column checks the embedded demo's answers only
@@ -431,7 +385,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_top(args) -> int:
-    from cluster.top import run
+    from app.top import run
 
     url = args.metrics_url
     if url and not url.startswith("http"):
@@ -459,30 +413,42 @@ def cmd_keys(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    model, adapters, rec = demo_assets(Path(args.home))
+    model, adapters, rec = assets.demo_assets(Path(args.home))
     print(f"demo model: {model}")
     for n, p in adapters.items():
         a = rec["adapters"][n]
         print(f"adapter {n}: {p}  ({a['label']}: {a['trained_to']}; held-out exact match "
               f"{a['eval_exact_match']:.0%})")
-    print(f"tiny model (benchmarks): {tiny_assets(Path(args.home))[0]}")
+    print(f"tiny model (benchmarks): {assets.tiny_assets(Path(args.home))[0]}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from bench.e2e import config_from_args, run
+    from bench.e2e import run_from_args
 
-    result = run(config_from_args(args),
-                 Path(args.assets) if args.assets else DEFAULT_HOME / "bench")
-    return 0 if all(r.get("completed") for r in result["rows"]) else 1
+    return run_from_args(args, assets.DEFAULT_HOME / "bench")
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """``preft``'s parser: one sub-command per ``_parser_*`` below, in ``--help`` order."""
     p = argparse.ArgumentParser(
         prog="preft", description="PreFT Serve: per-user adapters applied at prefill only, "
         "decoded by adapter-free engines over the adapter-conditioned KV cache.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_parser_up, _parser_generate, _parser_demo, _parser_adapters, _parser_status,
+                _parser_top, _parser_keys, _parser_bench, _parser_trainer, _parser_make_tiny):
+        add(sub)
+    return p
 
+
+def _add_client_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
+    sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
+    sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
+    _add_client_tls_args(sp)
+
+
+def _parser_up(sub) -> None:
     up = sub.add_parser("up", help="start a local cluster and serve until interrupted",
                         description="Start Ray, the worker pools and the gRPC router. By "
                         "default one prefill worker (vLLM + adapters) and one decode worker "
@@ -493,6 +459,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_cluster_args(up)
     up.set_defaults(fn=cmd_up)
 
+
+def _parser_generate(sub) -> None:
     gen = sub.add_parser("generate", help="send one request to a running router",
                          description="Generate a completion through the router.")
     gen.add_argument("prompt", help="prompt text")
@@ -508,6 +476,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_client_tls_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
+
+def _parser_demo(sub) -> None:
     demo = sub.add_parser("demo", help="run the embedded default cluster and a few requests",
                           description="Train the demo model and its adapters locally (first "
                           "run only, ~3-4 min; then reused from $PREFT_HOME/demo), start a "
@@ -520,12 +490,8 @@ def make_parser() -> argparse.ArgumentParser:
                       "demo model is character-level; answers end at EOS)")
     demo.set_defaults(fn=cmd_demo)
 
-    def client_args(sp):
-        sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
-        sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
-        sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
-        _add_client_tls_args(sp)
 
+def _parser_adapters(sub) -> None:
     ad = sub.add_parser("adapters", help="manage adapters on a running router",
                         description="Upload, list, show or delete adapters (PEFT LoRA "
                         "directories: adapter_config.json + adapter_model.safetensors).")
@@ -544,25 +510,31 @@ def make_parser() -> argparse.ArgumentParser:
     a_rm = ad_sub.add_parser("rm", help="delete an adapter from every tier")
     a_rm.add_argument("name")
     for sp in (a_add, a_list, a_show, a_rm):
-        client_args(sp)
+        _add_client_args(sp)
     ad.set_defaults(fn=cmd_adapters)
 
+
+def _parser_status(sub) -> None:
     st = sub.add_parser("status", help="workers, residency, queues and KV usage (a table)")
-    client_args(st)
+    _add_client_args(st)
     st.set_defaults(fn=cmd_status)
 
+
+def _parser_top(sub) -> None:
     top = sub.add_parser("top", help="live view: KV GB/s, TTFT/TPOT, queues, workers",
                          description="A live terminal view of a running cluster: workers, "
                          "health, queues and KV blocks from the router; with --metrics-url "
                          "also KV transfer GB/s (overall and per pair), request and token "
                          "rates, TTFT/TPOT p50/p99 and adapter hit rate per interval.")
-    client_args(top)
+    _add_client_args(top)
     top.add_argument("--metrics-url", default=None, help="router /metrics (HOST:PORT or URL), "
                      "as served by `preft up --metrics-port` or --http-port")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
     top.set_defaults(fn=cmd_top)
 
+
+def _parser_keys(sub) -> None:
     keys = sub.add_parser("keys", help="manage API keys", description="API keys map to "
                           "tenants; a tenant uses its own adapters and public ones.")
     k_sub = keys.add_subparsers(dest="action", required=True)
@@ -571,6 +543,8 @@ def make_parser() -> argparse.ArgumentParser:
     k_new.add_argument("--redis-url", default=None, help="the cluster's Redis (default $REDIS_URL)")
     keys.set_defaults(fn=cmd_keys)
 
+
+def _parser_bench(sub) -> None:
     from bench.e2e import __doc__ as bench_doc, add_args as bench_args
 
     bn = sub.add_parser("bench", help="throughput: PreFT cluster vs vLLM multi-LoRA vs base",
@@ -579,21 +553,22 @@ def make_parser() -> argparse.ArgumentParser:
     bench_args(bn)
     bn.set_defaults(fn=cmd_bench)
 
+
+def _parser_trainer(sub) -> None:
     from trainer.cli import add_train_parser
-
-    add_train_parser(sub)   # preft train: SFT of lora_p / reft_p / lora adapters
-
     from trainer.pyreft_convert import add_parser as add_convert_parser
 
+    add_train_parser(sub)     # preft train: SFT of lora_p / reft_p / lora adapters
     add_convert_parser(sub)   # preft convert-pyreft: pyreft save -> ReFT-P safetensors
 
+
+def _parser_make_tiny(sub) -> None:
     mk = sub.add_parser("make-tiny", help="build the embedded default model and adapters",
                         description="Train the embedded demo model and adapters alice, bob, "
                         "carol (trainer/demo.py; no download, ~3-4 CPU minutes) and write the "
                         "random-weight tiny model the benchmarks use.")
-    mk.add_argument("--home", default=str(DEFAULT_HOME), help="where to write them")
+    mk.add_argument("--home", default=str(assets.DEFAULT_HOME), help="where to write them")
     mk.set_defaults(fn=cmd_make_tiny)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
