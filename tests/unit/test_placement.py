@@ -81,25 +81,28 @@ def test_cli_pool_sizes():
 
 
 def test_engine_cores_and_openmp_env():
-    import threading
+    import json
+    import subprocess
+    import sys
 
     from app.launcher import omp_env
-    from worker_runtime.env import parse_cores, use_engine_cores
+    from worker_runtime.env import parse_cores
 
     assert parse_cores("0-2,5") == [0, 1, 2, 5]
     assert omp_env("0-1") == {"OMP_NUM_THREADS": "2", "OMP_PROC_BIND": "true",
                               "OMP_PLACES": "{0,1}"}
-    got = {}
-
-    def engine_thread():
-        import os
-
-        import torch
-
-        use_engine_cores("0")
-        got["threads"], got["cpus"] = torch.get_num_threads(), os.sched_getaffinity(0)
-
-    t = threading.Thread(target=engine_thread)
-    t.start()
-    t.join()
-    assert got == {"threads": 1, "cpus": {0}}
+    # a fresh process, as a worker is (an engine built earlier in this one replaces
+    # torch.set_num_threads): the engine thread gets the threads and cores asked for
+    code = """
+import json, os, threading, torch
+from worker_runtime.env import use_engine_cores
+got = {}
+def engine_thread():
+    use_engine_cores("0")
+    got["threads"], got["cpus"] = torch.get_num_threads(), sorted(os.sched_getaffinity(0))
+t = threading.Thread(target=engine_thread); t.start(); t.join()
+print(json.dumps(got))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"OMP_NUM_THREADS": "4", "PATH": ""})
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"threads": 1, "cpus": [0]}
