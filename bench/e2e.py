@@ -445,6 +445,14 @@ def prepare_adapters(cfg: BenchConfig, model_dir: Path, root: Path,
     return [(f"user{i:04d}", files[i % len(files)]) for i in range(max(cfg.adapters))]
 
 
+def _tail(path: Path, lines: int = 40) -> str:
+    """The end of a server's log, kept in the results so a failed run explains itself."""
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(True)[-lines:])
+    except OSError as e:
+        return f"(no log: {e})"
+
+
 async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format: str,
                        adapters: list[tuple[str, Path]], log_dir: Path, say) -> list[dict]:
     system = make_system(name, cfg, model_dir, load_format, adapters, log_dir)
@@ -477,7 +485,8 @@ async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format
         await system.close()
     except Exception as e:  # noqa: BLE001 -- a system that cannot run is reported, not fatal
         say(f"[{name}] FAILED: {type(e).__name__}: {e}")
-        rows.append({"system": name, "adapters": -1, "failed_to_run": f"{type(e).__name__}: {e}"})
+        rows.append({"system": name, "adapters": -1, "failed_to_run": f"{type(e).__name__}: {e}",
+                     "log_tail": _tail(system.log_path)})
     finally:
         system.stop()
     return rows
