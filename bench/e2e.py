@@ -52,6 +52,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bench.workload import POPULARITY, BenchRequest, Workload, build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,10 +127,8 @@ def _free_port() -> int:
 
 
 def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    """The q-th percentile, nearest rank (a latency some request really had)."""
+    return float(np.percentile(xs, q, method="nearest")) if xs else float("nan")
 
 
 def _kv_gib(model_dir: Path, cfg: BenchConfig) -> float:

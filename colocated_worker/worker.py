@@ -5,78 +5,43 @@ adapter through the same tiers as a prefill worker (:class:`AdapterHost`), submi
 prompt with the adapter, and streams :class:`~cluster.messages.ColocatedDelta` items: the
 first carries the prefill timings. Inside the engine the adapter touches prompt positions
 only (``colocated_worker/prompt_lora.py``; all-token adapters every position), generated
-tokens' KV is never cached (``worker_runtime/prefix_cache.py``), and the request's
+tokens' KV is never cached (``worker_runtime/sequence.py``), and the request's
 :class:`OutputStream` owns detokenization and stop strings, as on the prefill/decode path.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from cluster.config import ColocatedConfig
-from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling, WorkerInfo
+from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling
 from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
-from prefill_worker.adapter_host import AdapterHost, Resolved
-from prefill_worker.adapters.base import AdapterSpec
+from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.engine_loop import as_request_error
-from worker_runtime.engine_worker import EngineWorker
-from worker_runtime.output_stream import OutputStream
-from worker_runtime.prefix_cache import cache_only_prompt_blocks
-from worker_runtime.prompt import check_lengths, prompt_ids
+from worker_runtime.sequence import OutputStream, cache_only_prompt_blocks
 
 
-class ColocatedWorker(EngineWorker):
+class ColocatedWorker(AdapterWorker):
     """Ray actor (``ray.remote(ColocatedWorker)``); all public methods are async."""
 
     role = "colocated"
-    holds_adapters = True
 
     def __init__(self, cfg: ColocatedConfig, worker_id: str, redis_url: str | None = None,
                  cache_dir: str | None = None, actor_name: str = "") -> None:
-        self.cfg = cfg
-        cache = Path(cache_dir or tempfile.mkdtemp(prefix=f"preft-{worker_id}-"))
-        cache.mkdir(parents=True, exist_ok=True)
-        self.adapters = AdapterHost(cfg, cache)
-        self.adapters.install_kernel()
         self.all_token_ids: set[int] = set()   # LoRA ids applied on every token (kind lora)
         self.mix = StepMix()
         self.requests_by_kind = {"lora_p": 0, "reft_p": 0, "lora": 0, "base": 0}
-        super().__init__(cfg.engine, cfg.cpu_cores, worker_id, redis_url, actor_name)
-
-    def engine_args(self) -> dict:
-        return self.adapters.lora_engine_args()
+        super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name)
 
     def after_build(self, engine) -> None:
-        self.adapters.attach(engine, self.loop)
+        super().after_build(engine)
         install_prompt_only_lora(engine, self.all_token_ids, self.mix)
         # Generated tokens' KV (base weights, or an all-token adapter's) is never cached
         # where a later prompt could take it for adapter-conditioned prompt KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=0)
 
-    def residency(self) -> dict[str, str]:
-        return self.adapters.residency()
-
-    # ------------------------------------------------------------------ adapters
-    async def validate_adapter(self, path: str, kind: str | None = None) -> AdapterSpec:
-        return await self.adapters.validate(path, kind)
-
-    async def drop_adapter(self, name: str) -> bool:
-        return await self.adapters.drop(name)
-
-    async def invalidate(self, name: str, version: int) -> bool:
-        return await self.adapters.invalidate(name, version)
-
     # ------------------------------------------------------------------ API
-    async def info(self) -> WorkerInfo:
-        from dataclasses import replace
-
-        info = await super().info()
-        return replace(info, vocab_size=self.adapters.vocab_size,
-                       eos_token_id=self.adapters.eos_token_id)
-
     async def stats(self) -> AdapterStats:
         return AdapterStats(requests=self.loop.num_requests,
                             tier_hits=dict(self.adapters.tier_hits), resident=self.residency(),
@@ -86,9 +51,7 @@ class ColocatedWorker(EngineWorker):
         """Async generator of :class:`ColocatedDelta` (a Ray streaming call)."""
         t_in = time.time()
         s = req.sampling
-        ids = prompt_ids(req, self.tokenizer, self.adapters.vocab_size)
-        check_lengths(len(ids), s.max_tokens, self.loop.engine.model_config.max_model_len)
-        r = await self.adapters.resolve(req.adapter) if req.adapter is not None else None
+        ids, r = await self.admit(req)
         if r is not None and r.ref.kind == "lora":
             self.all_token_ids.add(r.lora.lora_int_id)
         self.requests_by_kind[r.ref.kind if r else "base"] += 1

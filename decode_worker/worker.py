@@ -16,8 +16,7 @@ from cluster.errors import InvalidRequest, KVTransferFailed
 from cluster.messages import DecodeDelta, DecodeRequest
 from worker_runtime.engine_loop import as_request_error
 from worker_runtime.engine_worker import EngineWorker
-from worker_runtime.output_stream import OutputStream
-from worker_runtime.prefix_cache import cache_only_prompt_blocks
+from worker_runtime.sequence import OutputStream, cache_only_prompt_blocks
 
 
 class DecodeWorker(EngineWorker):

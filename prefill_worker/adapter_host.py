@@ -1,7 +1,8 @@
 """Adapters on one engine worker: tiers, loading, validation (step 3's adapter half).
 
 Used by the two pools that apply adapters: prefill workers and colocated workers (the
-decode pool never imports it). Tiers, fastest first: the engine's own LoRA cache
+decode pool never imports it), both built on :class:`AdapterWorker`, which holds an
+:class:`AdapterHost` and answers the router's adapter calls. Tiers, fastest first: the engine's own LoRA cache
 (``max_loras`` slots in the batch, ``max_cpu_loras`` in host memory, LRU) or, for ReFT-P,
 the runtime's pinned host-memory LRU; this worker's disk cache (``<cache_dir>/<sha256>``,
 verified against the registry's sha256); the store URI from the registry. The router passes
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import AdapterNotFound, InvalidAdapter
-from cluster.messages import AdapterRef
+from cluster.messages import AdapterRef, PrefillRequest, WorkerInfo
+from worker_runtime.engine_worker import EngineWorker
+from worker_runtime.sequence import check_lengths, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -249,3 +253,58 @@ class AdapterHost:
 
 
 BASE_NAMESPACE = "base"
+
+
+class AdapterWorker(EngineWorker):
+    """Base of the worker actors that apply adapters (prefill, colocated): their
+    :class:`AdapterHost`, the adapter calls the router makes of them, and the first step of
+    every request they take (:meth:`admit`: prompt ids, length check, adapter resolved)."""
+
+    holds_adapters = True
+
+    def __init__(self, cfg, worker_id: str, redis_url: str | None, cache_dir: str | None,
+                 actor_name: str, transfer=None) -> None:
+        self.cfg = cfg
+        cache = Path(cache_dir or tempfile.mkdtemp(prefix=f"preft-{worker_id}-"))
+        cache.mkdir(parents=True, exist_ok=True)
+        self.adapters = AdapterHost(cfg, cache)
+        self.adapters.install_kernel()
+        super().__init__(cfg.engine, cfg.cpu_cores, worker_id, redis_url, actor_name,
+                         transfer=transfer)
+
+    def engine_args(self) -> dict:
+        return self.adapters.lora_engine_args()
+
+    def after_build(self, engine) -> None:
+        self.adapters.attach(engine, self.loop)
+
+    def residency(self) -> dict[str, str]:
+        return self.adapters.residency()
+
+    async def admit(self, req: PrefillRequest) -> tuple[list[int], Resolved | None]:
+        """The request's prompt ids, checked against the model's limits, and its adapter
+        resolved through the tiers (None: the base model)."""
+        ids = prompt_ids(req, self.tokenizer, self.adapters.vocab_size)
+        check_lengths(len(ids), req.sampling.max_tokens,
+                      self.loop.engine.model_config.max_model_len)
+        r = await self.adapters.resolve(req.adapter) if req.adapter is not None else None
+        return ids, r
+
+    # ------------------------------------------------------------------ adapter calls
+    async def validate_adapter(self, path: str, kind: str | None = None):
+        """The adapter's :class:`~prefill_worker.adapters.base.AdapterSpec`, or
+        :class:`InvalidAdapter` saying what is wrong with it."""
+        return await self.adapters.validate(path, kind)
+
+    async def drop_adapter(self, name: str) -> bool:
+        return await self.adapters.drop(name)
+
+    async def invalidate(self, name: str, version: int) -> bool:
+        return await self.adapters.invalidate(name, version)
+
+    async def info(self) -> WorkerInfo:
+        from dataclasses import replace
+
+        info = await super().info()
+        return replace(info, vocab_size=self.adapters.vocab_size,
+                       eos_token_id=self.adapters.eos_token_id)

@@ -12,67 +12,28 @@ prefix caching never serves one adapter's KV to another, or to a replaced versio
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from cluster.config import PrefillConfig
 from cluster.errors import WorkerUnavailable
-from cluster.messages import (AdapterStats, KVHandle, PrefillRequest, PrefillResult, Sampling,
-                              WorkerInfo)
-from prefill_worker.adapter_host import AdapterHost, Resolved
-from prefill_worker.adapters.base import AdapterSpec
+from cluster.messages import AdapterStats, KVHandle, PrefillRequest, PrefillResult, Sampling
+from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.engine_loop import as_request_error
-from worker_runtime.engine_worker import EngineWorker
-from worker_runtime.output_stream import OutputStream
-from worker_runtime.prompt import check_lengths, prompt_ids
+from worker_runtime.sequence import OutputStream
 
 
-class PrefillWorker(EngineWorker):
+class PrefillWorker(AdapterWorker):
     """Ray actor (``ray.remote(PrefillWorker)``); all public methods are async."""
 
     role = "prefill"
     kv_role = "kv_producer"
-    holds_adapters = True
 
     def __init__(self, cfg: PrefillConfig, worker_id: str, redis_url: str | None = None,
                  cache_dir: str | None = None, actor_name: str = "") -> None:
-        self.cfg = cfg
-        cache = Path(cache_dir or tempfile.mkdtemp(prefix=f"preft-{worker_id}-"))
-        cache.mkdir(parents=True, exist_ok=True)
-        self.adapters = AdapterHost(cfg, cache)
-        self.adapters.install_kernel()
-        super().__init__(cfg.engine, cfg.cpu_cores, worker_id, redis_url, actor_name,
-                         transfer=cfg.transfer)
-
-    def engine_args(self) -> dict:
-        return self.adapters.lora_engine_args()
-
-    def after_build(self, engine) -> None:
-        self.adapters.attach(engine, self.loop)
-
-    def residency(self) -> dict[str, str]:
-        return self.adapters.residency()
-
-    # ------------------------------------------------------------------ adapters
-    async def validate_adapter(self, path: str, kind: str | None = None) -> AdapterSpec:
-        return await self.adapters.validate(path, kind)
-
-    async def drop_adapter(self, name: str) -> bool:
-        return await self.adapters.drop(name)
-
-    async def invalidate(self, name: str, version: int) -> bool:
-        return await self.adapters.invalidate(name, version)
+        super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name, transfer=cfg.transfer)
 
     # ------------------------------------------------------------------ API
-    async def info(self) -> WorkerInfo:
-        from dataclasses import replace
-
-        info = await super().info()
-        return replace(info, vocab_size=self.adapters.vocab_size,
-                       eos_token_id=self.adapters.eos_token_id)
-
     async def release(self, transfer_id: int) -> bool:
         """Free a transfer's held blocks (the router: decode never pulled them). Never
         waits; True when held blocks were freed now, False when they were not held (already
@@ -94,9 +55,7 @@ class PrefillWorker(EngineWorker):
         """The prompt with its adapter, the first token, the KV handle for decode."""
         t_in = time.time()
         s = req.sampling
-        ids = prompt_ids(req, self.tokenizer, self.adapters.vocab_size)
-        check_lengths(len(ids), s.max_tokens, self.loop.engine.model_config.max_model_len)
-        r = await self.adapters.resolve(req.adapter) if req.adapter is not None else None
+        ids, r = await self.admit(req)
         namespace = self.adapters.namespace(r, len(ids))
         hand_over = s.max_tokens > 1
         t0 = time.time()

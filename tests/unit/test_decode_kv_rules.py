@@ -20,7 +20,7 @@ import pytest
 from kv_transfer.connector import PreftKVConnector
 from kv_transfer.endpoint import KVEndpoint
 from cluster.messages import KVHandle
-from worker_runtime.prefix_cache import cache_only_prompt_blocks, cacheable_tokens
+from worker_runtime.sequence import cache_only_prompt_blocks, cacheable_tokens
 
 BLOCK = 4
 

@@ -1,4 +1,4 @@
-"""The output stream that prefill and decode share (worker_runtime/output_stream.py).
+"""The output stream that prefill and decode share (worker_runtime/sequence.py).
 
 No engine: the tiny model's byte-level BPE tokenizer and vLLM's detokenizer classes only.
 """
@@ -10,7 +10,7 @@ import random
 import pytest
 
 from cluster.messages import Sampling
-from worker_runtime.output_stream import OutputStream
+from worker_runtime.sequence import OutputStream
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,167 @@
+"""One request's tokens on an engine, by PreFT's rules: the prompt that goes in, what the
+engine may cache of it, and the output stream that comes out.
+
+Steps 3-5 of the request path (prefill, decode and colocated workers) all use it.
+
+**Prompt** (:func:`prompt_ids`, :func:`check_lengths`). The router sends text or token ids;
+the worker that owns the tokenizer turns them into ids and refuses what the engine cannot
+run, with the field to fix.
+
+**Prefix cache: prompt blocks only** (:func:`cache_only_prompt_blocks`). KV computed
+*without* the adapter is never served as adapter-conditioned prompt KV. An engine that
+decodes computes the KV of generated tokens with the base model, and vLLM would cache every
+full block of a request -- generated tokens included -- under the request's cache salt (the
+adapter version). A chat's next turn, whose prompt contains the previous answer, would then
+hit those blocks and attend to base-model KV at positions that PreFT says are prompt
+positions, computed with the adapter. So a request's blocks are cached only up to the last
+full block of its adapter-conditioned prompt. The decode engine's prompt is ``prompt +
+[first token]`` (the first token's KV is computed there, by the base model), so it passes
+``generated_in_prompt=1``. Blocks pulled from prefill stay cacheable: a later request with
+the same adapter version and prefix reuses them, and the next turn recomputes the previous
+answer's positions with the adapter.
+
+**Output stream** (:class:`OutputStream`). The first token comes from the prefill engine
+and the rest from the decode engine, which receives the first token as part of its
+*prompt*: whatever an engine does with generated tokens (detokenize them incrementally,
+check stop strings over their text) it would do wrongly at that seam -- the decode
+engine's detokenizer is primed with the prompt and never sees the first token as output.
+So neither engine detokenizes or checks stop strings (``detokenize=False``, no ``stop``);
+the worker feeds each generated token, the first included, to an :class:`OutputStream`:
+
+- text: vLLM's own incremental detokenizer over the *generated* ids alone (special tokens
+  skipped, as vLLM does); a finish that is not a stop string flushes the rest, so a
+  completion's text is the tokenizer's decoding of its token ids;
+- stop strings: vLLM's own check over the whole generated text, first token included: the
+  text is cut before the stop string, tokens after the one that completed it are dropped,
+  and while a stop string could still be completing, the last ``len(stop) - 1`` characters
+  are held back (exactly what a single vLLM engine streams).
+
+The stream is a pure function of the tokens fed to it, so the prefill worker feeds the
+first token and the decode worker replays it (discarding what prefill already sent) before
+it feeds the rest: both sides hold the same state without shipping it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from cluster.errors import InvalidRequest
+from cluster.messages import PrefillRequest, Sampling
+
+
+# ------------------------------------------------------------------ prompt
+def prompt_ids(req: PrefillRequest, tokenizer: Any, vocab_size: int) -> list[int]:
+    if req.prompt_token_ids is not None:
+        ids = list(req.prompt_token_ids)
+        if not ids:
+            raise InvalidRequest("prompt_token_ids", "the prompt is empty")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is outside the "
+                                 f"vocabulary [0, {vocab_size})")
+        return ids
+    if not req.prompt_text:
+        raise InvalidRequest("prompt", "the prompt is empty")
+    ids = tokenizer.encode(req.prompt_text, add_special_tokens=True)
+    if not ids:
+        raise InvalidRequest("prompt", "the prompt has no tokens")
+    return ids
+
+
+def check_lengths(n_prompt: int, max_tokens: int, max_len: int) -> None:
+    if n_prompt >= max_len:
+        raise InvalidRequest("prompt", f"the prompt has {n_prompt} tokens; this model "
+                             f"accepts at most {max_len - 1} prompt tokens")
+    if n_prompt + max_tokens > max_len:
+        raise InvalidRequest("max_tokens", f"prompt ({n_prompt} tokens) + max_tokens "
+                             f"({max_tokens}) exceeds max_model_len={max_len}; lower "
+                             f"max_tokens to at most {max_len - n_prompt}")
+
+
+# ------------------------------------------------------------------ prefix cache
+def cacheable_tokens(num_prompt_tokens: int, num_tokens: int, generated_in_prompt: int) -> int:
+    """How many of ``num_tokens`` may be cached: never past the adapter-conditioned prompt."""
+    return max(0, min(num_tokens, num_prompt_tokens - generated_in_prompt))
+
+
+def cache_only_prompt_blocks(engine: Any, generated_in_prompt: int) -> None:
+    """Install the rule on an in-process ``LLMEngine`` (``uni`` executor).
+
+    vLLM caches through ``KVCacheCoordinator.cache_blocks(request, num_tokens)`` (after
+    allocating slots, and after an external KV load completes); clamping ``num_tokens`` there
+    covers both paths.
+    """
+    manager = engine.engine_core.engine_core.scheduler.kv_cache_manager
+    coordinator = getattr(manager, "coordinator", None)
+    inner = getattr(coordinator, "cache_blocks", None)
+    if inner is None:
+        raise RuntimeError("this vLLM has no KVCacheCoordinator.cache_blocks: the prompt-only "
+                           "prefix-cache rule cannot be installed; disable prefix caching")
+
+    def cache_blocks(request, num_computed_tokens: int) -> None:
+        inner(request, cacheable_tokens(request.num_prompt_tokens, num_computed_tokens,
+                                        generated_in_prompt))
+
+    coordinator.cache_blocks = cache_blocks
+
+
+# ------------------------------------------------------------------ output stream
+@dataclass(frozen=True)
+class StreamStep:
+    """What one batch of new tokens adds to the client's stream."""
+
+    token_ids: tuple[int, ...]     # the new tokens kept (none after a stop string's token)
+    text: str                      # the text delta to send now
+    finish_reason: str | None      # "stop" | "length" | None (still generating)
+
+
+class OutputStream:
+    def __init__(self, tokenizer: Any, sampling: Sampling, request_id: str) -> None:
+        from vllm import SamplingParams
+        from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+        params = SamplingParams(max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
+                                skip_special_tokens=True)
+        # Only the generated ids: no prompt context, so the text decodes the ids alone.
+        request = SimpleNamespace(request_id=request_id, sampling_params=params,
+                                  prompt_token_ids=[], prompt_embeds=None)
+        self._tokenizer = tokenizer
+        self._detok = IncrementalDetokenizer.from_new_request(tokenizer, request)
+        self._sent_tokens = 0
+        self._sent_text = ""
+        self.finish_reason: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._detok.output_token_ids)
+
+    @property
+    def text(self) -> str:
+        return self._sent_text
+
+    def append(self, token_ids, engine_finish: str | None) -> StreamStep:
+        """Feed the engine's new tokens and its finish reason for them (``"stop"``: the last
+        token is EOS, ``"length"``: max_tokens reached, None: still running)."""
+        if self.finish_reason is not None:
+            raise RuntimeError("append() after the stream finished")
+        stop_string = self._detok.update(list(token_ids), engine_finish == "stop")
+        finish = "stop" if stop_string is not None else engine_finish
+        ids = self._detok.output_token_ids
+        new_ids = tuple(ids[self._sent_tokens:])
+        self._sent_tokens = len(ids)
+        text = self._detok.get_next_output_text(finished=finish is not None, delta=True)
+        if finish is not None and stop_string is None:
+            text = self._flush(text)
+        self._sent_text += text
+        self.finish_reason = finish
+        return StreamStep(new_ids, text, finish)
+
+    def _flush(self, text: str) -> str:
+        """At a finish that is not a stop string: the rest of the ids' decoding (incremental
+        detokenizers hold back a trailing incomplete UTF-8 character forever)."""
+        full = self._tokenizer.decode(list(self._detok.output_token_ids),
+                                      skip_special_tokens=True)
+        sent = self._sent_text + text
+        return full[len(self._sent_text):] if full.startswith(sent) else text
