@@ -91,6 +91,18 @@ def rates(a: Snapshot, b: Snapshot, dt: float) -> dict:
     }
 
 
+
+def _per_key(title: str, key: str, unit: str, values: dict[str, float], form: str):
+    """A two-column table of one rate per key, sorted by key."""
+    from rich.table import Table
+
+    t = Table(title=title, show_edge=False)
+    t.add_column(key)
+    t.add_column(unit, justify="right")
+    for k, v in sorted(values.items()):
+        t.add_row(k, form.format(v))
+    return t
+
 def render(status: dict, r: dict | None, address: str):
     from rich.console import Group
     from rich.table import Table
@@ -113,19 +125,10 @@ def render(status: dict, r: dict | None, address: str):
                   fmt(r["adapter_hit_rate"], "{:.0%}"))
         parts.append(m)
         if r["kv_pairs"]:
-            pt = Table(title="KV transfer per pair", show_edge=False)
-            pt.add_column("prefill -> decode")
-            pt.add_column("GB/s", justify="right")
-            for k, v in sorted(r["kv_pairs"].items()):
-                pt.add_row(k, f"{v:.3f}")
-            parts.append(pt)
+            parts.append(_per_key("KV transfer per pair", "prefill -> decode", "GB/s",
+                                  r["kv_pairs"], "{:.3f}"))
         if r["paths"]:
-            pa = Table(title="requests per path", show_edge=False)
-            pa.add_column("path")
-            pa.add_column("req/s", justify="right")
-            for k, v in sorted(r["paths"].items()):
-                pa.add_row(k, f"{v:.2f}")
-            parts.append(pa)
+            parts.append(_per_key("requests per path", "path", "req/s", r["paths"], "{:.2f}"))
     w = Table(title="workers", show_edge=False)
     for c in ("worker", "role", "healthy", "outstanding", "KV blocks used", "held", "resident"):
         w.add_column(c)

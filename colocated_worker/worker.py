@@ -12,13 +12,13 @@ tokens' KV is never cached (``worker_runtime/sequence.py``), and the request's
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 
 from cluster.config import ColocatedConfig
 from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling
 from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
-from worker_runtime.engine_loop import as_request_error
 from worker_runtime.sequence import OutputStream, cache_only_prompt_blocks
 
 
@@ -58,29 +58,27 @@ class ColocatedWorker(AdapterWorker):
         stream = OutputStream(self.tokenizer, s, req.request_id)
         t0 = time.time()
         self.adapters.pin(r)
-        q = self.loop.submit(req.request_id, self._prompt(ids, r), self._params(s, r),
-                             lora_request=r.lora if r else None)
         engine_done, first, n_out = False, True, 0
         try:
-            while True:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise as_request_error(out)
-                engine_done = out.finished
-                comp = out.outputs[0]
-                step = stream.append(comp.token_ids, comp.finish_reason if engine_done else None)
-                delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason)
-                if first:
-                    first, delta = False, self._first(delta, len(ids), r, t0 - (req.enqueued_at or t_in),
-                                        time.time() - t0)
-                n_out += len(delta.token_ids)
-                yield delta
-                if step.finish_reason is not None:
-                    self.metrics.request(len(ids) + n_out, time.time() - t0)
-                    return
+            async with aclosing(self.loop.run(req.request_id, self._prompt(ids, r),
+                                              self._params(s, r),
+                                              lora_request=r.lora if r else None)) as outputs:
+                async for out in outputs:
+                    engine_done = out.finished
+                    comp = out.outputs[0]
+                    step = stream.append(comp.token_ids,
+                                         comp.finish_reason if engine_done else None)
+                    delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason)
+                    if first:
+                        first, delta = False, self._first(delta, len(ids), r,
+                                                          t0 - (req.enqueued_at or t_in),
+                                                          time.time() - t0)
+                    n_out += len(delta.token_ids)
+                    yield delta
+                    if step.finish_reason is not None:
+                        self.metrics.request(len(ids) + n_out, time.time() - t0)
+                        return  # a stop string before the engine stopped: leaving aborts it
         finally:
-            if not engine_done:  # cancelled, failed, or a stop string ended it early
-                self.loop.abort(req.request_id)
             self.adapters.unpin(r, after_engine_step=not engine_done)
 
     def _prompt(self, ids: list[int], r: Resolved | None):

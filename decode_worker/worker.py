@@ -10,11 +10,11 @@ vLLM computes from the first token on and the worker streams
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 
 from cluster.config import DecodeConfig
 from cluster.errors import InvalidRequest, KVTransferFailed
 from cluster.messages import DecodeDelta, DecodeRequest
-from worker_runtime.engine_loop import as_request_error
 from worker_runtime.engine_worker import EngineWorker
 from worker_runtime.sequence import OutputStream, cache_only_prompt_blocks
 
@@ -49,20 +49,16 @@ class DecodeWorker(EngineWorker):
         stream = OutputStream(self.tokenizer, s, req.request_id)
         stream.append([req.first_token], None)  # prefill already sent what this produces
         t0 = time.perf_counter()
-        q = self.loop.submit(req.request_id, self._prompt(req), self._params(req))
-        engine_done, first, n_tokens = False, True, 0
-        try:
-            while True:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise as_request_error(out)
+        first, n_tokens = True, 0
+        async with aclosing(self.loop.run(req.request_id, self._prompt(req),
+                                          self._params(req))) as outputs:
+            async for out in outputs:
                 comp = out.outputs[0]
                 if comp.finish_reason == "error":
                     raise KVTransferFailed(
                         f"KV transfer {req.kv.transfer_id} from {req.kv.engine_id} to "
                         f"{self.worker_id} failed; the request was not decoded")
-                engine_done = out.finished
-                step = stream.append(comp.token_ids, comp.finish_reason if engine_done else None)
+                step = stream.append(comp.token_ids, comp.finish_reason if out.finished else None)
                 delta = DecodeDelta(step.token_ids, step.text, step.finish_reason)
                 if first:
                     first, delta = False, self._with_transfer(delta, req, t0)
@@ -71,12 +67,8 @@ class DecodeWorker(EngineWorker):
                     self.metrics.request(n_tokens, time.perf_counter() - t0)
                 yield delta
                 if step.finish_reason is not None:
+                    # a stop string before the engine stopped: leaving aborts the request
                     return
-        finally:
-            # cancelled, failed, a stop string found before the engine stopped, or the
-            # caller went away: free its blocks
-            if not engine_done:
-                self.loop.abort(req.request_id)
 
     def _check_layout(self, req: DecodeRequest) -> None:
         if req.kv.layout != self.kv.layout_fingerprint:

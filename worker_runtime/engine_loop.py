@@ -62,6 +62,23 @@ class EngineLoop:
         self.wake.set()
         return q
 
+    async def run(self, request_id: str, prompt: Any, params: Any, **kwargs: Any):
+        """Submit a request and yield its outputs until the engine finishes it. Leaving
+        early (the caller stops, is cancelled or fails; use ``contextlib.aclosing``)
+        aborts the engine request, so its blocks are freed."""
+        q = self.submit(request_id, prompt, params, **kwargs)
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise as_request_error(out)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
     def abort(self, request_id: str) -> None:
         if self._queues.pop(request_id, None) is not None:
             self._inbox.append(("abort", request_id))
