@@ -1,0 +1,322 @@
+"""The Generate path: steps 2 and 6 of a request's path, in the router.
+
+:class:`GenerateRpcs` reads top-down as one request's steps: ``Generate`` (the caller's
+tenant, the request validated into a ``PrefillRequest``, admission against
+``max_queue_depth``) → ``_generate``: ``_place`` (colocated, or a prefill worker by adapter
+locality and a decode worker by load, ``router/pool.py``) → the path
+(``_run_prefill_decode``: ``_prefill`` → ``_first_token`` → ``_decode`` stream; or
+``_run_colocated``) → ``_final`` (finish reason, usage, timings, KV). Below them, the worker
+calls every step makes: each within the request's deadline, failures mapped to a status
+code with a message that says what to fix; a worker that dies mid-request is marked dead
+and ends the stream with ``UNAVAILABLE``. The router never touches KV bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from cluster.errors import InvalidRequest, Overloaded, PreftError
+from cluster.messages import (ALL_TOKEN_KINDS, AdapterRef, DecodeDelta, DecodeRequest,
+                              PrefillRequest, Sampling)
+from proto.preft.v1 import router_pb2 as pb
+from router.pool import NeedsColocated, NoWorkers, Placement, WorkerHandle
+from router.service_base import ServiceBase, grpc_status, unwrap
+
+log = logging.getLogger(__name__)
+
+
+class GenerateRpcs(ServiceBase):
+    """``Generate``: validate → place → prefill → first token → decode stream → final."""
+
+    # ------------------------------------------------------------------ validate, admit
+    async def Generate(self, request: pb.GenerateRequest, context):
+        t_admit = time.time()
+        try:
+            preq = self._validate(request, await self._tenant(context), t_admit)
+            if self.inflight >= self.cfg.max_queue_depth:
+                raise Overloaded(f"router is at its queue limit ({self.inflight} requests in "
+                                 f"flight, max_queue_depth={self.cfg.max_queue_depth}); retry "
+                                 "after a short backoff")
+        except PreftError as e:
+            if isinstance(e, Overloaded):
+                context.set_trailing_metadata((("retry-after-ms", "500"),))
+            self.metrics.requests.labels(grpc_status(e.grpc_code).name).inc()
+            await context.abort(grpc_status(e.grpc_code), e.message)
+        self.inflight += 1
+        status = "INTERNAL"
+        try:
+            async for msg in self._generate(preq, t_admit, context):
+                yield msg
+            status = "OK"
+        except grpc.aio.AbortError:
+            code = context.code()
+            status = code.name if code is not None else "UNKNOWN"
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        finally:
+            self.inflight -= 1
+            self.metrics.requests.labels(status).inc()
+
+    def _validate(self, request: pb.GenerateRequest, tenant: str | None,
+                  t_admit: float) -> PrefillRequest:
+        adapter = None
+        if request.adapter:
+            r = self._adapter(request.adapter, tenant)
+            adapter = AdapterRef(r.name, r.version, r.kind, r.sha256, r.uri)
+        if not request.HasField("sampling"):
+            raise InvalidRequest("sampling", "is required (at least sampling.max_tokens)")
+        try:
+            sampling = to_sampling(request.sampling)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"sampling.{e.field}", e.message.split(": ", 1)[1]) from None
+        which = request.WhichOneof("prompt")
+        if which is None or (which == "text" and not request.text) or (
+                which == "token_ids" and not request.token_ids.ids):
+            raise InvalidRequest("prompt", "is empty: set prompt text or token_ids")
+        # Engines key requests by id: a caller's id gets a unique suffix, so two callers that
+        # reuse one id never share (or steal) each other's engine request.
+        rid = (f"{request.request_id}-{uuid.uuid4().hex[:12]}" if request.request_id
+               else uuid.uuid4().hex)
+        if which == "text":
+            return PrefillRequest(rid, adapter, sampling, prompt_text=request.text,
+                                  enqueued_at=t_admit)
+        return PrefillRequest(rid, adapter, sampling,
+                              prompt_token_ids=tuple(request.token_ids.ids), enqueued_at=t_admit)
+
+    # ------------------------------------------------------------------ place, path, final
+    async def _generate(self, preq: PrefillRequest, t_admit: float, context):
+        """Place the request, run its path, then the final message."""
+        place = await self._place(preq, context)
+        out = _Outcome()
+        run = self._run_colocated if place.path == "colocated" else self._run_prefill_decode
+        async for delta in run(preq, place, t_admit, context, out):
+            yield pb.GenerateResponse(delta=delta)
+        yield self._final(preq, t_admit, out)
+
+    async def _place(self, preq: PrefillRequest, context) -> Placement:
+        a = preq.adapter
+        name = a.name if a else None
+        policies = {"prefill": self.pool.prefill_policy, "colocated": self.pool.colocated_policy}
+        spills = {k: getattr(p, "spills", 0) for k, p in policies.items()}
+        try:
+            place = self.pool.place(name, all_token=a is not None and a.kind in ALL_TOKEN_KINDS)
+        except NeedsColocated:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"adapter {a.name!r} is an all-token LoRA (kind {a.kind!r}): only colocated "
+                "workers serve it, and this cluster has none healthy; start some "
+                "(`preft up --colocated-workers N`) or register it as kind lora_p"))
+        except NoWorkers as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        m = self.metrics
+        m.paths.labels(place.path, a.kind if a else "base").inc()
+        for pool, w in (("colocated", place.colocated), ("prefill", place.prefill),
+                        ("decode", place.decode)):
+            if w is not None:
+                pol = policies.get(pool, self.pool.decode_policy)
+                m.routing.labels(pool, pol.name, w.worker_id).inc()
+                if pool in spills and getattr(pol, "spills", 0) > spills[pool]:
+                    m.spills.labels(pol.name).inc()
+        return place
+
+    async def _run_prefill_decode(self, preq, place: Placement, t_admit: float, context, out):
+        """Prefill (adapter, first token, KV held) -> first token out -> decode stream."""
+        pw, dw = place.prefill, place.decode
+        res = await self._prefill(pw, preq, context)
+        self._first_token(out, t_admit, res.queue_s, res.prefill_s, len(res.prompt_token_ids),
+                          preq, res.adapter_tier, res.adapter_load_s)
+        out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
+        out.add(DecodeDelta((res.first_token,), res.first_text, res.finish_reason))
+        yield pb.TokenDelta(token_ids=[res.first_token], text=res.first_text)
+        if res.kv is not None:
+            out.kv.blocks = res.kv.num_blocks
+        if res.finish_reason is not None:
+            return
+        dreq = DecodeRequest(preq.request_id, res.prompt_token_ids, res.first_token, res.kv,
+                             res.kv_namespace, preq.sampling)
+        out.kv.decode_worker = dw.worker_id
+        t_dec = time.time()
+        async for delta in self._decode(pw, dw, dreq, res, context, out):
+            yield delta
+        out.decode_s = time.time() - t_dec
+
+    async def _prefill(self, pw: WorkerHandle, preq: PrefillRequest, context):
+        pw.outstanding += 1
+        ref = pw.actor.prefill.remote(preq)
+        try:
+            return await self._call(ref, context, "prefill", pw)
+        except BaseException:
+            _cancel(ref)  # client cancel or deadline: the worker aborts the request
+            raise
+        finally:
+            pw.outstanding -= 1
+
+    def _first_token(self, out: "_Outcome", t_admit: float, queue_s: float, prefill_s: float,
+                     prompt_tokens: int, preq: PrefillRequest, tier: str, load_s: float) -> None:
+        m = self.metrics
+        out.ttft_s, out.queue_s, out.prefill_s = time.time() - t_admit, queue_s, prefill_s
+        out.prompt_tokens = prompt_tokens
+        m.ttft.observe(out.ttft_s)
+        m.queue.observe(queue_s)
+        m.prefill.observe(prefill_s)
+        m.prompt_tokens.inc(prompt_tokens)
+        if preq.adapter is not None:
+            m.observe_adapter(tier, load_s)
+
+    async def _decode(self, pw, dw, dreq: DecodeRequest, res, context, out):
+        m = self.metrics
+        dw.outstanding += 1
+        gen = dw.actor.decode.remote(dreq)
+        try:
+            async for d in self._stream(gen, context, "decode", dw):
+                if d.kv_transfer_s is not None:
+                    out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
+                    out.kv.bytes = d.kv_bytes or 0
+                    m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s)
+                out.add(d)
+                if d.token_ids or d.text:
+                    yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)
+        except BaseException as e:
+            if out.kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
+                pw.actor.release.remote(res.kv.transfer_id)
+                if not isinstance(e, asyncio.CancelledError):
+                    m.kv_failures.labels(pw.worker_id, dw.worker_id).inc()
+            raise
+        finally:
+            dw.outstanding -= 1
+
+    async def _run_colocated(self, preq, place: Placement, t_admit: float, context, out):
+        """One colocated worker: prompt with the adapter, first token, decode, no KV moves."""
+        w = place.colocated
+        out.kv = pb.KVTransfer(prefill_worker=w.worker_id, decode_worker=w.worker_id)
+        w.outstanding += 1
+        gen = w.actor.generate.remote(preq)
+        t_dec = None
+        try:
+            async for d in self._stream(gen, context, "generate", w):
+                if d.prompt_tokens is not None:
+                    self._first_token(out, t_admit, d.queue_s, d.prefill_s, d.prompt_tokens,
+                                      preq, d.adapter_tier, d.adapter_load_s)
+                    t_dec = time.time()
+                out.add(d)
+                if d.token_ids or d.text:
+                    yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)
+        finally:
+            w.outstanding -= 1
+        out.decode_s = time.time() - t_dec if t_dec is not None else 0.0
+
+    def _final(self, preq: PrefillRequest, t_admit: float, out: "_Outcome") -> pb.GenerateResponse:
+        m = self.metrics
+        total = time.time() - t_admit
+        m.e2e.observe(total)
+        m.generation_tokens.inc(out.n_tokens)
+        if out.n_tokens > 1:
+            m.tpot.observe((total - out.ttft_s) / (out.n_tokens - 1))
+        timings = pb.Timings(queue_s=out.queue_s, prefill_s=out.prefill_s, ttft_s=out.ttft_s,
+                             kv_transfer_s=out.kv_transfer_s,
+                             first_decode_step_s=out.first_decode_step_s or 0.0,
+                             decode_s=out.decode_s, total_s=total)
+        return pb.GenerateResponse(final=pb.Final(
+            request_id=preq.request_id, finish_reason=out.finish or "length",
+            usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.n_tokens),
+            timings=timings, kv=out.kv))
+
+    # ------------------------------------------------------------------ worker calls
+    async def _stream(self, gen, context, what: str, worker: WorkerHandle):
+        """The items of a worker's Ray stream, each within the request's deadline."""
+        try:
+            while True:
+                try:
+                    ref = await self._call(gen.__anext__(), context, what, worker)
+                except StopAsyncIteration:
+                    return
+                yield await self._call(ref, context, what, worker)
+        except BaseException:
+            _cancel(gen)
+            raise
+
+    async def _call(self, awaitable, context, what: str, worker: WorkerHandle):
+        """Await a worker call within the request's deadline; map failures to a status."""
+        remaining = context.time_remaining()
+        timeout = self.cfg.request_timeout_s if remaining is None else min(
+            remaining, self.cfg.request_timeout_s)
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{what} on {worker.worker_id} exceeded the deadline")
+        except PreftError as e:
+            await context.abort(grpc_status(e.grpc_code), e.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError, StopAsyncIteration):
+            raise
+        except Exception as e:
+            await self._abort_for(e, context, what, worker)
+
+    async def _abort_for(self, e: BaseException, context, what: str, worker: WorkerHandle):
+        import ray.exceptions as rx
+
+        cause = unwrap(e)
+        if isinstance(cause, PreftError):
+            await context.abort(grpc_status(cause.grpc_code), cause.message)
+        if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError)):
+            log.warning("%s on %s failed: %r", what, worker.worker_id, e)
+            self._mark_dead(worker)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{what}: worker {worker.worker_id} died or is unreachable; "
+                                "retry the request")
+        log.exception("%s failed", what)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(cause).__name__}: {cause}")
+
+    def _mark_dead(self, worker: WorkerHandle) -> None:
+        """Stop routing to a dead actor now; its member record goes too, so membership sync
+        does not revive it before Ray's restarted instance heartbeats again."""
+        worker.healthy = False
+        self.view.members.pop(worker.worker_id, None)
+
+        def leave() -> None:
+            try:
+                self.view.state.leave(worker.worker_id)
+            except Exception:  # Redis down: the record expires by TTL instead
+                pass
+        asyncio.get_running_loop().run_in_executor(None, leave)
+
+
+class _Outcome:
+    """What one Generate gathered on its path, for the final message and the metrics."""
+
+    def __init__(self) -> None:
+        self.n_tokens = 0
+        self.finish: str | None = None
+        self.prompt_tokens = 0
+        self.ttft_s = self.queue_s = self.prefill_s = self.decode_s = 0.0
+        self.kv_transfer_s = self.first_decode_step_s = 0.0
+        self.kv = pb.KVTransfer()
+
+    def add(self, d) -> None:
+        self.n_tokens += len(d.token_ids)
+        if d.finish_reason:
+            self.finish = d.finish_reason
+
+
+def to_sampling(p: pb.SamplingParams) -> Sampling:
+    return Sampling(
+        max_tokens=int(p.max_tokens),
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop), ignore_eos=p.ignore_eos,
+    ).validate()
+
+
+def _cancel(ref) -> None:
+    try:
+        import ray
+        ray.cancel(ref)
+    except Exception:
+        pass
