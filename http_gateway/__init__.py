@@ -10,7 +10,7 @@ server-sent events::
 
 It is a pure translator: it holds no model, no tokenizer, no KV cache and no adapter; token
 ids and text only pass through. Placement, validation of limits (prompt length, token ids,
-adapter names) and everything after step 1 stay in the router (``router/server.py``). It
+adapter names) and everything after step 1 stay in the router (``router/server.py``, its Generate path in ``router/generate.py``). It
 imports neither torch nor vLLM nor the router's gRPC code; the SDK is its only way in.
 
 Modules, one job each:
