@@ -94,6 +94,9 @@ class TransferConfig:
                                    # "auto": the worker's Ray node IP (multi-node, KubeRay)
     timeout_s: float = 30.0
     hold_ttl_s: float = 120.0      # prefill frees unpulled blocks after this
+    # Same-host pairs (proven at pairing: a shared /dev/shm and network namespace) move KV
+    # through a shared-memory segment; False: always the torch.distributed group.
+    shared_memory: bool = True
     # Per-cluster secret: a decode engine pairs with (and pulls from) a prefill engine only
     # when both hold the same one. Empty: LocalCluster draws a random one for both pools.
     secret: str = field(default="", repr=False)

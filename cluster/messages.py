@@ -137,6 +137,7 @@ class DecodeDelta:
     kv_transfer_s: float | None = None       # set on the first delta
     kv_bytes: int | None = None
     first_step_s: float | None = None        # from KV loaded to the first decode token
+    kv_transport: str = ""                   # how it moved: shm | gloo | nccl
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ class KVEndpoint:
 
     def __init__(self, engine_id: str, role: str, *, kv_host: str = "127.0.0.1",
                  timeout_s: float = 30.0, hold_ttl_s: float = 120.0,
-                 transport: str = TorchDistTransport.name, secret: str = "") -> None:
+                 transport: str = TorchDistTransport.name, secret: str = "",
+                 shared_memory: bool = True) -> None:
         if role not in ROLES:
             raise ValueError(f"KVEndpoint {engine_id}: role must be kv_producer (prefill) or "
                              f"kv_consumer (decode), got {role!r}")
@@ -55,6 +56,7 @@ class KVEndpoint:
         self.engine_id, self.role = engine_id, role
         self.is_producer = role == "kv_producer"
         self.kv_host, self.timeout_s, self.hold_ttl_s = kv_host, timeout_s, hold_ttl_s
+        self.shared_memory = shared_memory
         self._secret = secret              # the cluster's: pairs only within it; never shown
         self.wake = threading.Event()      # the engine loop steps when set
         self.ready = threading.Event()     # set once open() ran on the engine's caches
@@ -96,7 +98,8 @@ class KVEndpoint:
         self.layout = KVLayout.from_tensors(layers, block_size)
         self.transport = TorchDistTransport(
             layers, self.layout, local_host=self.kv_host, timeout_s=self.timeout_s,
-            engine_name=self.engine_id, on_record=self._record, secret=self._secret)
+            engine_name=self.engine_id, on_record=self._record, secret=self._secret,
+            shared_memory=self.shared_memory)
         if self.is_producer:
             self.address = self.transport.serve(self.offers)
         self.ready.set()

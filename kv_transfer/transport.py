@@ -1,21 +1,31 @@
-"""KV transport over torch.distributed: how a prompt's blocks cross from prefill to decode.
+"""KV transport: how a prompt's blocks cross from prefill to decode.
 
-Step 4 of the request path. The prefill engine's connector runs a :class:`KVServer`; the
-decode engine's connector opens one :class:`KVClient` per prefill peer, lazily, the first
-time a handle names that peer. Control is tiny JSON messages on the prefill worker's
-``TCPStore`` (join, pull, ack); bytes move on a two-rank torch.distributed process group
-made for that pair alone (rank 0 = prefill, rank 1 = decode): gloo when the caches are on
-the CPU, NCCL when they are on a GPU. One code path, chosen by the caches' device.
+Step 4 of the request path. The prefill engine's endpoint serves (:meth:`TorchDistTransport.serve`);
+the decode engine's endpoint opens one pair per prefill peer, lazily, the first time a
+handle names that peer. Control is tiny JSON messages on the prefill worker's ``TCPStore``
+(join, pull, ack). Bytes move one of two ways, chosen per pair at join:
+
+- **same host** (``mode: shm``, CPU caches): through a shared-memory segment of the pair
+  (:mod:`kv_transfer.shm`): prefill gathers the blocks into it, decode scatters them out;
+  no network, no serialization. Chosen when the decode peer proves it shares the prefill
+  endpoint's ``/dev/shm`` and network namespace (``shared_memory`` on, the default).
+- **across hosts** (``mode: group``): a two-rank torch.distributed process group made for
+  that pair alone (rank 0 = prefill, rank 1 = decode): gloo when the caches are on the
+  CPU, NCCL when they are on a GPU.
 
 Protocol for one pair (``n`` from the store's ``joins`` counter):
-  decode  -> store  ``join/<n>``           {peer, layout, mac}
-  prefill -> store  ``joinack/<n>``        {ok} or {error}; on ok both sides build the group
+  decode  -> store  ``join/<n>``           {peer, layout, [shm, netns,] mac}
+  prefill -> store  ``joinack/<n>``        {ok, mode} or {error}; mode group: both sides
+                                           build the group
 and for one request on it:
   decode  -> store  ``pull/<pair>/<seq>``  {op, transfer_id, start_block, num_blocks, mac}
-  prefill -> store  ``ack/<pair>/<seq>``   {ok} or {error}
-  prefill -> group  the held blocks [start_block:] of every layer, whole blocks, packed
-                    into one [layers, blocks, ...] buffer sent as few large messages
-  decode  <- group  recv into the same-shaped scratch, then ``index_copy_`` per layer
+  group:  prefill -> store ``ack/<pair>/<seq>`` {ok} or {error}, then sends the held
+          blocks [start_block:] of every layer, whole blocks, packed into one
+          [layers, blocks, ...] buffer as few large messages; decode receives into the
+          same-shaped scratch, then ``index_copy_`` per layer
+  shm:    prefill gathers the blocks into the pair's segment, then acks {ok, segment};
+          decode maps the segment (once per segment) and ``index_copy_`` per layer. The
+          next request on the pair is what tells prefill the segment may be reused.
 A ``release`` op frees held blocks without sending (decode found them in its own prefix
 cache, or its request was aborted before it was scheduled): it takes the offers' one
 release route, :meth:`OfferTable.release`, as the prefill worker's own releases do. Held
@@ -50,6 +60,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, TCPStore
 
+from kv_transfer import shm
 from kv_transfer.layout import KVLayout, LayoutMismatch
 
 log = logging.getLogger(__name__)
@@ -79,6 +90,8 @@ class JoinRequest:
 
     peer: str
     layout: str
+    shm_token: str = ""      # the prefill endpoint's probe token, read from /dev/shm
+    netns: str = ""          # the peer's network namespace
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,9 @@ def _name(msg: dict, name: str) -> str:
 
 def parse_join(raw: bytes, secret: str, nonce: str, key: str) -> JoinRequest:
     msg = _open(raw, secret, nonce, key)
-    return JoinRequest(peer=_name(msg, "peer"), layout=_name(msg, "layout"))
+    same_host = {k: _name(msg, k) for k in ("shm", "netns") if k in msg}
+    return JoinRequest(peer=_name(msg, "peer"), layout=_name(msg, "layout"),
+                       shm_token=same_host.get("shm", ""), netns=same_host.get("netns", ""))
 
 
 def parse_request(raw: bytes, secret: str, nonce: str, key: str, capacity: int) -> PairRequest:
@@ -188,6 +203,7 @@ class TransferRecord:
     seconds: float
     ok: bool
     error: str = ""
+    transport: str = ""      # shm | gloo | nccl
 
 
 _MAX_RELEASED = 1 << 16            # remembered early releases (each a few dozen bytes)
@@ -346,7 +362,7 @@ class TorchDistTransport:
     def __init__(self, layers: list[torch.Tensor], layout: KVLayout, *, local_host: str,
                  timeout_s: float, engine_name: str,
                  on_record: Callable[[TransferRecord], None] | None = None,
-                 secret: str = "") -> None:
+                 secret: str = "", shared_memory: bool = True) -> None:
         self.layers = layers
         self.layout = layout
         self.local_host = local_host
@@ -363,6 +379,10 @@ class TorchDistTransport:
         self._secret = secret               # the cluster's; never stored, logged or sent
         self._nonce = ""                    # prefill side: this endpoint's, in the store
         self.refused = 0                    # prefill side: control messages refused
+        # Same-host pairs through /dev/shm: CPU caches only (GPU: CUDA IPC, not built yet).
+        self.shared_memory = shared_memory and self.device.type == "cpu" and shm.available()
+        self._probe: shm.Probe | None = None
+        self.group_name = "nccl" if self.device.type == "cuda" else "gloo"
 
     # ---------------------------------------------------------------- prefill side
     def serve(self, offers: OfferTable) -> tuple[str, int]:
@@ -372,6 +392,10 @@ class TorchDistTransport:
         self._store = _bound_store(self.local_host, self.timeout)
         self._nonce = secrets.token_hex(16)
         self._store.set("nonce", self._nonce)
+        if self.shared_memory:
+            shm.sweep_stale()
+            self._probe = shm.Probe()
+            self._store.set("shm_probe", self._probe.name)
         self._offers = offers
         threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True).start()
         return self.local_host, self._store.port
@@ -426,9 +450,11 @@ class TorchDistTransport:
         except BadMessage as e:
             self._refuse(store, ack, f"refusing to pair {self.engine_name} with join {n}: {e}")
             return
-        store.set(ack, json.dumps({"ok": True}))
-        threading.Thread(target=self._serve_pair, args=(n, join.peer), name=f"kv-serve-{n}",
-                         daemon=True).start()
+        same_host = self._probe is not None and self._probe.admits(join.shm_token, join.netns)
+        mode = "shm" if same_host else "group"
+        store.set(ack, json.dumps({"ok": True, "mode": mode}))
+        threading.Thread(target=self._serve_pair, args=(n, join.peer, mode),
+                         name=f"kv-serve-{n}", daemon=True).start()
 
     def _refuse(self, store, ack: str, why: str) -> None:
         log.error("KV endpoint %s: %s", self.engine_name, why)
@@ -436,15 +462,16 @@ class TorchDistTransport:
             self.refused += 1
         store.set(ack, json.dumps({"error": why}))
 
-    def _serve_pair(self, pair: int, peer: str) -> None:
-        store = self._own_client()
-        try:
-            pg = _make_pair_group(PrefixStore(f"pair/{pair}/", store), 0, self.local_host,
-                                  self.device, self.timeout)
-        except Exception as e:  # the peer died while joining
-            log.error("KV pair %d with %s could not be formed: %s", pair, peer, e)
-            return
-        state = {"peer": peer, "seq": 0}
+    def _serve_pair(self, pair: int, peer: str, mode: str) -> None:
+        store, pg = self._own_client(), None
+        if mode == "group":
+            try:
+                pg = _make_pair_group(PrefixStore(f"pair/{pair}/", store), 0, self.local_host,
+                                      self.device, self.timeout)
+            except Exception as e:  # the peer died while joining
+                log.error("KV pair %d with %s could not be formed: %s", pair, peer, e)
+                return
+        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None}
         with self._pairs_lock:
             self._pairs[pair] = state
         try:
@@ -452,7 +479,10 @@ class TorchDistTransport:
         finally:
             with self._pairs_lock:
                 self._pairs.pop(pair, None)
-            _shutdown_group(pg)
+            if state["segment"] is not None:
+                state["segment"].close()
+            if pg is not None:
+                _shutdown_group(pg)
 
     def _serve_loop(self, pair: int, peer: str, store, pg, state: dict) -> None:
         capacity = self.layers[0].shape[0]
@@ -490,16 +520,44 @@ class TorchDistTransport:
             if len(blocks) != req.num_blocks:
                 raise BadMessage(f"decode asked for {req.num_blocks} blocks from block "
                                  f"{req.start_block}, prefill holds {len(offer.block_ids)}")
-            store.set(ack, json.dumps({"ok": True}))
-            err = self._send(blocks, pg, state)
+            err = self._deliver(blocks, store, ack, pg, state)
         finally:  # transferred or refused: the engine may free the blocks
             self._offers.finish(offer.req_id)
         self._on_record(TransferRecord(
             offer.transfer_id, peer, len(blocks), len(blocks) * self.layout.bytes_per_block,
-            time.perf_counter() - t0, ok=not err, error=err))
+            time.perf_counter() - t0, ok=not err, error=err,
+            transport="shm" if pg is None else self.group_name))
         if err:
             log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
         return not err
+
+    def _deliver(self, blocks: list[int], store, ack: str, pg, state: dict) -> str:
+        """Move ``blocks`` to the peer the pair's way and ack; the error text, or "" """
+        if pg is not None:   # ack first: the peer posts its receives on it
+            store.set(ack, json.dumps({"ok": True}))
+            return self._send(blocks, pg, state)
+        try:                 # shm: the ack says the bytes are in the segment
+            name = self._gather_into_segment(blocks, state)
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+            store.set(ack, json.dumps({"error": f"KV copy into shared memory failed: {err}"}))
+            return err
+        store.set(ack, json.dumps({"ok": True, "segment": name}))
+        return ""
+
+    def _gather_into_segment(self, blocks: list[int], state: dict) -> str:
+        """Copy ``blocks`` of every layer into the pair's segment (grown when too small)."""
+        shape = (len(self.layers), len(blocks), *self.layout.block_shape)
+        seg: shm.Segment | None = state["segment"]
+        if seg is None or seg.numel < math.prod(shape):
+            if seg is not None:
+                seg.close()   # the peer mapped it already; it maps the new one by name
+            seg = state["segment"] = shm.Segment.create(math.prod(shape), self.layers[0].dtype)
+        buf = seg.view(shape)
+        idx = torch.tensor(blocks, dtype=torch.long)
+        for i, layer in enumerate(self.layers):
+            torch.index_select(layer, 0, idx, out=buf[i])
+        return seg.name
 
     def _send(self, blocks: list[int], pg, state: dict) -> str:
         """Send ``blocks`` of every layer to rank 1; the error text, or "" when sent."""
@@ -550,7 +608,8 @@ class TorchDistTransport:
              dst_block_ids: list[int]) -> TransferRecord:
         t0 = time.perf_counter()
         try:
-            self._client(host, port).pull(transfer_id, start_block, dst_block_ids)
+            client = self._client(host, port)
+            client.pull(transfer_id, start_block, dst_block_ids)
         except Exception as e:
             rec = TransferRecord(transfer_id, f"{host}:{port}", len(dst_block_ids), 0,
                                  time.perf_counter() - t0, ok=False,
@@ -559,7 +618,7 @@ class TorchDistTransport:
             raise TransferError(rec.error) from e
         rec = TransferRecord(transfer_id, f"{host}:{port}", len(dst_block_ids),
                              len(dst_block_ids) * self.layout.bytes_per_block,
-                             time.perf_counter() - t0, ok=True)
+                             time.perf_counter() - t0, ok=True, transport=client.transport)
         self._on_record(rec)
         return rec
 
@@ -595,6 +654,12 @@ class TorchDistTransport:
 
     def close(self) -> None:
         self._stop.set()
+        if self._probe is not None:
+            self._probe.close()
+        with self._pairs_lock:   # unlink now: serve threads notice the stop later
+            for state in self._pairs.values():
+                if state.get("segment") is not None:
+                    state["segment"].close()
         with self._clients_lock:
             for c in self._clients.values():
                 c.close()
@@ -623,30 +688,42 @@ class _PairClient:
         self.broken = False
         self._lock = threading.Lock()
         self._cache: dict = {}            # reused receive buffer (pulls are serialized)
+        self.segment: shm.Segment | None = None
         timeout = transport.timeout
         self.store = TCPStore(host, port, is_master=False, timeout=timeout)
         self.nonce = self.store.get("nonce").decode()
         n = self.store.add("joins", 1) - 1
         self.store.set(f"join/{n}", self._sign(f"join/{n}", {
-            "peer": transport.engine_name, "layout": transport.layout.fingerprint()}))
+            "peer": transport.engine_name, "layout": transport.layout.fingerprint(),
+            **self._same_host_proof()}))
         self.store.wait([f"joinack/{n}"], timeout)
-        _read_ack(self.store, f"joinack/{n}")
+        mode = _read_ack(self.store, f"joinack/{n}").get("mode", "group")
         self.pair = n
-        self.pg = _make_pair_group(PrefixStore(f"pair/{n}/", self.store), 1,
-                                   transport.local_host, transport.device, timeout)
+        self.pg = None
+        if mode != "shm":
+            self.pg = _make_pair_group(PrefixStore(f"pair/{n}/", self.store), 1,
+                                       transport.local_host, transport.device, timeout)
+        self.transport = "shm" if mode == "shm" else transport.group_name
         self.seq = 0
+
+    def _same_host_proof(self) -> dict:
+        """The prefill endpoint's probe token, when this process can read its /dev/shm."""
+        if not self.t.shared_memory or not self.store.check(["shm_probe"]):
+            return {}
+        token = shm.read_probe(self.store.get("shm_probe").decode(errors="replace"))
+        return {"shm": token, "netns": shm.netns()} if token and shm.netns() else {}
 
     def _sign(self, key: str, body: dict) -> str:
         return sign(self.t._secret, self.nonce, key, body)
 
-    def _request(self, msg: dict) -> None:
+    def _request(self, msg: dict) -> dict:
         seq = self.seq
         self.seq += 1
         key = f"pull/{self.pair}/{seq}"
         self.store.set(key, self._sign(key, msg))
         ack_key = f"ack/{self.pair}/{seq}"
         self.store.wait([ack_key], self.t.timeout)
-        _read_ack(self.store, ack_key)
+        return _read_ack(self.store, ack_key)
 
     def pull(self, transfer_id: int, start_block: int, dst_block_ids: list[int]) -> None:
         t = self.t
@@ -654,11 +731,11 @@ class _PairClient:
             if self.broken:
                 raise TransferError("KV pair is broken")
             try:
-                self._request({"op": "pull", "transfer_id": transfer_id,
-                               "start_block": start_block, "num_blocks": len(dst_block_ids)})
-                buf = t._scratch(len(dst_block_ids), self._cache)
-                works = [self.pg.recv([c], 0, tag) for tag, c in enumerate(t._messages(buf))]
-                _wait_all(works, t.timeout, t.device)
+                ack = self._request({"op": "pull", "transfer_id": transfer_id,
+                                     "start_block": start_block,
+                                     "num_blocks": len(dst_block_ids)})
+                buf = (self._receive(len(dst_block_ids)) if self.pg is not None
+                       else self._mapped(ack, len(dst_block_ids)))
             except TransferError as e:
                 if "timed out" in str(e):
                     self._break()
@@ -670,13 +747,35 @@ class _PairClient:
             for i, layer in enumerate(t.layers):
                 layer.index_copy_(0, idx, buf[i])
 
+    def _receive(self, n_blocks: int) -> torch.Tensor:
+        t = self.t
+        buf = t._scratch(n_blocks, self._cache)
+        works = [self.pg.recv([c], 0, tag) for tag, c in enumerate(t._messages(buf))]
+        _wait_all(works, t.timeout, t.device)
+        return buf
+
+    def _mapped(self, ack: dict, n_blocks: int) -> torch.Tensor:
+        """The blocks as prefill wrote them into the pair's segment (mapped once)."""
+        t = self.t
+        shape = (len(t.layers), n_blocks, *t.layout.block_shape)
+        name = ack.get("segment")
+        if self.segment is None or self.segment.name != name:
+            if self.segment is not None:
+                self.segment.close()
+            self.segment = None
+            self.segment = shm.Segment.attach(name, math.prod(shape), t.layers[0].dtype)
+        if self.segment.numel < math.prod(shape):
+            raise TransferError(f"segment {name} is smaller than the transfer")
+        return self.segment.view(shape)
+
     def release(self, transfer_id: int) -> None:
         with self._lock:
             self._request({"op": "release", "transfer_id": transfer_id})
 
     def _break(self) -> None:
         self.broken = True
-        _shutdown_group(self.pg)
+        if self.pg is not None:
+            _shutdown_group(self.pg)
 
     def close(self) -> None:
         with self._lock:
@@ -685,5 +784,7 @@ class _PairClient:
                 self.store.set(key, self._sign(key, {"op": "close"}))
             except Exception:
                 pass
-            _shutdown_group(self.pg)
-
+            if self.pg is not None:
+                _shutdown_group(self.pg)
+            if self.segment is not None:
+                self.segment.close()

@@ -177,8 +177,9 @@ class GenerateRpcs(ServiceBase):
             async for d in self._stream(gen, context, "decode", dw):
                 if d.kv_transfer_s is not None:
                     out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
-                    out.kv.bytes = d.kv_bytes or 0
-                    m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s)
+                    out.kv.bytes, out.kv.transport = d.kv_bytes or 0, d.kv_transport
+                    m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s,
+                                 d.kv_transport)
                 out.add(d)
                 if d.token_ids or d.text:
                     yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)

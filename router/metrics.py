@@ -70,6 +70,8 @@ class RouterMetrics:
                                     pair, buckets=TRANSFER_BUCKETS, registry=r)
         self.kv_size = Histogram("preft_kv_transfer_size_bytes", "Bytes per KV transfer", pair,
                                  buckets=BYTES_BUCKETS, registry=r)
+        self.kv_by_transport = Counter("preft_kv_transfers", "KV transfers by how they moved: "
+                                       "shm (same host), gloo or nccl", ["transport"], registry=r)
         self.kv_failures = Counter("preft_kv_transfer_failures",
                                    "Requests whose KV transfer failed or never happened "
                                    "(decode error before the first delta)", pair, registry=r)
@@ -112,7 +114,9 @@ class RouterMetrics:
             self.adapter_loads.labels(tier).inc()
             self.adapter_load_seconds.observe(load_s)
 
-    def observe_kv(self, prefill: str, decode: str, nbytes: int, seconds: float) -> None:
+    def observe_kv(self, prefill: str, decode: str, nbytes: int, seconds: float,
+                   transport: str = "") -> None:
+        self.kv_by_transport.labels(transport or "unknown").inc()
         self.kv_bytes.labels(prefill, decode).inc(nbytes)
         self.kv_seconds.labels(prefill, decode).observe(seconds)
         self.kv_size.labels(prefill, decode).observe(nbytes)

@@ -33,7 +33,8 @@ def main(cfg_path: str, requests_path: str, out_path: str) -> int:
             for r in reqs:
                 done = c.generate(r["adapter"], prompt_token_ids=r["ids"],
                                   max_tokens=r["max_tokens"])
-                outs.append({"tokens": list(done.token_ids), "kv_bytes": done.kv_bytes})
+                outs.append({"tokens": list(done.token_ids), "kv_bytes": done.kv_bytes,
+                             "kv_transport": done.kv_transport})
         nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
         placement = {}
         for w in cluster.pool.all():   # ask each actor which node it runs on

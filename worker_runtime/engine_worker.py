@@ -113,7 +113,8 @@ class EngineWorker:
         t = self.transfer
         return KVEndpoint(self.worker_id, self.kv_role, kv_host=resolve_kv_host(t.kv_host),
                           timeout_s=t.timeout_s, hold_ttl_s=t.hold_ttl_s,
-                          transport=t.transport, secret=t.secret)
+                          transport=t.transport, secret=t.secret,
+                          shared_memory=t.shared_memory)
 
     def _kv_transfer_config(self):
         if self.kv is None:

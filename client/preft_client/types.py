@@ -38,6 +38,7 @@ class Completion:
     timings: Timings
     kv_bytes: int = 0
     kv_blocks: int = 0
+    kv_transport: str = ""     # how the prompt's KV moved: shm (same host) | gloo | nccl
     workers: tuple[str, str] = field(default=("", ""))
 
 

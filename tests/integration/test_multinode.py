@@ -138,6 +138,8 @@ def test_prefill_and_decode_on_different_nodes_exact(two_nodes, assets, referenc
     assert place["mn-prefill-0"] == IP_A and place["mn-decode-0"] == IP_B, place
     kv_total = sum(o["kv_bytes"] for o in out["outputs"])
     assert all(o["kv_bytes"] > 0 for o in out["outputs"])
+    # one /dev/shm, two network namespaces: counted as two hosts, KV over the network
+    assert {o["kv_transport"] for o in out["outputs"]} == {"gloo"}, out["outputs"]
     assert tx >= kv_total, f"veth sent {tx} bytes, less than the {kv_total} KV bytes"
     compared = 0
     for q, o in zip(reqs, out["outputs"]):

@@ -1,13 +1,18 @@
-"""The KV transport without engines: two "engines" in one process, a real gloo pair group."""
+"""The KV transport without engines: two "engines" in one process, over both of its paths:
+a real gloo pair group and the same-host shared-memory segment."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
+from kv_transfer import shm
 from kv_transfer.layout import KVLayout, LayoutMismatch
 from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferError
 
@@ -15,13 +20,15 @@ SHAPE = (2, 16, 64)   # kv_heads, block_size, 2*head_size
 N_LAYERS, N_BLOCKS = 3, 12
 
 
-def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e", secret="", timeout_s=5):
+def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e", secret="", timeout_s=5,
+            shared_memory=True):
     g = torch.Generator().manual_seed(seed)
     layers = [torch.randn((N_BLOCKS, *shape), generator=g).to(dtype) for _ in range(N_LAYERS)]
     layout = KVLayout.from_tensors(layers, block_size=shape[1])
     records = []
     t = TorchDistTransport(layers, layout, local_host="127.0.0.1", timeout_s=timeout_s,
-                           engine_name=name, on_record=records.append, secret=secret)
+                           engine_name=name, on_record=records.append, secret=secret,
+                           shared_memory=shared_memory)
     return t, layers, records
 
 
@@ -36,14 +43,17 @@ def _finished(offers, timeout=5.0):
     return got
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["shm", "gloo"])
+def pair(request):
+    """A prefill and a decode transport; ``shm``: same host (the default), ``gloo``: the
+    decode side does not offer shared memory, as a peer on another host cannot."""
     prod, p_layers, p_rec = _engine(seed=1, name="prefill")
-    cons, c_layers, c_rec = _engine(seed=2, name="decode")
+    cons, c_layers, c_rec = _engine(seed=2, name="decode",
+                                    shared_memory=request.param == "shm")
     offers = OfferTable()
     host, port = prod.serve(offers)
     yield dict(prod=prod, cons=cons, p_layers=p_layers, c_layers=c_layers, offers=offers,
-               host=host, port=port, p_rec=p_rec, c_rec=c_rec)
+               host=host, port=port, p_rec=p_rec, c_rec=c_rec, path=request.param)
     cons.close()
     prod.close()
 
@@ -56,6 +66,8 @@ def test_pull_copies_whole_blocks_into_other_ids(pair):
         assert torch.equal(dst[0], src[5]) and torch.equal(dst[11], src[9])
     per_block = N_LAYERS * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
     assert rec.bytes == 2 * per_block and rec.ok
+    assert rec.transport == pair["path"]                 # the path the pair chose
+    assert [r.transport for r in pair["p_rec"]] == [pair["path"]]
     assert _finished(offers) == {"req-7"}                # prefill may free its blocks now
     assert len(offers) == 0
 
@@ -131,3 +143,62 @@ def test_pairs_are_torn_down_when_the_other_side_leaves(pair):
     cons.pull(pair["host"], pair["port"], 12, 0, [4])
     assert torch.equal(pair["c_layers"][1][4], pair["p_layers"][1][3])
     assert prod.peers() == ["decode"]
+
+
+def _segments() -> set[str]:
+    return {p.name for p in shm.SHM_DIR.glob(f"preft-kv-{os.getpid()}-*")}
+
+
+def test_shm_segment_grows_with_the_transfer_and_is_unlinked_on_close():
+    before = _segments()
+    prod, p_layers, _ = _engine(seed=1, name="prefill")
+    cons, c_layers, c_rec = _engine(seed=2, name="decode")
+    offers = OfferTable()
+    host, port = prod.serve(offers)
+    offers.add(Offer(1, "r1", [2], 16, time.monotonic() + 60))
+    cons.pull(host, port, 1, 0, [7])
+    offers.add(Offer(2, "r2", list(range(N_BLOCKS)), 16 * N_BLOCKS, time.monotonic() + 60))
+    # a transfer larger than the first segment: a new one, the peer maps it by name
+    cons.pull(host, port, 2, 0, list(reversed(range(N_BLOCKS))))
+    for src, dst in zip(p_layers, c_layers):
+        assert torch.equal(dst, src.flip(0))
+    assert [r.transport for r in c_rec] == ["shm", "shm"]
+    assert len(_segments() - before) == 2              # the probe and the live segment
+    cons.close()
+    prod.close()
+    time.sleep(0.2)
+    assert _segments() == before                         # nothing left in /dev/shm
+
+
+def test_a_peer_that_cannot_prove_the_same_host_gets_the_network_path():
+    probe = shm.Probe()
+    try:
+        assert probe.admits(probe.token, shm.netns())
+        assert not probe.admits("0" * 32, shm.netns())        # did not read our /dev/shm
+        assert not probe.admits(probe.token, "4026531999")    # another network namespace
+        assert not probe.admits(probe.token, "")
+        assert shm.read_probe(probe.name) == probe.token
+    finally:
+        probe.close()
+    assert shm.read_probe(probe.name) == ""               # gone: no proof, the network path
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "preft-kv-1-zz", "/dev/shm/preft-kv-1-00",
+                                  "", "preft-kv-1-0123456789abcdef/.."])
+def test_segment_names_from_the_wire_are_checked(name):
+    with pytest.raises(ValueError):
+        shm.Segment.attach(name, 1, torch.float32)
+    assert shm.read_probe(name) == ""
+
+
+def test_stale_segments_of_dead_owners_are_swept():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = shm.SHM_DIR / f"preft-kv-{proc.pid}-{'ab' * 8}"
+    stale.write_bytes(b"x")
+    mine = shm.Segment.create(4, torch.float32)
+    try:
+        assert shm.sweep_stale() >= 1
+        assert not stale.exists() and mine.path.exists()
+    finally:
+        mine.close()

@@ -77,16 +77,18 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_decode_step_s: _Optional[float] = ...) -> None: ...
 
 class KVTransfer(_message.Message):
-    __slots__ = ("bytes", "blocks", "prefill_worker", "decode_worker")
+    __slots__ = ("bytes", "blocks", "prefill_worker", "decode_worker", "transport")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     blocks: int
     prefill_worker: str
     decode_worker: str
-    def __init__(self, bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ...) -> None: ...
+    transport: str
+    def __init__(self, bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("request_id", "finish_reason", "usage", "timings", "kv")
