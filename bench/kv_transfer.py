@@ -1,9 +1,13 @@
-"""KV-transfer microbenchmark: GB/s vs transfer size over our torch.distributed transport,
-next to a same-process copy of the same blocks (gather + scatter: the ceiling on one host).
+"""KV-transfer microbenchmark: GB/s vs transfer size over both paths of our transport,
+side by side in one run: the same-host shared-memory segment (``shm``) and the pair's
+torch.distributed group (``gloo``: what pairs across hosts use), next to a same-process
+copy of the same blocks (gather + scatter, no second process) and one thread's memcpy of
+the same bytes (one contiguous ``copy_``: the floor any copy can reach on this machine).
 
 Two processes play prefill and decode engines with a KV layout shaped like a real model
-(default: Qwen2.5-0.5B — 24 layers, 2 KV heads, head size 64, block 128, float32), and the
-decode side pulls N blocks through ``TorchDistTransport`` exactly as the connector does.
+(default: Qwen2.5-0.5B — 24 layers, 2 KV heads, head size 64, block 128, float32); the
+decode side pulls N blocks through ``TorchDistTransport`` exactly as the connector does,
+once with shared memory offered and once without.
 
     .venv/bin/python -m bench.kv_transfer --blocks 1,4,16,64 --repeats 5
 """
@@ -14,6 +18,9 @@ import argparse
 import multiprocessing as mp
 import statistics
 import time
+
+from tqdm import tqdm
+
 from bench.report import report
 
 LAYOUTS = {
@@ -47,6 +54,44 @@ def _producer(spec, num_blocks, block, dtype, plan, q_addr, done):
     t.close()
 
 
+def _consumer(spec, cap, args, shared_memory: bool):
+    from kv_transfer.layout import KVLayout
+    from kv_transfer.transport import TorchDistTransport
+
+    dst = _layers(spec, cap, args.block_size, args.dtype)
+    layout = KVLayout.from_tensors(dst, args.block_size)
+    return TorchDistTransport(dst, layout, local_host="127.0.0.1", timeout_s=60,
+                              engine_name=f"d-{'shm' if shared_memory else 'gloo'}",
+                              shared_memory=shared_memory), dst, layout
+
+
+def _same_process_copy(src, dst, n, cap) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    idx_s, idx_d = torch.arange(n), torch.arange(cap - n, cap)
+    for s, d in zip(src, dst):
+        d.index_copy_(0, idx_d, s.index_select(0, idx_s))
+    return time.perf_counter() - t0
+
+
+def _memcpy(nbytes: int, repeats: int) -> float:
+    """One thread's contiguous copy of ``nbytes`` (median seconds, buffers pre-touched)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.ones(nbytes, dtype=torch.uint8)
+    b = torch.zeros_like(a)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return statistics.median(times[1:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", default="qwen2.5-0.5b", choices=sorted(LAYOUTS))
@@ -57,56 +102,51 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/kv_transfer.json")
     args = ap.parse_args(argv)
 
-    import torch
-
-    from kv_transfer.layout import KVLayout
-    from kv_transfer.transport import TorchDistTransport
-
     spec = LAYOUTS[args.layout]
     sizes = [int(x) for x in args.blocks.split(",")]
     cap = max(sizes) * 2 + 1
-    plan, tid = [], 1
-    for n in sizes:
-        for _ in range(args.repeats + 1):  # +1 warm-up
-            plan.append((tid, n))
-            tid += 1
+    paths = ("shm", "gloo")
+    plan = [(1 + i, n) for i, n in enumerate(
+        n for n in sizes for _ in paths for _ in range(args.repeats + 1))]  # +1: warm-up
     ctx = mp.get_context("spawn")
     q, done = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=_producer, args=(spec, cap, args.block_size, args.dtype, plan, q, done))
     proc.start()
     host, port = q.get(timeout=120)
-    dst = _layers(spec, cap, args.block_size, args.dtype)
-    layout = KVLayout.from_tensors(dst, args.block_size)
-    cons = TorchDistTransport(dst, layout, local_host="127.0.0.1", timeout_s=60, engine_name="d")
+    cons = {p: _consumer(spec, cap, args, shared_memory=p == "shm") for p in paths}
     src = _layers(spec, cap, args.block_size, args.dtype)
-    rows = []
-    it = iter(plan)
-    for n in sizes:
-        xfer, copy = [], []
-        for r in range(args.repeats + 1):
-            t_id, _ = next(it)
-            rec = cons.pull(host, port, t_id, 0, list(range(cap - n, cap)))
-            t0 = time.perf_counter()
-            idx_s = torch.arange(n)
-            idx_d = torch.arange(cap - n, cap)
-            for s, d in zip(src, dst):
-                d.index_copy_(0, idx_d, s.index_select(0, idx_s))
-            c = time.perf_counter() - t0
-            if r:  # skip warm-up (pair formation)
-                xfer.append(rec.seconds)
-                copy.append(c)
-        nbytes = n * layout.bytes_per_block
-        tx, cp = statistics.median(xfer), statistics.median(copy)
-        rows.append({"blocks": n, "bytes": nbytes, "transfer_ms": tx * 1e3,
-                     "transfer_gb_s": nbytes / tx / 1e9, "memcpy_ms": cp * 1e3,
-                     "memcpy_gb_s": nbytes / cp / 1e9, "transfer_vs_memcpy": cp / tx})
+    rows, it = [], iter(plan)
+    for n in tqdm(sizes, desc="transfer sizes", unit="size"):
+        secs = {p: [] for p in (*paths, "copy")}
+        for p in paths:
+            t, dst, layout = cons[p]
+            for r in range(args.repeats + 1):
+                rec = t.pull(host, port, next(it)[0], 0, list(range(cap - n, cap)))
+                assert rec.transport == p, (rec.transport, p)
+                if r:  # skip warm-up (pair formation, first touch)
+                    secs[p].append(rec.seconds)
+                    secs["copy"].append(_same_process_copy(src, dst, n, cap))
+        rows.append(_row(n, layout.bytes_per_block, secs, _memcpy(n * layout.bytes_per_block,
+                                                                 args.repeats)))
     done.set()
-    cons.close()
+    for t, _, _ in cons.values():
+        t.close()
     proc.join(30)
     report(f"KV transfer, {args.layout} layout, {args.dtype}, block {args.block_size} "
            f"(medians of {args.repeats})", rows, args.out, config=vars(args), layout=spec,
-           transport="torch_dist (gloo on CPU)")
+           transport="shm (same host) and torch_dist (gloo on CPU), one run")
     return 0
+
+
+def _row(n: int, bytes_per_block: int, secs: dict, memcpy_s: float) -> dict:
+    nbytes = n * bytes_per_block
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    gbs = {k: nbytes / v / 1e9 for k, v in med.items()}
+    return {"blocks": n, "bytes": nbytes,
+            "shm_ms": med["shm"] * 1e3, "shm_gb_s": gbs["shm"],
+            "gloo_ms": med["gloo"] * 1e3, "gloo_gb_s": gbs["gloo"],
+            "copy_gb_s": gbs["copy"], "memcpy_gb_s": nbytes / memcpy_s / 1e9,
+            "shm_vs_memcpy": memcpy_s / med["shm"], "shm_vs_gloo": med["gloo"] / med["shm"]}
 
 
 if __name__ == "__main__":
