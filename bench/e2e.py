@@ -198,7 +198,7 @@ class PreftSystem(System):
     def __init__(self, name: str, *a, **kw) -> None:
         self.name = name
         super().__init__(*a, **kw)
-        self.metrics_port = _free_port()
+        self.metrics_port: int | None = None   # the router's, as `preft up` prints it
 
     def paths(self) -> dict[str, float]:
         """Requests per serving path so far (the router's preft_request_paths_total)."""
@@ -247,7 +247,7 @@ class PreftSystem(System):
             "decode": {"engine": dec_eng, **gpu},
             "colocated": {"engine": eng, **slots},
             "router": {"port": 0, "request_timeout_s": c.request_timeout_s,
-                       "metrics_port": self.metrics_port,
+                       "metrics_port": 0,   # any free port: no race with Ray's ports
                        "max_queue_depth": max(256, c.workload.num_requests)},
         }
         path = self.log_path.parent / "preft-cluster.yaml"
@@ -263,12 +263,18 @@ class PreftSystem(System):
         self.startup_s = time.perf_counter() - t0
 
     def _wait_line(self) -> str:
+        """The router's address line; the metrics line that follows it sets the port."""
+        address = None
         for line in self.proc.stdout:
             self.log.write(line)
             if line.startswith("router listening on"):
+                address = line
+            elif address and line.startswith("metrics on http://"):
+                self.metrics_port = int(line.rsplit(":", 1)[1].split("/")[0])
                 threading.Thread(target=self._drain, daemon=True).start()
-                return line
-        raise RuntimeError(self._dead() or "preft up ended without a router address")
+                return address
+        raise RuntimeError(self._dead() or "preft up ended without a router address and "
+                           "metrics port")
 
     def _drain(self) -> None:
         """Keep reading ``preft up``'s stdout into the log so it never blocks on a full pipe."""
