@@ -71,6 +71,10 @@ _MAX_MESSAGE = 64 << 20             # bytes per send/recv
 _SCRATCH_CACHE_BYTES = int(os.environ.get("PREFT_KV_SCRATCH_CACHE_BYTES", 256 << 20))
 
 
+# Same-host transfers of at least this many bytes are handed over in this many layer chunks.
+_SHM_CHUNK_MIN_BYTES = int(os.environ.get("PREFT_KV_SHM_CHUNK_MIN_BYTES", 16 << 20))
+_SHM_CHUNKS = 4
+
 _MAX_CONTROL_BYTES = 4096          # a control message is ~200 bytes; larger ones are refused
 _MAX_NAME = 256                    # characters of a peer name or layout fingerprint
 _MAX_TRANSFER_ID = (1 << 63) - 1
@@ -471,7 +475,8 @@ class TorchDistTransport:
             except Exception as e:  # the peer died while joining
                 log.error("KV pair %d with %s could not be formed: %s", pair, peer, e)
                 return
-        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None}
+        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None,
+                 "dtype": self.layers[0].dtype}
         with self._pairs_lock:
             self._pairs[pair] = state
         try:
@@ -529,35 +534,56 @@ class TorchDistTransport:
             transport="shm" if pg is None else self.group_name))
         if err:
             log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
-        return not err
+        return not err or pg is None   # a failed copy into shared memory breaks no group
 
     def _deliver(self, blocks: list[int], store, ack: str, pg, state: dict) -> str:
         """Move ``blocks`` to the peer the pair's way and ack; the error text, or "" """
         if pg is not None:   # ack first: the peer posts its receives on it
             store.set(ack, json.dumps({"ok": True}))
             return self._send(blocks, pg, state)
-        try:                 # shm: the ack says the bytes are in the segment
-            name = self._gather_into_segment(blocks, state)
+        return self._gather_into_segment(blocks, store, ack, state)
+
+    def _gather_into_segment(self, blocks: list[int], store, ack: str, state: dict) -> str:
+        """Copy ``blocks`` of every layer into the pair's segment (grown when too small).
+
+        A small transfer is acked once its bytes are in (``chunks: 0``). A large one is
+        acked first and then signalled chunk by chunk (``<ack>/<j>``, layers split evenly),
+        so the peer scatters chunk j while this side gathers chunk j+1: the two copies
+        overlap instead of adding up."""
+        shape = (len(self.layers), len(blocks), *self.layout.block_shape)
+        try:
+            seg = self._segment(math.prod(shape), state)
         except Exception as e:
             err = f"{type(e).__name__}: {e}"
-            store.set(ack, json.dumps({"error": f"KV copy into shared memory failed: {err}"}))
+            store.set(ack, json.dumps({"error": f"no shared-memory segment for KV: {err}"}))
             return err
-        store.set(ack, json.dumps({"ok": True, "segment": name}))
+        buf, idx = seg.view(shape), torch.tensor(blocks, dtype=torch.long)
+        k = (min(_SHM_CHUNKS, len(self.layers))
+             if buf.numel() * buf.element_size() >= _SHM_CHUNK_MIN_BYTES else 0)
+        if k:
+            store.set(ack, json.dumps({"ok": True, "segment": seg.name, "chunks": k}))
+        for j, (lo, hi) in enumerate(layer_chunks(len(self.layers), max(1, k))):
+            try:
+                for i in range(lo, hi):
+                    torch.index_select(self.layers[i], 0, idx, out=buf[i])
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"
+                store.set(f"{ack}/{j}" if k else ack, json.dumps({"error": err}))
+                return err
+            if k:
+                store.set(f"{ack}/{j}", json.dumps({"ok": True}))
+        if not k:
+            store.set(ack, json.dumps({"ok": True, "segment": seg.name, "chunks": 0}))
         return ""
 
-    def _gather_into_segment(self, blocks: list[int], state: dict) -> str:
-        """Copy ``blocks`` of every layer into the pair's segment (grown when too small)."""
-        shape = (len(self.layers), len(blocks), *self.layout.block_shape)
+    @staticmethod
+    def _segment(numel: int, state: dict) -> "shm.Segment":
         seg: shm.Segment | None = state["segment"]
-        if seg is None or seg.numel < math.prod(shape):
+        if seg is None or seg.numel < numel:
             if seg is not None:
                 seg.close()   # the peer mapped it already; it maps the new one by name
-            seg = state["segment"] = shm.Segment.create(math.prod(shape), self.layers[0].dtype)
-        buf = seg.view(shape)
-        idx = torch.tensor(blocks, dtype=torch.long)
-        for i, layer in enumerate(self.layers):
-            torch.index_select(layer, 0, idx, out=buf[i])
-        return seg.name
+            seg = state["segment"] = shm.Segment.create(numel, state["dtype"])
+        return seg
 
     def _send(self, blocks: list[int], pg, state: dict) -> str:
         """Send ``blocks`` of every layer to rank 1; the error text, or "" when sent."""
@@ -673,6 +699,12 @@ class TorchDistTransport:
                 pass
 
 
+def layer_chunks(n_layers: int, k: int) -> list[tuple[int, int]]:
+    """``k`` contiguous layer ranges, as even as can be; both sides of a pair compute them."""
+    k = max(1, min(k, n_layers))
+    return [(j * n_layers // k, (j + 1) * n_layers // k) for j in range(k)]
+
+
 def _shutdown_group(pg) -> None:
     try:
         pg.shutdown()
@@ -734,8 +766,13 @@ class _PairClient:
                 ack = self._request({"op": "pull", "transfer_id": transfer_id,
                                      "start_block": start_block,
                                      "num_blocks": len(dst_block_ids)})
-                buf = (self._receive(len(dst_block_ids)) if self.pg is not None
-                       else self._mapped(ack, len(dst_block_ids)))
+                idx = torch.tensor(dst_block_ids, dtype=torch.long, device=t.device)
+                if self.pg is not None:
+                    buf = self._receive(len(dst_block_ids))
+                    for i, layer in enumerate(t.layers):
+                        layer.index_copy_(0, idx, buf[i])
+                else:
+                    self._scatter_from_segment(ack, idx)
             except TransferError as e:
                 if "timed out" in str(e):
                     self._break()
@@ -743,9 +780,6 @@ class _PairClient:
             except Exception:
                 self._break()
                 raise
-            idx = torch.tensor(dst_block_ids, dtype=torch.long, device=t.device)
-            for i, layer in enumerate(t.layers):
-                layer.index_copy_(0, idx, buf[i])
 
     def _receive(self, n_blocks: int) -> torch.Tensor:
         t = self.t
@@ -753,6 +787,21 @@ class _PairClient:
         works = [self.pg.recv([c], 0, tag) for tag, c in enumerate(t._messages(buf))]
         _wait_all(works, t.timeout, t.device)
         return buf
+
+    def _scatter_from_segment(self, ack: dict, idx: torch.Tensor) -> None:
+        """Copy the blocks out of the pair's segment into ours, chunk by chunk as the prefill
+        side signals each (``chunks: 0``: all of them are in already)."""
+        t, k = self.t, ack.get("chunks", 0)
+        if type(k) is not int or not 0 <= k <= len(t.layers):
+            raise TransferError(f"malformed answer from the KV endpoint: chunks={k!r:.40}")
+        buf = self._mapped(ack, len(idx))
+        for j, (lo, hi) in enumerate(layer_chunks(len(t.layers), max(1, k))):
+            if k:
+                key = f"ack/{self.pair}/{self.seq - 1}/{j}"
+                self.store.wait([key], t.timeout)
+                _read_ack(self.store, key)
+            for i in range(lo, hi):
+                t.layers[i].index_copy_(0, idx, buf[i])
 
     def _mapped(self, ack: dict, n_blocks: int) -> torch.Tensor:
         """The blocks as prefill wrote them into the pair's segment (mapped once)."""

@@ -202,3 +202,60 @@ def test_stale_segments_of_dead_owners_are_swept():
         assert not stale.exists() and mine.path.exists()
     finally:
         mine.close()
+
+
+def test_chunked_shm_handover_equals_the_whole_transfer_byte_for_byte(monkeypatch):
+    """Large same-host transfers are handed over in layer chunks (scatter overlaps gather);
+    the bytes that land are exactly those of a transfer handed over at once."""
+    from kv_transfer import transport
+
+    landed = {}
+    for min_bytes in (1 << 62, 0):      # never chunked, always chunked
+        monkeypatch.setattr(transport, "_SHM_CHUNK_MIN_BYTES", min_bytes)
+        prod, p_layers, _ = _engine(seed=1, name="prefill")
+        cons, c_layers, c_rec = _engine(seed=2, name="decode")
+        offers = OfferTable()
+        host, port = prod.serve(offers)
+        offers.add(Offer(1, "r1", [9, 1, 4, 7, 2], 80, time.monotonic() + 60))
+        cons.pull(host, port, 1, 1, [0, 3, 5, 11])
+        assert c_rec[-1].transport == "shm"
+        landed[min_bytes] = [t.clone() for t in c_layers]
+        for src, dst in zip(p_layers, c_layers):
+            assert torch.equal(dst[[0, 3, 5, 11]], src[[1, 4, 7, 2]])
+        cons.close()
+        prod.close()
+    assert all(torch.equal(a, b) for a, b in zip(*landed.values()))
+    assert transport.layer_chunks(3, 4) == [(0, 1), (1, 2), (2, 3)]   # at most one per layer
+    assert transport.layer_chunks(24, 4) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+
+
+def test_a_copy_that_fails_halfway_frees_the_blocks_and_the_pair_keeps_serving(monkeypatch):
+    from kv_transfer import transport
+
+    monkeypatch.setattr(transport, "_SHM_CHUNK_MIN_BYTES", 0)
+    prod, p_layers, p_rec = _engine(seed=1, name="prefill")
+    cons, c_layers, _ = _engine(seed=2, name="decode")
+    offers = OfferTable()
+    host, port = prod.serve(offers)
+    real, calls = torch.index_select, []
+
+    def failing(*a, **kw):   # the prefill side's gather of the second layer fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected copy failure")
+        return real(*a, **kw)
+
+    try:
+        monkeypatch.setattr(torch, "index_select", failing)
+        offers.add(Offer(1, "r1", [0, 1], 32, time.monotonic() + 60))
+        with pytest.raises(TransferError, match="injected copy failure"):
+            cons.pull(host, port, 1, 0, [4, 5])
+        monkeypatch.setattr(torch, "index_select", real)
+        assert _finished(offers) == {"r1"} and len(offers) == 0   # nothing held on prefill
+        assert not p_rec[-1].ok
+        offers.add(Offer(2, "r2", [3], 16, time.monotonic() + 60))
+        cons.pull(host, port, 2, 0, [6])                          # same pair, next request
+        assert torch.equal(c_layers[2][6], p_layers[2][3])
+    finally:
+        cons.close()
+        prod.close()
