@@ -19,15 +19,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM if the cluster process dies, even by SIGKILL."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+def _with_parent_death_signal(args: list[str]) -> list[str]:
+    """Linux: the server gets SIGTERM if the cluster process dies, even by SIGKILL. Set by
+    util-linux's ``setpriv`` before it execs the server: no Python code runs between fork
+    and exec (a ``preexec_fn`` in a process with running threads can deadlock or abort)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *args] if setpriv else args
 
 
 class RedisServer:
@@ -57,8 +54,8 @@ class RedisServer:
                 "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(_with_parent_death_signal(args), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         import redis
 
