@@ -5,15 +5,16 @@ call is described once (:class:`_Unary`: the RPC, the request message, how the a
 SDK types; :func:`_request` and :class:`_Collector` for ``Generate``), and a client only runs
 it, blocking or on asyncio. Both send ``authorization: Bearer <api_key>`` when given a key
 (the client's, or ``api_key=`` on one call), and retry ``UNAVAILABLE`` with exponential
-backoff where that is safe: read-only calls always, ``generate``/``stream``/``events`` only
-before the first token arrived (nothing was delivered twice).
+backoff through gRPC's own retry policy (:func:`_retry_options`, a service config on the
+channel). gRPC retries a call only until it is committed, that is until the router's first
+response arrived: ``generate``/``stream``/``events`` are retried only before their first
+token (nothing is delivered twice); an adapter upload is never retried.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
-import time
+import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
@@ -21,14 +22,16 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from preft_client.errors import IncompleteStream, Unavailable, from_rpc_error
+from preft_client.errors import IncompleteStream, from_rpc_error
 from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 
 UPLOAD_CHUNK = 1 << 20
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-HEALTH_SERVICE = "preft.v1.Router"
+ROUTER_SERVICE = "preft.v1.Router"   # the proto's package and service (proto/preft/v1)
+HEALTH_SERVICE = ROUTER_SERVICE      # the name the router's health status is kept under
+MAX_RETRIES = 4   # gRPC caps a call at 5 attempts (its retry policy's maxAttempts)
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
 _CLIENT_TIMEOUT = object()   # a call's timeout when none is given: the client's
 
@@ -61,6 +64,32 @@ def _channel_args(address: str, tls: bool, tls_ca, tls_cert, tls_key, tls_server
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
     return creds, options
+
+
+def _seconds(s: float) -> str:
+    return f"{max(s, 0.001):.3f}s"   # a service config's duration; gRPC wants it above 0
+
+
+def _retry_options(retries: int, backoff_s: float) -> list[tuple[str, Any]]:
+    """Channel options for gRPC's retry policy: up to ``retries`` more attempts of a call
+    that fails with ``UNAVAILABLE`` before it is committed (the router's first response),
+    waiting about ``backoff_s * 2**(n-1)`` before retry n (gRPC's C core jitters it by 20%).
+    Router calls and health checks are retried, uploads never."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0 (0 = no retries), not {retries}")
+    if backoff_s < 0:
+        raise ValueError(f"backoff_s must be >= 0 seconds, not {backoff_s}")
+    if retries == 0:
+        return []   # no policy: gRPC accepts one only with maxAttempts >= 2
+    policy = {"maxAttempts": retries + 1, "initialBackoff": _seconds(backoff_s),
+              "maxBackoff": _seconds(backoff_s * 2 ** (retries - 1)),
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    config = {"methodConfig": [
+        {"name": [{"service": ROUTER_SERVICE}, {"service": "grpc.health.v1.Health"}],
+         "retryPolicy": policy},
+        # The most specific name wins: an upload (a new version each time) has no policy.
+        {"name": [{"service": ROUTER_SERVICE, "method": "RegisterAdapter"}]}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
 
 
 # --------------------------------------------------------------------------- requests
@@ -172,8 +201,9 @@ class _Collector:
 
 @dataclass(frozen=True)
 class _Unary:
-    """One read-only call, described once for both clients: ``rpc`` on the Router stub (or
-    on the health stub), the request message, and how its answer becomes SDK types."""
+    """One call with one answer, described once for both clients: ``rpc`` on the Router stub
+    (or on the health stub), the request (a message, or an iterator of upload chunks), and how
+    its answer becomes SDK types."""
 
     rpc: str
     request: Any
@@ -181,8 +211,22 @@ class _Unary:
     health: bool = False
 
 
+@contextmanager
+def _rpc_errors(call=None) -> Iterator[None]:
+    """gRPC errors leave as the SDK's typed errors; ``call`` (a stream) is cancelled on the
+    way out: a no-op when it finished, and it frees the router's work if the caller left."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        if call is not None:
+            call.cancel()
+
+
 class _Base:
-    """What both clients share: channel settings, call options, and the calls themselves."""
+    """What both clients share: channel settings (retry policy included), call options, and
+    the calls themselves; a client only runs them (:meth:`_unary`, :meth:`_events`)."""
 
     _grpc: Any = grpc   # the module that makes channels: grpc or grpc.aio
 
@@ -191,13 +235,15 @@ class _Base:
                  tls_ca, tls_cert, tls_key, tls_server_name) -> None:
         self.address = address
         self.timeout = timeout
-        self.retries = retries
+        self.retries = min(retries, MAX_RETRIES)
         self.backoff_s = backoff_s
         self.wait_for_ready = wait_for_ready
         self._api_key = api_key
+        retry = _retry_options(self.retries, backoff_s)
         # Validated and PEM files read now: bad TLS options fail here, not on the first call.
         self._creds, self._options = _channel_args(address, tls, tls_ca, tls_cert, tls_key,
                                                    tls_server_name)
+        self._options += retry
         self._channel = None
         self._stubs: tuple[pb_grpc.RouterStub, health_pb2_grpc.HealthStub] | None = None
 
@@ -226,11 +272,9 @@ class _Base:
         router, health = self._open()
         return getattr(health if call.health else router, call.rpc)
 
-    def _delay(self, attempt: int) -> float:
-        return self.backoff_s * (2 ** attempt) * (0.5 + random.random())
-
-    def _retry(self, err: Exception, attempt: int, started: bool = False) -> bool:
-        return not started and isinstance(err, Unavailable) and attempt < self.retries
+    def _generate(self, req: pb.GenerateRequest, api_key: str | None):
+        """The ``Generate`` call of one request; ``cancel()`` it when leaving early."""
+        return self._stub.Generate(req, **self._kw(api_key))
 
     # The calls, described once.
     @staticmethod
@@ -254,6 +298,11 @@ class _Base:
         return _Unary("Check", health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), _serving,
                       health=True)
 
+    @staticmethod
+    def _register_adapter(name, path, public, kind, progress) -> _Unary:
+        return _Unary("RegisterAdapter", upload_chunks(name, path, public, progress, kind),
+                      _adapter_info)
+
 
 # --------------------------------------------------------------------------- blocking client
 
@@ -270,42 +319,34 @@ class PreftClient(_Base):
                  tls_cert: str | Path | bytes | None = None,
                  tls_key: str | Path | bytes | None = None,
                  tls_server_name: str | None = None) -> None:
-        """``tls=True`` (or any ``tls_*``) connects over TLS: ``tls_ca`` verifies the router's
-        certificate (default: system roots), ``tls_cert``/``tls_key`` are this client's
-        certificate for mutual TLS, ``tls_server_name`` the name to check the certificate
-        against when it differs from the address's host. ``wait_for_ready``: calls wait (up to
-        ``timeout``) for the router to come up instead of failing at once."""
+        """``timeout``: each call's deadline, its retries included. ``retries``: how many times
+        a call that failed with ``UNAVAILABLE`` before the router's first response is tried
+        again (0 = never; gRPC allows at most 4, more counts as 4), ``backoff_s`` the wait
+        before the first retry (doubling each retry). ``tls=True`` (or any ``tls_*``) connects
+        over TLS: ``tls_ca`` verifies the router's certificate (default: system roots),
+        ``tls_cert``/``tls_key`` are this client's certificate for mutual TLS,
+        ``tls_server_name`` the name to check the certificate against when it differs from
+        the address's host. ``wait_for_ready``: calls wait (up to ``timeout``) for the router
+        to come up instead of failing at once."""
         super().__init__(address, api_key, timeout, retries, backoff_s, wait_for_ready, tls,
                          tls_ca, tls_cert, tls_key, tls_server_name)
         self._open()
 
     def _unary(self, call: _Unary, api_key: str | None = None, **kw):
-        for attempt in range(self.retries + 1):
-            try:
-                return call.answer(self._method(call)(call.request, **self._kw(api_key, **kw)))
-            except grpc.RpcError as e:
-                err = from_rpc_error(e)
-                if not self._retry(err, attempt):
-                    raise err from None
-            time.sleep(self._delay(attempt))
+        with _rpc_errors():
+            return call.answer(self._method(call)(call.request, **self._kw(api_key, **kw)))
 
-    def _responses(self, req: pb.GenerateRequest,
-                   api_key: str | None) -> Iterator[pb.GenerateResponse]:
-        for attempt in range(self.retries + 1):
-            started = False
-            call = self._stub.Generate(req, **self._kw(api_key))
-            try:
-                for msg in call:
-                    started = True
-                    yield msg
-                return
-            except grpc.RpcError as e:
-                err = from_rpc_error(e)
-                if not self._retry(err, attempt, started):
-                    raise err from None
-            finally:
-                call.cancel()   # no-op when finished; frees the router's work if we left
-            time.sleep(self._delay(attempt))
+    def _events(self, req: pb.GenerateRequest, api_key: str | None, deltas: bool = True,
+                final: bool = True) -> Iterator[Delta | Completion]:
+        """Runs one ``Generate``: its :class:`Delta` items (``deltas``), then its
+        :class:`Completion` (``final``)."""
+        col, call = _Collector(), self._generate(req, api_key)
+        with _rpc_errors(call):
+            for msg in call:
+                if (d := col.add(msg)) is not None and deltas:
+                    yield d
+        if final:
+            yield col.completion()
 
     def events(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -319,14 +360,6 @@ class PreftClient(_Base):
                        stop, ignore_eos, request_id)
         return self._events(req, api_key)
 
-    def _events(self, req, api_key) -> Iterator[Delta | Completion]:
-        col = _Collector()
-        for msg in self._responses(req, api_key):
-            d = col.add(msg)
-            if d is not None:
-                yield d
-        yield col.completion()
-
     def stream(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -334,14 +367,7 @@ class PreftClient(_Base):
                request_id: str | None = None, *, api_key: str | None = None) -> Iterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        return self._deltas(req, api_key)
-
-    def _deltas(self, req, api_key) -> Iterator[Delta]:
-        col = _Collector()
-        for msg in self._responses(req, api_key):
-            d = col.add(msg)
-            if d is not None:
-                yield d
+        return self._events(req, api_key, final=False)
 
     def generate(self, adapter: str | None, prompt: str | None = None,
                  prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -350,10 +376,7 @@ class PreftClient(_Base):
                  request_id: str | None = None, *, api_key: str | None = None) -> Completion:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        col = _Collector()
-        for msg in self._responses(req, api_key):
-            col.add(msg)
-        return col.completion()
+        return next(self._events(req, api_key, deltas=False))
 
     def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
                          kind: str | None = None,
@@ -361,12 +384,7 @@ class PreftClient(_Base):
                          api_key: str | None = None) -> AdapterInfo:
         """Upload a PEFT adapter directory; a second upload of a name is a new version.
         ``kind``: ``lora_p``, ``reft_p`` or ``lora`` (all-token); None = from the files."""
-        try:
-            a = self._stub.RegisterAdapter(upload_chunks(name, path, public, progress, kind),
-                                           **self._kw(api_key))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return _adapter_info(a)
+        return self._unary(self._register_adapter(name, path, public, kind, progress), api_key)
 
     def list_adapters(self, *, api_key: str | None = None) -> dict[str, AdapterInfo]:
         return self._unary(self._list_adapters(), api_key)
@@ -413,37 +431,24 @@ class AsyncPreftClient(_Base):
                  tls_cert: str | Path | bytes | None = None,
                  tls_key: str | Path | bytes | None = None,
                  tls_server_name: str | None = None) -> None:
+        """The options of :class:`PreftClient`, the same way."""
         super().__init__(address, api_key, timeout, retries, backoff_s, wait_for_ready, tls,
                          tls_ca, tls_cert, tls_key, tls_server_name)
 
     async def _unary(self, call: _Unary, api_key: str | None = None, **kw):
-        for attempt in range(self.retries + 1):
-            try:
-                resp = await self._method(call)(call.request, **self._kw(api_key, **kw))
-                return call.answer(resp)
-            except grpc.RpcError as e:
-                err = from_rpc_error(e)
-                if not self._retry(err, attempt):
-                    raise err from None
-            await asyncio.sleep(self._delay(attempt))
+        with _rpc_errors():
+            return call.answer(await self._method(call)(call.request, **self._kw(api_key, **kw)))
 
-    async def _responses(self, req: pb.GenerateRequest,
-                         api_key: str | None) -> AsyncIterator[pb.GenerateResponse]:
-        for attempt in range(self.retries + 1):
-            started = False
-            call = self._stub.Generate(req, **self._kw(api_key))
-            try:
-                async for msg in call:
-                    started = True
-                    yield msg
-                return
-            except grpc.RpcError as e:
-                err = from_rpc_error(e)
-                if not self._retry(err, attempt, started):
-                    raise err from None
-            finally:
-                call.cancel()   # no-op when finished; frees the router's work if we left
-            await asyncio.sleep(self._delay(attempt))
+    async def _events(self, req: pb.GenerateRequest, api_key: str | None, deltas: bool = True,
+                      final: bool = True) -> AsyncIterator[Delta | Completion]:
+        """Runs one ``Generate`` on asyncio, as :meth:`PreftClient._events` does."""
+        col, call = _Collector(), self._generate(req, api_key)
+        with _rpc_errors(call):
+            async for msg in call:
+                if (d := col.add(msg)) is not None and deltas:
+                    yield d
+        if final:
+            yield col.completion()
 
     def events(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -457,14 +462,6 @@ class AsyncPreftClient(_Base):
                        stop, ignore_eos, request_id)
         return self._events(req, api_key)
 
-    async def _events(self, req, api_key) -> AsyncIterator[Delta | Completion]:
-        col = _Collector()
-        async for msg in self._responses(req, api_key):
-            d = col.add(msg)
-            if d is not None:
-                yield d
-        yield col.completion()
-
     def stream(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -473,14 +470,7 @@ class AsyncPreftClient(_Base):
                api_key: str | None = None) -> AsyncIterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        return self._deltas(req, api_key)
-
-    async def _deltas(self, req, api_key) -> AsyncIterator[Delta]:
-        col = _Collector()
-        async for msg in self._responses(req, api_key):
-            d = col.add(msg)
-            if d is not None:
-                yield d
+        return self._events(req, api_key, final=False)
 
     async def generate(self, adapter: str | None, prompt: str | None = None,
                        prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
@@ -490,22 +480,18 @@ class AsyncPreftClient(_Base):
                        api_key: str | None = None) -> Completion:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
                        stop, ignore_eos, request_id)
-        col = _Collector()
-        async for msg in self._responses(req, api_key):
-            col.add(msg)
-        return col.completion()
+        events = self._events(req, api_key, deltas=False)
+        try:
+            return await anext(events)
+        finally:
+            await events.aclose()
 
     async def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
                                kind: str | None = None,
                                progress: Callable[[int, int], None] | None = None,
                                api_key: str | None = None) -> AdapterInfo:
-        try:
-            a = await self._stub.RegisterAdapter(upload_chunks(name, path, public, progress,
-                                                               kind),
-                                                 **self._kw(api_key))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return _adapter_info(a)
+        return await self._unary(self._register_adapter(name, path, public, kind, progress),
+                                 api_key)
 
     async def list_adapters(self, *, api_key: str | None = None) -> dict[str, AdapterInfo]:
         return await self._unary(self._list_adapters(), api_key)
