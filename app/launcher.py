@@ -44,14 +44,17 @@ def with_kv_secret(cfg: ClusterConfig) -> ClusterConfig:
         decode=replace(cfg.decode, transfer=replace(cfg.decode.transfer, secret=secret)))
 
 
-def omp_env(cpu_cores: str) -> dict[str, str]:
+def omp_env(cpu_cores: str, shared: bool = False) -> dict[str, str]:
     """The worker process's OpenMP settings for its engine's cores, as vLLM's own CPU
-    executor gives its worker processes: one thread per core, each bound to its core."""
+    executor gives its worker processes: one thread per core, each bound to its core.
+    ``shared``: other engines run on the same cores, so a thread that waits sleeps
+    (``OMP_WAIT_POLICY=PASSIVE``) rather than spin on a core another engine needs."""
     from worker_runtime.env import parse_cores
 
     cores = parse_cores(cpu_cores)
-    return {"OMP_NUM_THREADS": str(len(cores)), "OMP_PROC_BIND": "true",
-            "OMP_PLACES": "{" + ",".join(map(str, cores)) + "}"}
+    env = {"OMP_NUM_THREADS": str(len(cores)), "OMP_PROC_BIND": "true",
+           "OMP_PLACES": "{" + ",".join(map(str, cores)) + "}"}
+    return {**env, "OMP_WAIT_POLICY": "PASSIVE"} if shared else env
 
 
 def _worker_class(role: str):
@@ -104,12 +107,13 @@ class LocalCluster:
 
     # -------------------------------------------------------------- workers
     def _cores(self, role: str, index: int) -> str | None:
-        """Locally: disjoint cores for a prefill/decode pair; a colocated engine, which
-        prefills and decodes, gets them all."""
+        """Locally: disjoint cores for a prefill/decode pair (``local_cores: split``); a
+        colocated engine, which prefills and decodes, and every engine under
+        ``local_cores: shared`` get them all."""
         if self.cfg.ray_address:
             return None
         n = os.cpu_count() or 2
-        if role == "colocated":
+        if role == "colocated" or self.cfg.local_cores == "shared":
             return "0" if n <= 1 else f"0-{n - 1}"
         p_cores, d_cores = split_cores(n)
         return p_cores if role == "prefill" else d_cores
@@ -132,7 +136,8 @@ class LocalCluster:
                     num_gpus=wcfg.num_gpus or None, resources=dict(wcfg.resources) or None)
         cfg = replace(wcfg, cpu_cores=wcfg.cpu_cores or self._cores(role, i))
         if cfg.cpu_cores:  # OpenMP reads these once, when the worker process loads torch
-            opts["runtime_env"] = {"env_vars": omp_env(cfg.cpu_cores)}
+            opts["runtime_env"] = {"env_vars": omp_env(
+                cfg.cpu_cores, shared=self.cfg.local_cores == "shared" and role != "colocated")}
         cls = _worker_class(role)
         if role == "decode":
             actor = ray.remote(cls).options(**opts).remote(cfg, wid, self.redis_url, name)

@@ -5,6 +5,8 @@ same seeded workload (:mod:`bench.workload`), and each gets all the machine's co
 
 * ``preft``              -- this project: ``preft up`` (Redis, Ray, 1 prefill + 1 decode
   worker, gRPC router) driven through the async gRPC SDK; adapters act at prefill only.
+* ``preft_shared``       -- the same pools with ``local_cores: shared``: both engines on
+  every core (passive OpenMP waits) instead of disjoint halves.
 * ``preft_colocated``    -- ``preft up --colocated-workers 1``: one engine applies each
   adapter to its prompt positions and decodes adapter-free in the same batch (no KV moves).
 * ``preft_mixed``        -- 1 colocated + 1 prefill + 1 decode worker: the router chooses
@@ -57,7 +59,7 @@ import numpy as np
 from bench.workload import POPULARITY, BenchRequest, Workload, build
 
 REPO = Path(__file__).resolve().parents[1]
-PREFT_SYSTEMS = ("preft", "preft_colocated", "preft_mixed")
+PREFT_SYSTEMS = ("preft", "preft_shared", "preft_colocated", "preft_mixed")
 SYSTEMS = (*PREFT_SYSTEMS, "multi_lora", "multi_lora_grouped", "base")
 DEFAULT_SYSTEMS = ("preft_colocated", "preft", "multi_lora", "multi_lora_grouped", "base")
 # Logged by lora_kernel.grouped_lora.GroupedPunicaWrapperCPU when an engine builds it.
@@ -240,6 +242,7 @@ class PreftSystem(System):
                  "max_cpu_loras": n_max, **gpu}
         conf = {
             **self._pools(),
+            "local_cores": "shared" if self.name == "preft_shared" else "split",
             "run_dir": str(self.log_path.parent / "preft-run"),
             "adapters": {n: str(p) for n, p in self.adapters},
             "prefill": {"engine": {**eng, "max_num_batched_tokens": c.preft_prefill_tokens},

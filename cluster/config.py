@@ -240,6 +240,10 @@ class ClusterConfig:
     adapter_kinds: Pairs = ()        # (name, kind) for those; default: the files'
     max_restarts: int = 5            # Ray restarts a dead worker actor this often (-1: always)
     name: str = "preft"              # Ray actor names are <name>-<role>-<i>: one Ray, many clusters
+    # Local clusters (no ray_address), engines without cpu_cores: "split" gives a prefill and
+    # a decode engine disjoint halves of the machine's cores; "shared" gives every engine all
+    # of them, with passive OpenMP waits so an idle engine's threads sleep instead of spin.
+    local_cores: str = "split"
 
     def __post_init__(self) -> None:
         c = "ClusterConfig"
@@ -256,6 +260,8 @@ class ClusterConfig:
               "1-128 of [A-Za-z0-9._-], starting alphanumeric")
         _need(self.max_restarts >= -1, c, "max_restarts", self.max_restarts,
               "must be >= -1 (-1 = restart forever)")
+        _need(self.local_cores in ("split", "shared"), c, "local_cores", self.local_cores,
+              "one of 'split' (disjoint cores per prefill/decode engine) or 'shared'")
         self._check_adapters()
         a, b = self.prefill.engine, self.decode.engine
         for f in ("model", "dtype", "max_model_len", "load_format"):
