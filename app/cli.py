@@ -84,7 +84,8 @@ def build_config(args):
                             tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port),
         ray_address=args.ray_address, prefill_workers=n_prefill, decode_workers=n_decode,
         colocated_workers=n_colocated, redis_url=args.redis_url or os.environ.get("REDIS_URL"),
-        run_dir=args.run_dir, adapters=adapters, adapter_kinds=kinds, name=args.name)
+        run_dir=args.run_dir, adapters=adapters, adapter_kinds=kinds, name=args.name,
+        local_cores=args.local_cores)
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -93,6 +94,10 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "(default 1; 0 when --colocated-workers is given alone)")
     p.add_argument("--decode-workers", type=int, default=None, help="decode pool size "
                    "(default 1; 0 when --colocated-workers is given alone)")
+    p.add_argument("--local-cores", choices=["shared", "split"], default="shared",
+                   help="local clusters: shared (default) runs the prefill and the decode "
+                   "engine on every core, idle OpenMP threads sleeping; split gives each "
+                   "half the cores (measured slower: docs/benchmarks.md)")
     p.add_argument("--colocated-workers", type=int, default=0, help="colocated pool size: "
                    "workers whose one engine applies the adapter to the prompt and decodes in "
                    "the same batch (no KV moves; best on a single device, and the only pool "

@@ -5,8 +5,9 @@ same seeded workload (:mod:`bench.workload`), and each gets all the machine's co
 
 * ``preft``              -- this project: ``preft up`` (Redis, Ray, 1 prefill + 1 decode
   worker, gRPC router) driven through the async gRPC SDK; adapters act at prefill only.
-* ``preft_shared``       -- the same pools with ``local_cores: shared``: both engines on
-  every core (passive OpenMP waits) instead of disjoint halves.
+* ``preft_shared``       -- the same pools with ``local_cores: shared`` (the default since
+  it measured faster): both engines on every core, passive OpenMP waits; ``preft`` keeps
+  ``local_cores: split`` (disjoint halves), as every recorded ``preft`` row ran.
 * ``preft_colocated``    -- ``preft up --colocated-workers 1``: one engine applies each
   adapter to its prompt positions and decodes adapter-free in the same batch (no KV moves).
 * ``preft_mixed``        -- 1 colocated + 1 prefill + 1 decode worker: the router chooses
@@ -242,7 +243,7 @@ class PreftSystem(System):
                  "max_cpu_loras": n_max, **gpu}
         conf = {
             **self._pools(),
-            "local_cores": "shared" if self.name == "preft_shared" else "split",
+            "local_cores": "split" if self.name == "preft" else "shared",
             "run_dir": str(self.log_path.parent / "preft-run"),
             "adapters": {n: str(p) for n, p in self.adapters},
             "prefill": {"engine": {**eng, "max_num_batched_tokens": c.preft_prefill_tokens},

@@ -31,6 +31,40 @@ def pct(xs, q):
     return float(np.quantile(xs, q, method="nearest"))
 
 
+HOPS = ("router_added", "grpc", "route", "ray_in", "ray_out", "first_send")
+
+
+def _hops(client_ttft: float, t) -> dict[str, float]:
+    """Where one request's time to first token went, outside the prefill worker (ms).
+    ``router_added``: the client's TTFT minus the worker's own time (everything the
+    serving path adds); ``grpc``: the client's TTFT minus the router's (client <-> router,
+    both ways); ``route``: router admission to the prefill call (API key, validation,
+    placement); ``ray_in`` / ``ray_out``: the Ray hops to and from the worker;
+    ``first_send``: the router's own work from the result to the first token sent."""
+    hop = {"router_added": client_ttft - t.worker_s, "grpc": client_ttft - t.ttft_s,
+           "route": t.route_s, "ray_in": t.to_worker_s, "ray_out": t.from_worker_s}
+    hop["first_send"] = t.ttft_s - (t.route_s + t.to_worker_s + t.worker_s + t.from_worker_s)
+    return {k: v * 1e3 for k, v in hop.items()}
+
+
+def _percentiles(samples: list[dict]) -> dict[str, float]:
+    return {f"{h}_ms_{name}": pct([s[h] for s in samples], q)
+            for h in HOPS for name, q in (("p50", 0.5), ("p99", 0.99))}
+
+
+def _vs_static(hit_rate: float, static: float) -> dict[str, float]:
+    return {"static_partition_hit_rate": static,
+            "hit_rate_vs_static": hit_rate / static if static else float("nan")}
+
+
+def static_partition_hit_rate(mix: list[str], names: list[str], slots: int) -> float:
+    """The hit rate of a perfect static partition: the ``slots`` hottest adapters (by the
+    Zipf rank the mix was drawn with) pinned across the workers' slots, each missing once
+    (its first load); every other adapter always misses."""
+    hot = set(names[:slots])
+    return (sum(a in hot for a in mix) - len(hot & set(mix))) / len(mix)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill-workers", type=int, default=2)
@@ -87,6 +121,7 @@ def main(argv=None) -> int:
             weights = [1 / (i + 1) ** args.zipf for i in range(len(names))]
             mix = rng.choices(names, weights, k=args.requests)
             svc = cluster._server.service
+            static = static_partition_hit_rate(mix, names, args.prefill_workers * args.host_tier)
             rows = []
             for pol in args.policies.split(","):
                 svc.pool.prefill_policy = POLICIES[pol]()
@@ -94,12 +129,16 @@ def main(argv=None) -> int:
                     for n in names:
                         ray.get(w.actor.drop_adapter.remote(n))
                 before = [ray.get(w.actor.stats.remote()).tier_hits for w in cluster.pool.prefill]
-                overhead = []
+                samples = []
 
                 def one(name):
-                    c = client.generate(name, prompt="The scheduler batches requests", max_tokens=2)
-                    overhead.append(c.timings.ttft_s - c.timings.prefill_s - c.timings.queue_s)
-                    return c
+                    t0, first = time.perf_counter(), None
+                    for ev in client.events(name, prompt="The scheduler batches requests",
+                                            max_tokens=2):
+                        if first is None:
+                            first = time.perf_counter() - t0   # the client's TTFT
+                    samples.append(_hops(first, ev.timings))
+                    return ev
 
                 with ThreadPoolExecutor(args.concurrency) as ex:
                     list(track(ex.map(one, mix), total=len(mix), description=pol))
@@ -109,8 +148,8 @@ def main(argv=None) -> int:
                 rows.append({"policy": pol, "requests": total, "engine_hits": hits["engine"],
                              "disk_loads": hits["disk"], "store_loads": hits["store"],
                              "hit_rate": hits["engine"] / total,
-                             "router_added_ms_p50": pct(overhead, 0.5) * 1e3,
-                             "router_added_ms_p99": pct(overhead, 0.99) * 1e3})
+                             **_vs_static(hits["engine"] / total, static),
+                             **_percentiles(samples)})
             out["rows"] = rows
     finally:
         cluster.stop()

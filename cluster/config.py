@@ -240,10 +240,11 @@ class ClusterConfig:
     adapter_kinds: Pairs = ()        # (name, kind) for those; default: the files'
     max_restarts: int = 5            # Ray restarts a dead worker actor this often (-1: always)
     name: str = "preft"              # Ray actor names are <name>-<role>-<i>: one Ray, many clusters
-    # Local clusters (no ray_address), engines without cpu_cores: "split" gives a prefill and
-    # a decode engine disjoint halves of the machine's cores; "shared" gives every engine all
-    # of them, with passive OpenMP waits so an idle engine's threads sleep instead of spin.
-    local_cores: str = "split"
+    # Local clusters (no ray_address), engines without cpu_cores: "shared" gives every engine
+    # all of the machine's cores, with passive OpenMP waits so an idle engine's threads sleep
+    # instead of spin; "split" gives a prefill and a decode engine disjoint halves (measured
+    # 0.88x shared's throughput: bench/results/e2e/pd-cores-64x128x64).
+    local_cores: str = "shared"
 
     def __post_init__(self) -> None:
         c = "ClusterConfig"

@@ -117,6 +117,8 @@ class PrefillResult:
     prefill_s: float
     adapter_tier: str = ""                   # engine | disk | store ("" for the base model)
     adapter_load_s: float = 0.0              # fetch + load time when not engine-resident
+    t_start: float = 0.0                     # wall clock: the worker took the call ...
+    t_done: float = 0.0                      # ... and returned (the router's hop breakdown)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ class PrefillWorker(AdapterWorker):
             first_text=step.text, finish_reason=step.finish_reason, kv=kv,
             kv_namespace=namespace, queue_s=max(0.0, t0 - (req.enqueued_at or t_in)),
             prefill_s=prefill_s, adapter_tier=r.tier if r else "",
-            adapter_load_s=r.load_s if r else 0.0)
+            adapter_load_s=r.load_s if r else 0.0, t_start=t_in, t_done=time.time())
 
     async def _run_prompt(self, request_id: str, ids: list[int], r: Resolved | None,
                           namespace: str, params):

@@ -128,7 +128,9 @@ class GenerateRpcs(ServiceBase):
     async def _run_prefill_decode(self, preq, place: Placement, t_admit: float, context, out):
         """Prefill (adapter, first token, KV held) -> first token out -> decode stream."""
         pw, dw = place.prefill, place.decode
+        t_call = time.time()
         res = await self._prefill(pw, preq, context)
+        out.hops(t_admit, t_call, res.t_start, res.t_done, time.time())
         self._first_token(out, t_admit, res.queue_s, res.prefill_s, len(res.prompt_token_ids),
                           preq, res.adapter_tier, res.adapter_load_s)
         out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
@@ -222,7 +224,7 @@ class GenerateRpcs(ServiceBase):
         timings = pb.Timings(queue_s=out.queue_s, prefill_s=out.prefill_s, ttft_s=out.ttft_s,
                              kv_transfer_s=out.kv_transfer_s,
                              first_decode_step_s=out.first_decode_step_s or 0.0,
-                             decode_s=out.decode_s, total_s=total)
+                             decode_s=out.decode_s, total_s=total, **out.hop_s)
         return pb.GenerateResponse(final=pb.Final(
             request_id=preq.request_id, finish_reason=out.finish or "length",
             usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.n_tokens),
@@ -298,6 +300,14 @@ class _Outcome:
         self.ttft_s = self.queue_s = self.prefill_s = self.decode_s = 0.0
         self.kv_transfer_s = self.first_decode_step_s = 0.0
         self.kv = pb.KVTransfer()
+        self.hop_s: dict[str, float] = {}
+
+    def hops(self, t_admit: float, t_call: float, t_start: float, t_done: float,
+             t_result: float) -> None:
+        """Where the time before the first token went, hop by hop (wall clocks)."""
+        if t_start and t_done:
+            self.hop_s = {"route_s": t_call - t_admit, "to_worker_s": t_start - t_call,
+                          "worker_s": t_done - t_start, "from_worker_s": t_result - t_done}
 
     def add(self, d) -> None:
         self.n_tokens += len(d.token_ids)

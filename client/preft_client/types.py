@@ -20,6 +20,10 @@ class Timings:
     ttft_s: float = 0.0
     total_s: float = 0.0
     first_decode_step_s: float = 0.0
+    route_s: float = 0.0          # the time before the first token, by hop (prefill/decode
+    to_worker_s: float = 0.0      # path): router admission to prefill call, the Ray hop in,
+    worker_s: float = 0.0         # the prefill worker's own time, the Ray hop back
+    from_worker_s: float = 0.0
 
 
 @dataclass(frozen=True)

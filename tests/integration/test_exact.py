@@ -8,6 +8,7 @@ cut must match; the number of steps cut is printed.
 
 from __future__ import annotations
 
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -115,8 +116,8 @@ def test_two_adapters_back_to_back_and_new_version(cluster, client, reference, a
 def test_kv_bytes_and_no_leaked_blocks(cluster, client):
     import ray
 
-    # the launcher splits this machine's cores between the prefill and decode engines
-    assert all(w.info.engine_threads == 1 for w in cluster.pool.all())
+    # local_cores: shared (the default): every engine runs on all of this machine's cores
+    assert all(w.info.engine_threads == (os.cpu_count() or 1) for w in cluster.pool.all())
 
     info = cluster.pool.prefill[0].info
     layers, blocks_shape, dtype = info.kv_layout.split("/")[0], info.kv_layout.split("/")[2], info.kv_layout.split("/")[3]
@@ -131,6 +132,11 @@ def test_kv_bytes_and_no_leaked_blocks(cluster, client):
         expected = n_layers * kv_heads * two_head * itemsize * rounded  # = 2*L*H*d*size*tokens
         assert c.kv_bytes == expected, (n_tok, c.kv_bytes, expected)
         assert c.kv_blocks == rounded // block_size
+        # the time before the first token, hop by hop, adds up inside the router's TTFT
+        t = c.timings
+        hops = (t.route_s, t.to_worker_s, t.worker_s, t.from_worker_s)
+        assert all(h > 0 for h in hops) and t.worker_s >= t.prefill_s, t
+        assert sum(hops) <= t.ttft_s + 1e-3, t
     d = cluster.pool.decode[0].actor
     p_actor = cluster.pool.prefill[0].actor
     assert cluster.wait_until(lambda: ray.get(p_actor.held_transfers.remote()) == 0, 10)
