@@ -97,7 +97,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-cores", choices=["shared", "split"], default="shared",
                    help="local clusters: shared (default) runs the prefill and the decode "
                    "engine on every core, idle OpenMP threads sleeping; split gives each "
-                   "half the cores (measured slower: docs/benchmarks.md)")
+                   "half the cores (slower under load, lower latency below it)")
     p.add_argument("--colocated-workers", type=int, default=0, help="colocated pool size: "
                    "workers whose one engine applies the adapter to the prompt and decodes in "
                    "the same batch (no KV moves; best on a single device, and the only pool "

@@ -37,3 +37,12 @@ $P bench $Q --output-len 64 --num-requests 64 --adapters 1,8,64 \
 #    records where the router sent each request, beside each single-shape cluster.
 $P bench $Q --output-len 64 --num-requests 64 --rate 1.0 --adapters 64 \
   --systems preft_mixed,preft_colocated,preft,base --out-dir bench/results/e2e/mixed-poisson-64x128x64
+# 10. The P/D cluster with split vs shared cores (issue 15), burst and Poisson (1 req/s).
+$P bench $Q --output-len 64 --num-requests 64 --adapters 64 \
+  --systems preft,preft_shared,multi_lora,base --out-dir bench/results/e2e/pd-cores-64x128x64
+$P bench $Q --output-len 64 --num-requests 64 --adapters 64 --rate 1.0 \
+  --systems preft,preft_shared,multi_lora,base --out-dir bench/results/e2e/pd-cores-poisson-64x128x64
+# 11. Same-host (shared memory) vs gloo KV transfer, and the router's hop breakdown.
+.venv/bin/python -m bench.kv_transfer --blocks 1,4,16,64 --repeats 10
+.venv/bin/python -m bench.routing --requests 300
+.venv/bin/python -m bench.routing --requests 300 --adapters 64 --out bench/results/routing_64.json

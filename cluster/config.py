@@ -242,8 +242,8 @@ class ClusterConfig:
     name: str = "preft"              # Ray actor names are <name>-<role>-<i>: one Ray, many clusters
     # Local clusters (no ray_address), engines without cpu_cores: "shared" gives every engine
     # all of the machine's cores, with passive OpenMP waits so an idle engine's threads sleep
-    # instead of spin; "split" gives a prefill and a decode engine disjoint halves (measured
-    # 0.88x shared's throughput: bench/results/e2e/pd-cores-64x128x64).
+    # instead of spin; "split" gives a prefill and a decode engine disjoint halves (0.88x
+    # shared's throughput under a burst, lower latency below saturation: docs/benchmarks.md).
     local_cores: str = "shared"
 
     def __post_init__(self) -> None:
