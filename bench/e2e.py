@@ -62,7 +62,8 @@ from bench.workload import POPULARITY, BenchRequest, Workload, build
 REPO = Path(__file__).resolve().parents[1]
 PREFT_SYSTEMS = ("preft", "preft_shared", "preft_colocated", "preft_mixed")
 SYSTEMS = (*PREFT_SYSTEMS, "multi_lora", "multi_lora_grouped", "base")
-DEFAULT_SYSTEMS = ("preft_colocated", "preft", "multi_lora", "multi_lora_grouped", "base")
+DEFAULT_SYSTEMS = ("preft_colocated", "preft_shared", "preft", "multi_lora", "multi_lora_grouped",
+                   "base")
 # Logged by lora_kernel.grouped_lora.GroupedPunicaWrapperCPU when an engine builds it.
 GROUPED_KERNEL_MARKER = "grouped multi-adapter LoRA kernel active"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
