@@ -17,6 +17,7 @@ pair or the endpoint closes, and a new endpoint removes those whose owner proces
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -136,10 +137,7 @@ class Segment:
         return cls(path, size // dtype.itemsize, dtype, owner=False)
 
     def view(self, shape: tuple[int, ...]) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        return self.flat[:n].view(shape)
+        return self.flat[:math.prod(shape)].view(shape)
 
     def close(self) -> None:
         self.flat = None

@@ -23,9 +23,11 @@ and for one request on it:
           blocks [start_block:] of every layer, whole blocks, packed into one
           [layers, blocks, ...] buffer as few large messages; decode receives into the
           same-shaped scratch, then ``index_copy_`` per layer
-  shm:    prefill gathers the blocks into the pair's segment, then acks {ok, segment};
-          decode maps the segment (once per segment) and ``index_copy_`` per layer. The
-          next request on the pair is what tells prefill the segment may be reused.
+  shm:    prefill gathers the blocks into the pair's segment and acks {ok, segment,
+          chunks}: a small transfer (chunks 0) once its bytes are in; a large one first,
+          then ``ack/<pair>/<seq>/<j>`` as each layer chunk j is in. Decode maps the
+          segment (once per segment) and ``index_copy_`` per layer as its chunk arrives.
+          The next request on the pair is what tells prefill the segment may be reused.
 A ``release`` op frees held blocks without sending (decode found them in its own prefix
 cache, or its request was aborted before it was scheduled): it takes the offers' one
 release route, :meth:`OfferTable.release`, as the prefill worker's own releases do. Held
@@ -475,8 +477,7 @@ class TorchDistTransport:
             except Exception as e:  # the peer died while joining
                 log.error("KV pair %d with %s could not be formed: %s", pair, peer, e)
                 return
-        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None,
-                 "dtype": self.layers[0].dtype}
+        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None}
         with self._pairs_lock:
             self._pairs[pair] = state
         try:
@@ -576,13 +577,12 @@ class TorchDistTransport:
             store.set(ack, json.dumps({"ok": True, "segment": seg.name, "chunks": 0}))
         return ""
 
-    @staticmethod
-    def _segment(numel: int, state: dict) -> "shm.Segment":
+    def _segment(self, numel: int, state: dict) -> "shm.Segment":
         seg: shm.Segment | None = state["segment"]
         if seg is None or seg.numel < numel:
             if seg is not None:
                 seg.close()   # the peer mapped it already; it maps the new one by name
-            seg = state["segment"] = shm.Segment.create(numel, state["dtype"])
+            seg = state["segment"] = shm.Segment.create(numel, self.layers[0].dtype)
         return seg
 
     def _send(self, blocks: list[int], pg, state: dict) -> str:
@@ -748,14 +748,15 @@ class _PairClient:
     def _sign(self, key: str, body: dict) -> str:
         return sign(self.t._secret, self.nonce, key, body)
 
-    def _request(self, msg: dict) -> dict:
+    def _request(self, msg: dict) -> tuple[dict, str]:
+        """Send one request on the pair; its ack and the ack's key."""
         seq = self.seq
         self.seq += 1
         key = f"pull/{self.pair}/{seq}"
         self.store.set(key, self._sign(key, msg))
         ack_key = f"ack/{self.pair}/{seq}"
         self.store.wait([ack_key], self.t.timeout)
-        return _read_ack(self.store, ack_key)
+        return _read_ack(self.store, ack_key), ack_key
 
     def pull(self, transfer_id: int, start_block: int, dst_block_ids: list[int]) -> None:
         t = self.t
@@ -763,16 +764,16 @@ class _PairClient:
             if self.broken:
                 raise TransferError("KV pair is broken")
             try:
-                ack = self._request({"op": "pull", "transfer_id": transfer_id,
-                                     "start_block": start_block,
-                                     "num_blocks": len(dst_block_ids)})
+                ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
+                                              "start_block": start_block,
+                                              "num_blocks": len(dst_block_ids)})
                 idx = torch.tensor(dst_block_ids, dtype=torch.long, device=t.device)
                 if self.pg is not None:
                     buf = self._receive(len(dst_block_ids))
                     for i, layer in enumerate(t.layers):
                         layer.index_copy_(0, idx, buf[i])
                 else:
-                    self._scatter_from_segment(ack, idx)
+                    self._scatter_from_segment(ack, ack_key, idx)
             except TransferError as e:
                 if "timed out" in str(e):
                     self._break()
@@ -788,7 +789,7 @@ class _PairClient:
         _wait_all(works, t.timeout, t.device)
         return buf
 
-    def _scatter_from_segment(self, ack: dict, idx: torch.Tensor) -> None:
+    def _scatter_from_segment(self, ack: dict, ack_key: str, idx: torch.Tensor) -> None:
         """Copy the blocks out of the pair's segment into ours, chunk by chunk as the prefill
         side signals each (``chunks: 0``: all of them are in already)."""
         t, k = self.t, ack.get("chunks", 0)
@@ -797,7 +798,7 @@ class _PairClient:
         buf = self._mapped(ack, len(idx))
         for j, (lo, hi) in enumerate(layer_chunks(len(t.layers), max(1, k))):
             if k:
-                key = f"ack/{self.pair}/{self.seq - 1}/{j}"
+                key = f"{ack_key}/{j}"
                 self.store.wait([key], t.timeout)
                 _read_ack(self.store, key)
             for i in range(lo, hi):

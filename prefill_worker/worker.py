@@ -13,13 +13,13 @@ prefix caching never serves one adapter's KV to another, or to a replaced versio
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 
 from cluster.config import PrefillConfig
 from cluster.errors import WorkerUnavailable
 from cluster.messages import AdapterStats, KVHandle, PrefillRequest, PrefillResult, Sampling
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
-from worker_runtime.engine_loop import as_request_error
 from worker_runtime.sequence import OutputStream
 
 
@@ -83,19 +83,16 @@ class PrefillWorker(AdapterWorker):
         """One engine request over the prompt; ReFT weights pinned while the engine has it."""
         from vllm.inputs import TokensPrompt
 
+        prompt = TokensPrompt(prompt_token_ids=ids, cache_salt=namespace)
         self.adapters.pin(r)
-        try:
-            q = self.loop.submit(request_id, TokensPrompt(prompt_token_ids=ids,
-                                                          cache_salt=namespace),
-                                 params, lora_request=r.lora if r else None)
-            out = await q.get()
-        except BaseException:
-            self.loop.abort(request_id)
-            self.adapters.unpin(r, after_engine_step=True)
-            raise
-        self.adapters.unpin(r, after_engine_step=False)
-        if isinstance(out, BaseException):
-            raise as_request_error(out)
+        out = None
+        try:   # FINAL_ONLY: one output, the finished request
+            async with aclosing(self.loop.run(request_id, prompt, params,
+                                              lora_request=r.lora if r else None)) as outputs:
+                async for out in outputs:
+                    pass
+        finally:
+            self.adapters.unpin(r, after_engine_step=out is None or not out.finished)
         if not out.outputs[0].token_ids:
             raise WorkerUnavailable(f"{self.worker_id}: prefill produced no token "
                                     f"(finish_reason={out.outputs[0].finish_reason})")
