@@ -106,3 +106,25 @@ print(json.dumps(got))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={"OMP_NUM_THREADS": "4", "PATH": ""})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"threads": 1, "cpus": [0]}
+
+
+def test_local_cores_shared_or_split():
+    from dataclasses import replace
+    from unittest import mock
+
+    from app.launcher import LocalCluster, omp_env
+    from cluster.config import ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig
+
+    assert omp_env("0-1", shared=True)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in omp_env("0-1")
+    eng = EngineConfig(model="m")
+    cfg = ClusterConfig(PrefillConfig(engine=eng), DecodeConfig(engine=eng))
+    assert cfg.local_cores == "shared"                     # the default
+    with mock.patch("os.cpu_count", return_value=4):
+        shared = LocalCluster(cfg)
+        assert [shared._cores(r, 0) for r in ("prefill", "decode", "colocated")] == ["0-3"] * 3
+        split = LocalCluster(replace(cfg, local_cores="split"))
+        assert [split._cores(r, 0) for r in ("prefill", "decode", "colocated")] == [
+            "0-1", "2-3", "0-3"]
+    with pytest.raises(ValueError, match="local_cores"):
+        replace(cfg, local_cores="half")
