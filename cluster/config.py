@@ -97,6 +97,11 @@ class TransferConfig:
     # Same-host pairs (proven at pairing: a shared /dev/shm and network namespace) move KV
     # through a shared-memory segment; False: always the torch.distributed group.
     shared_memory: bool = True
+    # Prefill stages each prompt's KV layer by layer as its forward runs (the pull then
+    # gathers nothing, and the engine frees the prompt's blocks when it finishes), in up to
+    # staging_mib of buffers; False: blocks held until decode pulls, gathered then.
+    layerwise: bool = True
+    staging_mib: int = 1024
     # Per-cluster secret: a decode engine pairs with (and pulls from) a prefill engine only
     # when both hold the same one. Empty: LocalCluster draws a random one for both pools.
     secret: str = field(default="", repr=False)
@@ -108,6 +113,8 @@ class TransferConfig:
         _need(isinstance(self.secret, str), c, "secret", f"<{type(self.secret).__name__}>",
               "must be a string (the value is not shown)")
         _need(self.timeout_s > 0, c, "timeout_s", self.timeout_s, "must be > 0")
+        _need(type(self.staging_mib) is int and self.staging_mib >= 0, c, "staging_mib",
+              self.staging_mib, "must be an integer >= 0 (MiB of staging buffers)")
         _need(self.hold_ttl_s > self.timeout_s, c, "hold_ttl_s", self.hold_ttl_s,
               "must exceed timeout_s, or blocks could be freed while a pull is running")
 

@@ -140,6 +140,7 @@ class DecodeDelta:
     kv_bytes: int | None = None
     first_step_s: float | None = None        # from KV loaded to the first decode token
     kv_transport: str = ""                   # how it moved: shm | gloo | nccl
+    kv_pipelined: bool = False               # staged layer by layer during prefill
 
 
 @dataclass(frozen=True)

@@ -110,4 +110,5 @@ class DecodeWorker(EngineWorker):
         return DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
                            kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
                            first_step_s=max(0.0, total - xfer),
-                           kv_transport=rec.transport if rec else "")
+                           kv_transport=rec.transport if rec else "",
+                           kv_pipelined=bool(rec and rec.pipelined))

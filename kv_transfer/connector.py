@@ -65,13 +65,25 @@ class _Recv:
 
 
 @dataclass
+class _Save:
+    """Prefill: this step's forward writes blocks [lo, hi) of a prompt handed to decode."""
+
+    req_id: str
+    num_blocks: int            # the whole prompt's
+    lo: int
+    hi: int
+    block_ids: list[int]       # engine block ids of [lo, hi)
+
+
+@dataclass
 class PreftConnectorMetadata(KVConnectorMetadata):
-    """Scheduler side → worker side, once per engine step (decode engines only: a prefill
-    engine's scheduler side holds blocks on the endpoint directly)."""
+    """Scheduler side → worker side, once per engine step. Decode: pulls, releases, lost
+    prompts. Prefill: which prompt blocks this step writes, to stage layer by layer."""
 
     recvs: list[_Recv] = field(default_factory=list)
     releases: list[KVHandle] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)   # prompt KV gone after a preemption
+    saves: list[_Save] = field(default_factory=list)
 
 
 # Set in a consumer request's kv_transfer_params once its prompt KV was loaded (or found in
@@ -92,11 +104,18 @@ class PreftConnectorScheduler:
         self.is_producer = endpoint.is_producer
         self.block_size = block_size
         self._meta = PreftConnectorMetadata()
+        # Prefill, layerwise: prompts handed to decode, by request id -> (blocks, block ids)
+        self._staging: dict[str, tuple[int, list[int]]] = {}
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
-        if self.is_producer or not params or not (params.get("do_remote_prefill")
+        if self.is_producer:
+            if params and params.get("do_remote_decode") and self.endpoint.layerwise:
+                self._staging[request.request_id] = (
+                    _cdiv(request.num_prompt_tokens, self.block_size), [])
+            return 0, False
+        if not params or not (params.get("do_remote_prefill")
                                                   or params.get(_LOADED)):
             return 0, False
         count = int(params["num_tokens"]) - num_computed_tokens
@@ -136,20 +155,48 @@ class PreftConnectorScheduler:
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta, self._meta = self._meta, PreftConnectorMetadata()
+        if self._staging:
+            meta.saves = self._saves(scheduler_output)
         return meta
+
+    def _saves(self, out: "SchedulerOutput") -> list[_Save]:
+        """The prompt blocks of staged requests this step's forward writes (a new request's
+        from block 0: blocks its own prefix cache supplied are staged too)."""
+        steps = [(r.req_id, r.block_ids[0], 0, r.num_computed_tokens, True)
+                 for r in out.scheduled_new_reqs]
+        cached = out.scheduled_cached_reqs
+        steps += [(rid, (new or ([],))[0], 0 if rid in cached.resumed_req_ids else None,
+                   cached.num_computed_tokens[i], rid in cached.resumed_req_ids)
+                  for i, (rid, new) in enumerate(zip(cached.req_ids, cached.new_block_ids))]
+        saves = []
+        for rid, block_ids, lo_tok, computed, replace in steps:
+            if rid not in self._staging:
+                continue
+            num_blocks, ids = self._staging[rid]
+            ids = list(block_ids) if replace else ids + list(block_ids)
+            self._staging[rid] = (num_blocks, ids)
+            lo = (computed if lo_tok is None else lo_tok) // self.block_size
+            hi = min(num_blocks, _cdiv(computed + out.num_scheduled_tokens[rid], self.block_size))
+            if hi > lo:
+                saves.append(_Save(rid, num_blocks, lo, hi, ids[lo:hi]))
+        return saves
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params
         if not params:
             return False, None
+        staged = self._staging.pop(request.request_id, None) is not None
         if not self.is_producer:
             if params.get("do_remote_prefill"):
                 # Aborted before it was ever scheduled: free the prefill side's blocks.
                 self._meta.releases.append(KVHandle.from_params(params))
                 params["do_remote_prefill"] = False
             return False, None
-        return self._hold(request, block_ids)
+        held, out = self._hold(request, block_ids)
+        if out is None and staged:
+            self.endpoint.drop_staged(request.request_id)
+        return held, out
 
     def _hold(self, request: "Request",
               block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -168,9 +215,9 @@ class PreftConnectorScheduler:
         num_blocks = _cdiv(num_tokens, self.block_size)
         if num_tokens < 1 or len(block_ids) < num_blocks:
             return False, None
-        transfer_id = self.endpoint.hold(request.request_id, list(block_ids[:num_blocks]),
-                                         num_tokens)
-        return True, {"transfer_id": transfer_id, "num_tokens": num_tokens,
+        transfer_id, held = self.endpoint.hold(request.request_id,
+                                               list(block_ids[:num_blocks]), num_tokens)
+        return held, {"transfer_id": transfer_id, "num_tokens": num_tokens,
                       "num_blocks": num_blocks}
 
 
@@ -185,8 +232,13 @@ class PreftConnectorWorker:
         self._done_lock = threading.Lock()
         self._recv_done: set[str] = set()
         self._recv_failed: set[str] = set()
+        self._layer_index: dict[str, int] = {}
+        self._ready: dict[str, int] = {}     # this step: request -> blocks staged after it
+        self._planned = False                # this step's saves planned (first layer saved)
+        self._layers_saved = 0
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.endpoint.open(list(kv_caches.values()), self.block_size)
         if not self.endpoint.is_producer:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
@@ -203,6 +255,39 @@ class PreftConnectorWorker:
                 self._recv_failed.update(meta.lost)
             self.endpoint.wake.set()
 
+    # ---------------------------------------------------------------- prefill: staging
+    def _plan_saves(self, saves: list[_Save]) -> None:
+        pool = self.endpoint.staging
+        for save in saves:
+            staged = (pool.begin(save.req_id, save.num_blocks) if save.lo == 0
+                      else pool.get(save.req_id))
+            if staged is not None:
+                pool.plan(staged, save.block_ids, save.lo, save.hi)
+                self._ready[save.req_id] = save.hi
+
+    def save_kv_layer(self, layer_name: str, meta: PreftConnectorMetadata) -> None:
+        """The forward wrote this layer: stage its blocks (on the copy thread). The step's
+        plan is made at its first layer: vLLM starts the step's loads (start_load_kv)
+        only after the forward when none must precede it."""
+        if not self._planned:
+            self._planned = True
+            if meta.saves:
+                self._plan_saves(meta.saves)
+        if self._ready:
+            self._layers_saved += 1
+            self.endpoint.staging.save_layer(self._layer_index[layer_name])
+
+    def wait_for_save(self) -> None:
+        """The forward ended: its staging copies are complete before the step's output
+        (and so before any request of it finishes and hands its KV over). A step that
+        did not save every layer stages nothing: those prompts take the held path."""
+        ready, self._ready, self._planned = self._ready, {}, False
+        saved, self._layers_saved = self._layers_saved, 0
+        if ready:
+            complete = saved == len(self._layer_index)
+            self.endpoint.staging.finish_step(ready if complete else {r: -1 for r in ready})
+
+    # ---------------------------------------------------------------- decode: pulls
     def _pull(self, recv: _Recv) -> None:
         h = recv.handle
         ok = False
@@ -281,10 +366,12 @@ class PreftKVConnector(KVConnectorBase_V1):
         return None
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PreftConnectorMetadata)
+        self.worker.save_kv_layer(layer_name, meta)
 
     def wait_for_save(self) -> None:
-        return None
+        self.worker.wait_for_save()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self.worker.get_transfer_results()

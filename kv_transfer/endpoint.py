@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 from cluster.messages import KVHandle
 from kv_transfer.layout import KVLayout
+from kv_transfer.staging import StagingPool
 from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferRecord
 
 ROLES = ("kv_producer", "kv_consumer")   # prefill, decode (vLLM's kv_role)
@@ -46,7 +47,8 @@ class KVEndpoint:
     def __init__(self, engine_id: str, role: str, *, kv_host: str = "127.0.0.1",
                  timeout_s: float = 30.0, hold_ttl_s: float = 120.0,
                  transport: str = TorchDistTransport.name, secret: str = "",
-                 shared_memory: bool = True) -> None:
+                 shared_memory: bool = True, layerwise: bool = True,
+                 staging_bytes: int = 1 << 30) -> None:
         if role not in ROLES:
             raise ValueError(f"KVEndpoint {engine_id}: role must be kv_producer (prefill) or "
                              f"kv_consumer (decode), got {role!r}")
@@ -57,6 +59,8 @@ class KVEndpoint:
         self.is_producer = role == "kv_producer"
         self.kv_host, self.timeout_s, self.hold_ttl_s = kv_host, timeout_s, hold_ttl_s
         self.shared_memory = shared_memory
+        self.layerwise, self.staging_bytes = layerwise, staging_bytes
+        self.staging: StagingPool | None = None   # prefill, layerwise: opened with the caches
         self._secret = secret              # the cluster's: pairs only within it; never shown
         self.wake = threading.Event()      # the engine loop steps when set
         self.ready = threading.Event()     # set once open() ran on the engine's caches
@@ -101,6 +105,10 @@ class KVEndpoint:
             engine_name=self.engine_id, on_record=self._record, secret=self._secret,
             shared_memory=self.shared_memory)
         if self.is_producer:
+            if self.layerwise:
+                self.staging = StagingPool(layers, self.layout, cap_bytes=self.staging_bytes,
+                                           shared_memory=self.transport.shared_memory,
+                                           stale_after_s=self.hold_ttl_s)
             self.address = self.transport.serve(self.offers)
         self.ready.set()
 
@@ -111,6 +119,8 @@ class KVEndpoint:
                 return
             self._closed = True
         self.transport.close()
+        if self.staging is not None:
+            self.staging.close()
 
     @property
     def layout_fingerprint(self) -> str:
@@ -122,13 +132,20 @@ class KVEndpoint:
         return f"{self.address[0]}:{self.address[1]}" if self.address is not None else ""
 
     # ------------------------------------------------------------------ prefill
-    def hold(self, req_id: str, block_ids: list[int], num_tokens: int) -> int:
-        """Hold a finished prompt's blocks (engine request ``req_id``) until decode pulls
-        or releases them, or ``hold_ttl_s`` passes; their new transfer id."""
+    def hold(self, req_id: str, block_ids: list[int], num_tokens: int) -> tuple[int, bool]:
+        """Keep a finished prompt's KV (engine request ``req_id``) until decode pulls or
+        releases it, or ``hold_ttl_s`` passes: its new transfer id, and whether its blocks
+        stay held (False: its forward staged them, so the engine frees them now)."""
         transfer_id = secrets.randbits(62)
-        self.offers.add(Offer(transfer_id, req_id, block_ids, num_tokens,
-                              expires_at=time.monotonic() + self.hold_ttl_s))
-        return transfer_id
+        staged = self.staging.take(req_id, len(block_ids)) if self.staging else None
+        self.offers.add(Offer(transfer_id, req_id, [] if staged else block_ids, num_tokens,
+                              expires_at=time.monotonic() + self.hold_ttl_s, staged=staged))
+        return transfer_id, staged is None
+
+    def drop_staged(self, req_id: str) -> None:
+        """A prompt ended without a hand-over (aborted, failed): nothing stays staged."""
+        if self.staging is not None:
+            self.staging.drop(req_id)
 
     def release(self, transfer_id: int) -> bool:
         """The one release route of held blocks (see :meth:`OfferTable.release`): never

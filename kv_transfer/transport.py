@@ -64,6 +64,7 @@ from torch.distributed import PrefixStore, TCPStore
 
 from kv_transfer import shm
 from kv_transfer.layout import KVLayout, LayoutMismatch
+from kv_transfer.staging import Staged
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ _SCRATCH_CACHE_BYTES = int(os.environ.get("PREFT_KV_SCRATCH_CACHE_BYTES", 256 <<
 _SHM_CHUNK_MIN_BYTES = int(os.environ.get("PREFT_KV_SHM_CHUNK_MIN_BYTES", 16 << 20))
 _SHM_CHUNKS = 4
 
+_MAPPED_SEGMENTS = 8               # decode side: segments kept mapped per pair
 _MAX_CONTROL_BYTES = 4096          # a control message is ~200 bytes; larger ones are refused
 _MAX_NAME = 256                    # characters of a peer name or layout fingerprint
 _MAX_TRANSFER_ID = (1 << 63) - 1
@@ -189,13 +191,20 @@ def _read_ack(store, key: str) -> dict:
 
 @dataclass
 class Offer:
-    """Blocks a prefill engine holds for one finished prompt."""
+    """One finished prompt's KV a prefill engine keeps for decode: its cache blocks (held,
+    delay-freed), or, when its forward staged them layer by layer, the staged copy (the
+    blocks were freed when the request finished)."""
 
     transfer_id: int
     req_id: str                 # vLLM's internal request id (what get_finished reports)
-    block_ids: list[int]
+    block_ids: list[int]        # held cache blocks; [] when staged
     num_tokens: int
     expires_at: float
+    staged: Staged | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.staged.num_blocks if self.staged is not None else len(self.block_ids)
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,7 @@ class TransferRecord:
     ok: bool
     error: str = ""
     transport: str = ""      # shm | gloo | nccl
+    pipelined: bool = False  # staged layer by layer during prefill (no gather at pull)
 
 
 _MAX_RELEASED = 1 << 16            # remembered early releases (each a few dozen bytes)
@@ -242,7 +252,7 @@ class OfferTable:
         with self._cv:
             early = offer.transfer_id in self._released   # kept: a pull of it is refused
             if early:
-                self._finished.add(offer.req_id)   # released before it arrived: free it now
+                self._drop_locked(offer)           # released before it arrived: free it now
             else:
                 self._offers[offer.transfer_id] = offer
                 self._cv.notify_all()
@@ -260,11 +270,20 @@ class OfferTable:
                 self._cv.wait(left)
             return self._offers.pop(transfer_id)
 
-    def finish(self, req_id: str) -> None:
-        """A claimed offer's blocks may be freed (sent, or the pull refused)."""
-        with self._cv:
-            self._finished.add(req_id)
-        self._on_finish()
+    def finish(self, offer: Offer) -> None:
+        """A claimed offer's held blocks may be freed (sent, or the pull refused). A staged
+        offer's copy is the transport's to recycle once the peer has read it."""
+        if offer.staged is None:
+            with self._cv:
+                self._finished.add(offer.req_id)
+            self._on_finish()
+
+    def _drop_locked(self, offer: Offer) -> None:
+        """Nobody will read ``offer``: free its blocks, or recycle its staged copy."""
+        if offer.staged is None:
+            self._finished.add(offer.req_id)
+        else:
+            offer.staged.recycle()
 
     def release(self, transfer_id: int) -> bool:
         """Free ``transfer_id``'s blocks without sending them; never waits.
@@ -280,7 +299,7 @@ class OfferTable:
                     self._released.pop(next(iter(self._released)))
                 self._cv.notify_all()             # a waiting claim gives up now
                 return False
-            self._finished.add(offer.req_id)
+            self._drop_locked(offer)
         self._on_finish()
         return True
 
@@ -290,10 +309,10 @@ class OfferTable:
         with self._cv:
             for tid in [t for t, o in self._offers.items() if o.expires_at <= now]:
                 offer = self._offers.pop(tid)
-                self._finished.add(offer.req_id)
+                self._drop_locked(offer)
                 self.expired += 1
                 log.warning("KV transfer %d expired unpulled; freeing %d blocks",
-                            tid, len(offer.block_ids))
+                            tid, offer.num_blocks)
             for tid in [t for t, until in self._released.items() if until <= now]:
                 del self._released[tid]
             done, self._finished = self._finished, set()
@@ -521,28 +540,63 @@ class TorchDistTransport:
             store.set(ack, json.dumps({"error": (  # released: as gone as expired
                 f"KV transfer {req.transfer_id} is unknown or expired on {self.engine_name}")}))
             return True
-        blocks, err, t0 = offer.block_ids[req.start_block:], "", time.perf_counter()
+        n, err, t0 = offer.num_blocks - req.start_block, "", time.perf_counter()
         try:
-            if len(blocks) != req.num_blocks:
+            if n != req.num_blocks:
+                if offer.staged is not None:
+                    offer.staged.recycle()
                 raise BadMessage(f"decode asked for {req.num_blocks} blocks from block "
-                                 f"{req.start_block}, prefill holds {len(offer.block_ids)}")
-            err = self._deliver(blocks, store, ack, pg, state)
-        finally:  # transferred or refused: the engine may free the blocks
-            self._offers.finish(offer.req_id)
+                                 f"{req.start_block}, prefill holds {offer.num_blocks}")
+            err = self._deliver(offer, req.start_block, store, ack, pg, state)
+        finally:  # transferred or refused: the engine may free held blocks
+            self._offers.finish(offer)
         self._on_record(TransferRecord(
-            offer.transfer_id, peer, len(blocks), len(blocks) * self.layout.bytes_per_block,
+            offer.transfer_id, peer, n, n * self.layout.bytes_per_block,
             time.perf_counter() - t0, ok=not err, error=err,
-            transport="shm" if pg is None else self.group_name))
+            transport="shm" if pg is None else self.group_name,
+            pipelined=offer.staged is not None))
         if err:
             log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
         return not err or pg is None   # a failed copy into shared memory breaks no group
 
-    def _deliver(self, blocks: list[int], store, ack: str, pg, state: dict) -> str:
-        """Move ``blocks`` to the peer the pair's way and ack; the error text, or "" """
+    def _deliver(self, offer: Offer, start: int, store, ack: str, pg, state: dict) -> str:
+        """Move the offer's blocks [start:] to the peer the pair's way and ack; the error
+        text, or "" """
+        if offer.staged is not None:
+            return self._deliver_staged(offer.staged, start, store, ack, pg)
+        blocks = offer.block_ids[start:]
         if pg is not None:   # ack first: the peer posts its receives on it
             store.set(ack, json.dumps({"ok": True}))
             return self._send(blocks, pg, state)
         return self._gather_into_segment(blocks, store, ack, state)
+
+    def _deliver_staged(self, staged: Staged, start: int, store, ack: str, pg) -> str:
+        """A prompt the forward staged: nothing to gather. Same host: the peer scatters
+        straight out of the staged segment and says when it is done reading (then it is
+        reused; if it never says so, never). Group: sent as it lies."""
+        if pg is not None:
+            store.set(ack, json.dumps({"ok": True, "pipelined": True}))
+            try:
+                _wait_all([pg.send([c], 1, tag) for tag, c in enumerate(
+                    self._messages(staged.buf[:, start:].contiguous()))],
+                    self.timeout, self.device)
+            except Exception as e:
+                staged.discard()
+                return f"{type(e).__name__}: {e}"
+            staged.recycle()
+            return ""
+        store.set(ack, json.dumps({"ok": True, "pipelined": True, "chunks": 0,
+                                   "segment": staged.segment.name,
+                                   "staged_blocks": staged.num_blocks, "offset": start}))
+        done = f"done/{ack}"
+        try:
+            store.wait([done], self.timeout)
+            store.delete_key(done)
+        except Exception:
+            staged.discard()
+            return "the peer never said it finished reading the staged KV"
+        staged.recycle()
+        return ""
 
     def _gather_into_segment(self, blocks: list[int], store, ack: str, state: dict) -> str:
         """Copy ``blocks`` of every layer into the pair's segment (grown when too small).
@@ -635,7 +689,7 @@ class TorchDistTransport:
         t0 = time.perf_counter()
         try:
             client = self._client(host, port)
-            client.pull(transfer_id, start_block, dst_block_ids)
+            pipelined = client.pull(transfer_id, start_block, dst_block_ids)
         except Exception as e:
             rec = TransferRecord(transfer_id, f"{host}:{port}", len(dst_block_ids), 0,
                                  time.perf_counter() - t0, ok=False,
@@ -644,7 +698,8 @@ class TorchDistTransport:
             raise TransferError(rec.error) from e
         rec = TransferRecord(transfer_id, f"{host}:{port}", len(dst_block_ids),
                              len(dst_block_ids) * self.layout.bytes_per_block,
-                             time.perf_counter() - t0, ok=True, transport=client.transport)
+                             time.perf_counter() - t0, ok=True, transport=client.transport,
+                             pipelined=pipelined)
         self._on_record(rec)
         return rec
 
@@ -720,7 +775,7 @@ class _PairClient:
         self.broken = False
         self._lock = threading.Lock()
         self._cache: dict = {}            # reused receive buffer (pulls are serialized)
-        self.segment: shm.Segment | None = None
+        self.segments: dict[str, shm.Segment] = {}   # mapped, least recently used first
         timeout = transport.timeout
         self.store = TCPStore(host, port, is_master=False, timeout=timeout)
         self.nonce = self.store.get("nonce").decode()
@@ -758,7 +813,8 @@ class _PairClient:
         self.store.wait([ack_key], self.t.timeout)
         return _read_ack(self.store, ack_key), ack_key
 
-    def pull(self, transfer_id: int, start_block: int, dst_block_ids: list[int]) -> None:
+    def pull(self, transfer_id: int, start_block: int, dst_block_ids: list[int]) -> bool:
+        """Copy the transfer's blocks into ours; True when prefill had staged them."""
         t = self.t
         with self._lock:
             if self.broken:
@@ -774,6 +830,7 @@ class _PairClient:
                         layer.index_copy_(0, idx, buf[i])
                 else:
                     self._scatter_from_segment(ack, ack_key, idx)
+                return ack.get("pipelined") is True
             except TransferError as e:
                 if "timed out" in str(e):
                     self._break()
@@ -795,28 +852,41 @@ class _PairClient:
         t, k = self.t, ack.get("chunks", 0)
         if type(k) is not int or not 0 <= k <= len(t.layers):
             raise TransferError(f"malformed answer from the KV endpoint: chunks={k!r:.40}")
-        buf = self._mapped(ack, len(idx))
-        for j, (lo, hi) in enumerate(layer_chunks(len(t.layers), max(1, k))):
-            if k:
-                key = f"{ack_key}/{j}"
-                self.store.wait([key], t.timeout)
-                _read_ack(self.store, key)
-            for i in range(lo, hi):
-                t.layers[i].index_copy_(0, idx, buf[i])
+        try:
+            buf = self._mapped(ack, len(idx))
+            for j, (lo, hi) in enumerate(layer_chunks(len(t.layers), max(1, k))):
+                if k:
+                    key = f"{ack_key}/{j}"
+                    self.store.wait([key], t.timeout)
+                    _read_ack(self.store, key)
+                for i in range(lo, hi):
+                    t.layers[i].index_copy_(0, idx, buf[i])
+        finally:
+            if ack.get("pipelined") is True:   # done reading its staged segment
+                self.store.set(f"done/{ack_key}", "1")
 
     def _mapped(self, ack: dict, n_blocks: int) -> torch.Tensor:
-        """The blocks as prefill wrote them into the pair's segment (mapped once)."""
+        """The blocks as prefill laid them out in a segment: the pair's (gathered at the
+        pull), or a prompt's staged copy (``staged_blocks`` long, ours from ``offset``).
+        Segments stay mapped while in use: prefill reuses a few of each."""
         t = self.t
-        shape = (len(t.layers), n_blocks, *t.layout.block_shape)
+        total, offset = n_blocks, 0
+        if "staged_blocks" in ack:
+            total, offset = _int(ack, "staged_blocks", 1, 1 << 24), _int(ack, "offset", 0, 1 << 24)
+            if offset + n_blocks != total:
+                raise TransferError(f"staged KV holds {total} blocks; blocks {offset}.. "
+                                    f"do not make the {n_blocks} asked for")
+        shape = (len(t.layers), total, *t.layout.block_shape)
         name = ack.get("segment")
-        if self.segment is None or self.segment.name != name:
-            if self.segment is not None:
-                self.segment.close()
-            self.segment = None
-            self.segment = shm.Segment.attach(name, math.prod(shape), t.layers[0].dtype)
-        if self.segment.numel < math.prod(shape):
-            raise TransferError(f"segment {name} is smaller than the transfer")
-        return self.segment.view(shape)
+        seg = self.segments.pop(name, None) if isinstance(name, str) else None
+        if seg is None or seg.numel < math.prod(shape):
+            if seg is not None:
+                seg.close()
+            seg = shm.Segment.attach(name, math.prod(shape), t.layers[0].dtype)
+        self.segments[name] = seg              # most recently used last
+        while len(self.segments) > _MAPPED_SEGMENTS:
+            self.segments.pop(next(iter(self.segments))).close()
+        return seg.view(shape)[:, offset:]
 
     def release(self, transfer_id: int) -> None:
         with self._lock:
@@ -836,5 +906,6 @@ class _PairClient:
                 pass
             if self.pg is not None:
                 _shutdown_group(self.pg)
-            if self.segment is not None:
-                self.segment.close()
+            for seg in self.segments.values():
+                seg.close()
+            self.segments.clear()

@@ -41,7 +41,10 @@ class PrefillWorker(AdapterWorker):
         return self.kv.release(transfer_id)
 
     async def held_transfers(self) -> int:
-        return len(self.kv.offers)
+        """Prompts whose KV this worker keeps for decode: offers (held blocks or a staged
+        copy), plus staging buffers still being filled or read (0 when idle)."""
+        staging = self.kv.staging.stats() if self.kv.staging is not None else {}
+        return len(self.kv.offers) + staging.get("staging", 0) + staging.get("lent", 0)
 
     async def stats(self) -> AdapterStats:
         recs = self.kv.records()

@@ -180,6 +180,7 @@ class GenerateRpcs(ServiceBase):
                 if d.kv_transfer_s is not None:
                     out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
                     out.kv.bytes, out.kv.transport = d.kv_bytes or 0, d.kv_transport
+                    out.kv.pipelined = d.kv_pipelined
                     m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s,
                                  d.kv_transport)
                 out.add(d)

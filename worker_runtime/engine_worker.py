@@ -114,7 +114,8 @@ class EngineWorker:
         return KVEndpoint(self.worker_id, self.kv_role, kv_host=resolve_kv_host(t.kv_host),
                           timeout_s=t.timeout_s, hold_ttl_s=t.hold_ttl_s,
                           transport=t.transport, secret=t.secret,
-                          shared_memory=t.shared_memory)
+                          shared_memory=t.shared_memory, layerwise=t.layerwise,
+                          staging_bytes=t.staging_mib << 20)
 
     def _kv_transfer_config(self):
         if self.kv is None:

@@ -194,6 +194,7 @@ class _Collector:
                             t.total_s, t.first_decode_step_s, t.route_s, t.to_worker_s,
                             t.worker_s, t.from_worker_s),
             kv_bytes=f.kv.bytes, kv_blocks=f.kv.blocks, kv_transport=f.kv.transport,
+            kv_pipelined=f.kv.pipelined,
             workers=(f.kv.prefill_worker, f.kv.decode_worker))
 
 

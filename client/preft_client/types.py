@@ -43,6 +43,7 @@ class Completion:
     kv_bytes: int = 0
     kv_blocks: int = 0
     kv_transport: str = ""     # how the prompt's KV moved: shm (same host) | gloo | nccl
+    kv_pipelined: bool = False  # staged layer by layer while the prompt ran (no gather)
     workers: tuple[str, str] = field(default=("", ""))
 
 

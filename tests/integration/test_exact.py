@@ -63,6 +63,7 @@ def test_cluster_equals_preft_reference(cluster, client, reference, assets):
         assert len(c.token_ids) == N_TOKENS and c.finish_reason == "length"
         # prefill and decode share this host: the KV went through shared memory
         assert c.kv_transport == "shm" and c.kv_bytes > 0, (c.kv_transport, c.kv_bytes)
+        assert c.kv_pipelined, "the prompt's KV was not staged layer by layer"
         # what a client reads is what the tokens say (the decode engine's first delta once
         # carried the whole prompt's text)
         assert c.text == tok.decode(c.token_ids, skip_special_tokens=True), (name, len(p))

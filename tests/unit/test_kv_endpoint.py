@@ -88,7 +88,7 @@ def test_offer_released_before_it_arrives_is_freed_when_it_arrives():
 
 def test_held_offer_released_once_and_a_claim_for_it_gives_up_at_once():
     ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
-    tid = ep.hold("r1", [4, 5], 8)
+    tid, held = ep.hold("r1", [4, 5], 8)
     ep.wake.clear()
     assert ep.release(tid) is True and ep.wake.is_set()
     assert ep.release(tid) is False                 # the second route finds nothing
@@ -103,7 +103,7 @@ def test_request_ended_at_prefill_frees_its_blocks_without_waiting():
     from prefill_worker.worker import PrefillWorker
 
     ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
-    tid = ep.hold("req-eos", [1], 3)
+    tid, _ = ep.hold("req-eos", [1], 3)
     out = SimpleNamespace(kv_transfer_params={"transfer_id": tid, "num_tokens": 3,
                                               "num_blocks": 1})
     t0 = time.monotonic()
@@ -209,7 +209,7 @@ def test_decode_release_takes_the_same_route(pair):
     with pytest.raises(TransferError, match="unknown or expired"):
         d.pull(_handle(p, 99, 1), 0, [0])
     assert time.monotonic() - t0 < 2.5              # the claim wait would be 5 s
-    tid = p.hold("r5", [4, 5], 2 * SHAPE[1])
+    tid, _ = p.hold("r5", [4, 5], 2 * SHAPE[1])
     d.pull(_handle(p, tid, 2), 0, [6, 7])
     for src, dst in zip(p_layers, d_layers):
         assert torch.equal(dst[6], src[4]) and torch.equal(dst[7], src[5])

@@ -85,18 +85,20 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_decode_step_s: _Optional[float] = ..., route_s: _Optional[float] = ..., to_worker_s: _Optional[float] = ..., worker_s: _Optional[float] = ..., from_worker_s: _Optional[float] = ...) -> None: ...
 
 class KVTransfer(_message.Message):
-    __slots__ = ("bytes", "blocks", "prefill_worker", "decode_worker", "transport")
+    __slots__ = ("bytes", "blocks", "prefill_worker", "decode_worker", "transport", "pipelined")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    PIPELINED_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     blocks: int
     prefill_worker: str
     decode_worker: str
     transport: str
-    def __init__(self, bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
+    pipelined: bool
+    def __init__(self, bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., transport: _Optional[str] = ..., pipelined: _Optional[bool] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("request_id", "finish_reason", "usage", "timings", "kv")

@@ -1,0 +1,206 @@
+"""Layer-wise KV staging on the prefill side, driven the way vLLM drives our connector:
+the scheduler side plans each step's blocks, the worker side stages each layer as the
+"forward" writes it, and the decode side pulls through a real transport (both paths)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kv_transfer.connector import PreftConnectorScheduler, PreftConnectorWorker
+from kv_transfer.endpoint import KVEndpoint
+from kv_transfer.layout import KVLayout
+from kv_transfer.transport import TorchDistTransport
+
+SHAPE = (2, 16, 64)            # kv_heads, block_size, 2*head_size
+BS, N_LAYERS, N_BLOCKS = SHAPE[1], 3, 24
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(N_LAYERS)]
+
+
+class Prefill:
+    """A prefill "engine": caches, our connector's two sides on one endpoint."""
+
+    def __init__(self, layerwise: bool, staging_bytes: int = 1 << 30) -> None:
+        self.ep = KVEndpoint("prefill-s", "kv_producer", hold_ttl_s=60, timeout_s=5,
+                             layerwise=layerwise, staging_bytes=staging_bytes)
+        self.layers = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
+        self.sched = PreftConnectorScheduler(self.ep, BS)
+        self.worker = PreftConnectorWorker(self.ep, BS)
+        self.worker.register_kv_caches(dict(zip(NAMES, self.layers)))
+        self.gen = torch.Generator().manual_seed(7)
+
+    def admit(self, rid: str, prompt_tokens: int):
+        req = SimpleNamespace(request_id=rid, num_prompt_tokens=prompt_tokens,
+                              kv_transfer_params={"do_remote_decode": True},
+                              num_computed_tokens=0, status=None, is_finished=lambda: True)
+        assert self.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        return req
+
+    def step(self, req, block_ids: list[int], new: bool, computed: int, scheduled: int,
+             layers_saved: int = N_LAYERS):
+        """One engine step computing tokens [computed, computed + scheduled) of ``req``,
+        in vLLM's order: metadata bound, the forward writes layer by layer (each followed
+        by save_kv_layer), start_load_kv after the forward (no sync loads), wait_for_save."""
+        rid = req.request_id
+        cached = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[],
+                                 num_computed_tokens=[])
+        news = []
+        if new:
+            news = [SimpleNamespace(req_id=rid, block_ids=(block_ids,),
+                                    num_computed_tokens=computed)]
+        else:
+            cached = SimpleNamespace(req_ids=[rid], resumed_req_ids=set(),
+                                     new_block_ids=[(block_ids,)],
+                                     num_computed_tokens=[computed])
+        out = SimpleNamespace(scheduled_new_reqs=news, scheduled_cached_reqs=cached,
+                              num_scheduled_tokens={rid: scheduled})
+        meta = self.sched.build_connector_meta(out)
+        self.blocks = getattr(self, "blocks", {})
+        ids = self.blocks[rid] = (self.blocks.get(rid, []) if not new else []) + block_ids
+        written = ids[computed // BS: -(-(computed + scheduled) // BS)]
+        with torch.inference_mode():      # as vLLM runs its forward
+            for i, (name, layer) in enumerate(zip(NAMES, self.layers)):
+                layer[written] = torch.randn((len(written), *SHAPE), generator=self.gen)
+                if i < layers_saved:
+                    self.worker.save_kv_layer(name, meta)
+        self.worker.start_load_kv(meta)
+        self.worker.wait_for_save()
+        req.num_computed_tokens = computed + scheduled
+
+    def finish(self, req, status):
+        from vllm.v1.request import RequestStatus
+
+        req.status = getattr(RequestStatus, status)
+        return self.sched.request_finished(req, self.blocks[req.request_id])
+
+    def close(self):
+        self.worker.shutdown()
+
+
+def _decode(shared_memory: bool):
+    layers = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
+    t = TorchDistTransport(layers, KVLayout.from_tensors(layers, BS), local_host="127.0.0.1",
+                           timeout_s=5, engine_name="decode-s", shared_memory=shared_memory)
+    return t, layers
+
+
+def _chunked_prefill(p: Prefill, rid: str, blocks: list[int], prompt: int, chunk: int):
+    req = p.admit(rid, prompt)
+    done, k = 0, 0
+    while done < prompt:
+        n = min(chunk, prompt - done)
+        new_ids = blocks[-(-done // BS): -(-(done + n) // BS)]
+        p.step(req, new_ids, new=k == 0, computed=done, scheduled=n)
+        done, k = done + n, k + 1
+    return req
+
+
+@pytest.mark.parametrize("path", ["shm", "gloo"])
+def test_pipelined_transfer_equals_the_unpipelined_one_byte_for_byte(path):
+    """A 5-block prompt prefilled in three chunks: staged layer by layer, its blocks freed
+    (and overwritten, as a reused block would be) before decode pulls; what lands equals
+    what an unpipelined transfer of the same prompt lands, and the prefill's own KV."""
+    blocks, prompt = [9, 1, 4, 7, 2], 4 * BS + 5          # last block partly filled
+    landed, source = {}, {}
+    for layerwise in (False, True):
+        p, (cons, c_layers) = Prefill(layerwise), _decode(path == "shm")
+        try:
+            req = _chunked_prefill(p, "r1", blocks, prompt, chunk=2 * BS - 3)
+            source[layerwise] = [layer[blocks].clone() for layer in p.layers]
+            held, params = p.finish(req, "FINISHED_LENGTH_CAPPED")
+            assert held is not layerwise              # staged: the engine frees the blocks now
+            if layerwise:
+                for layer in p.layers:                # ... and may reuse them at once
+                    layer[blocks] = -1.0
+            host, port = p.ep.address
+            rec = cons.pull(host, port, params["transfer_id"], 1, [20, 3, 5, 11])
+            assert rec.ok and rec.pipelined is layerwise and rec.transport == path
+            landed[layerwise] = [layer[[20, 3, 5, 11]].clone() for layer in c_layers]
+            if layerwise:
+                assert _settled(p.ep) == {"staging": 0, "lent": 0}   # reusable, not leaked
+        finally:
+            cons.close()
+            p.close()
+    assert all(torch.equal(a, b) for a, b in zip(source[False], source[True]))   # same "forward"
+    for want, got in zip(source[True], landed[True]):
+        assert torch.equal(got, want[1:])
+    assert all(torch.equal(a, b) for a, b in zip(landed[False], landed[True]))
+
+
+def _settled(ep: KVEndpoint, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ep.staging.stats()
+        got = {"staging": st["staging"], "lent": st["lent"]}
+        if got == {"staging": 0, "lent": 0} or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+def test_a_prefill_that_fails_halfway_leaves_nothing_held_or_staged():
+    """Aborted after the first of three chunks: no offer, no staged buffer in use, nothing
+    for vLLM to keep (it frees the request's blocks), and the pool's buffer is reused."""
+    p = Prefill(layerwise=True)
+    try:
+        req = p.admit("r-abort", 3 * BS)
+        p.step(req, [3, 4], new=True, computed=0, scheduled=BS + 4)
+        assert p.ep.staging.stats()["staging"] == 1            # it was being staged
+        assert p.finish(req, "FINISHED_ABORTED") == (False, None)
+        assert len(p.ep.offers) == 0 and p.ep.take_finished() == set()
+        st = p.ep.staging.stats()
+        assert (st["staging"], st["lent"], st["idle"]) == (0, 0, 1)
+        # the next prompt reuses the idle buffer instead of making another
+        before = p.ep.staging.stats()["bytes"]
+        req2 = _chunked_prefill(p, "r-next", [5, 6], 2 * BS, chunk=2 * BS)
+        held, params = p.finish(req2, "FINISHED_STOPPED")
+        assert not held and params["num_blocks"] == 2
+        assert p.ep.staging.stats()["bytes"] == before
+        assert p.ep.release(params["transfer_id"]) is True     # released now...
+        assert p.ep.take_finished() == set()                   # ...with no blocks to free
+        assert len(p.ep.offers) == 0 and p.ep.staging.stats()["lent"] == 0
+    finally:
+        p.close()
+
+
+def test_a_prompt_over_the_staging_cap_takes_the_held_path():
+    p = Prefill(layerwise=True, staging_bytes=1)
+    cons, c_layers = _decode(True)
+    try:
+        req = _chunked_prefill(p, "r-big", [2, 8], 2 * BS, chunk=2 * BS)
+        held, params = p.finish(req, "FINISHED_LENGTH_CAPPED")
+        assert held and p.ep.staging.stats()["skipped"] == 1
+        rec = cons.pull(*p.ep.address, params["transfer_id"], 0, [0, 1])
+        assert not rec.pipelined
+        assert all(torch.equal(c[[0, 1]], s[[2, 8]]) for c, s in zip(c_layers, p.layers))
+    finally:
+        cons.close()
+        p.close()
+
+
+def test_layerwise_off_stages_nothing():
+    p = Prefill(layerwise=False)
+    try:
+        req = _chunked_prefill(p, "r", [1], BS, chunk=BS)
+        assert p.ep.staging is None
+        held, _ = p.finish(req, "FINISHED_LENGTH_CAPPED")
+        assert held
+    finally:
+        p.close()
+
+
+def test_a_step_that_did_not_save_every_layer_is_never_served_as_staged():
+    """If the engine skipped save_kv_layer for a layer (say, an attention path without
+    vLLM's hook), that layer's staged copy is stale: the prompt must take the held path."""
+    p = Prefill(layerwise=True)
+    try:
+        req = p.admit("r-partial", 2 * BS)
+        p.step(req, [3], new=True, computed=0, scheduled=BS)
+        p.step(req, [4], new=False, computed=BS, scheduled=BS, layers_saved=N_LAYERS - 1)
+        held, params = p.finish(req, "FINISHED_LENGTH_CAPPED")
+        assert held and params["num_blocks"] == 2
+        assert p.ep.staging.stats()["staging"] == 0 and p.ep.staging.stats()["lent"] == 0
+    finally:
+        p.close()
