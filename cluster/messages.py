@@ -36,6 +36,7 @@ class KVHandle:
     num_tokens: int         # prompt tokens whose KV is held (the whole prompt)
     num_blocks: int         # ceil(num_tokens / block_size)
     layout: str             # KVLayout.fingerprint() of the prefill engine
+    staged: bool = False    # copied out layer by layer during prefill (its blocks freed)
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1 or self.num_blocks < 1:
@@ -48,7 +49,7 @@ class KVHandle:
 
     @classmethod
     def from_params(cls, params: dict) -> "KVHandle":
-        return cls(**{k: params[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: params[k] for k in cls.__dataclass_fields__ if k in params})
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class DecodeDelta:
     first_step_s: float | None = None        # from KV loaded to the first decode token
     kv_transport: str = ""                   # how it moved: shm | gloo | nccl
     kv_pipelined: bool = False               # staged layer by layer during prefill
+    kv_exposed_s: float | None = None        # what of the transfer the request waited for
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,15 @@ class DecodeWorker(EngineWorker):
         # where a later prompt (a chat's next turn) could take it for adapter-conditioned KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=1)
 
+    async def kv_loads(self) -> dict[str, int]:
+        """This engine's recent prompt-KV loads by how they ran: ``layerwise`` (copied
+        during the forward that reads them), ``pulled`` (copied before the request ran),
+        ``failed``."""
+        recs = self.kv.records()
+        return {"layerwise": sum(r.ok and r.exposed_s is not None for r in recs),
+                "pulled": sum(r.ok and r.exposed_s is None for r in recs),
+                "failed": sum(not r.ok for r in recs)}
+
     async def decode(self, req: DecodeRequest):
         """Async generator of :class:`DecodeDelta` (a Ray streaming call)."""
         self._check_layout(req)
@@ -105,10 +114,12 @@ class DecodeWorker(EngineWorker):
         rec = self.kv.pop_record(req.kv.transfer_id)
         total = time.perf_counter() - t0
         xfer = rec.seconds if rec else 0.0
+        exposed = rec.exposed if rec else 0.0
         if rec:
             self.metrics.kv_pull(rec.bytes, rec.seconds)
         return DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
                            kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
-                           first_step_s=max(0.0, total - xfer),
+                           first_step_s=max(0.0, total - exposed),
                            kv_transport=rec.transport if rec else "",
-                           kv_pipelined=bool(rec and rec.pipelined))
+                           kv_pipelined=bool(rec and rec.pipelined),
+                           kv_exposed_s=exposed)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kv_transfer.endpoint import KVEndpoint
+from kv_transfer.layer_load import LayerLoad
+from kv_transfer.transport import Claim
 from cluster.messages import KVHandle
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class _Recv:
     handle: KVHandle
     start_block: int
     local_block_ids: list[int]
+    claim: Claim | None = None    # claimed: load layer by layer during this step's forward
 
 
 @dataclass
@@ -106,6 +109,8 @@ class PreftConnectorScheduler:
         self._meta = PreftConnectorMetadata()
         # Prefill, layerwise: prompts handed to decode, by request id -> (blocks, block ids)
         self._staging: dict[str, tuple[int, list[int]]] = {}
+        # Decode: claims on staged KV (layer-wise loads), by request id; None: not claimable
+        self._claims: dict[str, Future[Claim] | None] = {}
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
@@ -123,7 +128,38 @@ class PreftConnectorScheduler:
         # preempted and its blocks evicted: prefill has freed its copy, and recomputing the
         # prompt here would be the base model's KV. It is "loaded" again, and that load
         # fails (update_state_after_alloc), which fails the request (retriable).
-        return (count, True) if count > 0 else (0, False)
+        if count <= 0:
+            return 0, False
+        if params.get(_LOADED):
+            return count, True
+        claim = self._claim(request)
+        if claim is not None and not claim.done():
+            return None, False     # not schedulable until the claim is answered
+        # claimed: a sync load, copied during the forward; else pulled before it runs
+        return count, not (claim is not None and claim.exception() is None)
+
+    def _claim(self, request: "Request") -> "Future[Claim] | None":
+        """The request's claim on its staged KV, started the first time it is seen when
+        its KV can load layer by layer (see :meth:`KVEndpoint.can_claim`); None if not."""
+        rid = request.request_id
+        if rid not in self._claims:
+            handle = KVHandle.from_params(request.kv_transfer_params)
+            claim = self.endpoint.claim(handle) if self.endpoint.can_claim(handle) else None
+            if claim is not None:
+                claim.add_done_callback(lambda _: self.endpoint.wake.set())
+            self._claims[rid] = claim
+        return self._claims[rid]
+
+    def _drop_claim(self, rid: str) -> Claim | None:
+        """The request's completed claim, now ours to use or release; None if it has none
+        (a claim still in flight is released when it lands)."""
+        fut = self._claims.pop(rid, None)
+        if fut is None:
+            return None
+        if not fut.done():
+            fut.add_done_callback(lambda f: f.exception() or f.result().release())
+            return None
+        return None if fut.exception() is not None else fut.result()
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -138,20 +174,26 @@ class PreftConnectorScheduler:
         handle = KVHandle.from_params(params)
         params["do_remote_prefill"] = False  # one transfer per request
         params[_LOADED] = True
+        claim = self._drop_claim(request.request_id)
         if num_external_tokens == 0:
             # Our own prefix cache (same adapter + version salt) already has the prompt.
+            if claim is not None:
+                claim.release()
             self._meta.releases.append(handle)
             return
-        local = blocks.get_unhashed_block_ids()
         start_token = handle.num_tokens - num_external_tokens
         if start_token % self.block_size:
             raise RuntimeError(f"local prefix hit ends mid-block at token {start_token}")
         start_block = start_token // self.block_size
         want = handle.num_blocks - start_block
+        # async: the unhashed blocks are exactly the remote ones; sync (claimed): vLLM has
+        # cached them already, so take them by position after the local prefix hit
+        local = (blocks.get_block_ids()[0][start_block:start_block + want] if claim
+                 else blocks.get_unhashed_block_ids())
         if len(local) != want:
             raise RuntimeError(f"decode allocated {len(local)} blocks for {want} remote "
                                f"blocks of transfer {handle.transfer_id}")
-        self._meta.recvs.append(_Recv(request.request_id, handle, start_block, local))
+        self._meta.recvs.append(_Recv(request.request_id, handle, start_block, local, claim))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta, self._meta = self._meta, PreftConnectorMetadata()
@@ -188,6 +230,9 @@ class PreftConnectorScheduler:
             return False, None
         staged = self._staging.pop(request.request_id, None) is not None
         if not self.is_producer:
+            claim = self._drop_claim(request.request_id)
+            if claim is not None:      # claimed, then aborted before it was scheduled
+                claim.release()
             if params.get("do_remote_prefill"):
                 # Aborted before it was ever scheduled: free the prefill side's blocks.
                 self._meta.releases.append(KVHandle.from_params(params))
@@ -218,7 +263,7 @@ class PreftConnectorScheduler:
         transfer_id, held = self.endpoint.hold(request.request_id,
                                                list(block_ids[:num_blocks]), num_tokens)
         return held, {"transfer_id": transfer_id, "num_tokens": num_tokens,
-                      "num_blocks": num_blocks}
+                      "num_blocks": num_blocks, "staged": not held}
 
 
 class PreftConnectorWorker:
@@ -236,6 +281,8 @@ class PreftConnectorWorker:
         self._ready: dict[str, int] = {}     # this step: request -> blocks staged after it
         self._planned = False                # this step's saves planned (first layer saved)
         self._layers_saved = 0
+        self._loads: list[LayerLoad] = []    # decode: this step's layer-wise loads
+        self._invalid: set[int] = set()      # decode: blocks whose sync load failed
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
@@ -245,7 +292,10 @@ class PreftConnectorWorker:
 
     def start_load_kv(self, meta: PreftConnectorMetadata) -> None:
         for recv in meta.recvs:
-            self._pool.submit(self._pull, recv)
+            if recv.claim is not None:
+                self._start_layer_load(recv)
+            else:
+                self._pool.submit(self._pull, recv)
         for handle in meta.releases:
             self._pool.submit(self._release, handle)
         if meta.lost:
@@ -281,11 +331,53 @@ class PreftConnectorWorker:
         """The forward ended: its staging copies are complete before the step's output
         (and so before any request of it finishes and hands its KV over). A step that
         did not save every layer stages nothing: those prompts take the held path."""
+        if self._loads:
+            self._finish_loads()
         ready, self._ready, self._planned = self._ready, {}, False
         saved, self._layers_saved = self._layers_saved, 0
         if ready:
             complete = saved == len(self._layer_index)
             self.endpoint.staging.finish_step(ready if complete else {r: -1 for r in ready})
+
+    # ---------------------------------------------------------------- decode: layer-wise
+    def _start_layer_load(self, recv: _Recv) -> None:
+        """Before the forward: the tail block now, the rest on a thread, layer by layer."""
+        h = recv.handle
+        load = LayerLoad(recv.req_id, recv.claim, recv.start_block, recv.local_block_ids,
+                         f"{h.host}:{h.port}", self.endpoint.layout.bytes_per_block)
+        self._loads.append(load)
+        layers = self.endpoint.transport.layers
+        try:
+            load.copy_tail(layers)
+        except Exception as e:
+            load.fail(f"{type(e).__name__}: {e}")
+            return
+        load.copying = self._pool.submit(load.copy_body, layers)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._loads:
+            i = self._layer_index[layer_name]
+            for load in self._loads:
+                load.wait_layer(i, self.endpoint.timeout_s)
+
+    def _finish_loads(self) -> None:
+        """The forward is over: record each layer-wise load; a failed one's blocks are
+        reported invalid, which fails its request (kv_load_failure_policy=fail)."""
+        loads, self._loads = self._loads, []
+        for load in loads:
+            load.settle(len(self._layer_index), self.endpoint.timeout_s)
+            if load.failed:
+                log.error("layer-wise load of KV transfer %d for %s failed: %s",
+                          load.claim.transfer_id, load.req_id, load.failed)
+                load.fail(load.failed)
+                with self._done_lock:
+                    self._invalid.update(load.dst_block_ids)
+            self.endpoint.record(load.record())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._done_lock:
+            bad, self._invalid = self._invalid, set()
+        return bad
 
     # ---------------------------------------------------------------- decode: pulls
     def _pull(self, recv: _Recv) -> None:
@@ -363,7 +455,10 @@ class PreftKVConnector(KVConnectorBase_V1):
         self.worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None
+        self.worker.wait_for_layer_load(layer_name)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors() if self.worker else set()
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()

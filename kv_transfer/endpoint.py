@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from collections import deque
 from typing import Any, Mapping
@@ -31,7 +32,8 @@ from typing import Any, Mapping
 from cluster.messages import KVHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.staging import StagingPool
-from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferRecord
+from kv_transfer.transport import (Claim, Offer, OfferTable, TorchDistTransport,
+                                   TransferRecord)
 
 ROLES = ("kv_producer", "kv_consumer")   # prefill, decode (vLLM's kv_role)
 EXTRA_CONFIG_KEY = "endpoint"            # where the connector finds it in the config
@@ -73,6 +75,7 @@ class KVEndpoint:
         self._records: deque[TransferRecord] = deque(maxlen=_MAX_RECORDS)
         self._by_transfer: dict[int, TransferRecord] = {}
         self._closed = False
+        self._claimer: ThreadPoolExecutor | None = None   # decode: layer-wise claims
 
     @classmethod
     def of(cls, kv_transfer_config: Any) -> "KVEndpoint":
@@ -103,7 +106,7 @@ class KVEndpoint:
         self.transport = TorchDistTransport(
             layers, self.layout, local_host=self.kv_host, timeout_s=self.timeout_s,
             engine_name=self.engine_id, on_record=self._record, secret=self._secret,
-            shared_memory=self.shared_memory)
+            shared_memory=self.shared_memory, lend_s=self.hold_ttl_s)
         if self.is_producer:
             if self.layerwise:
                 self.staging = StagingPool(layers, self.layout, cap_bytes=self.staging_bytes,
@@ -119,6 +122,8 @@ class KVEndpoint:
                 return
             self._closed = True
         self.transport.close()
+        if self._claimer is not None:
+            self._claimer.shutdown(wait=False, cancel_futures=True)
         if self.staging is not None:
             self.staging.close()
 
@@ -161,6 +166,25 @@ class KVEndpoint:
         """Copy ``handle``'s blocks [start_block:] into ``dst_block_ids`` (blocks a thread)."""
         self.transport.pull(handle.host, handle.port, handle.transfer_id, start_block,
                             dst_block_ids)
+
+    def can_claim(self, handle: KVHandle) -> bool:
+        """Whether ``handle``'s KV can load layer by layer during the decode forward: it was
+        staged, and our pair with its endpoint is same-host (a network pull would stall
+        the whole decode batch's forward, so those load before the request runs)."""
+        return (self.layerwise and handle.staged and self.transport is not None
+                and self.transport.pair_mode(handle.host, handle.port) == "shm")
+
+    def claim(self, handle: KVHandle) -> "Future[Claim]":
+        """Map ``handle``'s staged blocks without copying them, on a thread of our own."""
+        with self._lock:
+            if self._claimer is None:
+                self._claimer = ThreadPoolExecutor(2, thread_name_prefix="kv-claim")
+        return self._claimer.submit(self.transport.claim, handle.host, handle.port,
+                                    handle.transfer_id, handle.num_blocks)
+
+    def record(self, rec: TransferRecord) -> None:
+        """A transfer the connector completed itself (layer-wise loads)."""
+        self._record(rec)
 
     def send_release(self, handle: KVHandle) -> None:
         """Ask the holder to release ``handle``'s blocks unsent (blocks a thread)."""

@@ -78,6 +78,7 @@ _SCRATCH_CACHE_BYTES = int(os.environ.get("PREFT_KV_SCRATCH_CACHE_BYTES", 256 <<
 _SHM_CHUNK_MIN_BYTES = int(os.environ.get("PREFT_KV_SHM_CHUNK_MIN_BYTES", 16 << 20))
 _SHM_CHUNKS = 4
 
+_LENT_POLL = timedelta(milliseconds=100)   # how often lent staged copies are checked
 _MAPPED_SEGMENTS = 8               # decode side: segments kept mapped per pair
 _MAX_CONTROL_BYTES = 4096          # a control message is ~200 bytes; larger ones are refused
 _MAX_NAME = 256                    # characters of a peer name or layout fingerprint
@@ -220,6 +221,11 @@ class TransferRecord:
     error: str = ""
     transport: str = ""      # shm | gloo | nccl
     pipelined: bool = False  # staged layer by layer during prefill (no gather at pull)
+    exposed_s: float | None = None   # decode: what the request waited for (None: seconds)
+
+    @property
+    def exposed(self) -> float:
+        return self.seconds if self.exposed_s is None else self.exposed_s
 
 
 _MAX_RELEASED = 1 << 16            # remembered early releases (each a few dozen bytes)
@@ -363,17 +369,6 @@ def _wait_all(works, timeout: timedelta, device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _blocking_wait(store, key: str, stop: threading.Event) -> bool:
-    """Wait for ``key``; False if ``stop`` was set meanwhile."""
-    while not stop.is_set():
-        try:
-            store.wait([key], _IDLE_WAIT)
-            return True
-        except dist.DistStoreError:
-            continue
-    return False
-
-
 class TorchDistTransport:
     """Pairwise torch.distributed groups, created lazily; gloo on CPU, NCCL on GPU.
 
@@ -387,8 +382,10 @@ class TorchDistTransport:
     def __init__(self, layers: list[torch.Tensor], layout: KVLayout, *, local_host: str,
                  timeout_s: float, engine_name: str,
                  on_record: Callable[[TransferRecord], None] | None = None,
-                 secret: str = "", shared_memory: bool = True) -> None:
+                 secret: str = "", shared_memory: bool = True,
+                 lend_s: float = 120.0) -> None:
         self.layers = layers
+        self._lend_s = lend_s   # prefill: how long a peer may keep reading a staged copy
         self.layout = layout
         self.local_host = local_host
         self.timeout = timedelta(seconds=timeout_s)
@@ -496,7 +493,8 @@ class TorchDistTransport:
             except Exception as e:  # the peer died while joining
                 log.error("KV pair %d with %s could not be formed: %s", pair, peer, e)
                 return
-        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None}
+        state = {"peer": peer, "seq": 0, "mode": mode, "segment": None,
+                 "lent": []}      # staged copies the peer reads: (done key, staged, deadline)
         with self._pairs_lock:
             self._pairs[pair] = state
         try:
@@ -506,12 +504,14 @@ class TorchDistTransport:
                 self._pairs.pop(pair, None)
             if state["segment"] is not None:
                 state["segment"].close()
+            for _, staged, _ in state["lent"]:
+                staged.discard()   # the peer may still read them: never reused
             if pg is not None:
                 _shutdown_group(pg)
 
     def _serve_loop(self, pair: int, peer: str, store, pg, state: dict) -> None:
         capacity = self.layers[0].shape[0]
-        while _blocking_wait(store, f"pull/{pair}/{state['seq']}", self._stop):
+        while self._next_request(store, f"pull/{pair}/{state['seq']}", state):
             seq = state["seq"]
             state["seq"] = seq + 1
             key, ack = f"pull/{pair}/{seq}", f"ack/{pair}/{seq}"
@@ -527,6 +527,32 @@ class TorchDistTransport:
                 self._refuse(store, ack, f"KV pair {pair} with {peer}: {e}")
             except Exception:  # one request's failure never ends the pair's thread
                 log.exception("KV pair %d with %s: request %d failed", pair, peer, seq)
+
+    def _next_request(self, store, key: str, state: dict) -> bool:
+        """Wait for the pair's next request (``key``); meanwhile take back the staged copies
+        the peer has finished reading. False once the endpoint stops."""
+        while not self._stop.is_set():
+            self._settle_lent(store, state)
+            try:
+                store.wait([key], _LENT_POLL if state["lent"] else _IDLE_WAIT)
+                return True
+            except dist.DistStoreError:
+                continue
+        return False
+
+    def _settle_lent(self, store, state: dict) -> None:
+        """Recycle each lent staged copy whose ``done`` key the peer set; discard (never
+        reuse) one it has not released by its deadline."""
+        keep, now = [], time.monotonic()
+        for done, staged, deadline in state["lent"]:
+            if store.check([done]):
+                store.delete_key(done)
+                staged.recycle()
+            elif now > deadline:
+                staged.discard()
+            else:
+                keep.append((done, staged, deadline))
+        state["lent"] = keep
 
     def _answer(self, req: PairRequest, peer: str, store, ack: str, pg, state: dict) -> bool:
         """Serve one checked pull or release; False when the pair's group broke."""
@@ -563,17 +589,19 @@ class TorchDistTransport:
         """Move the offer's blocks [start:] to the peer the pair's way and ack; the error
         text, or "" """
         if offer.staged is not None:
-            return self._deliver_staged(offer.staged, start, store, ack, pg)
+            return self._deliver_staged(offer.staged, start, store, ack, pg, state)
         blocks = offer.block_ids[start:]
         if pg is not None:   # ack first: the peer posts its receives on it
             store.set(ack, json.dumps({"ok": True}))
             return self._send(blocks, pg, state)
         return self._gather_into_segment(blocks, store, ack, state)
 
-    def _deliver_staged(self, staged: Staged, start: int, store, ack: str, pg) -> str:
-        """A prompt the forward staged: nothing to gather. Same host: the peer scatters
-        straight out of the staged segment and says when it is done reading (then it is
-        reused; if it never says so, never). Group: sent as it lies."""
+    def _deliver_staged(self, staged: Staged, start: int, store, ack: str, pg,
+                        state: dict) -> str:
+        """A prompt the forward staged: nothing to gather. Same host: the peer copies
+        straight out of the staged segment, now or layer by layer during its forward, and
+        sets ``done/<ack>`` when it has finished reading (then the copy is reused; if it
+        never does, it is discarded at its deadline). Group: sent as it lies."""
         if pg is not None:
             store.set(ack, json.dumps({"ok": True, "pipelined": True}))
             try:
@@ -585,17 +613,10 @@ class TorchDistTransport:
                 return f"{type(e).__name__}: {e}"
             staged.recycle()
             return ""
+        state["lent"].append((f"done/{ack}", staged, time.monotonic() + self._lend_s))
         store.set(ack, json.dumps({"ok": True, "pipelined": True, "chunks": 0,
                                    "segment": staged.segment.name,
                                    "staged_blocks": staged.num_blocks, "offset": start}))
-        done = f"done/{ack}"
-        try:
-            store.wait([done], self.timeout)
-            store.delete_key(done)
-        except Exception:
-            staged.discard()
-            return "the peer never said it finished reading the staged KV"
-        staged.recycle()
         return ""
 
     def _gather_into_segment(self, blocks: list[int], store, ack: str, state: dict) -> str:
@@ -706,6 +727,19 @@ class TorchDistTransport:
     def release(self, host: str, port: int, transfer_id: int) -> None:
         self._client(host, port).release(transfer_id)
 
+    def pair_mode(self, host: str, port: int) -> str:
+        """Decode side: how an existing, unbroken pair with that endpoint moves KV (shm |
+        gloo | nccl); "" when there is none yet."""
+        with self._clients_lock:
+            client = self._clients.get((host, port))
+            return client.transport if client is not None and not client.broken else ""
+
+    def claim(self, host: str, port: int, transfer_id: int, num_blocks: int) -> "Claim":
+        """Decode side, same-host pair, staged transfer: ask for all of its blocks and map
+        them without copying; the caller copies them (layer by layer, during its forward)
+        and then :meth:`Claim.release` s them."""
+        return self._client(host, port).claim(transfer_id, num_blocks)
+
     def peers(self) -> list[str]:
         """Prefill side: the decode peers with a live pair group."""
         with self._pairs_lock:
@@ -765,6 +799,28 @@ def _shutdown_group(pg) -> None:
         pg.shutdown()
     except Exception:
         pass
+
+
+@dataclass
+class Claim:
+    """A staged transfer mapped on the decode side, not yet copied: ``blocks`` is
+    ``[layers, num_blocks, *block_shape]`` in the prefill endpoint's staged segment."""
+
+    transfer_id: int
+    blocks: torch.Tensor
+    done_key: str
+    store: object
+    claimed_s: float                 # request -> mapped (the control round trip)
+    _released: bool = False
+
+    def release(self) -> None:
+        """Finished reading (or never will): the prefill side may reuse the segment."""
+        if not self._released:
+            self._released = True
+            try:
+                self.store.set(self.done_key, "1")
+            except Exception:   # the endpoint is gone; it discards at its deadline
+                pass
 
 
 class _PairClient:
@@ -891,6 +947,25 @@ class _PairClient:
     def release(self, transfer_id: int) -> None:
         with self._lock:
             self._request({"op": "release", "transfer_id": transfer_id})
+
+    def claim(self, transfer_id: int, num_blocks: int) -> Claim:
+        t0 = time.perf_counter()
+        with self._lock:
+            if self.broken or self.pg is not None:
+                raise TransferError("layer-wise claims need a same-host pair")
+            ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
+                                          "start_block": 0, "num_blocks": num_blocks})
+            if ack.get("pipelined") is not True or ack.get("chunks", 0) != 0:
+                # held (unstaged) blocks were gathered into the pair segment instead; they
+                # are consumed by nobody, and the pair's next request frees that segment
+                raise TransferError(f"KV transfer {transfer_id} was not staged")
+            try:
+                blocks = self._mapped(ack, num_blocks)
+            except Exception:
+                self.store.set(f"done/{ack_key}", "1")
+                raise
+        return Claim(transfer_id, blocks, f"done/{ack_key}", self.store,
+                     time.perf_counter() - t0)
 
     def _break(self) -> None:
         self.broken = True

@@ -179,6 +179,7 @@ class GenerateRpcs(ServiceBase):
             async for d in self._stream(gen, context, "decode", dw):
                 if d.kv_transfer_s is not None:
                     out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
+                    out.kv_exposed_s = d.kv_exposed_s or 0.0
                     out.kv.bytes, out.kv.transport = d.kv_bytes or 0, d.kv_transport
                     out.kv.pipelined = d.kv_pipelined
                     m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s,
@@ -223,7 +224,7 @@ class GenerateRpcs(ServiceBase):
         if out.n_tokens > 1:
             m.tpot.observe((total - out.ttft_s) / (out.n_tokens - 1))
         timings = pb.Timings(queue_s=out.queue_s, prefill_s=out.prefill_s, ttft_s=out.ttft_s,
-                             kv_transfer_s=out.kv_transfer_s,
+                             kv_transfer_s=out.kv_transfer_s, kv_exposed_s=out.kv_exposed_s,
                              first_decode_step_s=out.first_decode_step_s or 0.0,
                              decode_s=out.decode_s, total_s=total, **out.hop_s)
         return pb.GenerateResponse(final=pb.Final(
@@ -299,7 +300,7 @@ class _Outcome:
         self.finish: str | None = None
         self.prompt_tokens = 0
         self.ttft_s = self.queue_s = self.prefill_s = self.decode_s = 0.0
-        self.kv_transfer_s = self.first_decode_step_s = 0.0
+        self.kv_transfer_s = self.first_decode_step_s = self.kv_exposed_s = 0.0
         self.kv = pb.KVTransfer()
         self.hop_s: dict[str, float] = {}
 

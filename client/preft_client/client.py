@@ -192,7 +192,7 @@ class _Collector:
             usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens),
             timings=Timings(t.queue_s, t.prefill_s, t.kv_transfer_s, t.decode_s, t.ttft_s,
                             t.total_s, t.first_decode_step_s, t.route_s, t.to_worker_s,
-                            t.worker_s, t.from_worker_s),
+                            t.worker_s, t.from_worker_s, t.kv_exposed_s),
             kv_bytes=f.kv.bytes, kv_blocks=f.kv.blocks, kv_transport=f.kv.transport,
             kv_pipelined=f.kv.pipelined,
             workers=(f.kv.prefill_worker, f.kv.decode_worker))

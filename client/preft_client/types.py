@@ -24,6 +24,7 @@ class Timings:
     to_worker_s: float = 0.0      # path): router admission to prefill call, the Ray hop in,
     worker_s: float = 0.0         # the prefill worker's own time, the Ray hop back
     from_worker_s: float = 0.0
+    kv_exposed_s: float = 0.0     # of kv_transfer_s, what the request waited for
 
 
 @dataclass(frozen=True)

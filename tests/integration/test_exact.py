@@ -52,8 +52,15 @@ def test_cluster_equals_preft_reference(cluster, client, reference, assets):
         return client.generate(name, prompt_token_ids=p, max_tokens=N_TOKENS,
                                temperature=0.0, ignore_eos=True)
 
+    import ray
+
+    loads_before = ray.get(cluster.pool.decode[0].actor.kv_loads.remote())
     with ThreadPoolExecutor(8) as ex:  # concurrent: decode batches mix users
         results = list(ex.map(run, jobs))
+    loads = ray.get(cluster.pool.decode[0].actor.kv_loads.remote())
+    # after the pair's first transfer, staged same-host KV loads layer by layer during the
+    # decode forward (the exact comparison below covers both ways)
+    assert loads["layerwise"] - loads_before["layerwise"] >= len(jobs) // 2, (loads_before, loads)
 
     from transformers import AutoTokenizer
 

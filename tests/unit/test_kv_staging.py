@@ -204,3 +204,104 @@ def test_a_step_that_did_not_save_every_layer_is_never_served_as_staged():
         assert p.ep.staging.stats()["staging"] == 0 and p.ep.staging.stats()["lent"] == 0
     finally:
         p.close()
+
+
+class Decode:
+    """A decode "engine": caches and our connector's two sides on one consumer endpoint."""
+
+    def __init__(self) -> None:
+        self.ep = KVEndpoint("decode-s", "kv_consumer", timeout_s=5, layerwise=True)
+        self.layers = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
+        self.sched = PreftConnectorScheduler(self.ep, BS)
+        self.worker = PreftConnectorWorker(self.ep, BS)
+        self.worker.register_kv_caches(dict(zip(NAMES, self.layers)))
+
+    def admit(self, rid: str, p: Prefill, params: dict):
+        from cluster.messages import KVHandle
+
+        h = KVHandle(params["transfer_id"], *p.ep.address, "prefill-s", params["num_tokens"],
+                     params["num_blocks"], p.ep.layout_fingerprint, staged=params["staged"])
+        return SimpleNamespace(request_id=rid, kv_transfer_params=h.to_params())
+
+    def matched(self, req, timeout: float = 5.0):
+        """vLLM asks again while we answer None (the claim is in flight)."""
+        deadline = time.monotonic() + timeout
+        while (got := self.sched.get_num_new_matched_tokens(req, 0))[0] is None:
+            assert time.monotonic() < deadline, "claim never answered"
+            time.sleep(0.01)
+        return got
+
+    def schedule(self, req, dst: list[int], count: int):
+        blocks = SimpleNamespace(get_block_ids=lambda: (dst,), get_unhashed_block_ids=lambda: dst)
+        self.sched.update_state_after_alloc(req, blocks, count)
+        empty = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
+                                scheduled_cached_reqs=None)
+        return self.sched.build_connector_meta(empty)
+
+    def close(self):
+        self.worker.shutdown()
+
+
+def test_layerwise_load_copies_the_tail_first_and_each_layer_before_its_attention():
+    """Staged same-host KV is claimed (no copy) before the request is scheduled, then
+    loaded during its forward: the block the first token's KV goes into before the forward
+    starts, each other layer before that layer's attention reads it."""
+    p, d = Prefill(layerwise=True), Decode()
+    try:
+        # the pair's first transfer forms it (and pulls before the request runs) ...
+        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
+        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
+        req0 = d.admit("d0", p, params0)
+        assert d.sched.get_num_new_matched_tokens(req0, 0) == (BS, True)
+        d.worker.start_load_kv(d.schedule(req0, [9], BS))
+        # ... later ones on a same-host pair load layer by layer
+        req = _chunked_prefill(p, "r1", [2, 6, 4], 2 * BS + 5, chunk=BS)
+        src = [layer[[2, 6, 4]].clone() for layer in p.layers]
+        _, params = p.finish(req, "FINISHED_STOPPED")
+        dreq = d.admit("d1", p, params)
+        assert d.matched(dreq) == (2 * BS + 5, False)              # sync: during the forward
+        meta = d.schedule(dreq, [11, 3, 7], 2 * BS + 5)
+        assert meta.recvs[0].claim is not None
+        with torch.inference_mode():
+            d.worker.start_load_kv(meta)
+            for i, name in enumerate(NAMES):                        # tail first, every layer
+                assert torch.equal(d.layers[i][7], src[i][2])
+            for i, name in enumerate(NAMES):
+                d.worker.wait_for_layer_load(name)
+                assert torch.equal(d.layers[i][[11, 3, 7]], src[i]), f"layer {i}"
+            d.worker.wait_for_save()
+        assert d.worker.get_block_ids_with_load_errors() == set()
+        rec = [r for r in d.ep.records() if r.transfer_id == params["transfer_id"]][0]
+        assert rec.ok and rec.pipelined and rec.exposed_s is not None
+        assert rec.exposed_s <= rec.seconds
+        assert _settled(p.ep) == {"staging": 0, "lent": 0}         # prefill reuses its copy
+    finally:
+        d.close()
+        p.close()
+
+
+def test_a_layerwise_load_the_forward_did_not_wait_for_fails_its_blocks():
+    """If a layer's attention ran without waiting for its load (no per-layer hook on that
+    path), the request's blocks are reported invalid: vLLM fails it rather than serve KV
+    that may be half-copied."""
+    p, d = Prefill(layerwise=True), Decode()
+    try:
+        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
+        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
+        req0 = d.admit("d0", p, params0)
+        d.sched.get_num_new_matched_tokens(req0, 0)
+        d.worker.start_load_kv(d.schedule(req0, [9], BS))
+        req = _chunked_prefill(p, "r1", [2, 6], 2 * BS, chunk=2 * BS)
+        _, params = p.finish(req, "FINISHED_STOPPED")
+        dreq = d.admit("d1", p, params)
+        assert d.matched(dreq) == (2 * BS, False)
+        with torch.inference_mode():
+            d.worker.start_load_kv(d.schedule(dreq, [12, 13], 2 * BS))
+            for name in NAMES[:-1]:
+                d.worker.wait_for_layer_load(name)
+            d.worker.wait_for_save()
+        assert d.worker.get_block_ids_with_load_errors() == {12, 13}
+        assert _settled(p.ep) == {"staging": 0, "lent": 0}
+    finally:
+        d.close()
+        p.close()

@@ -59,7 +59,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "decode_s", "ttft_s", "total_s", "first_decode_step_s", "route_s", "to_worker_s", "worker_s", "from_worker_s")
+    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "decode_s", "ttft_s", "total_s", "first_decode_step_s", "route_s", "to_worker_s", "worker_s", "from_worker_s", "kv_exposed_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Timings(_message.Message):
     TO_WORKER_S_FIELD_NUMBER: _ClassVar[int]
     WORKER_S_FIELD_NUMBER: _ClassVar[int]
     FROM_WORKER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_EXPOSED_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     kv_transfer_s: float
@@ -82,7 +83,8 @@ class Timings(_message.Message):
     to_worker_s: float
     worker_s: float
     from_worker_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_decode_step_s: _Optional[float] = ..., route_s: _Optional[float] = ..., to_worker_s: _Optional[float] = ..., worker_s: _Optional[float] = ..., from_worker_s: _Optional[float] = ...) -> None: ...
+    kv_exposed_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_decode_step_s: _Optional[float] = ..., route_s: _Optional[float] = ..., to_worker_s: _Optional[float] = ..., worker_s: _Optional[float] = ..., from_worker_s: _Optional[float] = ..., kv_exposed_s: _Optional[float] = ...) -> None: ...
 
 class KVTransfer(_message.Message):
     __slots__ = ("bytes", "blocks", "prefill_worker", "decode_worker", "transport", "pipelined")
