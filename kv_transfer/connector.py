@@ -341,35 +341,29 @@ class PreftConnectorWorker:
 
     # ---------------------------------------------------------------- decode: layer-wise
     def _start_layer_load(self, recv: _Recv) -> None:
-        """Before the forward: the tail block now, the rest on a thread, layer by layer."""
+        """Before the forward: the tail block now; each layer's others in its attention."""
         h = recv.handle
         load = LayerLoad(recv.req_id, recv.claim, recv.start_block, recv.local_block_ids,
-                         f"{h.host}:{h.port}", self.endpoint.layout.bytes_per_block)
+                         self.endpoint.transport.layers, f"{h.host}:{h.port}",
+                         self.endpoint.layout.bytes_per_block)
         self._loads.append(load)
-        layers = self.endpoint.transport.layers
-        try:
-            load.copy_tail(layers)
-        except Exception as e:
-            load.fail(f"{type(e).__name__}: {e}")
-            return
-        load.copying = self._pool.submit(load.copy_body, layers)
+        load.copy_tail()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._loads:
             i = self._layer_index[layer_name]
             for load in self._loads:
-                load.wait_layer(i, self.endpoint.timeout_s)
+                load.load_layer(i)
 
     def _finish_loads(self) -> None:
         """The forward is over: record each layer-wise load; a failed one's blocks are
         reported invalid, which fails its request (kv_load_failure_policy=fail)."""
         loads, self._loads = self._loads, []
         for load in loads:
-            load.settle(len(self._layer_index), self.endpoint.timeout_s)
+            load.settle()
             if load.failed:
                 log.error("layer-wise load of KV transfer %d for %s failed: %s",
                           load.claim.transfer_id, load.req_id, load.failed)
-                load.fail(load.failed)
                 with self._done_lock:
                     self._invalid.update(load.dst_block_ids)
             self.endpoint.record(load.record())
