@@ -7,12 +7,18 @@ requests (fresh prompts of each length, one LoRA-P adapter) to each:
   blocks until decode pulls, and the pull gathers them out of the cache (then decode
   scatters them into its own);
 * ``layerwise`` -- the default: the prefill engine copies each layer's blocks out as its
-  forward writes them, so the pull only scatters (same host) or sends (across hosts).
+  forward writes them (so nothing is gathered at the pull), and a same-host decode engine
+  copies them into its blocks during its first forward, each layer just before that
+  layer's attention reads it.
 
 Per mode and length it reports the medians of queue, prefill (adapter + first token), KV
-transfer (the decode engine's pull: the KV time left **exposed** after prefill ends),
-first decode step and TTFT; then, per length, the share of the held mode's exposed KV time
-that layer-wise staging hides, and what staging costs the prefill. Engine start time and
+transfer (claim or pull to the last byte in decode's blocks), the KV time left **exposed**
+after prefill ends (what the decode request waited for: the whole pull when it runs before
+the request; the claim's round trip, the tail block and the forward's per-layer waits when
+it loads layer by layer during the forward), first decode step and TTFT; then, per length,
+the share of the held mode's exposed KV time the layer-wise mode hides, and what it costs
+the prefill. In layerwise mode the first transfer of each pair forms it and is pulled
+before its request runs (``loaded_layerwise`` counts those that were not). Engine start time and
 resident memory per worker too. Prints a table and writes JSON.
 
     .venv/bin/python -m bench.ttft --model qwen2.5-0.5b --lengths 512,2048 --repeats 5
@@ -56,7 +62,11 @@ def _cluster_config(args, model_dir: Path, load_format: str, adapters, layerwise
 
 
 def _measure(cluster, adapter: str, lengths: list[int], args, track) -> list[dict]:
+    import ray
+
     from preft_client import PreftClient
+
+    loads = lambda: ray.get(cluster.pool.decode[0].actor.kv_loads.remote())  # noqa: E731
 
     vocab = cluster.pool.prefill[0].info.vocab_size
     rng = random.Random(0)         # the same prompts in every mode
@@ -64,7 +74,7 @@ def _measure(cluster, adapter: str, lengths: list[int], args, track) -> list[dic
     with PreftClient(cluster.address, timeout=600) as client:
         client.generate(adapter, prompt_token_ids=[5] * 16, max_tokens=2)  # warm-up
         for L in lengths:
-            samples = []
+            samples, before = [], loads()
             for _ in track(range(args.repeats), description=f"{L}-token prompts"):
                 p = [rng.randrange(3, vocab) for _ in range(L)]  # fresh: no cache hits
                 samples.append(client.generate(adapter, prompt_token_ids=p,
@@ -72,13 +82,18 @@ def _measure(cluster, adapter: str, lengths: list[int], args, track) -> list[dic
             med = lambda f: statistics.median(f(c) for c in samples)  # noqa: E731
             t = lambda name: med(lambda c: getattr(c.timings, name))  # noqa: E731
             kv_s, kv_b = t("kv_transfer_s"), med(lambda c: c.kv_bytes)
+            after = loads()
             rows.append({
                 "prompt_tokens": L, "queue_ms": t("queue_s") * 1e3,
-                "prefill_ms": t("prefill_s") * 1e3, "kv_exposed_ms": kv_s * 1e3,
+                "prefill_ms": t("prefill_s") * 1e3, "kv_transfer_ms": kv_s * 1e3,
+                "kv_exposed_ms": t("kv_exposed_s") * 1e3,
                 "first_decode_step_ms": t("first_decode_step_s") * 1e3,
+                "kv_exposed_plus_first_step_ms": med(
+                    lambda c: c.timings.kv_exposed_s + c.timings.first_decode_step_s) * 1e3,
                 "ttft_ms": t("ttft_s") * 1e3, "kv_bytes": kv_b,
                 "kv_gb_per_s": kv_b / kv_s / 1e9 if kv_s else 0.0,
-                "pipelined": sum(c.kv_pipelined for c in samples),
+                "staged": sum(c.kv_pipelined for c in samples),
+                "loaded_layerwise": after["layerwise"] - before["layerwise"],
                 "kv_transport": ",".join(sorted({c.kv_transport for c in samples})),
             })
     return rows
@@ -107,6 +122,8 @@ def _ratios(rows: list[dict]) -> dict:
             "kv_exposed_hidden_share": 1 - lw["kv_exposed_ms"] / held["kv_exposed_ms"],
             "prefill_layerwise_over_held": lw["prefill_ms"] / held["prefill_ms"],
             "ttft_layerwise_over_held": lw["ttft_ms"] / held["ttft_ms"],
+            "kv_exposed_plus_first_step_layerwise_over_held": (
+                lw["kv_exposed_plus_first_step_ms"] / held["kv_exposed_plus_first_step_ms"]),
         }
     return out
 
