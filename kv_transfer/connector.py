@@ -45,7 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kv_transfer.endpoint import KVEndpoint
 from kv_transfer.layer_load import LayerLoad
-from kv_transfer.transport import Claim
+from kv_transfer.transport import Claim, TransferRecord
 from cluster.messages import KVHandle
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class _Recv:
     start_block: int
     local_block_ids: list[int]
     claim: Claim | None = None    # claimed: load layer by layer during this step's forward
+    failed: str = ""              # the claim failed: the transfer failed, nothing to pull
 
 
 @dataclass
@@ -150,16 +151,17 @@ class PreftConnectorScheduler:
             self._claims[rid] = claim
         return self._claims[rid]
 
-    def _drop_claim(self, rid: str) -> Claim | None:
-        """The request's completed claim, now ours to use or release; None if it has none
-        (a claim still in flight is released when it lands)."""
+    def _drop_claim(self, rid: str) -> Claim | BaseException | None:
+        """The request's completed claim, now ours to use or release, or why it failed (the
+        transfer failed: its KV is not pulled again); None if it has none (a claim still
+        in flight is released when it lands)."""
         fut = self._claims.pop(rid, None)
         if fut is None:
             return None
         if not fut.done():
             fut.add_done_callback(lambda f: f.exception() or f.result().release())
             return None
-        return None if fut.exception() is not None else fut.result()
+        return fut.exception() or fut.result()
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -175,6 +177,8 @@ class PreftConnectorScheduler:
         params["do_remote_prefill"] = False  # one transfer per request
         params[_LOADED] = True
         claim = self._drop_claim(request.request_id)
+        failed = f"claim failed: {claim}" if isinstance(claim, BaseException) else ""
+        claim = None if failed else claim
         if num_external_tokens == 0:
             # Our own prefix cache (same adapter + version salt) already has the prompt.
             if claim is not None:
@@ -193,7 +197,8 @@ class PreftConnectorScheduler:
         if len(local) != want:
             raise RuntimeError(f"decode allocated {len(local)} blocks for {want} remote "
                                f"blocks of transfer {handle.transfer_id}")
-        self._meta.recvs.append(_Recv(request.request_id, handle, start_block, local, claim))
+        self._meta.recvs.append(_Recv(request.request_id, handle, start_block, local, claim,
+                                      failed))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta, self._meta = self._meta, PreftConnectorMetadata()
@@ -231,7 +236,7 @@ class PreftConnectorScheduler:
         staged = self._staging.pop(request.request_id, None) is not None
         if not self.is_producer:
             claim = self._drop_claim(request.request_id)
-            if claim is not None:      # claimed, then aborted before it was scheduled
+            if isinstance(claim, Claim):   # claimed, then aborted before it was scheduled
                 claim.release()
             if params.get("do_remote_prefill"):
                 # Aborted before it was ever scheduled: free the prefill side's blocks.
@@ -292,7 +297,9 @@ class PreftConnectorWorker:
 
     def start_load_kv(self, meta: PreftConnectorMetadata) -> None:
         for recv in meta.recvs:
-            if recv.claim is not None:
+            if recv.failed:
+                self._fail_recv(recv)
+            elif recv.claim is not None:
                 self._start_layer_load(recv)
             else:
                 self._pool.submit(self._pull, recv)
@@ -338,6 +345,16 @@ class PreftConnectorWorker:
         if ready:
             complete = saved == len(self._layer_index)
             self.endpoint.staging.finish_step(ready if complete else {r: -1 for r in ready})
+
+    def _fail_recv(self, recv: _Recv) -> None:
+        log.error("KV transfer %d for %s failed: %s", recv.handle.transfer_id, recv.req_id,
+                  recv.failed)
+        self.endpoint.record(TransferRecord(
+            recv.handle.transfer_id, f"{recv.handle.host}:{recv.handle.port}",
+            len(recv.local_block_ids), 0, 0.0, ok=False, error=recv.failed))
+        with self._done_lock:
+            self._recv_failed.add(recv.req_id)
+        self.endpoint.wake.set()
 
     # ---------------------------------------------------------------- decode: layer-wise
     def _start_layer_load(self, recv: _Recv) -> None:

@@ -953,8 +953,16 @@ class _PairClient:
         with self._lock:
             if self.broken or self.pg is not None:
                 raise TransferError("layer-wise claims need a same-host pair")
-            ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
-                                          "start_block": 0, "num_blocks": num_blocks})
+            try:
+                ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
+                                              "start_block": 0, "num_blocks": num_blocks})
+            except TransferError as e:   # as a pull: a lost round trip breaks the pair,
+                if "timed out" in str(e):  # an error answer does not
+                    self._break()
+                raise
+            except Exception:
+                self._break()
+                raise
             if ack.get("pipelined") is not True or ack.get("chunks", 0) != 0:
                 # held (unstaged) blocks were gathered into the pair segment instead; they
                 # are consumed by nobody, and the pair's next request frees that segment

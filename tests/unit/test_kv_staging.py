@@ -305,3 +305,29 @@ def test_a_layerwise_load_the_forward_did_not_wait_for_fails_its_blocks():
     finally:
         d.close()
         p.close()
+
+
+def test_a_failed_claim_fails_the_request_without_pulling_again():
+    """The claim is the transfer: if its round trip fails (here the offer was released),
+    the request fails (retriable) instead of trying a second pull of KV already gone."""
+    p, d = Prefill(layerwise=True), Decode()
+    try:
+        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
+        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
+        req0 = d.admit("d0", p, params0)
+        d.sched.get_num_new_matched_tokens(req0, 0)
+        d.worker.start_load_kv(d.schedule(req0, [9], BS))
+        req = _chunked_prefill(p, "r1", [2, 6], 2 * BS, chunk=2 * BS)
+        _, params = p.finish(req, "FINISHED_STOPPED")
+        assert p.ep.release(params["transfer_id"])
+        dreq = d.admit("d1", p, params)
+        assert d.matched(dreq) == (2 * BS, True)           # claim failed: not a sync load
+        meta = d.schedule(dreq, [12, 13], 2 * BS)
+        assert meta.recvs[0].claim is None and "unknown or expired" in meta.recvs[0].failed
+        d.worker.start_load_kv(meta)
+        res = d.worker.get_transfer_results()
+        assert res.failed_recving == {"d1"} and "d1" in res.finished_recving
+        assert d.ep.transport.pair_mode(*p.ep.address) == "shm"   # an error answer: pair kept
+    finally:
+        d.close()
+        p.close()
