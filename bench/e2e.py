@@ -8,6 +8,8 @@ same seeded workload (:mod:`bench.workload`), and each gets all the machine's co
 * ``preft_shared``       -- the same pools with ``local_cores: shared`` (the default since
   it measured faster): both engines on every core, passive OpenMP waits; ``preft`` keeps
   ``local_cores: split`` (disjoint halves), as every recorded ``preft`` row ran.
+* ``preft_held``         -- ``preft_shared`` with ``transfer.layerwise: false``: prompt KV
+  held in prefill's blocks and pulled whole, not staged and loaded layer by layer.
 * ``preft_colocated``    -- ``preft up --colocated-workers 1``: one engine applies each
   adapter to its prompt positions and decodes adapter-free in the same batch (no KV moves).
 * ``preft_mixed``        -- 1 colocated + 1 prefill + 1 decode worker: the router chooses
@@ -60,7 +62,7 @@ import numpy as np
 from bench.workload import POPULARITY, BenchRequest, Workload, build
 
 REPO = Path(__file__).resolve().parents[1]
-PREFT_SYSTEMS = ("preft", "preft_shared", "preft_colocated", "preft_mixed")
+PREFT_SYSTEMS = ("preft", "preft_shared", "preft_held", "preft_colocated", "preft_mixed")
 SYSTEMS = (*PREFT_SYSTEMS, "multi_lora", "multi_lora_grouped", "base")
 DEFAULT_SYSTEMS = ("preft_colocated", "preft_shared", "preft", "multi_lora", "multi_lora_grouped",
                    "base")
@@ -242,14 +244,15 @@ class PreftSystem(System):
         gpu = {"num_gpus": 1} if c.gpus else {}
         slots = {"max_lora_rank": c.rank, "max_loras": min(c.max_loras, n_max),
                  "max_cpu_loras": n_max, **gpu}
+        transfer = {"transfer": {"layerwise": False}} if self.name == "preft_held" else {}
         conf = {
             **self._pools(),
             "local_cores": "split" if self.name == "preft" else "shared",
             "run_dir": str(self.log_path.parent / "preft-run"),
             "adapters": {n: str(p) for n, p in self.adapters},
             "prefill": {"engine": {**eng, "max_num_batched_tokens": c.preft_prefill_tokens},
-                        **slots},
-            "decode": {"engine": dec_eng, **gpu},
+                        **slots, **transfer},
+            "decode": {"engine": dec_eng, **gpu, **transfer},
             "colocated": {"engine": eng, **slots},
             "router": {"port": 0, "request_timeout_s": c.request_timeout_s,
                        "metrics_port": 0,   # any free port: no race with Ray's ports
@@ -512,9 +515,10 @@ def ratios(rows: list[dict]) -> list[dict]:
         if s not in PREFT_SYSTEMS:
             continue
         row = {"system": s, "adapters": n, "preft_tok_s": r["output_tok_s"]}
-        if s != "preft":
-            o = by.get(("preft", n))
-            row["x_preft"] = r["output_tok_s"] / o["output_tok_s"] if o and o["output_tok_s"] else None
+        for ref in ("preft", "preft_held"):
+            o = by.get((ref, n))
+            if s != ref and (o is not None or ref == "preft"):
+                row[f"x_{ref}"] = r["output_tok_s"] / o["output_tok_s"] if o and o["output_tok_s"] else None
         for other in ("multi_lora", "multi_lora_grouped"):
             o = by.get((other, n))
             row[f"x_{other}"] = r["output_tok_s"] / o["output_tok_s"] if o and o["output_tok_s"] else None
@@ -606,7 +610,8 @@ def run(cfg: BenchConfig, assets_root: Path) -> dict:
     console.print(table)
     rt = ratios(rows)
     rtab = Table(title="PreFT output tok/s ratios")
-    rcols = ("system", "adapters", "preft_tok_s", "x_preft", "x_multi_lora",
+    rcols = ("system", "adapters", "preft_tok_s", "x_preft",
+             *(("x_preft_held",) if "preft_held" in cfg.systems else ()), "x_multi_lora",
              "x_multi_lora_grouped", "x_base")
     for c in rcols:
         rtab.add_column(c)

@@ -46,3 +46,8 @@ $P bench $Q --output-len 64 --num-requests 64 --adapters 64 --rate 1.0 \
 .venv/bin/python -m bench.kv_transfer --blocks 1,4,16,64 --repeats 10
 .venv/bin/python -m bench.routing --requests 300
 .venv/bin/python -m bench.routing --requests 300 --adapters 64 --out bench/results/routing_64.json
+# 12. KV staged and loaded layer by layer vs held (issue 15): through the cluster, and end
+#     to end beside stock multi-LoRA and base (same shape and workload as run 10).
+.venv/bin/python -m bench.ttft --model qwen2.5-0.5b --lengths 512,2048 --repeats 5
+$P bench $Q --output-len 64 --num-requests 64 --adapters 64 \
+  --systems preft_held,preft_shared,multi_lora,base --out-dir bench/results/e2e/pd-layerwise-64x128x64
