@@ -53,12 +53,19 @@ def _path(name: str) -> Path:
 
 
 def _create(nbytes: int) -> Path:
+    """A new segment file of ``nbytes``, its pages allocated now: on a full ``/dev/shm``
+    (a container's default is 64 MiB) this raises ENOSPC here, where a sparse file would
+    kill the process with SIGBUS at its first write past the limit."""
     path = SHM_DIR / _new_name()
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, nbytes)
-    finally:
+        if nbytes:
+            os.posix_fallocate(fd, 0, nbytes)
+    except BaseException:
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     return path
 
 

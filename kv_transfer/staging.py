@@ -121,7 +121,13 @@ class StagingPool:
                 if self._bytes + need > self.cap_bytes:
                     self.skipped += 1
                     return None
-                staged = self._new(req_id, num_blocks, shape)
+                try:
+                    staged = self._new(req_id, num_blocks, shape)
+                except OSError as e:   # /dev/shm full: this prompt takes the held path
+                    self.skipped += 1
+                    log.warning("no staging buffer for %s (%s); its KV is held for decode "
+                                "instead", req_id, e)
+                    return None
                 self._bytes += staged.capacity_bytes
             self._live[req_id] = staged
             return staged

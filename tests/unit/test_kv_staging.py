@@ -331,3 +331,29 @@ def test_a_failed_claim_fails_the_request_without_pulling_again():
     finally:
         d.close()
         p.close()
+
+
+def test_a_full_dev_shm_means_the_held_path_not_a_crash(monkeypatch):
+    """Segments allocate their pages up front: with /dev/shm full the prompt is held
+    (never a sparse file whose first write past the limit kills the worker with SIGBUS)."""
+    import errno
+    import os
+
+    from kv_transfer import shm
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = set(shm.SHM_DIR.glob("preft-kv-*"))
+    p = Prefill(layerwise=True)
+    try:
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(OSError):
+            shm.Segment.create(1024, torch.float32)
+        req = _chunked_prefill(p, "r-full", [1, 2], 2 * BS, chunk=2 * BS)
+        held, _ = p.finish(req, "FINISHED_LENGTH_CAPPED")
+        assert held and p.ep.staging.stats()["skipped"] == 1
+        monkeypatch.undo()
+    finally:
+        p.close()
+    assert set(shm.SHM_DIR.glob("preft-kv-*")) <= before     # nothing half-made left behind

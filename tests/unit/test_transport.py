@@ -67,8 +67,11 @@ def test_pull_copies_whole_blocks_into_other_ids(pair):
     per_block = N_LAYERS * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
     assert rec.bytes == 2 * per_block and rec.ok
     assert rec.transport == pair["path"]                 # the path the pair chose
-    assert [r.transport for r in pair["p_rec"]] == [pair["path"]]
     assert _finished(offers) == {"req-7"}                # prefill may free its blocks now
+    deadline = time.monotonic() + 5                      # prefill records after it frees
+    while not pair["p_rec"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r.transport for r in pair["p_rec"]] == [pair["path"]]
     assert len(offers) == 0
 
 
