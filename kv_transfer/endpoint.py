@@ -108,7 +108,10 @@ class KVEndpoint:
             engine_name=self.engine_id, on_record=self._record, secret=self._secret,
             shared_memory=self.shared_memory, lend_s=self.hold_ttl_s)
         if self.is_producer:
-            if self.layerwise:
+            # CPU caches only: on a GPU the copy thread's stream is not ordered after the
+            # forward's KV writes (not built: a side stream that waits on the forward's
+            # events); GPU prompts take the held path.
+            if self.layerwise and layers[0].device.type == "cpu":
                 self.staging = StagingPool(layers, self.layout, cap_bytes=self.staging_bytes,
                                            shared_memory=self.transport.shared_memory,
                                            stale_after_s=self.hold_ttl_s)

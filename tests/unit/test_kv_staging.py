@@ -357,3 +357,17 @@ def test_a_full_dev_shm_means_the_held_path_not_a_crash(monkeypatch):
     finally:
         p.close()
     assert set(shm.SHM_DIR.glob("preft-kv-*")) <= before     # nothing half-made left behind
+
+
+def test_staging_is_for_cpu_caches_only():
+    """On a GPU the copy thread's stream would not be ordered after the forward's KV
+    writes: an endpoint on non-CPU caches never stages (its prompts take the held path)."""
+    ep = KVEndpoint("prefill-meta", "kv_producer", timeout_s=5, layerwise=True)
+    layers = [torch.zeros((N_BLOCKS, *SHAPE), device="meta") for _ in range(N_LAYERS)]
+    try:
+        ep.open(layers, BS)
+    except Exception:
+        pass   # a meta-device transport may refuse to serve; staging is decided first
+    finally:
+        ep.close()
+    assert ep.staging is None
