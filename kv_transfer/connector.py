@@ -117,7 +117,7 @@ class PreftConnectorScheduler:
                                    num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
         if self.is_producer:
-            if params and params.get("do_remote_decode") and self.endpoint.layerwise:
+            if params and params.get("do_remote_decode") and self.endpoint.staging is not None:
                 self._staging[request.request_id] = (
                     _cdiv(request.num_prompt_tokens, self.block_size), [])
             return 0, False

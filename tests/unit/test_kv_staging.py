@@ -371,3 +371,14 @@ def test_staging_is_for_cpu_caches_only():
     finally:
         ep.close()
     assert ep.staging is None
+    # ... and its connector plans no staging for a handed-over prompt (it would have
+    # nowhere to stage it)
+    sched = PreftConnectorScheduler(ep, BS)
+    req = SimpleNamespace(request_id="r", num_prompt_tokens=BS, num_computed_tokens=0,
+                          kv_transfer_params={"do_remote_decode": True})
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    out = SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(
+        req_id="r", block_ids=([1],), num_computed_tokens=0)], num_scheduled_tokens={"r": BS},
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(),
+                                              new_block_ids=[], num_computed_tokens=[]))
+    assert sched.build_connector_meta(out).saves == []
