@@ -109,8 +109,8 @@ class StagingPool:
             self._sweep_locked()
             if req_id in self._live:
                 return self._live[req_id]
-            reuse = min((s for s in self._idle if s.buf.numel() >= numel),
-                        key=lambda s: s.buf.numel(), default=None)
+            reuse = min((s for s in self._idle if s.flat.numel() >= numel),
+                        key=lambda s: s.flat.numel(), default=None)
             if reuse is not None:
                 self._idle.remove(reuse)
                 staged = self._resized(reuse, req_id, num_blocks, shape)

@@ -382,3 +382,17 @@ def test_staging_is_for_cpu_caches_only():
         scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(),
                                               new_block_ids=[], num_computed_tokens=[]))
     assert sched.build_connector_meta(out).saves == []
+
+
+def test_an_idle_buffer_is_reused_by_its_capacity_not_its_last_prompt():
+    """A buffer made for a long prompt, then lent to a short one, still takes a long one:
+    the pool reuses by what the buffer holds, not by the view its last prompt used."""
+    p = Prefill(layerwise=True)
+    try:
+        pool = p.ep.staging
+        for rid, n in (("long", 6), ("short", 1), ("long-again", 6)):
+            assert pool.begin(rid, n) is not None
+            pool.drop(rid)
+        assert pool.stats()["idle"] == 1                  # one buffer served all three
+    finally:
+        p.close()
