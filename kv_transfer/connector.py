@@ -283,9 +283,7 @@ class PreftConnectorWorker:
         self._recv_done: set[str] = set()
         self._recv_failed: set[str] = set()
         self._layer_index: dict[str, int] = {}
-        self._ready: dict[str, int] = {}     # this step: request -> blocks staged after it
         self._planned = False                # this step's saves planned (first layer saved)
-        self._layers_saved = 0
         self._loads: list[LayerLoad] = []    # decode: this step's layer-wise loads
         self._invalid: set[int] = set()      # decode: blocks whose sync load failed
 
@@ -320,19 +318,17 @@ class PreftConnectorWorker:
                       else pool.get(save.req_id))
             if staged is not None:
                 pool.plan(staged, save.block_ids, save.lo, save.hi)
-                self._ready[save.req_id] = save.hi
 
     def save_kv_layer(self, layer_name: str, meta: PreftConnectorMetadata) -> None:
         """The forward wrote this layer: stage its blocks (on the copy thread). The step's
         plan is made at its first layer: vLLM starts the step's loads (start_load_kv)
         only after the forward when none must precede it."""
+        if not meta.saves:
+            return
         if not self._planned:
             self._planned = True
-            if meta.saves:
-                self._plan_saves(meta.saves)
-        if self._ready:
-            self._layers_saved += 1
-            self.endpoint.staging.save_layer(self._layer_index[layer_name])
+            self._plan_saves(meta.saves)
+        self.endpoint.staging.save_layer(self._layer_index[layer_name])
 
     def wait_for_save(self) -> None:
         """The forward ended: its staging copies are complete before the step's output
@@ -340,11 +336,10 @@ class PreftConnectorWorker:
         did not save every layer stages nothing: those prompts take the held path."""
         if self._loads:
             self._finish_loads()
-        ready, self._ready, self._planned = self._ready, {}, False
-        saved, self._layers_saved = self._layers_saved, 0
-        if ready:
-            complete = saved == len(self._layer_index)
-            self.endpoint.staging.finish_step(ready if complete else {r: -1 for r in ready})
+        self._planned = False
+        pool = self.endpoint.staging
+        if pool is not None and pool.planned:
+            pool.finish_step(len(self._layer_index))
 
     def _fail_recv(self, recv: _Recv) -> None:
         log.error("KV transfer %d for %s failed: %s", recv.handle.transfer_id, recv.req_id,

@@ -87,7 +87,7 @@ class StagingPool:
                  shared_memory: bool, stale_after_s: float = 600.0) -> None:
         self.layers, self.layout = layers, layout
         self.cap_bytes = cap_bytes
-        self.shared_memory = shared_memory and layers[0].device.type == "cpu" and shm.available()
+        self.shared_memory = shared_memory   # the transport's: CPU caches, /dev/shm usable
         self.stale_after_s = stale_after_s
         self._lock = threading.Lock()
         self._live: dict[str, Staged] = {}        # being filled, by request id
@@ -95,8 +95,8 @@ class StagingPool:
         self._idle: list[Staged] = []             # reusable
         self._bytes = 0                           # live + lent + idle
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kv-stage")
-        self._step: list[_Copy] = []
-        self._pending: list[Future] = []
+        self._step: list[_Copy] = []              # this step's planned copies
+        self._pending: list[Future] = []          # their layers' copies, submitted
         self.skipped = 0                          # prompts not staged: over the cap
 
     # ------------------------------------------------------------- engine thread
@@ -155,6 +155,11 @@ class StagingPool:
         src = torch.tensor(block_ids, dtype=torch.long, device=self.layers[0].device)
         self._step.append(_Copy(staged, src, lo, hi))
 
+    @property
+    def planned(self) -> bool:
+        """Whether this step's forward writes blocks of a staged prompt."""
+        return bool(self._step)
+
     def save_layer(self, i: int) -> None:
         """Layer ``i`` of this step's forward is written: copy it on the copy thread."""
         if self._step:
@@ -167,10 +172,13 @@ class StagingPool:
             for c in copies:
                 torch.index_select(layer, 0, c.src, out=c.staged.buf[i, c.lo:c.hi])
 
-    def finish_step(self, ready: dict[str, int]) -> None:
-        """The step's forward ended: wait for its copies; ``ready`` (request id → blocks
-        fully written so far) marks what the staged buffers now hold."""
-        pending, self._pending, self._step = self._pending, [], []
+    def finish_step(self, num_layers: int) -> None:
+        """The step's forward ended: wait for its copies and mark the blocks each staged
+        prompt now holds. A step that did not save all ``num_layers`` layers (or whose copy
+        failed) breaks its prompts' staging: they take the held path."""
+        pending, self._pending, step, self._step = self._pending, [], self._step, []
+        complete = len(pending) == num_layers
+        ready = {c.staged.req_id: c.hi if complete else -1 for c in step}
         error = None
         for f in pending:
             try:

@@ -44,6 +44,7 @@ not protect (the store's keys, the group's rendezvous and bytes): docs/deploy.md
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -875,7 +876,7 @@ class _PairClient:
         with self._lock:
             if self.broken:
                 raise TransferError("KV pair is broken")
-            try:
+            with self._breaks_on_loss():
                 ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
                                               "start_block": start_block,
                                               "num_blocks": len(dst_block_ids)})
@@ -887,13 +888,20 @@ class _PairClient:
                 else:
                     self._scatter_from_segment(ack, ack_key, idx)
                 return ack.get("pipelined") is True
-            except TransferError as e:
-                if "timed out" in str(e):
-                    self._break()
-                raise
-            except Exception:
+
+    @contextlib.contextmanager
+    def _breaks_on_loss(self):
+        """An exchange on the pair that fails breaks it (the next use makes a new one),
+        unless the endpoint answered with an error: then the pair is in step and kept."""
+        try:
+            yield
+        except TransferError as e:
+            if "timed out" in str(e):
                 self._break()
-                raise
+            raise
+        except Exception:
+            self._break()
+            raise
 
     def _receive(self, n_blocks: int) -> torch.Tensor:
         t = self.t
@@ -953,16 +961,9 @@ class _PairClient:
         with self._lock:
             if self.broken or self.pg is not None:
                 raise TransferError("layer-wise claims need a same-host pair")
-            try:
+            with self._breaks_on_loss():
                 ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
                                               "start_block": 0, "num_blocks": num_blocks})
-            except TransferError as e:   # as a pull: a lost round trip breaks the pair,
-                if "timed out" in str(e):  # an error answer does not
-                    self._break()
-                raise
-            except Exception:
-                self._break()
-                raise
             if ack.get("pipelined") is not True or ack.get("chunks", 0) != 0:
                 # held (unstaged) blocks were gathered into the pair segment instead; they
                 # are consumed by nobody, and the pair's next request frees that segment

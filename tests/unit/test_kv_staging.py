@@ -238,6 +238,14 @@ class Decode:
                                 scheduled_cached_reqs=None)
         return self.sched.build_connector_meta(empty)
 
+    def form_pair(self, p: Prefill) -> None:
+        """The pair's first transfer forms it; it is pulled before its request runs."""
+        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
+        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
+        req0 = self.admit("d0", p, params0)
+        assert self.sched.get_num_new_matched_tokens(req0, 0) == (BS, True)
+        self.worker.start_load_kv(self.schedule(req0, [9], BS))
+
     def close(self):
         self.worker.shutdown()
 
@@ -248,12 +256,7 @@ def test_layerwise_load_copies_the_tail_first_and_each_layer_before_its_attentio
     starts, each other layer before that layer's attention reads it."""
     p, d = Prefill(layerwise=True), Decode()
     try:
-        # the pair's first transfer forms it (and pulls before the request runs) ...
-        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
-        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
-        req0 = d.admit("d0", p, params0)
-        assert d.sched.get_num_new_matched_tokens(req0, 0) == (BS, True)
-        d.worker.start_load_kv(d.schedule(req0, [9], BS))
+        d.form_pair(p)   # the pair's first transfer forms it (pulled before it runs) ...
         # ... later ones on a same-host pair load layer by layer
         req = _chunked_prefill(p, "r1", [2, 6, 4], 2 * BS + 5, chunk=BS)
         src = [layer[[2, 6, 4]].clone() for layer in p.layers]
@@ -286,11 +289,7 @@ def test_a_layerwise_load_the_forward_did_not_wait_for_fails_its_blocks():
     that may be half-copied."""
     p, d = Prefill(layerwise=True), Decode()
     try:
-        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
-        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
-        req0 = d.admit("d0", p, params0)
-        d.sched.get_num_new_matched_tokens(req0, 0)
-        d.worker.start_load_kv(d.schedule(req0, [9], BS))
+        d.form_pair(p)
         req = _chunked_prefill(p, "r1", [2, 6], 2 * BS, chunk=2 * BS)
         _, params = p.finish(req, "FINISHED_STOPPED")
         dreq = d.admit("d1", p, params)
@@ -312,11 +311,7 @@ def test_a_failed_claim_fails_the_request_without_pulling_again():
     the request fails (retriable) instead of trying a second pull of KV already gone."""
     p, d = Prefill(layerwise=True), Decode()
     try:
-        first = _chunked_prefill(p, "r0", [0], BS, chunk=BS)
-        _, params0 = p.finish(first, "FINISHED_LENGTH_CAPPED")
-        req0 = d.admit("d0", p, params0)
-        d.sched.get_num_new_matched_tokens(req0, 0)
-        d.worker.start_load_kv(d.schedule(req0, [9], BS))
+        d.form_pair(p)
         req = _chunked_prefill(p, "r1", [2, 6], 2 * BS, chunk=2 * BS)
         _, params = p.finish(req, "FINISHED_STOPPED")
         assert p.ep.release(params["transfer_id"])
