@@ -3,12 +3,20 @@
 Step 4 of the request path. The prefill engine's endpoint serves (:meth:`TorchDistTransport.serve`);
 the decode engine's endpoint opens one pair per prefill peer, lazily, the first time a
 handle names that peer. Control is tiny JSON messages on the prefill worker's ``TCPStore``
-(join, pull, ack). Bytes move one of two ways, chosen per pair at join:
+(join, pull, ack). Bytes move one of three ways, chosen per pair at join:
 
-- **same host** (``mode: shm``, CPU caches): through a shared-memory segment of the pair
+- **same host, CPU caches** (``mode: shm``): through a shared-memory segment of the pair
   (:mod:`kv_transfer.shm`): prefill gathers the blocks into it, decode scatters them out;
   no network, no serialization. Chosen when the decode peer proves it shares the prefill
   endpoint's ``/dev/shm`` and network namespace (``shared_memory`` on, the default).
+- **same host, GPU caches** (``mode: cuda_ipc``, the same proof): the join's answer
+  carries CUDA IPC handles of the prefill engine's cache (:mod:`kv_transfer.cuda_ipc`);
+  decode maps them once and copies each prompt's blocks straight out of the prefill
+  cache into its own, one device copy. Prefill keeps the blocks held until decode says
+  ``fin/<ack>`` = done; at its timeout it takes them back with an atomic ``compare_set``
+  of ``void``, and a decode copy that finishes later finds ``void`` and fails, so freed
+  (reusable) blocks are never served. A decode that cannot map the handles asks for the
+  group way from then on.
 - **across hosts** (``mode: group``): a two-rank torch.distributed process group made for
   that pair alone (rank 0 = prefill, rank 1 = decode): gloo when the caches are on the
   CPU, NCCL when they are on a GPU.
@@ -23,6 +31,9 @@ and for one request on it:
           blocks [start_block:] of every layer, whole blocks, packed into one
           [layers, blocks, ...] buffer as few large messages; decode receives into the
           same-shaped scratch, then ``index_copy_`` per layer
+  cuda_ipc: prefill acks {ok, blocks}; decode copies them from the mapped cache and sets
+          ``fin/<ack>`` (compare_set "" -> done, or abandon when its copy failed); at its
+          timeout prefill sets void instead; the side that did not write the key deletes it
   shm:    prefill gathers the blocks into the pair's segment and acks {ok, segment,
           chunks}: a small transfer (chunks 0) once its bytes are in; a large one first,
           then ``ack/<pair>/<seq>/<j>`` as each layer chunk j is in. Decode maps the
@@ -63,7 +74,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, TCPStore
 
-from kv_transfer import shm
+from kv_transfer import cuda_ipc, shm
 from kv_transfer.layout import KVLayout, LayoutMismatch
 from kv_transfer.staging import Staged
 
@@ -102,6 +113,7 @@ class JoinRequest:
     layout: str
     shm_token: str = ""      # the prefill endpoint's probe token, read from /dev/shm
     netns: str = ""          # the peer's network namespace
+    cuda_ipc: bool = False   # the peer's caches are on a GPU and it can map CUDA IPC handles
 
 
 @dataclass(frozen=True)
@@ -158,8 +170,12 @@ def _name(msg: dict, name: str) -> str:
 def parse_join(raw: bytes, secret: str, nonce: str, key: str) -> JoinRequest:
     msg = _open(raw, secret, nonce, key)
     same_host = {k: _name(msg, k) for k in ("shm", "netns") if k in msg}
+    ipc = msg.get("cuda_ipc", False)
+    if type(ipc) is not bool:
+        raise BadMessage(f"cuda_ipc={ipc!r:.40}: expected true or false")
     return JoinRequest(peer=_name(msg, "peer"), layout=_name(msg, "layout"),
-                       shm_token=same_host.get("shm", ""), netns=same_host.get("netns", ""))
+                       shm_token=same_host.get("shm", ""), netns=same_host.get("netns", ""),
+                       cuda_ipc=ipc)
 
 
 def parse_request(raw: bytes, secret: str, nonce: str, key: str, capacity: int) -> PairRequest:
@@ -220,7 +236,7 @@ class TransferRecord:
     seconds: float
     ok: bool
     error: str = ""
-    transport: str = ""      # shm | gloo | nccl
+    transport: str = ""      # shm | cuda_ipc | gloo | nccl
     pipelined: bool = False  # staged layer by layer during prefill (no gather at pull)
     exposed_s: float | None = None   # decode: what the request waited for (None: seconds)
 
@@ -402,9 +418,13 @@ class TorchDistTransport:
         self._secret = secret               # the cluster's; never stored, logged or sent
         self._nonce = ""                    # prefill side: this endpoint's, in the store
         self.refused = 0                    # prefill side: control messages refused
-        # Same-host pairs through /dev/shm: CPU caches only (GPU: CUDA IPC, not built yet).
-        self.shared_memory = shared_memory and self.device.type == "cpu" and shm.available()
+        # Same-host pairs (proved through /dev/shm): CPU caches share a segment, GPU caches
+        # CUDA IPC handles.
+        self.shared_memory = shared_memory and shm.available()
+        self.same_host_mode = "cuda_ipc" if self.device.type == "cuda" else "shm"
         self._probe: shm.Probe | None = None
+        self._ipc_export: dict | None = None   # prefill side: our caches' handles, made once
+        self.ipc_refused = False               # decode side: CUDA could not map a peer's
         self.group_name = "nccl" if self.device.type == "cuda" else "gloo"
 
     # ---------------------------------------------------------------- prefill side
@@ -474,10 +494,26 @@ class TorchDistTransport:
             self._refuse(store, ack, f"refusing to pair {self.engine_name} with join {n}: {e}")
             return
         same_host = self._probe is not None and self._probe.admits(join.shm_token, join.netns)
-        mode = "shm" if same_host else "group"
-        store.set(ack, json.dumps({"ok": True, "mode": mode}))
+        answer = self._same_host_answer(join) if same_host else {"mode": "group"}
+        mode = answer["mode"]
+        store.set(ack, json.dumps({"ok": True, **answer}))
         threading.Thread(target=self._serve_pair, args=(n, join.peer, mode),
                          name=f"kv-serve-{n}", daemon=True).start()
+
+    def _same_host_answer(self, join: JoinRequest) -> dict:
+        """The pair's mode for a peer on this host, and what the peer needs for it."""
+        if self.same_host_mode == "shm":
+            return {"mode": "shm"}
+        if not join.cuda_ipc:
+            return {"mode": "group"}
+        try:
+            if self._ipc_export is None:
+                self._ipc_export = cuda_ipc.export(self.layers)
+        except Exception as e:   # an allocation CUDA cannot share: the network way
+            log.warning("KV endpoint %s: no CUDA IPC handles (%s); pairing over %s",
+                        self.engine_name, e, self.group_name)
+            return {"mode": "group"}
+        return {"mode": "cuda_ipc", "ipc": self._ipc_export}
 
     def _refuse(self, store, ack: str, why: str) -> None:
         log.error("KV endpoint %s: %s", self.engine_name, why)
@@ -580,7 +616,7 @@ class TorchDistTransport:
         self._on_record(TransferRecord(
             offer.transfer_id, peer, n, n * self.layout.bytes_per_block,
             time.perf_counter() - t0, ok=not err, error=err,
-            transport="shm" if pg is None else self.group_name,
+            transport=self.group_name if pg is not None else state["mode"],
             pipelined=offer.staged is not None))
         if err:
             log.error("KV send of transfer %d to %s failed: %s", offer.transfer_id, peer, err)
@@ -595,7 +631,26 @@ class TorchDistTransport:
         if pg is not None:   # ack first: the peer posts its receives on it
             store.set(ack, json.dumps({"ok": True}))
             return self._send(blocks, pg, state)
+        if state["mode"] == "cuda_ipc":
+            return self._lend_blocks(blocks, store, ack)
         return self._gather_into_segment(blocks, store, ack, state)
+
+    def _lend_blocks(self, blocks: list[int], store, ack: str) -> str:
+        """CUDA IPC: the peer copies ``blocks`` straight out of our cache (mapped at join).
+        They stay held until it sets ``fin/<ack>`` = done; at the timeout this side sets it
+        to void first (atomically: whichever writes first wins), so a copy finishing later
+        is refused on the peer's side rather than served from blocks we free now."""
+        fin = f"fin/{ack}"
+        store.set(ack, json.dumps({"ok": True, "blocks": blocks}))
+        with contextlib.suppress(dist.DistStoreError):
+            store.wait([fin], self.timeout)
+        outcome = store.compare_set(fin, "", "void")
+        if outcome != b"void":   # the peer's (done, or abandoned): it no longer reads it
+            store.delete_key(fin)
+        if outcome == b"done":
+            return ""
+        return (f"the peer did not finish copying within {self.timeout.total_seconds():g} s "
+                "(or failed); the blocks were taken back")
 
     def _deliver_staged(self, staged: Staged, start: int, store, ack: str, pg,
                         state: dict) -> str:
@@ -702,9 +757,19 @@ class TorchDistTransport:
         with self._clients_lock:
             client = self._clients.get((host, port))
             if client is None or client.broken:
-                client = _PairClient(self, host, port)
+                client = self._pair(host, port)
                 self._clients[(host, port)] = client
             return client
+
+    def _pair(self, host: str, port: int) -> "_PairClient":
+        """A new pair; one that CUDA IPC could not map is made again the network way."""
+        refused = self.ipc_refused
+        try:
+            return _PairClient(self, host, port)
+        except TransferError:
+            if refused or not self.ipc_refused:
+                raise
+            return _PairClient(self, host, port)
 
     def pull(self, host: str, port: int, transfer_id: int, start_block: int,
              dst_block_ids: list[int]) -> TransferRecord:
@@ -841,21 +906,42 @@ class _PairClient:
             "peer": transport.engine_name, "layout": transport.layout.fingerprint(),
             **self._same_host_proof()}))
         self.store.wait([f"joinack/{n}"], timeout)
-        mode = _read_ack(self.store, f"joinack/{n}").get("mode", "group")
-        self.pair = n
+        ack = _read_ack(self.store, f"joinack/{n}")
+        mode = ack.get("mode", "group")
+        self.pair, self.seq = n, 0
         self.pg = None
-        if mode != "shm":
+        self.peer_layers: list[torch.Tensor] = []   # cuda_ipc: the prefill cache, mapped
+        if mode == "cuda_ipc":
+            self._map_peer(ack.get("ipc"))
+        elif mode != "shm":
             self.pg = _make_pair_group(PrefixStore(f"pair/{n}/", self.store), 1,
                                        transport.local_host, transport.device, timeout)
-        self.transport = "shm" if mode == "shm" else transport.group_name
-        self.seq = 0
+        self.transport = transport.group_name if self.pg is not None else mode
+
+    def _map_peer(self, desc) -> None:
+        """cuda_ipc: map the prefill engine's cache layers. If CUDA refuses, the pair is
+        closed and this transport asks for the network way from now on."""
+        t = self.t
+        try:
+            self.peer_layers = cuda_ipc.open_layers(
+                desc, device=t.device, num_layers=len(t.layers),
+                block_shape=tuple(t.layout.block_shape), dtype=t.layers[0].dtype)
+        except cuda_ipc.IpcError as e:
+            t.ipc_refused = True
+            log.warning("KV pair %d: %s; pairing over %s from now on", self.pair, e,
+                        t.group_name)
+            self.close()
+            raise TransferError(f"CUDA IPC pairing failed: {e}") from e
 
     def _same_host_proof(self) -> dict:
         """The prefill endpoint's probe token, when this process can read its /dev/shm."""
         if not self.t.shared_memory or not self.store.check(["shm_probe"]):
             return {}
         token = shm.read_probe(self.store.get("shm_probe").decode(errors="replace"))
-        return {"shm": token, "netns": shm.netns()} if token and shm.netns() else {}
+        if not token or not shm.netns():
+            return {}
+        ipc = self.t.same_host_mode == "cuda_ipc" and not self.t.ipc_refused
+        return {"shm": token, "netns": shm.netns(), **({"cuda_ipc": True} if ipc else {})}
 
     def _sign(self, key: str, body: dict) -> str:
         return sign(self.t._secret, self.nonce, key, body)
@@ -885,6 +971,8 @@ class _PairClient:
                     buf = self._receive(len(dst_block_ids))
                     for i, layer in enumerate(t.layers):
                         layer.index_copy_(0, idx, buf[i])
+                elif self.peer_layers:
+                    self._copy_from_peer(ack, ack_key, idx)
                 else:
                     self._scatter_from_segment(ack, ack_key, idx)
                 return ack.get("pipelined") is True
@@ -929,6 +1017,31 @@ class _PairClient:
             if ack.get("pipelined") is True:   # done reading its staged segment
                 self.store.set(f"done/{ack_key}", "1")
 
+    def _copy_from_peer(self, ack: dict, ack_key: str, idx: torch.Tensor) -> None:
+        """cuda_ipc: copy the acked blocks out of the mapped prefill cache into ours, wait
+        for the copy, then claim ``fin/<ack>`` = done. If prefill's timeout claimed it
+        first (void), its blocks may already be reused: the copy is refused."""
+        t, fin = self.t, f"fin/{ack_key}"
+        blocks = ack.get("blocks")
+        cap = self.peer_layers[0].shape[0]
+        try:
+            if (not isinstance(blocks, list) or len(blocks) != len(idx)
+                    or any(type(b) is not int or not 0 <= b < cap for b in blocks)):
+                raise TransferError(f"malformed answer from the KV endpoint: blocks="
+                                    f"{blocks!r:.60} for {len(idx)} blocks")
+            src = torch.tensor(blocks, dtype=torch.long, device=t.device)
+            for dst, peer in zip(t.layers, self.peer_layers):
+                dst.index_copy_(0, idx, peer.index_select(0, src))
+            if t.device.type == "cuda":   # the bytes are in before prefill may free them
+                torch.cuda.current_stream(t.device).synchronize()
+        except BaseException:
+            self.store.compare_set(fin, "", "abandon")   # prefill may free its blocks now
+            raise
+        if self.store.compare_set(fin, "", "done") != b"done":
+            self.store.delete_key(fin)   # prefill's void, left for us to read
+            raise TransferError("the prefill endpoint took its blocks back before this copy "
+                                f"finished (its {t.timeout.total_seconds():g} s timeout)")
+
     def _mapped(self, ack: dict, n_blocks: int) -> torch.Tensor:
         """The blocks as prefill laid them out in a segment: the pair's (gathered at the
         pull), or a prompt's staged copy (``staged_blocks`` long, ours from ``offset``).
@@ -959,8 +1072,8 @@ class _PairClient:
     def claim(self, transfer_id: int, num_blocks: int) -> Claim:
         t0 = time.perf_counter()
         with self._lock:
-            if self.broken or self.pg is not None:
-                raise TransferError("layer-wise claims need a same-host pair")
+            if self.broken or self.transport != "shm":
+                raise TransferError("layer-wise claims need a same-host CPU pair")
             with self._breaks_on_loss():
                 ack, ack_key = self._request({"op": "pull", "transfer_id": transfer_id,
                                               "start_block": 0, "num_blocks": num_blocks})
@@ -993,3 +1106,4 @@ class _PairClient:
             for seg in self.segments.values():
                 seg.close()
             self.segments.clear()
+            self.peer_layers = []   # unmaps the prefill cache once the storages are freed
