@@ -854,6 +854,36 @@ class TorchDistTransport:
                 pass
 
 
+_MAX_RUNS = 16   # more runs of consecutive blocks than this: gather + scatter instead
+
+
+def block_runs(dst: list[int], src: list[int]) -> list[tuple[int, int, int]]:
+    """(dst start, src start, length) of each stretch where both ids go up by one."""
+    runs: list[list[int]] = []
+    for d, s in zip(dst, src):
+        if runs and d == runs[-1][0] + runs[-1][2] and s == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([d, s, 1])
+    return [tuple(r) for r in runs]
+
+
+def copy_blocks(dst_layers: list, dst: list[int], src_layers: list, src: list[int]) -> None:
+    """``dst_layers[i][dst[j]] = src_layers[i][src[j]]`` for every layer i and block j. Few
+    runs of consecutive blocks: one multi-tensor copy of whole slices (on a GPU one launch
+    for every layer, not two kernels per layer); else a gather and a scatter per layer."""
+    runs = block_runs(dst, src)
+    if len(runs) <= _MAX_RUNS and hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_([d[a:a + n] for d in dst_layers for a, _, n in runs],
+                             [s[b:b + n] for s in src_layers for _, b, n in runs])
+        return
+    device = dst_layers[0].device
+    di = torch.tensor(dst, dtype=torch.long, device=device)
+    si = torch.tensor(src, dtype=torch.long, device=device)
+    for d, s in zip(dst_layers, src_layers):
+        d.index_copy_(0, di, s.index_select(0, si))
+
+
 def layer_chunks(n_layers: int, k: int) -> list[tuple[int, int]]:
     """``k`` contiguous layer ranges, as even as can be; both sides of a pair compute them."""
     k = max(1, min(k, n_layers))
@@ -1029,9 +1059,7 @@ class _PairClient:
                     or any(type(b) is not int or not 0 <= b < cap for b in blocks)):
                 raise TransferError(f"malformed answer from the KV endpoint: blocks="
                                     f"{blocks!r:.60} for {len(idx)} blocks")
-            src = torch.tensor(blocks, dtype=torch.long, device=t.device)
-            for dst, peer in zip(t.layers, self.peer_layers):
-                dst.index_copy_(0, idx, peer.index_select(0, src))
+            copy_blocks(t.layers, idx.tolist(), self.peer_layers, blocks)
             if t.device.type == "cuda":   # the bytes are in before prefill may free them
                 torch.cuda.current_stream(t.device).synchronize()
         except BaseException:

@@ -36,9 +36,9 @@ class _Slow:
     def __init__(self, t, delay):
         self.t, self.delay, self.shape = t, delay, t.shape
 
-    def index_select(self, dim, idx):
+    def __getitem__(self, key):
         time.sleep(self.delay)
-        return self.t.index_select(dim, idx)
+        return self.t[key]
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_same_host_gpu_pair_copies_straight_from_the_prefill_cache(ipc_pair):
 def test_a_copy_slower_than_the_prefill_timeout_is_refused_not_served(ipc_pair):
     """Prefill takes its blocks back at its timeout (void first); the late copy fails."""
     p = ipc_pair
-    p["opened"]["layers"] = [_Slow(t, 0.6) for t in p["p_layers"]]   # 3 layers: 1.8 s
+    p["opened"]["layers"] = [_Slow(t, 0.3) for t in p["p_layers"]]   # 3 layers x 2: 1.8 s
     p["offers"].add(Offer(3, "req-3", [2, 4], 32, time.monotonic() + 60))
     with pytest.raises(TransferError, match="took its blocks back"):
         p["cons"].pull(p["host"], p["port"], 3, 0, [6, 7])
@@ -155,3 +155,23 @@ def test_a_peer_description_is_checked_before_cuda_sees_it(desc, why):
     else:
         with pytest.raises(cuda_ipc.IpcError, match=why):
             cuda_ipc.check(desc, **kw)
+
+
+@pytest.mark.parametrize("dst,src,runs", [
+    ([4, 5, 6], [0, 1, 2], 1),
+    ([0, 11], [5, 9], 2),
+    ([3, 4, 9, 10, 1], [7, 8, 0, 1, 2], 3),
+    (list(range(N_BLOCKS))[::-1], list(range(N_BLOCKS)), N_BLOCKS),   # many runs: gather
+])
+def test_block_copy_by_runs_equals_the_gather_and_scatter(dst, src, runs):
+    from kv_transfer.transport import block_runs, copy_blocks
+
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn((N_BLOCKS, *SHAPE), generator=g) for _ in range(N_LAYERS)]
+    b = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
+    want = [x.clone() for x in b]
+    for w, s in zip(want, a):
+        w.index_copy_(0, torch.tensor(dst), s.index_select(0, torch.tensor(src)))
+    assert len(block_runs(dst, src)) == runs
+    copy_blocks(b, dst, a, src)
+    assert all(torch.equal(x, y) for x, y in zip(b, want))
