@@ -198,6 +198,7 @@ class RouterConfig:
     tls_key: str | None = None       # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle: mutual TLS, clients must present a cert
     metrics_port: int | None = None  # Prometheus /metrics (0 = any free port; None = off)
+    direct_channel: bool = True      # prefill calls over a direct TCP channel (else Ray calls)
 
     def __post_init__(self) -> None:
         c = "RouterConfig"

@@ -103,6 +103,7 @@ class PrefillRequest:
     def __post_init__(self) -> None:
         if (self.prompt_token_ids is None) == (self.prompt_text is None):
             raise InvalidRequest("prompt", "give exactly one of prompt text or prompt token ids")
+        self.sampling.validate()   # also when it arrives over a channel, not from the router
 
 
 @dataclass(frozen=True)

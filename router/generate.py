@@ -22,8 +22,9 @@ import grpc
 
 from cluster.errors import InvalidRequest, Overloaded, PreftError
 from cluster.messages import (ALL_TOKEN_KINDS, AdapterRef, DecodeDelta, DecodeRequest,
-                              PrefillRequest, Sampling)
+                              PrefillRequest, PrefillResult, Sampling)
 from proto.preft.v1 import router_pb2 as pb
+from router.channel import ChannelLost
 from router.pool import NeedsColocated, NoWorkers, Placement, WorkerHandle
 from router.service_base import ServiceBase, grpc_status, unwrap
 
@@ -149,13 +150,21 @@ class GenerateRpcs(ServiceBase):
         out.decode_s = time.time() - t_dec
 
     async def _prefill(self, pw: WorkerHandle, preq: PrefillRequest, context):
+        """The worker's prefill, over its direct channel when it has one (a cancel or the
+        deadline cancels the call there too), else as a Ray actor call."""
         pw.outstanding += 1
-        ref = pw.actor.prefill.remote(preq)
         try:
-            return await self._call(ref, context, "prefill", pw)
-        except BaseException:
-            _cancel(ref)  # client cancel or deadline: the worker aborts the request
-            raise
+            ch = await self.channels.get(pw)
+            self.metrics.worker_calls.labels("prefill", "ray" if ch is None else "channel").inc()
+            if ch is not None:
+                return await self._call(ch.call("prefill", preq, PrefillResult), context,
+                                        "prefill", pw)
+            ref = pw.actor.prefill.remote(preq)
+            try:
+                return await self._call(ref, context, "prefill", pw)
+            except BaseException:
+                _cancel(ref)  # client cancel or deadline: the worker aborts the request
+                raise
         finally:
             pw.outstanding -= 1
 
@@ -269,7 +278,7 @@ class GenerateRpcs(ServiceBase):
         cause = unwrap(e)
         if isinstance(cause, PreftError):
             await context.abort(grpc_status(cause.grpc_code), cause.message)
-        if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError)):
+        if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError, ChannelLost)):
             log.warning("%s on %s failed: %r", what, worker.worker_id, e)
             self._mark_dead(worker)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
