@@ -198,7 +198,8 @@ class LocalCluster:
                               "all need the same model, block size and KV cache dtype")
         if any(i.lora_enabled for i in infos if i.role == "decode"):
             raise ConfigError("a decode engine was built with LoRA; decode must never load adapters")
-        self.pool = WorkerPool(prefill_policy=POLICIES[cfg.router.prefill_policy](),
+        self.pool = WorkerPool(prefill_policy=POLICIES[cfg.router.prefill_policy].from_config(
+                                   cfg.router, cfg.prefill),
                                decode_policy=POLICIES[cfg.router.decode_policy]())
         for (role, actor), info in zip(actors, infos):
             self.pool.add(WorkerHandle(info, actor))
@@ -283,6 +284,7 @@ class LocalCluster:
         if self._server is not None:
             await self._server.health_servicer.enter_graceful_shutdown()
             await self._server.service.view.stop()
+            await self._server.service.pin_sync.stop()
             await self._server.stop(grace=2)
             self._server.service.close()
             if getattr(self._server, "local_dir", None):   # the TLS router's Unix socket

@@ -65,15 +65,24 @@ def static_partition_hit_rate(mix: list[str], names: list[str], slots: int) -> f
     return (sum(a in hot for a in mix) - len(hot & set(mix))) / len(mix)
 
 
+def zipf_mix(adapters: int, zipf: float, requests: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(adapter names hottest first, the request mix drawn from Zipf(``zipf``) over them)."""
+    names = [f"u{i:03d}" for i in range(adapters)]
+    weights = [1 / (i + 1) ** zipf for i in range(adapters)]
+    return names, random.Random(seed).choices(names, weights, k=requests)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill-workers", type=int, default=2)
     ap.add_argument("--host-tier", type=int, default=4, help="max_cpu_loras per prefill engine")
+    ap.add_argument("--batch-slots", type=int, default=1,
+                    help="max_loras per prefill engine (hot_set pins host tier - batch slots)")
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--policies", default="locality,round_robin,least_loaded")
+    ap.add_argument("--policies", default="locality,round_robin,least_loaded,hot_set")
     ap.add_argument("--out", default="bench/results/routing.json")
     args = ap.parse_args(argv)
 
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
         paths[d.name] = d
     eng = EngineConfig(model=str(model), max_model_len=1024)
     cfg = ClusterConfig(
-        prefill=PrefillConfig(engine=eng, max_loras=min(4, args.host_tier), max_cpu_loras=args.host_tier),
+        prefill=PrefillConfig(engine=eng, max_loras=args.batch_slots, max_cpu_loras=args.host_tier),
         decode=DecodeConfig(engine=eng), router=RouterConfig(port=0),
         prefill_workers=args.prefill_workers, decode_workers=1, run_dir=str(work / "run"))
     cluster = LocalCluster(cfg)
@@ -116,19 +125,16 @@ def main(argv=None) -> int:
                                            time.perf_counter() - t0}
             for name, p in track(list(paths.items()), description="register adapters"):
                 client.register_adapter(name, p)
-            rng = random.Random(0)
-            names = list(paths)
-            weights = [1 / (i + 1) ** args.zipf for i in range(len(names))]
-            mix = rng.choices(names, weights, k=args.requests)
+            names, mix = zipf_mix(args.adapters, args.zipf, args.requests)
             svc = cluster._server.service
             static = static_partition_hit_rate(mix, names, args.prefill_workers * args.host_tier)
             rows = []
             for pol in args.policies.split(","):
-                svc.pool.prefill_policy = POLICIES[pol]()
+                svc.pool.prefill_policy = POLICIES[pol].from_config(cfg.router, cfg.prefill)
                 for w in cluster.pool.prefill:   # cold tiers for every policy
                     for n in names:
                         ray.get(w.actor.drop_adapter.remote(n))
-                before = [ray.get(w.actor.stats.remote()).tier_hits for w in cluster.pool.prefill]
+                before = [ray.get(w.actor.stats.remote()) for w in cluster.pool.prefill]
                 samples = []
 
                 def one(name):
@@ -142,11 +148,14 @@ def main(argv=None) -> int:
 
                 with ThreadPoolExecutor(args.concurrency) as ex:
                     list(track(ex.map(one, mix), total=len(mix), description=pol))
-                after = [ray.get(w.actor.stats.remote()).tier_hits for w in cluster.pool.prefill]
-                hits = {t: sum(a[t] - b[t] for a, b in zip(after, before)) for t in after[0]}
+                after = [ray.get(w.actor.stats.remote()) for w in cluster.pool.prefill]
+                hits = {t: sum(a.tier_hits[t] - b.tier_hits[t] for a, b in zip(after, before))
+                        for t in after[0].tier_hits}
+                pin_loads = sum(a.pin_loads - b.pin_loads for a, b in zip(after, before))
                 total = sum(hits.values())
                 rows.append({"policy": pol, "requests": total, "engine_hits": hits["engine"],
                              "disk_loads": hits["disk"], "store_loads": hits["store"],
+                             "pin_loads": pin_loads, "pinned_at_end": [list(a.pinned) for a in after],
                              "hit_rate": hits["engine"] / total,
                              **_vs_static(hits["engine"] / total, static),
                              **_percentiles(samples)})

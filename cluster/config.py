@@ -137,6 +137,14 @@ class PrefillConfig:
     def __post_init__(self) -> None:
         _check_adapter_engine(self, "PrefillConfig")
 
+    @property
+    def pinnable_loras(self) -> int:
+        """Adapters the router may pin in a worker's host tier (``max_cpu_loras``): one
+        batch's adapters (up to ``max_loras``, all unpinned in the worst case) must fit in
+        what is left, or loading one would evict another of the same batch; and at least
+        one slot always churns for cold adapters. 0: no pinning."""
+        return max(0, min(self.max_cpu_loras - self.max_loras, self.max_cpu_loras - 1))
+
 
 def _check_adapter_engine(cfg, c: str) -> None:
     """The fields of a pool whose engine applies adapters (prefill, colocated)."""
@@ -181,6 +189,9 @@ class DecodeConfig:
     resources: Resources = ()
 
 
+PREFILL_POLICIES = ("locality", "round_robin", "least_loaded", "hot_set")
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     __pydantic_config__ = _FORBID_EXTRA
@@ -192,6 +203,8 @@ class RouterConfig:
     require_auth: bool = False     # API keys; refused off: binding non-loopback needs keys
     prefill_policy: str = "locality"
     decode_policy: str = "least_loaded"
+    max_spread: int = 2             # hot_set: the most prefill workers one hot adapter goes to
+    pin_sync_s: float = 0.25        # hot_set: how often the workers' pins are brought in step
     max_adapter_bytes: int = 512 << 20
     state_refresh_s: float = 1.0
     tls_cert: str | None = None      # PEM server certificate (chain): gRPC (and HTTP) over TLS
@@ -213,8 +226,10 @@ class RouterConfig:
               "tls_cert and tls_key must be given together")
         _need(self.tls_client_ca is None or self.tls_cert is not None, c, "tls_client_ca",
               self.tls_client_ca, "mutual TLS needs the server's own tls_cert and tls_key too")
-        _need(self.prefill_policy in ("locality", "round_robin", "least_loaded"), c,
-              "prefill_policy", self.prefill_policy, "one of locality, round_robin, least_loaded")
+        _need(self.prefill_policy in PREFILL_POLICIES, c, "prefill_policy",
+              self.prefill_policy, f"one of {', '.join(PREFILL_POLICIES)}")
+        _need(self.max_spread >= 1, c, "max_spread", self.max_spread, "must be >= 1")
+        _need(self.pin_sync_s > 0, c, "pin_sync_s", self.pin_sync_s, "must be > 0")
         _need(self.decode_policy in ("locality", "round_robin", "least_loaded"), c,
               "decode_policy", self.decode_policy, "one of locality, round_robin, least_loaded")
         _need(0 <= self.port < 65536, c, "port", self.port, "must be in [0, 65535]")

@@ -188,6 +188,8 @@ class AdapterStats:
     mixed_steps: int = 0                     # colocated: steps holding a prompt chunk and
     by_kind: dict = field(default_factory=dict)  # another request's decode token; requests
                                              # per adapter kind (lora_p | reft_p | lora | base)
+    pinned: tuple = ()                       # adapters pinned in the host tier (hot_set)
+    pin_loads: int = 0                       # adapters loaded by pinning, not by a request
 
 
 @dataclass(frozen=True)

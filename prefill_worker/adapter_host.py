@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import shutil
 import tempfile
 import threading
@@ -27,6 +28,8 @@ from cluster.errors import AdapterNotFound, InvalidAdapter
 from cluster.messages import AdapterRef, PrefillRequest, WorkerInfo
 from worker_runtime.engine_worker import EngineWorker
 from worker_runtime.sequence import check_lengths, prompt_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,13 @@ class AdapterHost:
         self._adapters: dict[str, AdapterEntry] = {}
         self._lora_ids = itertools.count(1)
         self._lock = threading.Lock()
-        # Mirror of the engine's adapter LRU (max_cpu_loras): which ids vLLM still holds.
+        # Mirror of the engine's adapter LRU (max_cpu_loras): which ids vLLM still holds;
+        # pinned ids (the router's hot set here, lora_pins.py) are never evicted.
         self._engine_loras: OrderedDict[int, None] = OrderedDict()
+        self._pinned: set[int] = set()
         self._resolving: dict[str, asyncio.Lock] = {}
         self.tier_hits = {"engine": 0, "disk": 0, "store": 0}
+        self.pin_loads = 0   # adapters set_pins loaded into the engine (not a request's)
         self.reft = ReftRuntime(cfg.max_cpu_loras)  # ReFT-P: engine hook + host-memory tier
         self._load_base_shape()
 
@@ -122,14 +128,23 @@ class AdapterHost:
         if ref.kind == "reft_p":
             key, weights = await self._reft_weights(entry)
             return Resolved(ref, tier, time.time() - t0, reft_key=key, reft_weights=weights)
+        self._touch_engine(entry.lora_int_id)
+        return Resolved(ref, tier, time.time() - t0, lora=self._lora_request(entry))
+
+    @staticmethod
+    def _lora_request(entry: AdapterEntry):
         from vllm.lora.request import LoRARequest
 
-        self._engine_loras[entry.lora_int_id] = None
-        self._engine_loras.move_to_end(entry.lora_int_id)
-        while len(self._engine_loras) > self.cfg.max_cpu_loras:  # vLLM's LRU evicts too
-            self._engine_loras.popitem(last=False)
-        return Resolved(ref, tier, time.time() - t0,
-                        lora=LoRARequest(ref.namespace, entry.lora_int_id, entry.path))
+        return LoRARequest(entry.ref.namespace, entry.lora_int_id, entry.path)
+
+    def _touch_engine(self, lora_id: int) -> None:
+        """The mirror after the engine used ``lora_id``: most recent; the oldest unpinned
+        entries evicted past ``max_cpu_loras``, as vLLM's LRU does."""
+        self._engine_loras[lora_id] = None
+        self._engine_loras.move_to_end(lora_id)
+        while len(self._engine_loras) > self.cfg.max_cpu_loras:
+            oldest = next(i for i in self._engine_loras if i not in self._pinned)
+            del self._engine_loras[oldest]
 
     async def _entry(self, ref: AdapterRef) -> tuple[AdapterEntry, str]:
         entry = self._adapters.get(ref.name)
@@ -197,6 +212,7 @@ class AdapterHost:
             return
         lora_id = entry.lora_int_id
         self._engine_loras.pop(lora_id, None)
+        self._pinned.discard(lora_id)   # vLLM unpins what it removes
         await self.loop.call(lambda eng: eng.remove_lora(lora_id))
 
     async def drop(self, name: str) -> bool:
@@ -216,6 +232,36 @@ class AdapterHost:
         if entry is not None and entry.ref.version < version:
             return await self.drop(name)
         return False
+
+    # ------------------------------------------------------------------ pins
+    async def set_pins(self, refs: tuple[AdapterRef, ...]) -> tuple[str, ...]:
+        """Pin these adapters (LoRA-P, the first ``pinnable_loras``) in the engine's host
+        tier, loading them if needed, and unpin the rest; the names pinned. An adapter this
+        worker cannot fetch (or holds newer) is skipped, and said in the log."""
+        from prefill_worker import lora_pins
+
+        limit = getattr(self.cfg, "pinnable_loras", 0)
+        entries = []
+        for ref in [r for r in refs if r.kind == "lora_p"][:limit]:
+            try:
+                async with self._resolving.setdefault(ref.name, asyncio.Lock()):
+                    entries.append((await self._entry(ref))[0])
+            except (AdapterNotFound, InvalidAdapter, OSError) as e:
+                log.warning("not pinning adapter %s: %s", ref.name, e)
+        want = {e.lora_int_id: e for e in entries}
+        for lora_id in self._pinned - want.keys():
+            await self.loop.call(lambda eng, i=lora_id: lora_pins.unpin(eng, i))
+            self._pinned.discard(lora_id)
+        for lora_id, e in want.items():
+            if lora_id not in self._pinned:
+                self.pin_loads += lora_id not in self._engine_loras
+                await self.loop.call(lambda eng, r=self._lora_request(e): lora_pins.pin(eng, r))
+                self._touch_engine(lora_id)
+                self._pinned.add(lora_id)
+        return tuple(e.ref.name for e in entries)
+
+    def pinned(self) -> tuple[str, ...]:
+        return tuple(n for n, e in list(self._adapters.items()) if e.lora_int_id in self._pinned)
 
     def residency(self) -> dict[str, str]:
         return {n: f"{'engine' if self._hot(e) else 'disk'}@v{e.ref.version}"
@@ -298,6 +344,11 @@ class AdapterWorker(EngineWorker):
 
     async def drop_adapter(self, name: str) -> bool:
         return await self.adapters.drop(name)
+
+    async def pin_adapters(self, refs: tuple[AdapterRef, ...]) -> tuple[str, ...]:
+        """The router's hot set for this worker: pinned in the engine's host tier, the rest
+        unpinned (:meth:`AdapterHost.set_pins`); the names pinned."""
+        return await self.adapters.set_pins(tuple(refs))
 
     async def invalidate(self, name: str, version: int) -> bool:
         return await self.adapters.invalidate(name, version)

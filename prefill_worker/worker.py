@@ -73,7 +73,8 @@ class PrefillWorker(AdapterWorker):
             requests=self.loop.num_requests, tier_hits=dict(self.adapters.tier_hits),
             resident=self.residency(), transfers=len(recs), bytes=sum(r.bytes for r in recs),
             failed=sum(not r.ok for r in recs), held=len(self.kv.offers),
-            expired=self.kv.offers.expired)
+            expired=self.kv.offers.expired, pinned=self.adapters.pinned(),
+            pin_loads=self.adapters.pin_loads)
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """The prompt with its adapter, the first token, the KV handle for decode."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.messages import WorkerInfo
+from router.hot_set import DecayedCounts, Homes, MissCost, ResidencyGuess, assign_homes
 
 
 @dataclass
@@ -37,6 +38,12 @@ class RoutingPolicy(ABC):
 
     @abstractmethod
     def pick(self, workers: list[WorkerHandle], key: str | None) -> WorkerHandle: ...
+
+    @classmethod
+    def from_config(cls, router_cfg, pool_cfg) -> "RoutingPolicy":
+        """The policy for a pool: ``router_cfg`` a ``RouterConfig``, ``pool_cfg`` the pool's
+        config (``PrefillConfig``...) or None."""
+        return cls()
 
 
 class RoundRobin(RoutingPolicy):
@@ -72,10 +79,8 @@ class Locality(RoutingPolicy):
     def pick(self, workers, key):
         if key is None or len(workers) == 1:
             return min(workers, key=lambda w: w.outstanding)
-        ranked = sorted(workers, key=lambda w: hashlib.blake2b(
-            f"{key}|{w.worker_id}".encode(), digest_size=8).digest(), reverse=True)
-        mean = sum(w.outstanding for w in workers) / len(workers)
-        bound = (1 + self.epsilon) * mean + 1
+        ranked = rendezvous(workers, key)
+        bound = load_bound(workers, self.epsilon)
         for i, w in enumerate(ranked):
             if w.outstanding < bound:
                 self.spills += i > 0
@@ -83,7 +88,113 @@ class Locality(RoutingPolicy):
         return ranked[0]
 
 
-POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (Locality, RoundRobin, LeastLoaded)}
+def rendezvous(workers: list[WorkerHandle], key: str) -> list[WorkerHandle]:
+    """Workers ranked by hash(key, worker): the same key ranks them the same way."""
+    return sorted(workers, key=lambda w: hashlib.blake2b(
+        f"{key}|{w.worker_id}".encode(), digest_size=8).digest(), reverse=True)
+
+
+def load_bound(workers: list[WorkerHandle], epsilon: float) -> float:
+    """Bounded load: a worker takes a request while its outstanding work is below this."""
+    mean = sum(w.outstanding for w in workers) / len(workers)
+    return (1 + epsilon) * mean + 1
+
+
+class HotSet(RoutingPolicy):
+    """Hot adapters to a home worker that pins them in host memory; the rest to a cold
+    worker; each request to the candidate with the least outstanding work plus what its
+    adapter would cost to load there, within a load bound.
+
+    The hottest adapters by decayed request count that fit in ``pin_slots`` per worker get a
+    home (:func:`router.hot_set.assign_homes`; again when the pool changes, when an adapter
+    without a home outgrows one with, and every ``rebalance_every`` requests); :meth:`pins`
+    is what each worker should pin. A hot adapter's candidates are its home, then the next
+    ``max_spread - 1`` workers by rendezvous rank: it never spreads further. Any other
+    adapter's are every worker, the cold one first. Score: outstanding requests + the load
+    cost of the adapter's tier there (:class:`MissCost`; resident costs 0) + one load if it
+    would evict a warm adapter; only workers under ``load_bound(epsilon)`` (all over: the
+    least loaded candidate); ties go to the earlier candidate. LRU engines evict a hot
+    adapter for every cold load; pinning is what keeps the hot set resident.
+    """
+
+    name = "hot_set"
+
+    def __init__(self, epsilon: float = 1.0, max_spread: int = 2, pin_slots: int = 3,
+                 host_tier: int = 4, half_life: float = 256.0, rebalance_every: int = 64,
+                 hysteresis: float = 1.2, miss_cost: float = 3.0) -> None:
+        self.epsilon, self.max_spread = epsilon, max_spread
+        self.pin_slots = pin_slots
+        self.rebalance_every, self.hysteresis = rebalance_every, hysteresis
+        self.counts = DecayedCounts(half_life)
+        self.homes = Homes()
+        self.where = ResidencyGuess(host_tier)
+        self.cost = MissCost(miss_cost)   # fixed: see MissCost
+        self.spills = 0
+        self._seen, self._floor = 0, 0.0
+        self._workers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, router_cfg, pool_cfg) -> "HotSet":
+        slots = getattr(pool_cfg, "pinnable_loras", 0)
+        tier = getattr(pool_cfg, "max_cpu_loras", 1)
+        return cls(max_spread=router_cfg.max_spread, pin_slots=slots, host_tier=tier)
+
+    def pick(self, workers, key):
+        if key is None:
+            return min(workers, key=lambda w: w.outstanding)
+        self._observe(workers, key)
+        cands = self._candidates(workers, key)
+        bound = load_bound(workers, self.epsilon)
+        within = [w for w in cands if w.outstanding < bound]
+        choice = min(within, key=lambda w: self._score(w, key)) if within else min(
+            cands, key=lambda w: w.outstanding)
+        self.spills += choice is not cands[0]
+        pinned = self.homes.pinned.get(key) == choice.worker_id
+        pins_here = sum(w == choice.worker_id for w in self.homes.pinned.values())
+        self.where.record(choice.worker_id, key, pinned, pins_here)
+        return choice
+
+    def pins(self) -> dict[str, tuple[str, ...]]:
+        """Worker id -> the adapters it should pin (its hot adapters, hottest first)."""
+        out: dict[str, list[str]] = {w: [] for w in self._workers}
+        for a in sorted(self.homes.pinned, key=lambda a: -self.counts.counts.get(a, 0.0)):
+            out[self.homes.pinned[a]].append(a)
+        return {w: tuple(names) for w, names in out.items()}
+
+    def _candidates(self, workers: list[WorkerHandle], key: str) -> list[WorkerHandle]:
+        ranked = rendezvous(workers, key)
+        home = self.homes.home(key)
+        if home is None:
+            return sorted(ranked, key=lambda w: w.worker_id != self.homes.cold)
+        first = next(w for w in workers if w.worker_id == home)
+        return [first] + [w for w in ranked if w is not first][:self.max_spread - 1]
+
+    def _score(self, w: WorkerHandle, key: str) -> float:
+        if self.homes.pinned.get(key) == w.worker_id:
+            return w.outstanding
+        evicts_warm = any(h == w.worker_id and a != key for a, h in self.homes.warm.items())
+        return (w.outstanding + self.cost(self.where.tier(w.worker_id, key))
+                + (self.cost("disk") if evicts_warm else 0.0))
+
+    def _observe(self, workers: list[WorkerHandle], key: str) -> None:
+        """Count the request; new homes when the pool changed, every ``rebalance_every``
+        requests, or when an adapter without a home gets hotter (by ``hysteresis``) than
+        the coolest one with a home."""
+        self.counts.add(key)
+        self._seen += 1
+        ids = tuple(sorted(w.worker_id for w in workers))
+        hotter = (self.homes.home(key) is None
+                  and self.counts.counts[key] > self.hysteresis * self._floor)
+        if ids != self._workers or hotter or self._seen % self.rebalance_every == 0:
+            self._workers = ids
+            self.homes = assign_homes(self.counts, list(ids), self.pin_slots, self.homes)
+            homed = [*self.homes.pinned, *self.homes.warm]
+            full = len(homed) == len(ids) * (self.pin_slots + 1) - 1
+            self._floor = min(self.counts.counts[a] for a in homed) if full else 0.0
+
+
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    p.name: p for p in (Locality, RoundRobin, LeastLoaded, HotSet)}
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ tokens leave it (step 6).
 :class:`RouterService` is the one ``preft.v1.Router`` service, composed of its two jobs:
 the Generate path (``router/generate.py``) and the adapter and cluster RPCs
 (``router/admin.py``), over the state and tenant helpers they share
-(``router/service_base.py``). It wires membership sync into the state view and serves the
-pools' gauges to ``/metrics``.
+(``router/service_base.py``). It wires membership sync into the state view, runs the pin sync
+(``router/pin_sync.py``) and serves the pools' gauges to ``/metrics``.
 
 ``create_server(cfg, pool, view, store) -> (server, port)`` builds a ``grpc.aio`` server
 with the standard health service and reflection: an open API only on loopback
@@ -27,6 +27,7 @@ from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 from router.admin import AdminRpcs
 from router.generate import GenerateRpcs, to_sampling
+from router.pin_sync import PinSync
 from router.pool import WorkerPool
 from router.state_view import StateView
 
@@ -44,6 +45,7 @@ class RouterService(AdminRpcs, GenerateRpcs, pb_grpc.RouterServicer):
                  store: AdapterStore) -> None:
         super().__init__(cfg, pool, view, store)
         view.on_members = self._sync_members
+        self.pin_sync = PinSync(pool, view, cfg.pin_sync_s)
         self.metrics.set_gauge_source(self._gauges)
 
     def close(self) -> None:
@@ -174,6 +176,7 @@ def _bind_tls(server: grpc.aio.Server, cfg: RouterConfig) -> int:
 async def start(server: grpc.aio.Server) -> None:
     await server.service.view.refresh()
     server.service.view.start()
+    server.service.pin_sync.start()
     await server.start()
     await server.health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await server.health_servicer.set("preft.v1.Router", health_pb2.HealthCheckResponse.SERVING)
@@ -190,6 +193,7 @@ async def serve(cfg: RouterConfig, pool: WorkerPool, view: StateView, store: Ada
     finally:
         await server.health_servicer.enter_graceful_shutdown()
         await server.service.view.stop()
+        await server.service.pin_sync.stop()
         await server.stop(grace=5)
         server.service.close()
         if server.local_dir is not None:

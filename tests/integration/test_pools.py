@@ -1,7 +1,7 @@
 """Two prefill and two decode workers: the session cluster grows by one of each while it
 serves (membership by heartbeat), then adapter-locality routing is checked under a skewed
-(Zipf) mix, the bounded-load spill under one hot adapter, and token-exactness through both
-pools."""
+(Zipf) mix, the bounded-load spill under one hot adapter, token-exactness through both
+pools, and a prefill worker's adapter pins (the ``hot_set`` policy's worker half)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,23 @@ def test_exact_through_both_pools(grown, client, reference, assets):
         assert c.token_ids[:k] == ref.tokens[:k], (name, len(p))
         workers.add(c.workers)
     assert len({d for _, d in workers}) == 2
+
+
+def test_prefill_worker_pins_adapters_in_its_host_tier(grown, client):
+    """The hot_set policy's worker half on a real engine: pinned adapters sit in vLLM's
+    host-memory LoRA tier (their next request is an engine hit), and unpin on request."""
+    import ray
+
+    from cluster.messages import AdapterRef
+
+    w = grown.pool.prefill[0]
+    name = sorted(ADAPTER_SEEDS)[0]
+    r = grown.view.adapters[name]
+    ref = AdapterRef(r.name, r.version, r.kind, r.sha256, r.uri)
+    try:
+        assert ray.get(w.actor.pin_adapters.remote((ref,))) == (name,)
+        stats = ray.get(w.actor.stats.remote())
+        assert stats.pinned == (name,) and stats.resident[name].startswith("engine")
+    finally:
+        assert ray.get(w.actor.pin_adapters.remote(())) == ()
+    assert ray.get(w.actor.stats.remote()).pinned == ()

@@ -83,7 +83,7 @@ def test_locality_spills_when_home_is_overloaded():
 
 
 def test_policies_registry_and_pool():
-    assert set(POLICIES) == {"locality", "round_robin", "least_loaded"}
+    assert set(POLICIES) == {"locality", "round_robin", "least_loaded", "hot_set"}
     pool = WorkerPool(prefill=_workers(2), decode=_workers(2))
     pool.decode[0].outstanding = 3
     assert pool.pick_decode() is pool.decode[1]
