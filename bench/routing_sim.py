@@ -102,13 +102,23 @@ def main(argv=None) -> int:
     ap.add_argument("--host-tier", type=int, default=4)
     ap.add_argument("--prefill-workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     res = compare(args.adapters, args.zipf, args.requests, args.prefill_workers,
                   args.host_tier, args.concurrency)
-    print("| policy | hit rate | static | ratio | max spread | peak outstanding |")
-    for name, r in res.items():
-        print(f"| {name} | {r['hit_rate']:.3f} | {r['static']:.3f} | {r['vs_static']:.2f} | "
-              f"{max(r['spread'].values())} | {r['peak_outstanding']} |")
+    rows = [{"policy": name, "hit_rate": r["hit_rate"], "static_partition_hit_rate": r["static"],
+             "hit_rate_vs_static": r["vs_static"], "max_spread": max(r["spread"].values()),
+             "peak_outstanding": r["peak_outstanding"]} for name, r in res.items()]
+    if args.out:
+        from bench.report import report
+
+        report(f"simulated placement, {args.adapters} adapters", rows, args.out,
+               config=vars(args))
+    else:
+        print("| policy | hit rate | static | ratio | max spread | peak outstanding |")
+        for r in rows:
+            print(f"| {r['policy']} | {r['hit_rate']:.3f} | {r['static_partition_hit_rate']:.3f} "
+                  f"| {r['hit_rate_vs_static']:.2f} | {r['max_spread']} | {r['peak_outstanding']} |")
     return 0
 
 
