@@ -52,27 +52,91 @@ class KVHandle:
         return cls(**{k: params[k] for k in cls.__dataclass_fields__ if k in params})
 
 
+MAX_LOGPROBS = 20            # top-k per token (vLLM's default max_logprobs)
+
+
 @dataclass(frozen=True)
 class Sampling:
+    """How a request samples, identical on every engine that produces one of its tokens:
+    the prefill engine (the first token, under the adapter) and the decode engine (the rest)
+    apply the same knobs, with the split corrected where a knob counts generated tokens
+    (``min_tokens``; presence and frequency penalties, see ``decode_worker``)."""
+
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0                           # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0          # > 0; 1 = off (prompt and generated tokens)
+    presence_penalty: float = 0.0            # [-2, 2]; generated tokens only
+    frequency_penalty: float = 0.0           # [-2, 2]; generated tokens only
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100])
+    min_tokens: int = 0                      # no EOS / stop token before this many tokens
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None              # top-k logprobs of each generated token
+    prompt_logprobs: int | None = None       # top-k logprobs of each prompt token (adapter on)
 
     def validate(self) -> "Sampling":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest("temperature", f"must be >= 0 (0 = greedy), got {self.temperature!r}")
+        _check_range("temperature", self.temperature, 0, math.inf, "(0 = greedy)")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequest("seed", f"must be in [0, 2^63), got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop", "stop strings must be non-empty")
+        self._validate_knobs()
         return self
+
+    def _validate_knobs(self) -> None:
+        if self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        _check_range("min_p", self.min_p, 0, 1)
+        if not math.isfinite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise InvalidRequest("repetition_penalty", f"must be in (0, 10] (1 = off), got "
+                                 f"{self.repetition_penalty!r}")
+        _check_range("presence_penalty", self.presence_penalty, -2, 2)
+        _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
+        for tok, bias in self.logit_bias:
+            if tok < 0:
+                raise InvalidRequest("logit_bias", f"token id {tok} is negative")
+            _check_range("logit_bias", bias, -100, 100, f"(token {tok})")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], "
+                                 f"got {self.min_tokens}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", "token ids must be >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequest(name, f"must be in [0, {MAX_LOGPROBS}], got {k}")
+
+    def token_ids_used(self) -> tuple[int, ...]:
+        """Token ids the request names (``logit_bias``, ``stop_token_ids``): each must be in
+        the model's vocabulary (checked by the worker that knows it)."""
+        return (*(t for t, _ in self.logit_bias), *self.stop_token_ids)
+
+
+def _check_range(field: str, v: float, lo: float, hi: float, note: str = "") -> None:
+    if not math.isfinite(v) or not lo <= v <= hi:
+        bounds = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+        raise InvalidRequest(field, f"must be {bounds}{' ' + note if note else ''}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's logprob: the token there, its log-probability and rank under the
+    engine's raw logits (before penalties and temperature, as vLLM reports them), and the
+    top-k alternatives as ``(token id, logprob)`` pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +185,9 @@ class PrefillResult:
     adapter_load_s: float = 0.0              # fetch + load time when not engine-resident
     t_start: float = 0.0                     # wall clock: the worker took the call ...
     t_done: float = 0.0                      # ... and returned (the router's hop breakdown)
+    first_logprob: TokenLogprob | None = None   # sampling.logprobs set: the first token's
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # sampling.prompt_logprobs set: positions
+                                             # 1.. of the prompt (position 0 has none)
 
 
 @dataclass(frozen=True)
@@ -144,6 +211,7 @@ class DecodeDelta:
     kv_transport: str = ""                   # how it moved: shm | gloo | nccl
     kv_pipelined: bool = False               # staged layer by layer during prefill
     kv_exposed_s: float | None = None        # what of the transfer the request waited for
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids item (sampling.logprobs set)
 
 
 @dataclass(frozen=True)
@@ -158,6 +226,8 @@ class ColocatedDelta:
     prefill_s: float = 0.0                   # from engine submit to the first token
     adapter_tier: str = ""
     adapter_load_s: float = 0.0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids item (sampling.logprobs set)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # on the first delta, as PrefillResult's
 
 
 @dataclass(frozen=True)

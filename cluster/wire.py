@@ -121,10 +121,7 @@ def _value(tp: Any, v: Any, path: str) -> Any:
             raise WireError(f"{path}: unsupported type {tp}")
         return _value(inner[0], v, path)
     if origin is tuple:
-        item = typing.get_args(tp)[0]
-        if not isinstance(v, list):
-            raise WireError(f"{path}: expected a list")
-        return tuple(_value(item, x, f"{path}[{i}]") for i, x in enumerate(v))
+        return _tuple(typing.get_args(tp), v, path)
     if origin is dict or tp is dict:
         if not isinstance(v, dict):
             raise WireError(f"{path}: expected an object")
@@ -138,6 +135,17 @@ def _value(tp: Any, v: Any, path: str) -> Any:
     if tp is Any:
         return v
     raise WireError(f"{path}={v!r:.40}: expected {getattr(tp, '__name__', tp)}")
+
+
+def _tuple(args: tuple, v: Any, path: str) -> tuple:
+    """``tuple[T, ...]`` (any length) or ``tuple[A, B]`` (exactly those items)."""
+    if not isinstance(v, list):
+        raise WireError(f"{path}: expected a list")
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(v)
+    elif len(v) != len(args):
+        raise WireError(f"{path}: expected {len(args)} items, got {len(v)}")
+    return tuple(_value(t, x, f"{path}[{i}]") for i, (t, x) in enumerate(zip(args, v)))
 
 
 def error_body(e: BaseException) -> dict:

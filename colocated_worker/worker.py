@@ -19,7 +19,8 @@ from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampl
 from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
-from worker_runtime.sequence import OutputStream, cache_only_prompt_blocks
+from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
+                                     prompt_logprobs, token_logprobs)
 
 
 class ColocatedWorker(AdapterWorker):
@@ -68,9 +69,11 @@ class ColocatedWorker(AdapterWorker):
                     comp = out.outputs[0]
                     step = stream.append(comp.token_ids,
                                          comp.finish_reason if engine_done else None)
-                    delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason)
+                    lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs)
+                    delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason,
+                                           logprobs=lps[:len(step.token_ids)])
                     if first:
-                        first, delta = False, self._first(delta, len(ids), r,
+                        first, delta = False, self._first(delta, ids, out, s.prompt_logprobs, r,
                                                           t0 - (req.enqueued_at or t_in),
                                                           time.time() - t0)
                     n_out += len(delta.token_ids)
@@ -89,23 +92,19 @@ class ColocatedWorker(AdapterWorker):
 
     @staticmethod
     def _params(s: Sampling, r: Resolved | None):
-        """No detokenization or stop strings in the engine: the request's OutputStream owns
-        both, as on the prefill/decode path."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+        """Every token in this engine, by the request's rules."""
         extra = {REFT_EXTRA_ARG: r.reft_key} if r is not None and r.reft_key else None
-        return SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-            ignore_eos=s.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args=extra)
+        return engine_params(s, max_tokens=s.max_tokens, min_tokens=s.min_tokens, seed=s.seed,
+                             delta=True, prompt_logprobs=True, extra=extra)
 
-    def _first(self, delta: ColocatedDelta, n_prompt: int, r: Resolved | None,
-               queue_s: float, prefill_s: float) -> ColocatedDelta:
-        """The first delta carries what the router reports as prefill."""
+    def _first(self, delta: ColocatedDelta, ids: list[int], out, k: int | None,
+               r: Resolved | None, queue_s: float, prefill_s: float) -> ColocatedDelta:
+        """The first delta carries what the router reports as prefill, and the prompt's
+        logprobs when asked."""
         from dataclasses import replace
 
         self.metrics.adapter(r.tier if r else "")
-        return replace(delta, prompt_tokens=n_prompt, queue_s=max(0.0, queue_s),
+        return replace(delta, prompt_tokens=len(ids), queue_s=max(0.0, queue_s),
+                       prompt_logprobs=prompt_logprobs(ids, out, k),
                        prefill_s=prefill_s, adapter_tier=r.tier if r else "",
                        adapter_load_s=r.load_s if r else 0.0)

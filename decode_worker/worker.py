@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
+from dataclasses import replace
 
 from cluster.config import DecodeConfig
 from cluster.errors import InvalidRequest, KVTransferFailed
 from cluster.messages import DecodeDelta, DecodeRequest
 from worker_runtime.engine_worker import EngineWorker
-from worker_runtime.sequence import OutputStream, cache_only_prompt_blocks
+from decode_worker.penalties import count_first_token_as_generated
+from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
+                                     token_logprobs)
 
 
 class DecodeWorker(EngineWorker):
@@ -38,6 +41,8 @@ class DecodeWorker(EngineWorker):
         # The first token's and every generated token's KV is the base model's: never cached
         # where a later prompt (a chat's next turn) could take it for adapter-conditioned KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=1)
+        # The first token is generated, though it reaches this engine in the prompt.
+        count_first_token_as_generated(engine)
 
     async def kv_loads(self) -> dict[str, int]:
         """This engine's recent prompt-KV loads by how they ran: ``layerwise`` (copied
@@ -68,7 +73,9 @@ class DecodeWorker(EngineWorker):
                         f"KV transfer {req.kv.transfer_id} from {req.kv.engine_id} to "
                         f"{self.worker_id} failed; the request was not decoded")
                 step = stream.append(comp.token_ids, comp.finish_reason if out.finished else None)
-                delta = DecodeDelta(step.token_ids, step.text, step.finish_reason)
+                lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs)
+                delta = DecodeDelta(step.token_ids, step.text, step.finish_reason,
+                                    logprobs=lps[:len(step.token_ids)])
                 if first:
                     first, delta = False, self._with_transfer(delta, req, t0)
                 n_tokens += len(delta.token_ids)
@@ -97,17 +104,13 @@ class DecodeWorker(EngineWorker):
 
     @staticmethod
     def _params(req: DecodeRequest):
-        """Sampling for the tokens after the first. No detokenization and no stop strings in
-        the engine: the request's :class:`OutputStream` owns both, first token included."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+        """The tokens after the first, by the request's rules (``min_tokens`` counts the
+        first token as one already generated)."""
         s = req.sampling
-        return SamplingParams(
-            max_tokens=s.max_tokens - 1, temperature=s.temperature, top_p=s.top_p,
-            seed=None if s.seed is None else (s.seed + 1) % 2**63, ignore_eos=s.ignore_eos,
-            detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": req.kv.to_params()})
+        return engine_params(
+            s, max_tokens=s.max_tokens - 1, min_tokens=max(0, s.min_tokens - 1),
+            seed=None if s.seed is None else (s.seed + 1) % 2**63, delta=True,
+            extra={"kv_transfer_params": req.kv.to_params()})
 
     def _with_transfer(self, delta: DecodeDelta, req: DecodeRequest, t0: float) -> DecodeDelta:
         """The first delta carries the KV transfer's bytes and seconds."""
@@ -117,9 +120,7 @@ class DecodeWorker(EngineWorker):
         exposed = rec.exposed if rec else 0.0
         if rec:
             self.metrics.kv_pull(rec.bytes, rec.seconds)
-        return DecodeDelta(delta.token_ids, delta.text, delta.finish_reason,
-                           kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
-                           first_step_s=max(0.0, total - exposed),
-                           kv_transport=rec.transport if rec else "",
-                           kv_pipelined=bool(rec and rec.pipelined),
-                           kv_exposed_s=exposed)
+        return replace(delta, kv_transfer_s=xfer, kv_bytes=rec.bytes if rec else 0,
+                       first_step_s=max(0.0, total - exposed),
+                       kv_transport=rec.transport if rec else "",
+                       kv_pipelined=bool(rec and rec.pipelined), kv_exposed_s=exposed)

@@ -27,7 +27,7 @@ from typing import Any
 from cluster.errors import AdapterNotFound, InvalidAdapter
 from cluster.messages import AdapterRef, PrefillRequest, WorkerInfo
 from worker_runtime.engine_worker import EngineWorker
-from worker_runtime.sequence import check_lengths, prompt_ids
+from worker_runtime.sequence import check_lengths, check_sampling_ids, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ class AdapterWorker(EngineWorker):
         """The request's prompt ids, checked against the model's limits, and its adapter
         resolved through the tiers (None: the base model)."""
         ids = prompt_ids(req, self.tokenizer, self.adapters.vocab_size)
+        check_sampling_ids(req.sampling, self.adapters.vocab_size)
         check_lengths(len(ids), req.sampling.max_tokens,
                       self.loop.engine.model_config.max_model_len)
         r = await self.adapters.resolve(req.adapter) if req.adapter is not None else None

@@ -20,7 +20,8 @@ from cluster.errors import WorkerUnavailable
 from cluster.messages import AdapterStats, KVHandle, PrefillRequest, PrefillResult, Sampling
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
-from worker_runtime.sequence import OutputStream
+from worker_runtime.sequence import (OutputStream, engine_params, prompt_logprobs,
+                                     token_logprobs)
 
 
 class PrefillWorker(AdapterWorker):
@@ -93,6 +94,7 @@ class PrefillWorker(AdapterWorker):
             None if hand_over else "length")
         step = OutputStream(self.tokenizer, s, req.request_id).append([first], engine_finish)
         kv = self._handle(out, step.finish_reason)
+        lps = token_logprobs([first], out.outputs[0].logprobs, s.logprobs)
         prefill_s = time.time() - t0
         self.metrics.request(len(ids), prefill_s)
         self.metrics.adapter(r.tier if r else "")
@@ -101,7 +103,9 @@ class PrefillWorker(AdapterWorker):
             first_text=step.text, finish_reason=step.finish_reason, kv=kv,
             kv_namespace=namespace, queue_s=max(0.0, t0 - (req.enqueued_at or t_in)),
             prefill_s=prefill_s, adapter_tier=r.tier if r else "",
-            adapter_load_s=r.load_s if r else 0.0, t_start=t_in, t_done=time.time())
+            adapter_load_s=r.load_s if r else 0.0, t_start=t_in, t_done=time.time(),
+            first_logprob=lps[0] if lps else None,
+            prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs))
 
     async def _run_prompt(self, request_id: str, ids: list[int], r: Resolved | None,
                           namespace: str, params):
@@ -125,18 +129,13 @@ class PrefillWorker(AdapterWorker):
 
     @staticmethod
     def _sampling_params(s: Sampling, hand_over: bool, r: Resolved | None):
-        """One token, sampled with the adapter. No detokenization or stop strings in the
-        engine: the request's :class:`OutputStream` owns both, for every generated token."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+        """One token, sampled with the adapter by the request's rules; prompt logprobs (when
+        asked) are the adapter's too."""
         extra = {REFT_EXTRA_ARG: r.reft_key} if r is not None and r.reft_key else {}
         if hand_over:
             extra["kv_transfer_params"] = {"do_remote_decode": True}
-        return SamplingParams(
-            max_tokens=1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-            ignore_eos=s.ignore_eos, detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra or None)
+        return engine_params(s, max_tokens=1, min_tokens=min(s.min_tokens, 1), seed=s.seed,
+                             delta=False, prompt_logprobs=True, extra=extra)
 
     def _handle(self, out, finish: str | None) -> KVHandle | None:
         """The KV handle for decode, or (the request ended here) its blocks freed now."""

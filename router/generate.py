@@ -135,8 +135,10 @@ class GenerateRpcs(ServiceBase):
         self._first_token(out, t_admit, res.queue_s, res.prefill_s, len(res.prompt_token_ids),
                           preq, res.adapter_tier, res.adapter_load_s)
         out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
-        out.add(DecodeDelta((res.first_token,), res.first_text, res.finish_reason))
-        yield pb.TokenDelta(token_ids=[res.first_token], text=res.first_text)
+        first = DecodeDelta((res.first_token,), res.first_text, res.finish_reason,
+                            logprobs=(res.first_logprob,) if res.first_logprob else ())
+        out.add(first, res.prompt_logprobs)
+        yield _token_delta(first)
         if res.kv is not None:
             out.kv.blocks = res.kv.num_blocks
         if res.finish_reason is not None:
@@ -195,7 +197,7 @@ class GenerateRpcs(ServiceBase):
                                  d.kv_transport)
                 out.add(d)
                 if d.token_ids or d.text:
-                    yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)
+                    yield _token_delta(d)
         except BaseException as e:
             if out.kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
                 pw.actor.release.remote(res.kv.transfer_id)
@@ -218,9 +220,9 @@ class GenerateRpcs(ServiceBase):
                     self._first_token(out, t_admit, d.queue_s, d.prefill_s, d.prompt_tokens,
                                       preq, d.adapter_tier, d.adapter_load_s)
                     t_dec = time.time()
-                out.add(d)
+                out.add(d, d.prompt_logprobs)
                 if d.token_ids or d.text:
-                    yield pb.TokenDelta(token_ids=list(d.token_ids), text=d.text)
+                    yield _token_delta(d)
         finally:
             w.outstanding -= 1
         out.decode_s = time.time() - t_dec if t_dec is not None else 0.0
@@ -239,7 +241,7 @@ class GenerateRpcs(ServiceBase):
         return pb.GenerateResponse(final=pb.Final(
             request_id=preq.request_id, finish_reason=out.finish or "length",
             usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.n_tokens),
-            timings=timings, kv=out.kv))
+            timings=timings, kv=out.kv, prompt_logprobs=to_pb_logprobs(out.prompt_logprobs)))
 
     # ------------------------------------------------------------------ worker calls
     async def _stream(self, gen, context, what: str, worker: WorkerHandle):
@@ -312,6 +314,7 @@ class _Outcome:
         self.kv_transfer_s = self.first_decode_step_s = self.kv_exposed_s = 0.0
         self.kv = pb.KVTransfer()
         self.hop_s: dict[str, float] = {}
+        self.prompt_logprobs = ()
 
     def hops(self, t_admit: float, t_call: float, t_start: float, t_done: float,
              t_result: float) -> None:
@@ -320,8 +323,9 @@ class _Outcome:
             self.hop_s = {"route_s": t_call - t_admit, "to_worker_s": t_start - t_call,
                           "worker_s": t_done - t_start, "from_worker_s": t_result - t_done}
 
-    def add(self, d) -> None:
+    def add(self, d, prompt_logprobs=()) -> None:
         self.n_tokens += len(d.token_ids)
+        self.prompt_logprobs = self.prompt_logprobs or prompt_logprobs
         if d.finish_reason:
             self.finish = d.finish_reason
 
@@ -332,8 +336,26 @@ def to_sampling(p: pb.SamplingParams) -> Sampling:
         temperature=p.temperature if p.HasField("temperature") else 1.0,
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop), ignore_eos=p.ignore_eos,
+        stop=tuple(p.stop), ignore_eos=p.ignore_eos, top_k=p.top_k, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+        logit_bias=tuple(sorted(p.logit_bias.items())), min_tokens=p.min_tokens,
+        stop_token_ids=tuple(p.stop_token_ids),
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     ).validate()
+
+
+def to_pb_logprobs(items) -> list[pb.TokenLogprob]:
+    """:class:`~cluster.messages.TokenLogprob` items as their protobuf messages."""
+    return [pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank,
+                            top=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in t.top])
+            for t in items]
+
+
+def _token_delta(d) -> pb.TokenDelta:
+    return pb.TokenDelta(token_ids=list(d.token_ids), text=d.text,
+                         logprobs=to_pb_logprobs(d.logprobs))
 
 
 def _cancel(ref) -> None:

@@ -164,3 +164,87 @@ class Reference:
             tokens.append(tok)
             gaps.append(gap)
         return RefOutput(tuple(tokens), tuple(gaps))
+
+
+# ---------------------------------------------------------------- sampling rules, logprobs
+@dataclass(frozen=True)
+class Rules:
+    """A single engine's greedy rules, written from vLLM's definitions: ``logit_bias`` is
+    added, stop tokens are masked until ``min_tokens`` tokens exist, then the repetition
+    penalty (tokens of the prompt or the output: positive logits divided, negative
+    multiplied) and the frequency and presence penalties (output tokens only) apply."""
+
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple = ()
+
+    def apply(self, logits: torch.Tensor, prompt: list[int], out: list[int]) -> torch.Tensor:
+        logits = logits.clone()
+        for tok, bias in self.logit_bias:
+            logits[tok] += bias
+        if len(out) < self.min_tokens:
+            for tok in self.stop_token_ids:
+                logits[tok] = float("-inf")
+        seen = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long)
+        r = self.repetition_penalty
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / r, vals * r)
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long),
+                                minlength=logits.numel()).float() if out else None
+        if counts is not None:
+            logits -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0)
+        return logits
+
+
+@dataclass(frozen=True)
+class Detailed(RefOutput):
+    logprobs: tuple[float, ...] = ()            # each generated token's, raw logits
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()   # the top k of each step
+    prompt_logprobs: tuple[float, ...] = ()     # prompt positions 1.., adapter on
+
+
+def _logprob_items(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    v, i = torch.topk(lp, k)
+    return lp, tuple(zip(i.tolist(), v.tolist()))
+
+
+@torch.no_grad()
+def detailed(ref: Reference, prompt: list[int], adapter_dir: str | None, n: int,
+             rules: Rules = Rules(), k: int = 3) -> Detailed:
+    """PreFT (adapter over the prompt only) with greedy ``rules`` applied at every step,
+    every generated token's raw logprob and top ``k``, and the prompt's logprobs."""
+    reft = adapter_dir is not None and ref.is_reft(adapter_dir)
+    if adapter_dir is not None and not reft:
+        ref._adapter(adapter_dir)
+    model = ref.peft if ref.peft is not None else ref.base
+    lora_on_prompt = adapter_dir is not None and not reft
+    with ref._ctx(lora_on_prompt):
+        handles = ref._reft_hooks(adapter_dir, len(prompt)) if reft else []
+        try:
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+    plp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+    prompt_lps = tuple(plp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].tolist())
+    logits, past = out.logits[0, -1].float(), out.past_key_values
+    toks, gaps, lps, tops = [], [], [], []
+    for step in range(n):
+        lp, top = _logprob_items(logits, k)
+        adj = rules.apply(logits, prompt, toks)
+        v = torch.topk(adj, 2).values
+        tok = int(adj.argmax())
+        toks.append(tok)
+        gaps.append(float(v[0] - v[1]))
+        lps.append(float(lp[tok]))
+        tops.append(top)
+        if step == n - 1 or tok in rules.stop_token_ids:
+            break
+        with ref._ctx(False):
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        logits, past = out.logits[0, -1].float(), out.past_key_values
+    return Detailed(tuple(toks), tuple(gaps), tuple(lps), tuple(tops), prompt_lps)

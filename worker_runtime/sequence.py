@@ -48,7 +48,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from cluster.errors import InvalidRequest
-from cluster.messages import PrefillRequest, Sampling
+from cluster.messages import PrefillRequest, Sampling, TokenLogprob
 
 
 # ------------------------------------------------------------------ prompt
@@ -70,6 +70,16 @@ def prompt_ids(req: PrefillRequest, tokenizer: Any, vocab_size: int) -> list[int
     return ids
 
 
+def check_sampling_ids(s: Sampling, vocab_size: int) -> None:
+    """Token ids in ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary."""
+    for field, ids in (("sampling.logit_bias", [t for t, _ in s.logit_bias]),
+                       ("sampling.stop_token_ids", s.stop_token_ids)):
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise InvalidRequest(field, f"token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {vocab_size})")
+
+
 def check_lengths(n_prompt: int, max_tokens: int, max_len: int) -> None:
     if n_prompt >= max_len:
         raise InvalidRequest("prompt", f"the prompt has {n_prompt} tokens; this model "
@@ -78,6 +88,50 @@ def check_lengths(n_prompt: int, max_tokens: int, max_len: int) -> None:
         raise InvalidRequest("max_tokens", f"prompt ({n_prompt} tokens) + max_tokens "
                              f"({max_tokens}) exceeds max_model_len={max_len}; lower "
                              f"max_tokens to at most {max_len - n_prompt}")
+
+
+# ------------------------------------------------------------------ engine sampling
+def engine_params(s: Sampling, *, max_tokens: int, min_tokens: int, seed: int | None,
+                  delta: bool, prompt_logprobs: bool = False, extra: dict | None = None):
+    """vLLM ``SamplingParams`` for the part of a request one engine produces (``max_tokens``
+    and ``min_tokens`` of its own share). Every knob is the request's, so the first token
+    (prefill) and the rest (decode) are sampled by the same rules. No detokenization and no
+    stop strings in the engine: the request's :class:`OutputStream` owns both."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=max_tokens, min_tokens=min_tokens, temperature=s.temperature,
+        top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed,
+        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, logit_bias=dict(s.logit_bias) or None,
+        stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs if prompt_logprobs else None,
+        detokenize=False, extra_args=extra or None,
+        output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+
+
+def token_logprobs(token_ids, positions, k: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position logprob dicts (``{token id: Logprob}``) for ``token_ids`` as
+    :class:`TokenLogprob` items; ``k``: how many alternatives were asked for (None: none
+    asked, nothing returned)."""
+    if k is None or positions is None:
+        return ()
+    out = []
+    for tok, pos in zip(token_ids, positions):
+        top = sorted(((t, lp) for t, lp in pos.items() if lp.rank <= k), key=lambda x: x[1].rank)
+        mine = pos[tok]
+        out.append(TokenLogprob(int(tok), float(mine.logprob), int(mine.rank),
+                                tuple((int(t), float(lp.logprob)) for t, lp in top)))
+    return tuple(out)
+
+
+def prompt_logprobs(prompt_ids: list[int], out: Any, k: int | None) -> tuple[TokenLogprob, ...]:
+    """Positions 1.. of the prompt (vLLM gives position 0 none)."""
+    positions = getattr(out, "prompt_logprobs", None)
+    if k is None or not positions:
+        return ()
+    return token_logprobs(prompt_ids[1:], positions[1:], k)
 
 
 # ------------------------------------------------------------------ prefix cache

@@ -13,9 +13,10 @@ from preft_client.errors import (DeadlineExceeded, FailedPrecondition, Incomplet
                                  InvalidArgument, NotFound,
                                  PermissionDenied, PreftClientError, ResourceExhausted,
                                  Unauthenticated, Unavailable)
-from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
+from preft_client.types import (AdapterInfo, Completion, Delta, Timings, TokenLogprob, Usage,
+                                WorkerStatus)
 
-__all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Timings", "Usage",
+__all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "TokenLogprob", "Timings", "Usage",
            "AdapterInfo", "WorkerStatus", "PreftClientError", "InvalidArgument", "NotFound",
            "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
            "PermissionDenied", "IncompleteStream", "FailedPrecondition"]

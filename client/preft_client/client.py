@@ -23,7 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from preft_client.errors import IncompleteStream, from_rpc_error
-from preft_client.types import AdapterInfo, Completion, Delta, Timings, Usage, WorkerStatus
+from preft_client.types import (AdapterInfo, Completion, Delta, Timings, TokenLogprob, Usage,
+                                WorkerStatus)
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 
@@ -95,14 +96,37 @@ def _retry_options(retries: int, backoff_s: float) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------- requests
 
 
+# Keyword arguments of generate/stream/events beyond the basic ones: vLLM's names and
+# meanings, applied identically to the first token (prefill, adapter on) and the rest.
+SAMPLING_KNOBS = {
+    "top_k": "int >= 0; 0 = off",
+    "min_p": "float in [0, 1]; 0 = off",
+    "repetition_penalty": "float in (0, 10]; 1 = off",
+    "presence_penalty": "float in [-2, 2]",
+    "frequency_penalty": "float in [-2, 2]",
+    "logit_bias": "{token id: bias in [-100, 100]}",
+    "min_tokens": "int in [0, max_tokens]",
+    "stop_token_ids": "token ids that end the completion (kept in token_ids)",
+    "logprobs": "k in [0, 20]: each generated token's logprob and the top k",
+    "prompt_logprobs": "k in [0, 20]: each prompt token's logprob (adapter on) and the top k",
+}
+
+
 def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed, stop,
-             ignore_eos, request_id) -> pb.GenerateRequest:
+             ignore_eos, request_id, **knobs) -> pb.GenerateRequest:
     """The ``GenerateRequest`` of one generate/stream/events call. Raises ``ValueError`` for
     bad arguments, including text protobuf cannot encode (lone surrogates)."""
     if (prompt is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt or prompt_token_ids")
+    unknown = set(knobs) - set(SAMPLING_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown sampling arguments {sorted(unknown)}; known: "
+                        f"{', '.join(SAMPLING_KNOBS)}")
+    knobs = {k: v for k, v in knobs.items() if v is not None}
     sp = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                           stop=list(stop or ()), ignore_eos=ignore_eos)
+                           stop=list(stop or ()), ignore_eos=ignore_eos,
+                           **{k: v for k, v in knobs.items() if k != "logit_bias"})
+    sp.logit_bias.update({int(t): float(b) for t, b in (knobs.get("logit_bias") or {}).items()})
     if seed is not None:
         sp.seed = seed
     req = pb.GenerateRequest(adapter=adapter or "", sampling=sp, request_id=request_id or "")
@@ -162,6 +186,11 @@ def _serving(resp: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+def _logprobs(items) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(t.token_id, t.logprob, t.rank,
+                              tuple((x.token_id, x.logprob) for x in t.top)) for t in items)
+
+
 class _Collector:
     """Assembles one ``Generate`` stream: :class:`Delta` per token message, then the
     :class:`Completion` (whole text and ids, finish reason, usage, timings)."""
@@ -169,13 +198,16 @@ class _Collector:
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
         self.final = None
 
     def add(self, msg: pb.GenerateResponse) -> Delta | None:
         if msg.HasField("delta"):
-            d = Delta(tuple(msg.delta.token_ids), msg.delta.text)
+            d = Delta(tuple(msg.delta.token_ids), msg.delta.text,
+                      _logprobs(msg.delta.logprobs))
             self.ids.extend(d.token_ids)
             self.text.append(d.text)
+            self.logprobs.extend(d.logprobs)
             return d
         self.final = msg.final
         return None
@@ -195,7 +227,8 @@ class _Collector:
                             t.worker_s, t.from_worker_s, t.kv_exposed_s),
             kv_bytes=f.kv.bytes, kv_blocks=f.kv.blocks, kv_transport=f.kv.transport,
             kv_pipelined=f.kv.pipelined,
-            workers=(f.kv.prefill_worker, f.kv.decode_worker))
+            workers=(f.kv.prefill_worker, f.kv.decode_worker),
+            logprobs=tuple(self.logprobs), prompt_logprobs=_logprobs(f.prompt_logprobs))
 
 
 # --------------------------------------------------------------------------- the shared body
@@ -355,29 +388,31 @@ class PreftClient(_Base):
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | None = None, ignore_eos: bool = False,
                request_id: str | None = None, *,
-               api_key: str | None = None) -> Iterator[Delta | Completion]:
+               api_key: str | None = None, **knobs: Any) -> Iterator[Delta | Completion]:
         """:class:`Delta` items as they arrive, then the :class:`Completion` (finish reason,
         usage, timings, whole text). Bad arguments raise ``ValueError`` here, at the call."""
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
-                       stop, ignore_eos, request_id)
+                       stop, ignore_eos, request_id, **knobs)
         return self._events(req, api_key)
 
     def stream(self, adapter: str | None, prompt: str | None = None,
                prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | None = None, ignore_eos: bool = False,
-               request_id: str | None = None, *, api_key: str | None = None) -> Iterator[Delta]:
+               request_id: str | None = None, *, api_key: str | None = None,
+               **knobs: Any) -> Iterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
-                       stop, ignore_eos, request_id)
+                       stop, ignore_eos, request_id, **knobs)
         return self._events(req, api_key, final=False)
 
     def generate(self, adapter: str | None, prompt: str | None = None,
                  prompt_token_ids: Sequence[int] | None = None, max_tokens: int = 16,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | None = None, ignore_eos: bool = False,
-                 request_id: str | None = None, *, api_key: str | None = None) -> Completion:
+                 request_id: str | None = None, *, api_key: str | None = None,
+                 **knobs: Any) -> Completion:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
-                       stop, ignore_eos, request_id)
+                       stop, ignore_eos, request_id, **knobs)
         return next(self._events(req, api_key, deltas=False))
 
     def register_adapter(self, name: str, path: str | Path, *, public: bool = False,
@@ -457,11 +492,11 @@ class AsyncPreftClient(_Base):
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | None = None, ignore_eos: bool = False,
                request_id: str | None = None, *,
-               api_key: str | None = None) -> AsyncIterator[Delta | Completion]:
+               api_key: str | None = None, **knobs: Any) -> AsyncIterator[Delta | Completion]:
         """:class:`Delta` items as they arrive, then the :class:`Completion`. Bad arguments
         raise ``ValueError`` here, at the call; the RPC starts on the first ``__anext__``."""
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
-                       stop, ignore_eos, request_id)
+                       stop, ignore_eos, request_id, **knobs)
         return self._events(req, api_key)
 
     def stream(self, adapter: str | None, prompt: str | None = None,
@@ -469,9 +504,9 @@ class AsyncPreftClient(_Base):
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | None = None, ignore_eos: bool = False,
                request_id: str | None = None, *,
-               api_key: str | None = None) -> AsyncIterator[Delta]:
+               api_key: str | None = None, **knobs: Any) -> AsyncIterator[Delta]:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
-                       stop, ignore_eos, request_id)
+                       stop, ignore_eos, request_id, **knobs)
         return self._events(req, api_key, final=False)
 
     async def generate(self, adapter: str | None, prompt: str | None = None,
@@ -479,9 +514,9 @@ class AsyncPreftClient(_Base):
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        stop: Sequence[str] | None = None, ignore_eos: bool = False,
                        request_id: str | None = None, *,
-                       api_key: str | None = None) -> Completion:
+                       api_key: str | None = None, **knobs: Any) -> Completion:
         req = _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed,
-                       stop, ignore_eos, request_id)
+                       stop, ignore_eos, request_id, **knobs)
         events = self._events(req, api_key, deltas=False)
         try:
             return await anext(events)

@@ -28,9 +28,22 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability (the engine's raw logits, before penalties and
+    temperature, as vLLM reports them), its rank (1 = most likely), and the top-k
+    alternatives as ``(token id, logprob)`` pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()   # one per token id, when logprobs=k was asked
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class Completion:
     kv_transport: str = ""     # how the prompt's KV moved: shm (same host) | gloo | nccl
     kv_pipelined: bool = False  # staged layer by layer while the prompt ran (no gather)
     workers: tuple[str, str] = field(default=("", ""))
+    logprobs: tuple[TokenLogprob, ...] = ()   # logprobs=k: one per generated token
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt_logprobs=k: prompt positions 1..
 
 
 @dataclass(frozen=True)

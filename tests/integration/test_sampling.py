@@ -1,0 +1,183 @@
+"""The sampling surface on the prefill/decode path: logprobs and penalties, where the split
+must be invisible.
+
+The first token comes from the prefill engine (adapter on), the rest from the decode engine,
+which receives the first token in its *prompt*. Rules that count generated tokens
+(presence/frequency penalties, ``min_tokens``) would silently miss the first token there;
+logprobs come from two engines and must line up. Every case is compared with the
+single-process reference (``tests/reference.py``: :class:`Rules` from vLLM's definitions,
+:func:`detailed` for logprobs): greedy tokens up to the first near-tie, logprobs within
+float tolerance. The colocated path has the same tests in ``test_colocated.py``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from reference import Rules, detailed
+
+pytestmark = pytest.mark.integration
+
+GAP_TOL = 1e-3
+LP_TOL = 2e-3
+N = 12
+ADAPTERS = [None, "ada", "rlo"]   # base, LoRA-P, ReFT-P
+
+
+def prompts(vocab: int, lengths=(40, 129, 7)) -> list[list[int]]:
+    rng = random.Random(17)
+    # a small alphabet: prompts repeat tokens, so the repetition penalty has work to do
+    alphabet = [rng.randrange(3, vocab) for _ in range(24)]
+    return [[rng.choice(alphabet) for _ in range(L)] for L in lengths]
+
+
+def assert_tokens(got, ref, what: str) -> int:
+    k = ref.comparable_prefix(GAP_TOL)
+    assert tuple(got[:k]) == ref.tokens[:k], f"{what}: cluster {got[:k]} vs reference {ref.tokens[:k]}"
+    assert k >= 3, f"{what}: only {k} comparable steps"
+    return k
+
+
+def assert_logprobs(c, ref, k: int, what: str) -> None:
+    """Token logprobs (first from prefill, the rest from decode) and the top alternatives."""
+    assert len(c.logprobs) == len(c.token_ids)
+    for i in range(k):
+        lp = c.logprobs[i]
+        assert lp.token_id == c.token_ids[i]
+        assert abs(lp.logprob - ref.logprobs[i]) < LP_TOL, (what, i, lp.logprob, ref.logprobs[i])
+        assert [t for t, _ in lp.top] == [t for t, _ in ref.top[i]], (what, i)
+        for (_, a), (_, b) in zip(lp.top, ref.top[i]):
+            assert abs(a - b) < LP_TOL, (what, i)
+
+
+def assert_prompt_logprobs(c, prompt, ref, what: str) -> None:
+    assert [p.token_id for p in c.prompt_logprobs] == prompt[1:], what
+    worst = max(abs(p.logprob - r) for p, r in zip(c.prompt_logprobs, ref.prompt_logprobs))
+    assert worst < LP_TOL, f"{what}: prompt logprobs differ by up to {worst}"
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_logprobs_equal_the_reference(cluster, client, reference, assets, adapter):
+    vocab = cluster.pool.prefill[0].info.vocab_size
+    adir = assets["adapters"][adapter] if adapter else None
+    for p in prompts(vocab):
+        ref = detailed(reference, p, adir, N, k=3)
+        c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, ignore_eos=True,
+                            logprobs=3, prompt_logprobs=1)
+        what = f"{adapter or 'base'} len={len(p)}"
+        k = assert_tokens(c.token_ids, ref, what)
+        assert_logprobs(c, ref, k, what)
+        assert_prompt_logprobs(c, p, ref, what)
+        # the stream's deltas carry the same logprobs, one per token
+        deltas = list(client.stream(adapter, prompt_token_ids=p, max_tokens=N,
+                                    ignore_eos=True, logprobs=3))
+        streamed = [lp for d in deltas for lp in d.logprobs]
+        assert [x.token_id for x in streamed] == list(c.token_ids)
+        assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(streamed, c.logprobs))
+
+
+def test_adapter_changes_the_prompt_and_first_token_logprobs(cluster, client):
+    """Not vacuous: under an adapter the prompt's logprobs and the first token's differ
+    from the base model's (the adapter is on over the prompt)."""
+    p = prompts(cluster.pool.prefill[0].info.vocab_size)[0]
+    got = {a: client.generate(a, prompt_token_ids=p, max_tokens=2, ignore_eos=True,
+                              logprobs=0, prompt_logprobs=0) for a in ADAPTERS}
+    for a in ("ada", "rlo"):
+        diff = max(abs(x.logprob - y.logprob) for x, y in
+                   zip(got[a].prompt_logprobs, got[None].prompt_logprobs))
+        assert diff > 0.01, a
+        assert got[a].logprobs[0].logprob != got[None].logprobs[0].logprob
+
+
+PENALTIES = {
+    "presence+frequency": Rules(presence_penalty=1.0, frequency_penalty=1.5),
+    "repetition": Rules(repetition_penalty=1.4),
+    "all three": Rules(repetition_penalty=1.3, presence_penalty=0.7, frequency_penalty=0.9),
+}
+
+
+def _knobs(r: Rules) -> dict:
+    return dict(repetition_penalty=r.repetition_penalty, presence_penalty=r.presence_penalty,
+                frequency_penalty=r.frequency_penalty, logit_bias=dict(r.logit_bias),
+                min_tokens=r.min_tokens, stop_token_ids=list(r.stop_token_ids))
+
+
+@pytest.mark.parametrize("rules", list(PENALTIES.values()), ids=list(PENALTIES))
+def test_penalties_equal_one_engine(cluster, client, reference, assets, rules):
+    vocab = cluster.pool.prefill[0].info.vocab_size
+    for adapter in ADAPTERS:
+        adir = assets["adapters"][adapter] if adapter else None
+        for p in prompts(vocab):
+            ref = detailed(reference, p, adir, N, rules)
+            c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, ignore_eos=True,
+                                **_knobs(rules))
+            assert_tokens(c.token_ids, ref, f"{adapter or 'base'} len={len(p)}")
+
+
+def test_penalties_count_the_first_token(cluster, client, reference, assets):
+    """The case the decode engine gets wrong if it forgets that the first token (in its
+    prompt) was generated: greedy output that repeats its first token without a penalty
+    must not repeat it with a frequency penalty, exactly as one engine decides."""
+    vocab = cluster.pool.prefill[0].info.vocab_size
+    rules = Rules(frequency_penalty=2.0)
+    found = 0
+    for seed in range(40):
+        p = [random.Random(seed).randrange(3, vocab) for _ in range(12)]
+        plain = detailed(reference, p, None, N)
+        first = plain.tokens[0]
+        if first not in plain.tokens[1:plain.comparable_prefix(GAP_TOL)] or first in p:
+            continue
+        found += 1
+        ref = detailed(reference, p, None, N, rules)
+        c = client.generate(None, prompt_token_ids=p, max_tokens=N, ignore_eos=True,
+                            **_knobs(rules))
+        assert_tokens(c.token_ids, ref, f"seed {seed}")
+        if found == 3:
+            break
+    assert found >= 1, "no prompt whose greedy output repeats its first token"
+
+
+def test_logit_bias_min_tokens_and_stop_token_ids(cluster, client, reference, assets):
+    """``logit_bias`` forces a token on both engines; ``stop_token_ids`` ends the request
+    at a token, but not before ``min_tokens`` tokens (counted across the split)."""
+    p = prompts(cluster.pool.prefill[0].info.vocab_size)[0]
+    for adapter in ADAPTERS:
+        adir = assets["adapters"][adapter] if adapter else None
+        plain = detailed(reference, p, adir, N)
+        forced = plain.tokens[4]
+        biased = Rules(logit_bias=((forced, 100.0),))
+        c = client.generate(adapter, prompt_token_ids=p, max_tokens=6, ignore_eos=True,
+                            **_knobs(biased))
+        assert c.token_ids == (forced,) * 6
+        for stop_at, min_tokens in ((0, 0), (2, 0), (1, 3)):
+            stop = plain.tokens[stop_at]
+            rules = Rules(min_tokens=min_tokens, stop_token_ids=(stop,))
+            ref = detailed(reference, p, adir, N, rules)
+            c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, **_knobs(rules))
+            assert c.token_ids == ref.tokens, (adapter, stop_at, min_tokens)
+            stopped = ref.tokens[-1] == stop
+            assert stopped or min_tokens, "the stop token must end the unconstrained cases"
+            assert c.finish_reason == ("stop" if stopped else "length")
+            assert len(c.token_ids) >= max(min_tokens, 1)
+
+
+@pytest.mark.parametrize("field,knobs", [
+    ("sampling.logprobs", dict(logprobs=21)),
+    ("sampling.prompt_logprobs", dict(prompt_logprobs=50)),
+    ("sampling.presence_penalty", dict(presence_penalty=3.0)),
+    ("sampling.repetition_penalty", dict(repetition_penalty=0.0)),
+    ("sampling.min_tokens", dict(min_tokens=9)),
+    ("sampling.min_p", dict(min_p=1.5)),
+    ("sampling.logit_bias", dict(logit_bias={10**6: 1.0})),
+    ("sampling.stop_token_ids", dict(stop_token_ids=[10**6])),
+])
+def test_bad_sampling_is_refused_naming_the_field(client, field, knobs):
+    from preft_client import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as e:
+        client.generate(None, prompt_token_ids=[5, 6, 7], max_tokens=8, **knobs)
+    assert e.value.message.startswith(field), e.value.message
+    # and the cluster keeps serving
+    assert len(client.generate(None, prompt_token_ids=[5, 6, 7], max_tokens=2).token_ids) == 2
