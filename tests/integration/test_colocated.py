@@ -2,7 +2,7 @@
 
 A colocated-only cluster (``preft up --colocated-workers 1``: no prefill or decode pool)
 must reproduce the single-process PreFT reference token for token (LoRA-P, ReFT-P and the
-base model, concurrent, so prompt chunks and other users' decode tokens share engine
+base model; with logprobs and penalties too, concurrent, so prompt chunks and other users' decode tokens share engine
 steps: asserted from the worker's step counter), serve all-token LoRA adapters (kind
 ``lora``) exactly as HF+PEFT with the adapter on every token, and then -- grown by a
 prefill and a decode worker -- keep every all-token request off the decode pool.
@@ -126,6 +126,23 @@ def test_all_token_lora_equals_peft_on_every_token(colo, cclient, reference, ass
         _compare(prompt_only.token_ids, reference.generate(p, cid, 16, mode="preft"), f"cid, {n}")
         differ += full.token_ids != prompt_only.token_ids
     assert differ == 3, "all-token LoRA must differ from the same files served as LoRA-P"
+
+
+@pytest.mark.parametrize("adapter", [None, "ada", "rlo"])
+def test_colocated_logprobs_equal_the_reference(colo, cclient, reference, assets, adapter):
+    """Token and prompt logprobs on the colocated path (one engine, adapter on the prompt
+    positions only), as on the prefill/decode path (``test_sampling.py``)."""
+    from sampling_checks import check_logprobs
+
+    check_logprobs(cclient, reference, assets["adapters"][adapter] if adapter else None,
+                   adapter, colo.pool.colocated[0].info.vocab_size)
+
+
+def test_colocated_penalties_equal_one_engine(colo, cclient, reference, assets):
+    from sampling_checks import PENALTIES, check_penalties
+
+    check_penalties(cclient, reference, assets, PENALTIES["all three"],
+                    colo.pool.colocated[0].info.vocab_size)
 
 
 def test_mixed_cluster_keeps_all_token_requests_off_the_decode_pool(colo, cclient):

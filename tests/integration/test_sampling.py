@@ -17,65 +17,16 @@ import random
 import pytest
 
 from reference import Rules, detailed
+from sampling_checks import (ADAPTERS, GAP_TOL, N, PENALTIES, assert_tokens, check_logprobs,
+                             check_penalties, knobs, prompts)
 
 pytestmark = pytest.mark.integration
-
-GAP_TOL = 1e-3
-LP_TOL = 2e-3
-N = 12
-ADAPTERS = [None, "ada", "rlo"]   # base, LoRA-P, ReFT-P
-
-
-def prompts(vocab: int, lengths=(40, 129, 7)) -> list[list[int]]:
-    rng = random.Random(17)
-    # a small alphabet: prompts repeat tokens, so the repetition penalty has work to do
-    alphabet = [rng.randrange(3, vocab) for _ in range(24)]
-    return [[rng.choice(alphabet) for _ in range(L)] for L in lengths]
-
-
-def assert_tokens(got, ref, what: str) -> int:
-    k = ref.comparable_prefix(GAP_TOL)
-    assert tuple(got[:k]) == ref.tokens[:k], f"{what}: cluster {got[:k]} vs reference {ref.tokens[:k]}"
-    assert k >= 3, f"{what}: only {k} comparable steps"
-    return k
-
-
-def assert_logprobs(c, ref, k: int, what: str) -> None:
-    """Token logprobs (first from prefill, the rest from decode) and the top alternatives."""
-    assert len(c.logprobs) == len(c.token_ids)
-    for i in range(k):
-        lp = c.logprobs[i]
-        assert lp.token_id == c.token_ids[i]
-        assert abs(lp.logprob - ref.logprobs[i]) < LP_TOL, (what, i, lp.logprob, ref.logprobs[i])
-        assert [t for t, _ in lp.top] == [t for t, _ in ref.top[i]], (what, i)
-        for (_, a), (_, b) in zip(lp.top, ref.top[i]):
-            assert abs(a - b) < LP_TOL, (what, i)
-
-
-def assert_prompt_logprobs(c, prompt, ref, what: str) -> None:
-    assert [p.token_id for p in c.prompt_logprobs] == prompt[1:], what
-    worst = max(abs(p.logprob - r) for p, r in zip(c.prompt_logprobs, ref.prompt_logprobs))
-    assert worst < LP_TOL, f"{what}: prompt logprobs differ by up to {worst}"
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_logprobs_equal_the_reference(cluster, client, reference, assets, adapter):
-    vocab = cluster.pool.prefill[0].info.vocab_size
-    adir = assets["adapters"][adapter] if adapter else None
-    for p in prompts(vocab):
-        ref = detailed(reference, p, adir, N, k=3)
-        c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, ignore_eos=True,
-                            logprobs=3, prompt_logprobs=1)
-        what = f"{adapter or 'base'} len={len(p)}"
-        k = assert_tokens(c.token_ids, ref, what)
-        assert_logprobs(c, ref, k, what)
-        assert_prompt_logprobs(c, p, ref, what)
-        # the stream's deltas carry the same logprobs, one per token
-        deltas = list(client.stream(adapter, prompt_token_ids=p, max_tokens=N,
-                                    ignore_eos=True, logprobs=3))
-        streamed = [lp for d in deltas for lp in d.logprobs]
-        assert [x.token_id for x in streamed] == list(c.token_ids)
-        assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(streamed, c.logprobs))
+    check_logprobs(client, reference, assets["adapters"][adapter] if adapter else None,
+                   adapter, cluster.pool.prefill[0].info.vocab_size)
 
 
 def test_adapter_changes_the_prompt_and_first_token_logprobs(cluster, client):
@@ -91,29 +42,9 @@ def test_adapter_changes_the_prompt_and_first_token_logprobs(cluster, client):
         assert got[a].logprobs[0].logprob != got[None].logprobs[0].logprob
 
 
-PENALTIES = {
-    "presence+frequency": Rules(presence_penalty=1.0, frequency_penalty=1.5),
-    "repetition": Rules(repetition_penalty=1.4),
-    "all three": Rules(repetition_penalty=1.3, presence_penalty=0.7, frequency_penalty=0.9),
-}
-
-
-def _knobs(r: Rules) -> dict:
-    return dict(repetition_penalty=r.repetition_penalty, presence_penalty=r.presence_penalty,
-                frequency_penalty=r.frequency_penalty, logit_bias=dict(r.logit_bias),
-                min_tokens=r.min_tokens, stop_token_ids=list(r.stop_token_ids))
-
-
 @pytest.mark.parametrize("rules", list(PENALTIES.values()), ids=list(PENALTIES))
 def test_penalties_equal_one_engine(cluster, client, reference, assets, rules):
-    vocab = cluster.pool.prefill[0].info.vocab_size
-    for adapter in ADAPTERS:
-        adir = assets["adapters"][adapter] if adapter else None
-        for p in prompts(vocab):
-            ref = detailed(reference, p, adir, N, rules)
-            c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, ignore_eos=True,
-                                **_knobs(rules))
-            assert_tokens(c.token_ids, ref, f"{adapter or 'base'} len={len(p)}")
+    check_penalties(client, reference, assets, rules, cluster.pool.prefill[0].info.vocab_size)
 
 
 def test_penalties_count_the_first_token(cluster, client, reference, assets):
@@ -132,7 +63,7 @@ def test_penalties_count_the_first_token(cluster, client, reference, assets):
         found += 1
         ref = detailed(reference, p, None, N, rules)
         c = client.generate(None, prompt_token_ids=p, max_tokens=N, ignore_eos=True,
-                            **_knobs(rules))
+                            **knobs(rules))
         assert_tokens(c.token_ids, ref, f"seed {seed}")
         if found == 3:
             break
@@ -149,13 +80,13 @@ def test_logit_bias_min_tokens_and_stop_token_ids(cluster, client, reference, as
         forced = plain.tokens[4]
         biased = Rules(logit_bias=((forced, 100.0),))
         c = client.generate(adapter, prompt_token_ids=p, max_tokens=6, ignore_eos=True,
-                            **_knobs(biased))
+                            **knobs(biased))
         assert c.token_ids == (forced,) * 6
         for stop_at, min_tokens in ((0, 0), (2, 0), (1, 3)):
             stop = plain.tokens[stop_at]
             rules = Rules(min_tokens=min_tokens, stop_token_ids=(stop,))
             ref = detailed(reference, p, adir, N, rules)
-            c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, **_knobs(rules))
+            c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, **knobs(rules))
             assert c.token_ids == ref.tokens, (adapter, stop_at, min_tokens)
             stopped = ref.tokens[-1] == stop
             assert stopped or min_tokens, "the stop token must end the unconstrained cases"
