@@ -78,6 +78,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None              # top-k logprobs of each generated token
     prompt_logprobs: int | None = None       # top-k logprobs of each prompt token (adapter on)
+    echo: bool = False                       # also return the prompt's text (its decoding)
 
     def validate(self) -> "Sampling":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -137,6 +138,8 @@ class TokenLogprob:
     logprob: float
     rank: int
     top: tuple[tuple[int, float], ...] = ()
+    token: str = ""                          # the token's text (vLLM's per-token decoding)
+    top_tokens: tuple[str, ...] = ()         # the text of each ``top`` item
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,9 @@ class PrefillResult:
     t_start: float = 0.0                     # wall clock: the worker took the call ...
     t_done: float = 0.0                      # ... and returned (the router's hop breakdown)
     first_logprob: TokenLogprob | None = None   # sampling.logprobs set: the first token's
-    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # sampling.prompt_logprobs set: positions
-                                             # 1.. of the prompt (position 0 has none)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # sampling.prompt_logprobs set: one per
+                                             # prompt position (the first: rank 0, none)
+    prompt_text: str = ""                    # sampling.echo set: the prompt's decoding
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ class ColocatedDelta:
     adapter_load_s: float = 0.0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids item (sampling.logprobs set)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # on the first delta, as PrefillResult's
+    prompt_text: str = ""                    # on the first delta, as PrefillResult's
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
-                                     prompt_logprobs, token_logprobs)
+                                     prompt_logprobs, prompt_text, token_logprobs)
 
 
 class ColocatedWorker(AdapterWorker):
@@ -69,11 +69,12 @@ class ColocatedWorker(AdapterWorker):
                     comp = out.outputs[0]
                     step = stream.append(comp.token_ids,
                                          comp.finish_reason if engine_done else None)
-                    lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs)
+                    lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs,
+                                         self.tokenizer)
                     delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason,
                                            logprobs=lps[:len(step.token_ids)])
                     if first:
-                        first, delta = False, self._first(delta, ids, out, s.prompt_logprobs, r,
+                        first, delta = False, self._first(delta, ids, out, s, r,
                                                           t0 - (req.enqueued_at or t_in),
                                                           time.time() - t0)
                     n_out += len(delta.token_ids)
@@ -97,7 +98,7 @@ class ColocatedWorker(AdapterWorker):
         return engine_params(s, max_tokens=s.max_tokens, min_tokens=s.min_tokens, seed=s.seed,
                              delta=True, prompt_logprobs=True, extra=extra)
 
-    def _first(self, delta: ColocatedDelta, ids: list[int], out, k: int | None,
+    def _first(self, delta: ColocatedDelta, ids: list[int], out, s: Sampling,
                r: Resolved | None, queue_s: float, prefill_s: float) -> ColocatedDelta:
         """The first delta carries what the router reports as prefill, and the prompt's
         logprobs when asked."""
@@ -105,6 +106,8 @@ class ColocatedWorker(AdapterWorker):
 
         self.metrics.adapter(r.tier if r else "")
         return replace(delta, prompt_tokens=len(ids), queue_s=max(0.0, queue_s),
-                       prompt_logprobs=prompt_logprobs(ids, out, k),
+                       prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs,
+                                                       self.tokenizer),
+                       prompt_text=prompt_text(s, ids, self.tokenizer),
                        prefill_s=prefill_s, adapter_tier=r.tier if r else "",
                        adapter_load_s=r.load_s if r else 0.0)

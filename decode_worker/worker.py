@@ -73,7 +73,7 @@ class DecodeWorker(EngineWorker):
                         f"KV transfer {req.kv.transfer_id} from {req.kv.engine_id} to "
                         f"{self.worker_id} failed; the request was not decoded")
                 step = stream.append(comp.token_ids, comp.finish_reason if out.finished else None)
-                lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs)
+                lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs, self.tokenizer)
                 delta = DecodeDelta(step.token_ids, step.text, step.finish_reason,
                                     logprobs=lps[:len(step.token_ids)])
                 if first:

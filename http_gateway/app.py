@@ -20,6 +20,7 @@ from fastapi.responses import Response
 
 from http_gateway.errors import GatewayError
 from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, Gateway
+from http_gateway.logprobs import CompletionLogprobs, chat_logprobs
 from http_gateway.schema import (ChatCompletionRequest, CompletionRequest, Sampling,
                                  format_chat, single_prompt, validation_error)
 from http_gateway.sse import Envelope, stream_response, usage
@@ -153,13 +154,19 @@ async def get_model(model_id: str, request: Request):
 # --------------------------------------------------------------------------- generation
 
 
-def _text_choice(text: str, finish: str | None) -> dict:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def _text_choice(lp: CompletionLogprobs | None):
+    def choice(text: str, finish: str | None, logprobs=()) -> dict:
+        return {"index": 0, "text": text, "finish_reason": finish,
+                "logprobs": lp.block(logprobs) if lp is not None else None}
+    return choice
 
 
-def _chat_choice(text: str, finish: str | None) -> dict:
-    return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-            "finish_reason": finish}
+def _chat_choice(with_logprobs: bool):
+    def choice(text: str, finish: str | None, logprobs=()) -> dict:
+        return {"index": 0, "delta": {"content": text} if text else {},
+                "logprobs": chat_logprobs(logprobs) if with_logprobs else None,
+                "finish_reason": finish}
+    return choice
 
 
 _CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -170,14 +177,18 @@ _CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "log
 async def completions(body: CompletionRequest, request: Request):
     gw = _gateway(request)
     text, ids = single_prompt(body.prompt)
+    if body.echo and body.stream:
+        raise GatewayError(400, "echo: not supported with stream; ask without stream", "echo")
     env = _envelope(gw, body, "cmpl", "text_completion")
     items = gw.events(body, env.id, text=text, token_ids=ids, api_key=bearer_key(request))
+    lp = CompletionLogprobs() if body.logprobs is not None else None
     if body.stream:
-        return await stream_response(items, env, _text_choice)
+        return await stream_response(items, env, _text_choice(lp))
     c = await gw.complete(items)
-    return {**env.head(), "choices": [{"index": 0, "text": c.text,
-                                       "finish_reason": c.finish_reason, "logprobs": None}],
-            "usage": usage(c.usage)}
+    echoed = c.prompt_text if body.echo else ""
+    choice = _text_choice(lp)(echoed + c.text, c.finish_reason,
+                              (c.prompt_logprobs if body.echo else ()) + c.logprobs)
+    return {**env.head(), "choices": [choice], "usage": usage(c.usage)}
 
 
 @routes.post("/v1/chat/completions")
@@ -190,9 +201,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     items = gw.events(body, env.id, text=format_chat(body.messages), max_tokens=max_tokens,
                       api_key=bearer_key(request))
     if body.stream:
-        return await stream_response(items, env, _chat_choice, opening=_CHAT_OPENING)
+        return await stream_response(items, env, _chat_choice(bool(body.logprobs)),
+                                     opening=_CHAT_OPENING)
     c = await gw.complete(items)
     return {**env.head(), "choices": [{"index": 0,
                                        "message": {"role": "assistant", "content": c.text},
-                                       "finish_reason": c.finish_reason, "logprobs": None}],
+                                       "finish_reason": c.finish_reason,
+                                       "logprobs": chat_logprobs(c.logprobs) if body.logprobs
+                                       else None}],
             "usage": usage(c.usage)}

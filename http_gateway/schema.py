@@ -30,16 +30,14 @@ class StreamOptions(BaseModel):
 _UNSUPPORTED = {
     "n": (lambda v: v is not None and v != 1, "only n=1 is supported"),
     "best_of": (lambda v: v is not None and v != 1, "only best_of=1 is supported"),
-    "presence_penalty": (bool, "penalties are not supported; leave unset or 0"),
-    "frequency_penalty": (bool, "penalties are not supported; leave unset or 0"),
-    "logit_bias": (bool, "logit_bias is not supported"),
-    "echo": (bool, "echo is not supported"),
     "suffix": (bool, "suffix is not supported"),
-    "logprobs": (bool, "logprobs are not supported"),
     "tools": (bool, "tools are not supported"),
     "response_format": (lambda v: bool(v) and v.get("type", "text") != "text",
                         "only response_format {'type': 'text'} is supported"),
 }
+MAX_LOGPROBS = 20
+Penalty = Annotated[Finite, Field(ge=-2, le=2)]
+TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class Sampling(BaseModel):
@@ -57,9 +55,15 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     n: int | None = 1
-    presence_penalty: Finite | None = None
-    frequency_penalty: Finite | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[Finite, Field(ge=-100, le=100)]] | None = None
+    # vLLM's extensions, same meanings
+    top_k: Annotated[int, Field(ge=-1)] | None = None      # -1 or 0: off
+    min_p: Annotated[Finite, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Finite, Field(gt=0, le=10)] | None = None
+    min_tokens: NonNegInt = 0
+    stop_token_ids: list[NonNegInt] | None = None
 
     @field_validator(*_UNSUPPORTED, check_fields=False)   # also the subclasses' fields
     @classmethod
@@ -77,6 +81,27 @@ class Sampling(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v):
+        for key in v or {}:
+            if not key.strip().isdigit() or int(key) >= 2**32:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), "
+                                 f"got {key!r:.40}")
+        return v
+
+    def knobs(self) -> dict:
+        """The SDK's sampling keyword arguments (``preft_client.client.SAMPLING_KNOBS``)."""
+        return dict(top_k=max(0, self.top_k or 0), min_p=self.min_p or 0.0,
+                    repetition_penalty=self.repetition_penalty,
+                    presence_penalty=self.presence_penalty or 0.0,
+                    frequency_penalty=self.frequency_penalty or 0.0,
+                    logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
+                    min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids)
+
+    def logprob_knobs(self) -> dict:
+        return {}
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -88,10 +113,16 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[NonNegInt], list[str], list[list[NonNegInt]]]
-    echo: bool | None = False
+    echo: bool | None = False        # the prompt's text (and logprobs) before the completion
     best_of: int | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: TopN | None = None     # each token's logprob and the top k
+
+    def logprob_knobs(self) -> dict:
+        echo = bool(self.echo)
+        return dict(logprobs=self.logprobs, echo=echo,
+                    prompt_logprobs=self.logprobs if echo and self.logprobs is not None
+                    else None)
 
 
 class TextPart(BaseModel):
@@ -110,8 +141,19 @@ class ChatCompletionRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1, lt=2**32)] | None = None
     logprobs: bool | None = False
+    top_logprobs: TopN | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v, info: ValidationInfo):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return v
+
+    def logprob_knobs(self) -> dict:
+        return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 # --------------------------------------------------------------------------- prompts

@@ -5,7 +5,7 @@ Both endpoints stream the same way: ``data: {chunk}\\n\\n`` per generated piece 
 closing chunk with the finish reason, with ``stream_options.include_usage`` a last chunk with
 ``choices: []`` and the usage, then ``data: [DONE]\\n\\n``. They differ only in the chunk's
 envelope (:class:`Envelope`: id, object, model) and in the shape of its one choice (a
-``choice(text, finish_reason)`` function, plus chat's opening ``role`` chunk).
+``choice(text, finish_reason, logprobs)`` function, plus chat's opening ``role`` chunk).
 
 The router's first message is awaited before the HTTP answer starts (:func:`started`), so
 its refusals (unknown adapter, bad field, full queue) become HTTP statuses rather than errors
@@ -28,7 +28,8 @@ from http_gateway.errors import gateway_error
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Items = AsyncIterator[Delta | Completion]
-Choice = Callable[[str, str | None], dict]   # (text, finish_reason or None) -> the choice
+# (text, finish_reason or None, the text's token logprobs) -> the choice
+Choice = Callable[[str, str | None, tuple], dict]
 
 
 def sse(obj: dict | str) -> bytes:
@@ -93,8 +94,8 @@ async def _events(items: Items, env: Envelope, choice: Choice,
                     yield sse(env.chunk(choice("", item.finish_reason)))
                     if env.include_usage:
                         yield sse(env.usage_chunk(item))
-                elif item.text:
-                    yield sse(env.chunk(choice(item.text, None)))
+                elif item.text or item.logprobs:
+                    yield sse(env.chunk(choice(item.text, None, item.logprobs)))
         except PreftClientError as e:
             yield sse(gateway_error(e).body())
         yield sse("[DONE]")

@@ -21,7 +21,7 @@ from cluster.messages import AdapterStats, KVHandle, PrefillRequest, PrefillResu
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.sequence import (OutputStream, engine_params, prompt_logprobs,
-                                     token_logprobs)
+                                     prompt_text, token_logprobs)
 
 
 class PrefillWorker(AdapterWorker):
@@ -94,7 +94,7 @@ class PrefillWorker(AdapterWorker):
             None if hand_over else "length")
         step = OutputStream(self.tokenizer, s, req.request_id).append([first], engine_finish)
         kv = self._handle(out, step.finish_reason)
-        lps = token_logprobs([first], out.outputs[0].logprobs, s.logprobs)
+        lps = token_logprobs([first], out.outputs[0].logprobs, s.logprobs, self.tokenizer)
         prefill_s = time.time() - t0
         self.metrics.request(len(ids), prefill_s)
         self.metrics.adapter(r.tier if r else "")
@@ -105,7 +105,8 @@ class PrefillWorker(AdapterWorker):
             prefill_s=prefill_s, adapter_tier=r.tier if r else "",
             adapter_load_s=r.load_s if r else 0.0, t_start=t_in, t_done=time.time(),
             first_logprob=lps[0] if lps else None,
-            prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs))
+            prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs, self.tokenizer),
+            prompt_text=prompt_text(s, ids, self.tokenizer))
 
     async def _run_prompt(self, request_id: str, ids: list[int], r: Resolved | None,
                           namespace: str, params):

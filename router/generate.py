@@ -137,7 +137,7 @@ class GenerateRpcs(ServiceBase):
         out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
         first = DecodeDelta((res.first_token,), res.first_text, res.finish_reason,
                             logprobs=(res.first_logprob,) if res.first_logprob else ())
-        out.add(first, res.prompt_logprobs)
+        out.add(first, res.prompt_logprobs, res.prompt_text)
         yield _token_delta(first)
         if res.kv is not None:
             out.kv.blocks = res.kv.num_blocks
@@ -220,7 +220,7 @@ class GenerateRpcs(ServiceBase):
                     self._first_token(out, t_admit, d.queue_s, d.prefill_s, d.prompt_tokens,
                                       preq, d.adapter_tier, d.adapter_load_s)
                     t_dec = time.time()
-                out.add(d, d.prompt_logprobs)
+                out.add(d, d.prompt_logprobs, d.prompt_text)
                 if d.token_ids or d.text:
                     yield _token_delta(d)
         finally:
@@ -241,7 +241,8 @@ class GenerateRpcs(ServiceBase):
         return pb.GenerateResponse(final=pb.Final(
             request_id=preq.request_id, finish_reason=out.finish or "length",
             usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.n_tokens),
-            timings=timings, kv=out.kv, prompt_logprobs=to_pb_logprobs(out.prompt_logprobs)))
+            timings=timings, kv=out.kv, prompt_logprobs=to_pb_logprobs(out.prompt_logprobs),
+            prompt_text=out.prompt_text))
 
     # ------------------------------------------------------------------ worker calls
     async def _stream(self, gen, context, what: str, worker: WorkerHandle):
@@ -315,6 +316,7 @@ class _Outcome:
         self.kv = pb.KVTransfer()
         self.hop_s: dict[str, float] = {}
         self.prompt_logprobs = ()
+        self.prompt_text = ""
 
     def hops(self, t_admit: float, t_call: float, t_start: float, t_done: float,
              t_result: float) -> None:
@@ -323,9 +325,10 @@ class _Outcome:
             self.hop_s = {"route_s": t_call - t_admit, "to_worker_s": t_start - t_call,
                           "worker_s": t_done - t_start, "from_worker_s": t_result - t_done}
 
-    def add(self, d, prompt_logprobs=()) -> None:
+    def add(self, d, prompt_logprobs=(), prompt_text: str = "") -> None:
         self.n_tokens += len(d.token_ids)
         self.prompt_logprobs = self.prompt_logprobs or prompt_logprobs
+        self.prompt_text = self.prompt_text or prompt_text
         if d.finish_reason:
             self.finish = d.finish_reason
 
@@ -343,14 +346,20 @@ def to_sampling(p: pb.SamplingParams) -> Sampling:
         stop_token_ids=tuple(p.stop_token_ids),
         logprobs=p.logprobs if p.HasField("logprobs") else None,
         prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        echo=p.echo,
     ).validate()
 
 
 def to_pb_logprobs(items) -> list[pb.TokenLogprob]:
     """:class:`~cluster.messages.TokenLogprob` items as their protobuf messages."""
-    return [pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank,
-                            top=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in t.top])
+    return [pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank, token=t.token,
+                            top=[pb.TopLogprob(token_id=i, logprob=lp, token=text)
+                                 for (i, lp), text in zip(t.top, t.top_tokens or _blank(t.top))])
             for t in items]
+
+
+def _blank(top) -> list[str]:
+    return [""] * len(top)
 
 
 def _token_delta(d) -> pb.TokenDelta:

@@ -42,8 +42,9 @@ def assert_logprobs(c, ref, k: int, what: str) -> None:
 
 
 def assert_prompt_logprobs(c, prompt, ref, what: str) -> None:
-    assert [p.token_id for p in c.prompt_logprobs] == prompt[1:], what
-    worst = max(abs(p.logprob - r) for p, r in zip(c.prompt_logprobs, ref.prompt_logprobs))
+    assert [p.token_id for p in c.prompt_logprobs] == prompt, what
+    assert c.prompt_logprobs[0].rank == 0 and all(p.rank >= 1 for p in c.prompt_logprobs[1:])
+    worst = max(abs(p.logprob - r) for p, r in zip(c.prompt_logprobs[1:], ref.prompt_logprobs))
     assert worst < LP_TOL, f"{what}: prompt logprobs differ by up to {worst}"
 
 

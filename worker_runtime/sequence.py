@@ -111,10 +111,11 @@ def engine_params(s: Sampling, *, max_tokens: int, min_tokens: int, seed: int | 
         output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
 
 
-def token_logprobs(token_ids, positions, k: int | None) -> tuple[TokenLogprob, ...]:
+def token_logprobs(token_ids, positions, k: int | None,
+                   tokenizer: Any = None) -> tuple[TokenLogprob, ...]:
     """vLLM's per-position logprob dicts (``{token id: Logprob}``) for ``token_ids`` as
     :class:`TokenLogprob` items; ``k``: how many alternatives were asked for (None: none
-    asked, nothing returned)."""
+    asked, nothing returned). With a ``tokenizer``, each token's text as vLLM writes it."""
     if k is None or positions is None:
         return ()
     out = []
@@ -123,15 +124,36 @@ def token_logprobs(token_ids, positions, k: int | None) -> tuple[TokenLogprob, .
         mine = pos[tok]
         out.append(TokenLogprob(int(tok), float(mine.logprob), int(mine.rank),
                                 tuple((int(t), float(lp.logprob)) for t, lp in top)))
-    return tuple(out)
+    return _with_text(out, tokenizer) if tokenizer is not None else tuple(out)
 
 
-def prompt_logprobs(prompt_ids: list[int], out: Any, k: int | None) -> tuple[TokenLogprob, ...]:
-    """Positions 1.. of the prompt (vLLM gives position 0 none)."""
+def _with_text(items: list[TokenLogprob], tokenizer: Any) -> tuple[TokenLogprob, ...]:
+    from dataclasses import replace
+
+    from vllm.tokenizers.detokenizer_utils import convert_ids_list_to_tokens
+
+    ids = [t.token_id for t in items] + [i for t in items for i, _ in t.top]
+    text = iter(convert_ids_list_to_tokens(tokenizer, ids))
+    named = [replace(t, token=next(text)) for t in items]
+    return tuple(replace(t, top_tokens=tuple(next(text) for _ in t.top)) for t in named)
+
+
+def prompt_logprobs(prompt_ids: list[int], out: Any, k: int | None,
+                    tokenizer: Any = None) -> tuple[TokenLogprob, ...]:
+    """One item per prompt position; the first has no logprob (rank 0, as no model
+    predicts it)."""
     positions = getattr(out, "prompt_logprobs", None)
     if k is None or not positions:
         return ()
-    return token_logprobs(prompt_ids[1:], positions[1:], k)
+    items = [TokenLogprob(prompt_ids[0], 0.0, 0),
+             *token_logprobs(prompt_ids[1:], positions[1:], k)]
+    return _with_text(items, tokenizer) if tokenizer is not None else tuple(items)
+
+
+def prompt_text(s: Sampling, prompt_ids: list[int], tokenizer: Any) -> str:
+    """The prompt's decoding when the request echoes it (special tokens kept, as vLLM's
+    OpenAI server echoes a token prompt)."""
+    return tokenizer.decode(prompt_ids, skip_special_tokens=False) if s.echo else ""
 
 
 # ------------------------------------------------------------------ prefix cache

@@ -109,6 +109,7 @@ SAMPLING_KNOBS = {
     "stop_token_ids": "token ids that end the completion (kept in token_ids)",
     "logprobs": "k in [0, 20]: each generated token's logprob and the top k",
     "prompt_logprobs": "k in [0, 20]: each prompt token's logprob (adapter on) and the top k",
+    "echo": "bool: Completion.prompt_text carries the prompt's decoding",
 }
 
 
@@ -188,7 +189,8 @@ def _serving(resp: health_pb2.HealthCheckResponse) -> str:
 
 def _logprobs(items) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(t.token_id, t.logprob, t.rank,
-                              tuple((x.token_id, x.logprob) for x in t.top)) for t in items)
+                              tuple((x.token_id, x.logprob) for x in t.top), t.token,
+                              tuple(x.token for x in t.top)) for t in items)
 
 
 class _Collector:
@@ -228,7 +230,8 @@ class _Collector:
             kv_bytes=f.kv.bytes, kv_blocks=f.kv.blocks, kv_transport=f.kv.transport,
             kv_pipelined=f.kv.pipelined,
             workers=(f.kv.prefill_worker, f.kv.decode_worker),
-            logprobs=tuple(self.logprobs), prompt_logprobs=_logprobs(f.prompt_logprobs))
+            logprobs=tuple(self.logprobs), prompt_logprobs=_logprobs(f.prompt_logprobs),
+            prompt_text=f.prompt_text)
 
 
 # --------------------------------------------------------------------------- the shared body

@@ -37,6 +37,8 @@ class TokenLogprob:
     logprob: float
     rank: int
     top: tuple[tuple[int, float], ...] = ()
+    token: str = ""                  # the token's text (vLLM's per-token decoding)
+    top_tokens: tuple[str, ...] = ()  # the text of each ``top`` item
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,9 @@ class Completion:
     kv_pipelined: bool = False  # staged layer by layer while the prompt ran (no gather)
     workers: tuple[str, str] = field(default=("", ""))
     logprobs: tuple[TokenLogprob, ...] = ()   # logprobs=k: one per generated token
-    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt_logprobs=k: prompt positions 1..
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt_logprobs=k: one per prompt token
+                                              # (the first has rank 0: no logprob)
+    prompt_text: str = ""                     # echo=True: the prompt's decoding
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,113 @@ def test_bad_input_is_400_naming_the_field(http, path, body, field):
 
 
 @integration
+@pytest.mark.parametrize("adapter", [None, "ada", "rlo"])
+def test_completion_logprobs_and_echo_equal_the_reference(http, client, reference, assets,
+                                                          cluster, adapter):
+    """``logprobs`` + ``echo`` (what lm-evaluation-harness asks for loglikelihood): the
+    prompt's logprobs under the adapter, then the completion's (first token from prefill,
+    the rest from decode), equal to the reference's; the text is the prompt's then the
+    completion's, and the shape is OpenAI's."""
+    from reference import detailed
+    from sampling_checks import LP_TOL, prompts
+
+    p = prompts(cluster.pool.prefill[0].info.vocab_size)[0]
+    ref = detailed(reference, p, assets["adapters"][adapter] if adapter else None, 6, k=2)
+    r = http.post("/v1/completions", json={
+        "model": adapter or "base", "prompt": p, "max_tokens": 6, "temperature": 0,
+        "logprobs": 2, "echo": True, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    sdk = client.generate(adapter, prompt_token_ids=p, max_tokens=6, ignore_eos=True, echo=True)
+    assert choice["text"] == sdk.prompt_text + sdk.text and sdk.prompt_text
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(p) + 6
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    got = lp["token_logprobs"][1:]
+    want = [*ref.prompt_logprobs, *ref.logprobs]
+    k = len(p) - 1 + ref.comparable_prefix(1e-3)
+    assert max(abs(a - b) for a, b in zip(got[:k], want[:k])) < LP_TOL
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    for pos in range(1, len(p) + 6):
+        top = lp["top_logprobs"][pos]
+        assert lp["tokens"][pos] in top and len(top) <= 3
+    # the greedy completion tokens are their position's most likely
+    assert all(lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values())
+               for i in range(len(p), len(p) + ref.comparable_prefix(1e-3)))
+
+
+@integration
+def test_chat_logprobs_plain_and_streamed(oai, client):
+    msgs = [{"role": "user", "content": "Tell me something"}]
+    sdk = client.generate("bea", prompt=format_chat_text(msgs), max_tokens=6,
+                          ignore_eos=True, logprobs=2)
+    r = oai.chat.completions.create(model="bea", messages=msgs, max_tokens=6, temperature=0,
+                                    logprobs=True, top_logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([x.logprob for x in sdk.logprobs])
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+    chunks = oai.chat.completions.create(model="bea", messages=msgs, max_tokens=6,
+                                         temperature=0, logprobs=True, top_logprobs=2,
+                                         stream=True, extra_body={"ignore_eos": True})
+    streamed = [c for ch in chunks for c in ((ch.choices[0].logprobs.content or [])
+                                            if ch.choices and ch.choices[0].logprobs else [])]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content])
+
+
+def format_chat_text(msgs) -> str:
+    from http_gateway.schema import ChatMessage
+
+    return format_chat([ChatMessage(**m) for m in msgs])
+
+
+@integration
+def test_penalties_and_logit_bias_over_http_equal_the_sdk(http, client):
+    knobs = {"presence_penalty": 0.8, "frequency_penalty": 1.1, "repetition_penalty": 2.0,
+             "top_k": 5, "min_p": 0.01}
+    p = [7, 8, 9, 7, 8, 9, 7, 8, 9, 10]
+    plain = client.generate("ada", prompt_token_ids=p, max_tokens=10, ignore_eos=True)
+    p = p + list(plain.token_ids)    # the penalized prompt holds its own greedy answer
+    r = http.post("/v1/completions", json={"model": "ada", "prompt": p, "max_tokens": 10,
+                                           "temperature": 0, "ignore_eos": True, **knobs})
+    sdk = client.generate("ada", prompt_token_ids=p, max_tokens=10, ignore_eos=True, **knobs)
+    assert r.json()["choices"][0]["text"] == sdk.text
+    plain = client.generate("ada", prompt_token_ids=p, max_tokens=10, ignore_eos=True)
+    assert plain.token_ids != sdk.token_ids          # the penalties did something
+    forced = plain.token_ids[3]
+    r = http.post("/v1/completions", json={"model": "ada", "prompt": p, "max_tokens": 4,
+                                           "temperature": 0, "ignore_eos": True,
+                                           "logit_bias": {str(forced): 100}})
+    ids = client.generate("ada", prompt_token_ids=p, max_tokens=4, ignore_eos=True,
+                          logit_bias={forced: 100}).token_ids
+    assert ids == (forced,) * 4 and r.json()["choices"][0]["text"] == client.generate(
+        "ada", prompt_token_ids=p, max_tokens=4, ignore_eos=True,
+        logit_bias={forced: 100}).text
+
+
+@integration
+@pytest.mark.parametrize("body, field", [
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"echo": True, "stream": True}, "echo"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 99, "max_tokens": 4}, "min_tokens"),
+    ({"stop_token_ids": [10**6]}, "stop_token_ids"),
+])
+def test_bad_sampling_over_http_is_400_naming_the_field(http, body, field):
+    r = http.post("/v1/completions", json={"model": "ada", "prompt": "hi", **body})
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", json={
+        "model": "ada", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
+    assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"]
+
+
+@integration
 def test_malformed_bodies_are_400(http):
     r = http.post("/v1/completions", content=b"{not json", headers={"content-type":
                                                                     "application/json"})

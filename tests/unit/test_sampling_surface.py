@@ -1,0 +1,99 @@
+"""The sampling surface's pieces without engines: validation naming the field, the typed
+wire for logprobs and logit_bias, the decode engine's first-token penalty rows, and the
+OpenAI logprob shapes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cluster.errors import InvalidRequest
+from cluster.messages import PrefillRequest, PrefillResult, Sampling, TokenLogprob
+from cluster.wire import WireError, from_wire, to_wire
+
+
+@pytest.mark.parametrize("field, kw", [
+    ("top_k", dict(top_k=-1)),
+    ("min_p", dict(min_p=1.01)),
+    ("repetition_penalty", dict(repetition_penalty=0.0)),
+    ("repetition_penalty", dict(repetition_penalty=float("nan"))),
+    ("presence_penalty", dict(presence_penalty=-2.5)),
+    ("frequency_penalty", dict(frequency_penalty=float("inf"))),
+    ("logit_bias", dict(logit_bias=((5, 101.0),))),
+    ("logit_bias", dict(logit_bias=((-1, 1.0),))),
+    ("min_tokens", dict(min_tokens=17)),
+    ("stop_token_ids", dict(stop_token_ids=(-3,))),
+    ("logprobs", dict(logprobs=21)),
+    ("prompt_logprobs", dict(prompt_logprobs=-1)),
+])
+def test_sampling_refuses_bad_knobs_naming_the_field(field, kw):
+    with pytest.raises(InvalidRequest) as e:
+        Sampling(max_tokens=16, **kw).validate()
+    assert e.value.field == field
+
+
+def test_sampling_accepts_the_whole_surface():
+    s = Sampling(max_tokens=8, top_k=5, min_p=0.1, repetition_penalty=1.2,
+                 presence_penalty=-1, frequency_penalty=2, logit_bias=((3, -100.0),),
+                 min_tokens=8, stop_token_ids=(4,), logprobs=20, prompt_logprobs=0, echo=True)
+    assert s.validate() is s and s.token_ids_used() == (3, 4)
+
+
+def test_wire_round_trips_logprobs_and_logit_bias():
+    lp = TokenLogprob(7, -0.5, 1, ((7, -0.5), (9, -1.25)), "a", ("a", "b"))
+    res = PrefillResult("r", (1, 2), 7, "a", None, None, "ns", 0.0, 0.0,
+                        first_logprob=lp, prompt_logprobs=(TokenLogprob(1, 0.0, 0), lp))
+    assert from_wire(PrefillResult, to_wire(res)) == res
+    req = PrefillRequest("r", None, Sampling(logit_bias=((5, 1.5), (6, -2.0))),
+                         prompt_token_ids=(1,))
+    assert from_wire(PrefillRequest, to_wire(req)) == req
+    bad = to_wire(req)
+    bad["sampling"]["logit_bias"] = [[5, 1.5, 9]]      # a pair must be a pair
+    with pytest.raises(WireError, match="expected 2 items"):
+        from_wire(PrefillRequest, bad)
+    bad["sampling"]["logit_bias"] = [[5, "x"]]
+    with pytest.raises(WireError):
+        from_wire(PrefillRequest, bad)
+
+
+def test_decode_rows_count_the_first_token_as_generated():
+    """Row i's first token is the last token of its engine prompt (prompt + [first])."""
+    from decode_worker.penalties import with_first_tokens
+
+    ids = np.zeros((3, 8), dtype=np.int32)
+    ids[0, :3] = [5, 6, 42]        # prompt [5, 6], first token 42
+    ids[1, :2] = [9, 17]           # prompt [9], first token 17
+    ids[2, :4] = [1, 2, 3, 4]
+    batch = SimpleNamespace(token_ids_cpu=ids, num_prompt_tokens=np.array([3, 2, 4]))
+    assert with_first_tokens(batch, [[42, 7], [], [4]]) == [[42, 42, 7], [17], [4, 4]]
+
+
+def test_completion_logprobs_shape():
+    from http_gateway.logprobs import CompletionLogprobs, chat_logprobs
+    from preft_client import TokenLogprob as SdkLogprob
+
+    first = SdkLogprob(1, 0.0, 0, (), "Hi")
+    tok = SdkLogprob(2, -0.25, 2, ((3, -0.1), (2, -0.25)), " there", ("!", " there"))
+    lp = CompletionLogprobs()
+    block = lp.block((first, tok))
+    assert block == {"tokens": ["Hi", " there"], "token_logprobs": [None, -0.25],
+                     "top_logprobs": [None, {"!": -0.1, " there": -0.25}],
+                     "text_offset": [0, 2]}
+    assert lp.block((tok,))["text_offset"] == [8]     # continues across stream chunks
+    chat = chat_logprobs((tok,))["content"][0]
+    assert chat["token"] == " there" and chat["bytes"] == list(b" there")
+    assert [t["token"] for t in chat["top_logprobs"]] == ["!", " there"]
+
+
+def test_gateway_body_becomes_sdk_knobs():
+    from http_gateway.schema import ChatCompletionRequest, CompletionRequest
+
+    body = CompletionRequest(prompt="x", logprobs=3, echo=True, top_k=-1,
+                             logit_bias={"12": 5}, presence_penalty=0.5)
+    assert body.knobs()["logit_bias"] == {12: 5.0} and body.knobs()["top_k"] == 0
+    assert body.logprob_knobs() == {"logprobs": 3, "echo": True, "prompt_logprobs": 3}
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=True,
+                                 top_logprobs=4)
+    assert chat.logprob_knobs() == {"logprobs": 4}
