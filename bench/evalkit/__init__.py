@@ -1,0 +1,1 @@
+"""lm-evaluation-harness runner and local tasks for OpenAI-compatible completions servers."""
