@@ -79,6 +79,8 @@ class Sampling:
     logprobs: int | None = None              # top-k logprobs of each generated token
     prompt_logprobs: int | None = None       # top-k logprobs of each prompt token (adapter on)
     echo: bool = False                       # also return the prompt's text (its decoding)
+    guide: str = ""                          # structured output: one of GUIDES, "" = none
+    guide_spec: str = ""                     # its JSON schema / regex / choices / grammar
 
     def validate(self) -> "Sampling":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -91,6 +93,7 @@ class Sampling:
         if any(not s for s in self.stop):
             raise InvalidRequest("stop", "stop strings must be non-empty")
         self._validate_knobs()
+        _validate_guide(self.guide, self.guide_spec)
         return self
 
     def _validate_knobs(self) -> None:
@@ -120,6 +123,44 @@ class Sampling:
         """Token ids the request names (``logit_bias``, ``stop_token_ids``): each must be in
         the model's vocabulary (checked by the worker that knows it)."""
         return (*(t for t, _ in self.logit_bias), *self.stop_token_ids)
+
+
+# Structured output kinds (vLLM's structured outputs): guide_spec is a JSON schema (JSON
+# text), a regex, a JSON list of choices, nothing (json_object: any JSON object) or an EBNF
+# grammar.
+GUIDES = ("json", "regex", "choice", "json_object", "grammar")
+MAX_GUIDE_BYTES = 64 << 10
+
+
+def _validate_guide(guide: str, spec: str) -> None:
+    if not guide:
+        if spec:
+            raise InvalidRequest("guide_spec", "is set without a guide kind")
+        return
+    if guide not in GUIDES:
+        raise InvalidRequest("guide", f"must be one of {', '.join(GUIDES)}, got {guide!r:.40}")
+    if len(spec.encode()) > MAX_GUIDE_BYTES:
+        raise InvalidRequest(guide, f"is longer than {MAX_GUIDE_BYTES} bytes")
+    if guide == "json_object":
+        return
+    if not spec:
+        raise InvalidRequest(guide, "is empty")
+    if guide in ("json", "choice"):
+        _check_json_guide(guide, spec)
+
+
+def _check_json_guide(guide: str, spec: str) -> None:
+    import json
+
+    try:
+        value = json.loads(spec)
+    except ValueError as e:
+        raise InvalidRequest(guide, f"is not valid JSON: {e}") from None
+    if guide == "json" and not isinstance(value, dict):
+        raise InvalidRequest("json", "a JSON schema must be a JSON object")
+    if guide == "choice" and (not isinstance(value, list) or not value or not all(
+            isinstance(c, str) and c for c in value)):
+        raise InvalidRequest("choice", "must be a non-empty list of non-empty strings")
 
 
 def _check_range(field: str, v: float, lo: float, hi: float, note: str = "") -> None:

@@ -17,7 +17,7 @@ from cluster.config import DecodeConfig
 from cluster.errors import InvalidRequest, KVTransferFailed
 from cluster.messages import DecodeDelta, DecodeRequest
 from worker_runtime.engine_worker import EngineWorker
-from decode_worker.penalties import count_first_token_as_generated
+from decode_worker import first_token
 from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
                                      token_logprobs)
 
@@ -41,8 +41,9 @@ class DecodeWorker(EngineWorker):
         # The first token's and every generated token's KV is the base model's: never cached
         # where a later prompt (a chat's next turn) could take it for adapter-conditioned KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=1)
-        # The first token is generated, though it reaches this engine in the prompt.
-        count_first_token_as_generated(engine)
+        # The first token is generated, though it reaches this engine in the prompt:
+        # penalties count it, grammars continue from it.
+        first_token.install(engine)
 
     async def kv_loads(self) -> dict[str, int]:
         """This engine's recent prompt-KV loads by how they ran: ``layerwise`` (copied

@@ -31,13 +31,48 @@ _UNSUPPORTED = {
     "n": (lambda v: v is not None and v != 1, "only n=1 is supported"),
     "best_of": (lambda v: v is not None and v != 1, "only best_of=1 is supported"),
     "suffix": (bool, "suffix is not supported"),
-    "tools": (bool, "tools are not supported"),
-    "response_format": (lambda v: bool(v) and v.get("type", "text") != "text",
-                        "only response_format {'type': 'text'} is supported"),
+    "tools": (bool, "tools are not supported (no tool-call parser); for structured output "
+                    "use response_format {'type': 'json_schema', 'json_schema': {'schema': "
+                    "...}} or {'type': 'json_object'}"),
+    "tool_choice": (lambda v: v not in (None, "none"), "tools are not supported"),
 }
 MAX_LOGPROBS = 20
 Penalty = Annotated[Finite, Field(ge=-2, le=2)]
 TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_for_its_type(cls, v, info: ValidationInfo):
+        if info.data.get("type") != "json_schema" and v is not None:
+            raise ValueError("json_schema is only read with type 'json_schema'")
+        return v
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extension: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class Sampling(BaseModel):
@@ -64,6 +99,8 @@ class Sampling(BaseModel):
     repetition_penalty: Annotated[Finite, Field(gt=0, le=10)] | None = None
     min_tokens: NonNegInt = 0
     stop_token_ids: list[NonNegInt] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None   # vLLM's extension
 
     @field_validator(*_UNSUPPORTED, check_fields=False)   # also the subclasses' fields
     @classmethod
@@ -101,6 +138,29 @@ class Sampling(BaseModel):
 
     def logprob_knobs(self) -> dict:
         return {}
+
+    def guide(self) -> dict:
+        """The SDK's structured-output keyword argument (at most one)."""
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type != "text" and so is not None:
+            raise GatewayError(400, "response_format: give it or structured_outputs, not both",
+                               "response_format")
+        if rf is not None and rf.type == "json_object":
+            return {"json_object": True}
+        if rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise GatewayError(400, "response_format.json_schema: required with type "
+                                        "'json_schema'", "response_format")
+            return {"json_schema": rf.json_schema.schema_}
+        if so is None:
+            return {}
+        given = {k: v for k, v in (("json_schema", so.json_), ("regex", so.regex),
+                                   ("choice", so.choice), ("grammar", so.grammar),
+                                   ("json_object", so.json_object)) if v is not None}
+        if len(given) != 1:
+            raise GatewayError(400, "structured_outputs: give exactly one of json, regex, "
+                                    "choice, grammar, json_object", "structured_outputs")
+        return given
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -143,7 +203,7 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool | None = False
     top_logprobs: TopN | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None
 
     @field_validator("top_logprobs")
     @classmethod

@@ -14,6 +14,7 @@ and ends the stream with ``UNAVAILABLE``. The router never touches KV bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -346,8 +347,19 @@ def to_sampling(p: pb.SamplingParams) -> Sampling:
         stop_token_ids=tuple(p.stop_token_ids),
         logprobs=p.logprobs if p.HasField("logprobs") else None,
         prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
-        echo=p.echo,
+        echo=p.echo, **_guide(p),
     ).validate()
+
+
+def _guide(p: pb.SamplingParams) -> dict:
+    """The request's structured output as ``Sampling.guide`` / ``guide_spec``."""
+    which = p.WhichOneof("guide")
+    if which is None or (which == "json_object" and not p.json_object):
+        return {}
+    spec = {"json_schema": lambda: p.json_schema, "regex": lambda: p.regex,
+            "choice": lambda: json.dumps(list(p.choice.choices)), "json_object": lambda: "",
+            "grammar": lambda: p.grammar}[which]()
+    return {"guide": "json" if which == "json_schema" else which, "guide_spec": spec}
 
 
 def to_pb_logprobs(items) -> list[pb.TokenLogprob]:

@@ -82,6 +82,7 @@ class EngineWorker:
 
     def _build_engine(self):
         from vllm import EngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from worker_runtime.env import use_engine_cores
@@ -97,6 +98,10 @@ class EngineWorker:
             enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
             enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
             disable_log_stats=True, kv_transfer_config=self._kv_transfer_config(),
+            # structured output: one backend (llguidance) on every engine of a request, so
+            # the prefill and decode grammars are the same; compact JSON
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True),
             **self.engine_args())
         engine = LLMEngine.from_engine_args(args)
         self.after_build(engine)

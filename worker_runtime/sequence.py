@@ -107,8 +107,24 @@ def engine_params(s: Sampling, *, max_tokens: int, min_tokens: int, seed: int | 
         frequency_penalty=s.frequency_penalty, logit_bias=dict(s.logit_bias) or None,
         stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
         logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs if prompt_logprobs else None,
-        detokenize=False, extra_args=extra or None,
+        detokenize=False, extra_args=extra or None, structured_outputs=structured_output(s),
         output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+
+
+def structured_output(s: Sampling):
+    """vLLM's ``StructuredOutputsParams`` of the request's guide (None without one). JSON
+    comes out compact (every engine is built with ``disable_any_whitespace``), so a
+    completion cannot spend its tokens on whitespace."""
+    if not s.guide:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    value = {"json": lambda: s.guide_spec, "regex": lambda: s.guide_spec,
+             "choice": lambda: json.loads(s.guide_spec), "json_object": lambda: True,
+             "grammar": lambda: s.guide_spec}[s.guide]()
+    return StructuredOutputsParams(**{s.guide: value})
 
 
 def token_logprobs(token_ids, positions, k: int | None,

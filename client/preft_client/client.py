@@ -110,7 +110,14 @@ SAMPLING_KNOBS = {
     "logprobs": "k in [0, 20]: each generated token's logprob and the top k",
     "prompt_logprobs": "k in [0, 20]: each prompt token's logprob (adapter on) and the top k",
     "echo": "bool: Completion.prompt_text carries the prompt's decoding",
+    # structured output, at most one (the completion follows it; JSON comes out compact)
+    "json_schema": "a JSON schema (dict or JSON text)",
+    "regex": "a regular expression",
+    "choice": "a list of strings: the completion is one of them",
+    "json_object": "True: any JSON object",
+    "grammar": "an EBNF grammar",
 }
+_GUIDES = ("json_schema", "regex", "choice", "json_object", "grammar")
 
 
 def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, seed, stop,
@@ -124,10 +131,12 @@ def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, 
         raise TypeError(f"unknown sampling arguments {sorted(unknown)}; known: "
                         f"{', '.join(SAMPLING_KNOBS)}")
     knobs = {k: v for k, v in knobs.items() if v is not None}
+    guides = {k: knobs.pop(k) for k in _GUIDES if k in knobs}
     sp = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                            stop=list(stop or ()), ignore_eos=ignore_eos,
                            **{k: v for k, v in knobs.items() if k != "logit_bias"})
     sp.logit_bias.update({int(t): float(b) for t, b in (knobs.get("logit_bias") or {}).items()})
+    _set_guide(sp, guides)
     if seed is not None:
         sp.seed = seed
     req = pb.GenerateRequest(adapter=adapter or "", sampling=sp, request_id=request_id or "")
@@ -136,6 +145,18 @@ def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, 
     else:
         req.token_ids.ids.extend(prompt_token_ids)
     return req
+
+
+def _set_guide(sp: pb.SamplingParams, guides: dict) -> None:
+    if len(guides) > 1:
+        raise ValueError(f"give at most one structured output, got {sorted(guides)}")
+    for kind, value in guides.items():
+        if kind == "json_schema":
+            sp.json_schema = value if isinstance(value, str) else json.dumps(value)
+        elif kind == "choice":
+            sp.choice.choices.extend(value)
+        else:
+            setattr(sp, kind, value)
 
 
 def upload_chunks(name: str, path: str | Path, public: bool,

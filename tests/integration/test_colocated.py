@@ -145,6 +145,12 @@ def test_colocated_penalties_equal_one_engine(colo, cclient, reference, assets):
                     colo.pool.colocated[0].info.vocab_size)
 
 
+def test_colocated_structured_output_parses_and_validates(colo, cclient):
+    from sampling_checks import check_structured
+
+    assert check_structured(cclient, colo.pool.colocated[0].info.vocab_size) >= 20
+
+
 def test_mixed_cluster_keeps_all_token_requests_off_the_decode_pool(colo, cclient):
     """Grown by a prefill and a decode worker: PreFT requests may take either path, all-token
     requests only the colocated one."""

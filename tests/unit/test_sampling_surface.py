@@ -60,7 +60,7 @@ def test_wire_round_trips_logprobs_and_logit_bias():
 
 def test_decode_rows_count_the_first_token_as_generated():
     """Row i's first token is the last token of its engine prompt (prompt + [first])."""
-    from decode_worker.penalties import with_first_tokens
+    from decode_worker.first_token import with_first_tokens
 
     ids = np.zeros((3, 8), dtype=np.int32)
     ids[0, :3] = [5, 6, 42]        # prompt [5, 6], first token 42
