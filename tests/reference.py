@@ -23,6 +23,13 @@ from pathlib import Path
 import torch
 
 
+def engine_text(tokenizer, ids) -> str:
+    """A vLLM engine's text for generated ``ids``: their decoding (special tokens skipped),
+    less a trailing incomplete UTF-8 character (vLLM's incremental detokenizer holds back
+    text that ends in U+FFFD and never flushes it)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).rstrip("\ufffd")
+
+
 @dataclass(frozen=True)
 class RefOutput:
     tokens: tuple[int, ...]

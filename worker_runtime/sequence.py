@@ -29,8 +29,9 @@ So neither engine detokenizes or checks stop strings (``detokenize=False``, no `
 the worker feeds each generated token, the first included, to an :class:`OutputStream`:
 
 - text: vLLM's own incremental detokenizer over the *generated* ids alone (special tokens
-  skipped, as vLLM does); a finish that is not a stop string flushes the rest, so a
-  completion's text is the tokenizer's decoding of its token ids;
+  skipped, as vLLM does), so a completion's text is exactly a single vLLM engine's: the
+  tokenizer's decoding of its token ids, less a trailing incomplete UTF-8 character (vLLM
+  holds back text that ends in U+FFFD, and never flushes it);
 - stop strings: vLLM's own check over the whole generated text, first token included: the
   text is cut before the stop string, tokens after the one that completed it are dropped,
   and while a stop string could still be completing, the last ``len(stop) - 1`` characters
@@ -219,7 +220,6 @@ class OutputStream:
         # Only the generated ids: no prompt context, so the text decodes the ids alone.
         request = SimpleNamespace(request_id=request_id, sampling_params=params,
                                   prompt_token_ids=[], prompt_embeds=None)
-        self._tokenizer = tokenizer
         self._detok = IncrementalDetokenizer.from_new_request(tokenizer, request)
         self._sent_tokens = 0
         self._sent_text = ""
@@ -244,16 +244,6 @@ class OutputStream:
         new_ids = tuple(ids[self._sent_tokens:])
         self._sent_tokens = len(ids)
         text = self._detok.get_next_output_text(finished=finish is not None, delta=True)
-        if finish is not None and stop_string is None:
-            text = self._flush(text)
         self._sent_text += text
         self.finish_reason = finish
         return StreamStep(new_ids, text, finish)
-
-    def _flush(self, text: str) -> str:
-        """At a finish that is not a stop string: the rest of the ids' decoding (incremental
-        detokenizers hold back a trailing incomplete UTF-8 character forever)."""
-        full = self._tokenizer.decode(list(self._detok.output_token_ids),
-                                      skip_special_tokens=True)
-        sent = self._sent_text + text
-        return full[len(self._sent_text):] if full.startswith(sent) else text

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from reference import engine_text
+
 from conftest import ADAPTER_SEEDS, REFT_ADAPTERS
 
 pytestmark = pytest.mark.integration
@@ -97,7 +99,7 @@ def test_colocated_equals_preft_reference_in_mixed_steps(colo, cclient, referenc
     compared = cut = differ_base = 0
     for (name, p), c in zip(jobs, results):
         assert len(c.token_ids) == N_TOKENS and c.finish_reason == "length"
-        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert c.text == engine_text(tok, c.token_ids)
         adapter_dir = assets["adapters"][name] if name else None
         k, d = _compare(c.token_ids, reference.generate(p, adapter_dir, N_TOKENS, mode="preft"),
                         f"{name}, {len(p)}-token prompt")

@@ -1,8 +1,9 @@
 """What the user reads is right: text, stream deltas, stop strings, multi-turn, cache keys.
 
 Through the whole cluster (router -> prefill -> KV -> decode), as a client meets it:
-- the completion's text is the decoding of its token ids, and so are the SDK's stream
-  deltas and the OpenAI gateway's text, for prompts around the block boundaries;
+- the completion's text is what one vLLM engine writes for its token ids (their decoding,
+  less a trailing incomplete character), and so are the SDK's stream deltas and the
+  OpenAI gateway's text, for prompts around the block boundaries;
 - stop strings act on every generated token, the first (from prefill) included, exactly as
   in one vLLM engine;
 - a chat's second turn, whose prompt holds the first turn's answer, equals the PreFT
@@ -18,6 +19,8 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from reference import engine_text
 
 from conftest import ADAPTER_SEEDS
 
@@ -83,7 +86,7 @@ def test_text_stream_and_openai_equal_the_decoded_tokens(cluster, client, oai, t
     for (name, p), (c, deltas, http_text) in zip(jobs, results):
         what = f"adapter {name}, {len(p)}-token prompt"
         assert len(c.token_ids) == 16, what
-        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True), what
+        assert c.text == engine_text(tokenizer, c.token_ids), what
         assert tuple(t for d in deltas for t in d.token_ids) == c.token_ids, what
         assert "".join(d.text for d in deltas) == c.text, what
         assert http_text == c.text, what
