@@ -8,7 +8,7 @@ salt that keeps KV made under one adapter version apart from every other).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from cluster.errors import InvalidRequest
 
@@ -53,6 +53,7 @@ class KVHandle:
 
 
 MAX_LOGPROBS = 20            # top-k per token (vLLM's default max_logprobs)
+MAX_N = 16                   # samples per request
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,16 @@ class Sampling:
     echo: bool = False                       # also return the prompt's text (its decoding)
     guide: str = ""                          # structured output: one of GUIDES, "" = none
     guide_spec: str = ""                     # its JSON schema / regex / choices / grammar
+    n: int = 1                               # samples of one prompt: one prefill, KV moved once
+
+    def sample(self, i: int) -> "Sampling":
+        """Sample ``i`` of ``n``: one sequence, seeded ``seed + i`` (vLLM's parallel
+        sampling); only sample 0 reports the prompt (its logprobs and text)."""
+        if self.n == 1:
+            return self
+        seed = None if self.seed is None else (self.seed + i) % 2**63
+        return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if i == 0
+                       else None, echo=self.echo and i == 0)
 
     def validate(self) -> "Sampling":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -94,6 +105,8 @@ class Sampling:
             raise InvalidRequest("stop", "stop strings must be non-empty")
         self._validate_knobs()
         _validate_guide(self.guide, self.guide_spec)
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequest("n", f"must be in [1, {MAX_N}], got {self.n!r}")
         return self
 
     def _validate_knobs(self) -> None:
@@ -233,6 +246,8 @@ class PrefillResult:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # sampling.prompt_logprobs set: one per
                                              # prompt position (the first: rank 0, none)
     prompt_text: str = ""                    # sampling.echo set: the prompt's decoding
+    cached_tokens: int = 0                   # prompt tokens the engine found in its cache
+    siblings: tuple[PrefillResult, ...] = () # sampling.n > 1: samples 1.. (this is sample 0)
 
 
 @dataclass(frozen=True)
@@ -257,6 +272,7 @@ class DecodeDelta:
     kv_pipelined: bool = False               # staged layer by layer during prefill
     kv_exposed_s: float | None = None        # what of the transfer the request waited for
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids item (sampling.logprobs set)
+    index: int = 0                           # which sample (sampling.n > 1)
 
 
 @dataclass(frozen=True)
@@ -272,6 +288,7 @@ class ColocatedDelta:
     adapter_tier: str = ""
     adapter_load_s: float = 0.0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids item (sampling.logprobs set)
+    index: int = 0                           # which sample (sampling.n > 1)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # on the first delta, as PrefillResult's
     prompt_text: str = ""                    # on the first delta, as PrefillResult's
 
@@ -306,6 +323,8 @@ class AdapterStats:
                                              # per adapter kind (lora_p | reft_p | lora | base)
     pinned: tuple = ()                       # adapters pinned in the host tier (hot_set)
     pin_loads: int = 0                       # adapters loaded by pinning, not by a request
+    prompt_tokens: int = 0                   # prompt tokens of the engine requests run, and
+    prompt_tokens_cached: int = 0            # of those, the ones found in the prefix cache
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from contextlib import aclosing
 
+from cluster.aio import merge
 from cluster.config import ColocatedConfig
 from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling
 from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
@@ -49,20 +50,34 @@ class ColocatedWorker(AdapterWorker):
                             mixed_steps=self.mix.mixed, by_kind=dict(self.requests_by_kind))
 
     async def generate(self, req: PrefillRequest):
-        """Async generator of :class:`ColocatedDelta` (a Ray streaming call)."""
+        """Async generator of :class:`ColocatedDelta` (a Ray streaming call); with
+        ``sampling.n > 1`` the samples' deltas interleave, each with its ``index``."""
         t_in = time.time()
-        s = req.sampling
         ids, r = await self.admit(req)
         if r is not None and r.ref.kind == "lora":
             self.all_token_ids.add(r.lora.lora_int_id)
         self.requests_by_kind[r.ref.kind if r else "base"] += 1
-        stream = OutputStream(self.tokenizer, s, req.request_id)
         t0 = time.time()
+        streams = [self._sample(req, i, ids, r, t_in, t0) for i in range(req.sampling.n)]
+        if len(streams) == 1:
+            async with aclosing(streams[0]) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
+        async for delta in merge(streams):
+            yield delta
+
+    async def _sample(self, req: PrefillRequest, i: int, ids: list[int], r: Resolved | None,
+                      t_in: float, t0: float):
+        """One sample's engine request and its output stream; sample 0's first delta
+        carries the prefill figures."""
+        s = req.sampling.sample(i)
+        rid = req.request_id if i == 0 else f"{req.request_id}-s{i}"
+        stream = OutputStream(self.tokenizer, s, rid)
         self.adapters.pin(r)
-        engine_done, first, n_out = False, True, 0
+        engine_done, first, n_out = False, i == 0, 0
         try:
-            async with aclosing(self.loop.run(req.request_id, self._prompt(ids, r),
-                                              self._params(s, r),
+            async with aclosing(self.loop.run(rid, self._prompt(ids, r), self._params(s, r),
                                               lora_request=r.lora if r else None)) as outputs:
                 async for out in outputs:
                     engine_done = out.finished
@@ -72,7 +87,7 @@ class ColocatedWorker(AdapterWorker):
                     lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs,
                                          self.tokenizer)
                     delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason,
-                                           logprobs=lps[:len(step.token_ids)])
+                                           logprobs=lps[:len(step.token_ids)], index=i)
                     if first:
                         first, delta = False, self._first(delta, ids, out, s, r,
                                                           t0 - (req.enqueued_at or t_in),

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -154,19 +155,31 @@ async def get_model(model_id: str, request: Request):
 # --------------------------------------------------------------------------- generation
 
 
-def _text_choice(lp: CompletionLogprobs | None):
-    def choice(text: str, finish: str | None, logprobs=()) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish,
+def _text_choice(with_logprobs: bool):
+    offsets: dict[int, CompletionLogprobs] = {}   # text_offset runs on per choice
+
+    def choice(text: str, finish: str | None, logprobs=(), index: int = 0) -> dict:
+        lp = offsets.setdefault(index, CompletionLogprobs()) if with_logprobs else None
+        return {"index": index, "text": text, "finish_reason": finish,
                 "logprobs": lp.block(logprobs) if lp is not None else None}
     return choice
 
 
 def _chat_choice(with_logprobs: bool):
-    def choice(text: str, finish: str | None, logprobs=()) -> dict:
-        return {"index": 0, "delta": {"content": text} if text else {},
+    def choice(text: str, finish: str | None, logprobs=(), index: int = 0) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {},
                 "logprobs": chat_logprobs(logprobs) if with_logprobs else None,
                 "finish_reason": finish}
     return choice
+
+
+def _best(samples, n: int, ranked: bool):
+    """The samples to answer: all of them, or (``best_of``) the ``n`` with the highest
+    cumulative logprob, re-indexed."""
+    if not ranked:
+        return list(samples)
+    best = sorted(samples, key=lambda s: -sum(t.logprob for t in s.logprobs))[:n]
+    return [replace(s, index=i) for i, s in enumerate(best)]
 
 
 _CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -177,18 +190,21 @@ _CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "log
 async def completions(body: CompletionRequest, request: Request):
     gw = _gateway(request)
     text, ids = single_prompt(body.prompt)
-    if body.echo and body.stream:
-        raise GatewayError(400, "echo: not supported with stream; ask without stream", "echo")
+    if body.stream and (body.echo or body.samples() > (body.n or 1)):
+        field = "echo" if body.echo else "best_of"
+        raise GatewayError(400, f"{field}: not supported with stream; ask without stream", field)
     env = _envelope(gw, body, "cmpl", "text_completion")
     items = gw.events(body, env.id, text=text, token_ids=ids, api_key=bearer_key(request))
-    lp = CompletionLogprobs() if body.logprobs is not None else None
+    choice = _text_choice(body.logprobs is not None)
     if body.stream:
-        return await stream_response(items, env, _text_choice(lp))
+        return await stream_response(items, env, choice)
     c = await gw.complete(items)
-    echoed = c.prompt_text if body.echo else ""
-    choice = _text_choice(lp)(echoed + c.text, c.finish_reason,
-                              (c.prompt_logprobs if body.echo else ()) + c.logprobs)
-    return {**env.head(), "choices": [choice], "usage": usage(c.usage)}
+    echo = c.prompt_text if body.echo else ""
+    prompt_lps = c.prompt_logprobs if body.echo else ()
+    picked = _best(c.samples, body.n or 1, body.samples() > (body.n or 1))
+    return {**env.head(), "usage": usage(c.usage), "choices": [
+        choice(echo + s.text, s.finish_reason, prompt_lps + s.logprobs, s.index)
+        for s in picked]}
 
 
 @routes.post("/v1/chat/completions")
@@ -202,11 +218,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                       api_key=bearer_key(request))
     if body.stream:
         return await stream_response(items, env, _chat_choice(bool(body.logprobs)),
-                                     opening=_CHAT_OPENING)
+                                     opening=_CHAT_OPENING, n=body.n or 1)
     c = await gw.complete(items)
-    return {**env.head(), "choices": [{"index": 0,
-                                       "message": {"role": "assistant", "content": c.text},
-                                       "finish_reason": c.finish_reason,
-                                       "logprobs": chat_logprobs(c.logprobs) if body.logprobs
-                                       else None}],
-            "usage": usage(c.usage)}
+    return {**env.head(), "usage": usage(c.usage), "choices": [
+        {"index": s.index, "message": {"role": "assistant", "content": s.text},
+         "finish_reason": s.finish_reason,
+         "logprobs": chat_logprobs(s.logprobs) if body.logprobs else None}
+        for s in c.samples]}

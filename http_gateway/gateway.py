@@ -64,7 +64,7 @@ class Gateway:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
                 stop=body.stop_list(), ignore_eos=body.ignore_eos, request_id=rid,
-                api_key=api_key, **body.knobs(), **body.logprob_knobs(), **body.guide())
+                api_key=api_key, **body.knobs(), **body.answer_knobs(), **body.guide())
         except ValueError as e:  # e.g. lone surrogates: not encodable as UTF-8 for protobuf
             raise GatewayError(400, f"request cannot be encoded: {e}") from None
 

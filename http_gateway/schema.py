@@ -28,8 +28,6 @@ class StreamOptions(BaseModel):
 
 # OpenAI fields we accept only at their default: field -> (refused(value), message).
 _UNSUPPORTED = {
-    "n": (lambda v: v is not None and v != 1, "only n=1 is supported"),
-    "best_of": (lambda v: v is not None and v != 1, "only best_of=1 is supported"),
     "suffix": (bool, "suffix is not supported"),
     "tools": (bool, "tools are not supported (no tool-call parser); for structured output "
                     "use response_format {'type': 'json_schema', 'json_schema': {'schema': "
@@ -37,6 +35,7 @@ _UNSUPPORTED = {
     "tool_choice": (lambda v: v not in (None, "none"), "tools are not supported"),
 }
 MAX_LOGPROBS = 20
+MAX_N = 16
 Penalty = Annotated[Finite, Field(ge=-2, le=2)]
 TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
@@ -89,7 +88,7 @@ class Sampling(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    n: int | None = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[Finite, Field(ge=-100, le=100)]] | None = None
@@ -136,7 +135,8 @@ class Sampling(BaseModel):
                     logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
                     min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids)
 
-    def logprob_knobs(self) -> dict:
+    def answer_knobs(self) -> dict:
+        """What the answer holds, as SDK arguments: samples, logprobs, the echoed prompt."""
         return {}
 
     def guide(self) -> dict:
@@ -174,13 +174,25 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     prompt: Union[str, list[NonNegInt], list[str], list[list[NonNegInt]]]
     echo: bool | None = False        # the prompt's text (and logprobs) before the completion
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None   # sample this many,
+    suffix: str | None = None                     # answer the n most likely
     logprobs: TopN | None = None     # each token's logprob and the top k
 
-    def logprob_knobs(self) -> dict:
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_covers_n(cls, v, info: ValidationInfo):
+        if v is not None and v < (info.data.get("n") or 1):
+            raise ValueError(f"must be >= n ({info.data.get('n')})")
+        return v
+
+    def samples(self) -> int:
+        return self.best_of or self.n or 1
+
+    def answer_knobs(self) -> dict:
         echo = bool(self.echo)
-        return dict(logprobs=self.logprobs, echo=echo,
+        ranked = self.samples() > (self.n or 1)   # best_of ranks samples by their logprobs
+        return dict(logprobs=0 if ranked and self.logprobs is None else self.logprobs,
+                    echo=echo, n=self.samples(),
                     prompt_logprobs=self.logprobs if echo and self.logprobs is not None
                     else None)
 
@@ -212,8 +224,9 @@ class ChatCompletionRequest(Sampling):
             raise ValueError("needs logprobs: true")
         return v
 
-    def logprob_knobs(self) -> dict:
-        return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+    def answer_knobs(self) -> dict:
+        return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                    n=self.n or 1)
 
 
 # --------------------------------------------------------------------------- prompts

@@ -28,8 +28,8 @@ from http_gateway.errors import gateway_error
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Items = AsyncIterator[Delta | Completion]
-# (text, finish_reason or None, the text's token logprobs) -> the choice
-Choice = Callable[[str, str | None, tuple], dict]
+# (text, finish_reason or None, the text's token logprobs, the sample's index) -> the choice
+Choice = Callable[[str, str | None, tuple, int], dict]
 
 
 def sse(obj: dict | str) -> bytes:
@@ -84,26 +84,29 @@ async def _chain(first: Delta | Completion, rest: Items) -> Items:
 
 
 async def _events(items: Items, env: Envelope, choice: Choice,
-                  opening: dict | None) -> AsyncIterator[bytes]:
+                  opening: dict | None, n: int) -> AsyncIterator[bytes]:
     async with contextlib.aclosing(items):
         try:
-            if opening is not None:
-                yield sse(env.chunk(opening))
+            for i in range(n if opening is not None else 0):
+                yield sse(env.chunk({**opening, "index": i}))
             async for item in items:
                 if isinstance(item, Completion):
-                    yield sse(env.chunk(choice("", item.finish_reason)))
+                    for s in item.samples or [item]:
+                        yield sse(env.chunk(choice("", s.finish_reason, (),
+                                                   getattr(s, "index", 0))))
                     if env.include_usage:
                         yield sse(env.usage_chunk(item))
                 elif item.text or item.logprobs:
-                    yield sse(env.chunk(choice(item.text, None, item.logprobs)))
+                    yield sse(env.chunk(choice(item.text, None, item.logprobs, item.index)))
         except PreftClientError as e:
             yield sse(gateway_error(e).body())
         yield sse("[DONE]")
 
 
 async def stream_response(items: Items, env: Envelope, choice: Choice,
-                          opening: dict | None = None) -> StreamingResponse:
-    """The SSE answer to one request: waits for the router's first message, then streams."""
+                          opening: dict | None = None, n: int = 1) -> StreamingResponse:
+    """The SSE answer to one request: waits for the router's first message, then streams
+    (``n`` samples: chunks carry their choice's index, each choice gets its closing chunk)."""
     items = await started(items)
-    return StreamingResponse(_events(items, env, choice, opening),
+    return StreamingResponse(_events(items, env, choice, opening, n),
                              media_type="text/event-stream", headers=SSE_HEADERS)

@@ -12,8 +12,10 @@ prefix caching never serves one adapter's KV to another, or to a replaced versio
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
+from dataclasses import replace
 
 from cluster.config import PrefillConfig
 from cluster.errors import WorkerUnavailable
@@ -34,6 +36,7 @@ class PrefillWorker(AdapterWorker):
                  cache_dir: str | None = None, actor_name: str = "") -> None:
         super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name, transfer=cfg.transfer)
         self._channel = None
+        self.prompt_tokens = self.prompt_tokens_cached = 0
 
     # ------------------------------------------------------------------ API
     async def channel(self) -> tuple[str, str]:
@@ -75,36 +78,56 @@ class PrefillWorker(AdapterWorker):
             resident=self.residency(), transfers=len(recs), bytes=sum(r.bytes for r in recs),
             failed=sum(not r.ok for r in recs), held=len(self.kv.offers),
             expired=self.kv.offers.expired, pinned=self.adapters.pinned(),
-            pin_loads=self.adapters.pin_loads)
+            pin_loads=self.adapters.pin_loads, prompt_tokens=self.prompt_tokens,
+            prompt_tokens_cached=self.prompt_tokens_cached)
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
-        """The prompt with its adapter, the first token, the KV handle for decode."""
+        """The prompt with its adapter, the first token, the KV handle for decode. With
+        ``sampling.n > 1``, n samples of the prompt: engine requests submitted together,
+        so the prompt's full blocks are computed once and the others hit the prefix cache;
+        samples 1.. come back as the result's ``siblings``."""
         t_in = time.time()
-        s = req.sampling
         ids, r = await self.admit(req)
         namespace = self.adapters.namespace(r, len(ids))
-        hand_over = s.max_tokens > 1
         t0 = time.time()
-        out = await self._run_prompt(req.request_id, ids, r, namespace,
+        done = await asyncio.gather(*(self._sample(req, i, ids, r, namespace, t_in, t0)
+                                      for i in range(req.sampling.n)), return_exceptions=True)
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:   # free what the samples that succeeded hold for decode
+            for d in done:
+                if isinstance(d, PrefillResult) and d.kv is not None:
+                    self.kv.release(d.kv.transfer_id)
+            raise failed[0]
+        self.metrics.request(len(ids), time.time() - t0)
+        self.metrics.adapter(r.tier if r else "")
+        return replace(done[0], siblings=tuple(done[1:]))
+
+    async def _sample(self, req: PrefillRequest, i: int, ids: list[int], r: Resolved | None,
+                      namespace: str, t_in: float, t0: float) -> PrefillResult:
+        """One sample: its first token (sampled with the adapter) and its KV handle."""
+        s = req.sampling.sample(i)
+        rid = req.request_id if i == 0 else f"{req.request_id}-s{i}"
+        hand_over = s.max_tokens > 1
+        out = await self._run_prompt(rid, ids, r, namespace,
                                      self._sampling_params(s, hand_over, r))
         first = out.outputs[0].token_ids[0]
         # The first generated token enters the request's output stream (the decode worker
         # replays it): EOS, a stop string inside its text, or max_tokens=1 end it here.
         engine_finish = "stop" if out.outputs[0].finish_reason == "stop" else (
             None if hand_over else "length")
-        step = OutputStream(self.tokenizer, s, req.request_id).append([first], engine_finish)
+        step = OutputStream(self.tokenizer, s, rid).append([first], engine_finish)
         kv = self._handle(out, step.finish_reason)
         lps = token_logprobs([first], out.outputs[0].logprobs, s.logprobs, self.tokenizer)
-        prefill_s = time.time() - t0
-        self.metrics.request(len(ids), prefill_s)
-        self.metrics.adapter(r.tier if r else "")
+        cached = out.num_cached_tokens or 0
+        self.prompt_tokens, self.prompt_tokens_cached = (self.prompt_tokens + len(ids),
+                                                         self.prompt_tokens_cached + cached)
         return PrefillResult(
-            request_id=req.request_id, prompt_token_ids=tuple(ids), first_token=first,
+            request_id=rid, prompt_token_ids=tuple(ids), first_token=first,
             first_text=step.text, finish_reason=step.finish_reason, kv=kv,
             kv_namespace=namespace, queue_s=max(0.0, t0 - (req.enqueued_at or t_in)),
-            prefill_s=prefill_s, adapter_tier=r.tier if r else "",
+            prefill_s=time.time() - t0, adapter_tier=r.tier if r else "",
             adapter_load_s=r.load_s if r else 0.0, t_start=t_in, t_done=time.time(),
-            first_logprob=lps[0] if lps else None,
+            first_logprob=lps[0] if lps else None, cached_tokens=cached,
             prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs, self.tokenizer),
             prompt_text=prompt_text(s, ids, self.tokenizer))
 

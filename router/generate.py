@@ -21,6 +21,7 @@ import uuid
 
 import grpc
 
+from cluster.aio import merge
 from cluster.errors import InvalidRequest, Overloaded, PreftError
 from cluster.messages import (ALL_TOKEN_KINDS, AdapterRef, DecodeDelta, DecodeRequest,
                               PrefillRequest, PrefillResult, Sampling)
@@ -128,7 +129,8 @@ class GenerateRpcs(ServiceBase):
         return place
 
     async def _run_prefill_decode(self, preq, place: Placement, t_admit: float, context, out):
-        """Prefill (adapter, first token, KV held) -> first token out -> decode stream."""
+        """Prefill (adapter, first token, KV held) -> first token out -> decode stream; with
+        ``n`` samples, every sample's first token, then their decode streams."""
         pw, dw = place.prefill, place.decode
         t_call = time.time()
         res = await self._prefill(pw, preq, context)
@@ -136,21 +138,41 @@ class GenerateRpcs(ServiceBase):
         self._first_token(out, t_admit, res.queue_s, res.prefill_s, len(res.prompt_token_ids),
                           preq, res.adapter_tier, res.adapter_load_s)
         out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
-        first = DecodeDelta((res.first_token,), res.first_text, res.finish_reason,
-                            logprobs=(res.first_logprob,) if res.first_logprob else ())
-        out.add(first, res.prompt_logprobs, res.prompt_text)
-        yield _token_delta(first)
-        if res.kv is not None:
-            out.kv.blocks = res.kv.num_blocks
-        if res.finish_reason is not None:
+        samples = (res, *res.siblings)
+        for i, r in enumerate(samples):
+            first = DecodeDelta((r.first_token,), r.first_text, r.finish_reason,
+                                logprobs=(r.first_logprob,) if r.first_logprob else (), index=i)
+            out.add(first, r.prompt_logprobs, r.prompt_text)
+            yield _token_delta(first)
+        out.kv.blocks = sum(r.kv.num_blocks for r in samples if r.kv is not None)
+        live = [(i, r) for i, r in enumerate(samples) if r.finish_reason is None]
+        if not live:
             return
-        dreq = DecodeRequest(preq.request_id, res.prompt_token_ids, res.first_token, res.kv,
-                             res.kv_namespace, preq.sampling)
         out.kv.decode_worker = dw.worker_id
         t_dec = time.time()
-        async for delta in self._decode(pw, dw, dreq, res, context, out):
+        async for delta in self._decode_samples(pw, dw, preq, live, context, out):
             yield delta
         out.decode_s = time.time() - t_dec
+
+    async def _decode_samples(self, pw, dw, preq, live, context, out):
+        """One decode stream per live sample, all on ``dw``: the first alone until its KV
+        is loaded (the prompt's full blocks enter the decode engine's prefix cache), then
+        the rest, which pull only what is not cached (the last, partial block)."""
+        def stream(i, r):
+            dreq = DecodeRequest(r.request_id, r.prompt_token_ids, r.first_token, r.kv,
+                                 r.kv_namespace, preq.sampling.sample(i))
+            return self._decode(pw, dw, dreq, r, context, out, i)
+        (i0, r0), rest = live[0], live[1:]
+        first = stream(i0, r0)
+        if not rest:
+            async for delta in first:
+                yield delta
+            return
+        async for delta in first:    # the first sample's first delta: its KV is loaded
+            yield delta
+            break
+        async for delta in merge([first, *(stream(i, r) for i, r in rest)]):
+            yield delta
 
     async def _prefill(self, pw: WorkerHandle, preq: PrefillRequest, context):
         """The worker's prefill, over its direct channel when it has one (a cancel or the
@@ -183,30 +205,39 @@ class GenerateRpcs(ServiceBase):
         if preq.adapter is not None:
             m.observe_adapter(tier, load_s)
 
-    async def _decode(self, pw, dw, dreq: DecodeRequest, res, context, out):
+    async def _decode(self, pw, dw, dreq: DecodeRequest, res, context, out, index: int = 0):
         m = self.metrics
         dw.outstanding += 1
         gen = dw.actor.decode.remote(dreq)
+        pulled = False
         try:
             async for d in self._stream(gen, context, "decode", dw):
                 if d.kv_transfer_s is not None:
-                    out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
-                    out.kv_exposed_s = d.kv_exposed_s or 0.0
-                    out.kv.bytes, out.kv.transport = d.kv_bytes or 0, d.kv_transport
-                    out.kv.pipelined = d.kv_pipelined
-                    m.observe_kv(pw.worker_id, dw.worker_id, out.kv.bytes, d.kv_transfer_s,
-                                 d.kv_transport)
-                out.add(d)
+                    pulled = self._kv_loaded(pw, dw, d, res, out)
+                out.add(d, index=index)
                 if d.token_ids or d.text:
-                    yield _token_delta(d)
+                    yield _token_delta(d, index)
         except BaseException as e:
-            if out.kv.bytes == 0:  # decode never pulled: free the prefill side's blocks now
+            if not pulled:  # decode never pulled: free the prefill side's blocks now
                 pw.actor.release.remote(res.kv.transfer_id)
                 if not isinstance(e, asyncio.CancelledError):
                     m.kv_failures.labels(pw.worker_id, dw.worker_id).inc()
             raise
         finally:
             dw.outstanding -= 1
+
+    def _kv_loaded(self, pw, dw, d: DecodeDelta, res, out) -> bool:
+        """The decode side's first delta: what the KV load moved (sums over samples)."""
+        if not d.kv_bytes:   # all found in decode's prefix cache: free the offer
+            pw.actor.release.remote(res.kv.transfer_id)
+        if out.kv.bytes == 0:   # the first load's timings
+            out.kv_transfer_s, out.first_decode_step_s = d.kv_transfer_s, d.first_step_s
+            out.kv_exposed_s = d.kv_exposed_s or 0.0
+            out.kv.transport, out.kv.pipelined = d.kv_transport, d.kv_pipelined
+        out.kv.bytes += d.kv_bytes or 0
+        self.metrics.observe_kv(pw.worker_id, dw.worker_id, d.kv_bytes or 0, d.kv_transfer_s,
+                                d.kv_transport)
+        return True
 
     async def _run_colocated(self, preq, place: Placement, t_admit: float, context, out):
         """One colocated worker: prompt with the adapter, first token, decode, no KV moves."""
@@ -243,7 +274,7 @@ class GenerateRpcs(ServiceBase):
             request_id=preq.request_id, finish_reason=out.finish or "length",
             usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.n_tokens),
             timings=timings, kv=out.kv, prompt_logprobs=to_pb_logprobs(out.prompt_logprobs),
-            prompt_text=out.prompt_text))
+            prompt_text=out.prompt_text, samples=out.samples()))
 
     # ------------------------------------------------------------------ worker calls
     async def _stream(self, gen, context, what: str, worker: WorkerHandle):
@@ -318,6 +349,8 @@ class _Outcome:
         self.hop_s: dict[str, float] = {}
         self.prompt_logprobs = ()
         self.prompt_text = ""
+        self.sample_tokens: dict[int, int] = {}
+        self.finishes: dict[int, str] = {}
 
     def hops(self, t_admit: float, t_call: float, t_start: float, t_done: float,
              t_result: float) -> None:
@@ -326,12 +359,23 @@ class _Outcome:
             self.hop_s = {"route_s": t_call - t_admit, "to_worker_s": t_start - t_call,
                           "worker_s": t_done - t_start, "from_worker_s": t_result - t_done}
 
-    def add(self, d, prompt_logprobs=(), prompt_text: str = "") -> None:
+    def add(self, d, prompt_logprobs=(), prompt_text: str = "", index: int | None = None) -> None:
+        i = d.index if index is None else index
         self.n_tokens += len(d.token_ids)
+        self.sample_tokens[i] = self.sample_tokens.get(i, 0) + len(d.token_ids)
         self.prompt_logprobs = self.prompt_logprobs or prompt_logprobs
         self.prompt_text = self.prompt_text or prompt_text
         if d.finish_reason:
-            self.finish = d.finish_reason
+            self.finishes[i] = d.finish_reason
+            if i == 0:
+                self.finish = d.finish_reason
+
+    def samples(self) -> list[pb.SampleEnd]:
+        """Each sample's end, when there are several."""
+        if len(self.sample_tokens) < 2:
+            return []
+        return [pb.SampleEnd(index=i, finish_reason=self.finishes.get(i, "length"),
+                             completion_tokens=n) for i, n in sorted(self.sample_tokens.items())]
 
 
 def to_sampling(p: pb.SamplingParams) -> Sampling:
@@ -347,7 +391,7 @@ def to_sampling(p: pb.SamplingParams) -> Sampling:
         stop_token_ids=tuple(p.stop_token_ids),
         logprobs=p.logprobs if p.HasField("logprobs") else None,
         prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
-        echo=p.echo, **_guide(p),
+        echo=p.echo, n=p.n or 1, **_guide(p),
     ).validate()
 
 
@@ -374,9 +418,10 @@ def _blank(top) -> list[str]:
     return [""] * len(top)
 
 
-def _token_delta(d) -> pb.TokenDelta:
+def _token_delta(d, index: int | None = None) -> pb.TokenDelta:
     return pb.TokenDelta(token_ids=list(d.token_ids), text=d.text,
-                         logprobs=to_pb_logprobs(d.logprobs))
+                         logprobs=to_pb_logprobs(d.logprobs),
+                         index=d.index if index is None else index)
 
 
 def _cancel(ref) -> None:

@@ -13,10 +13,11 @@ from preft_client.errors import (DeadlineExceeded, FailedPrecondition, Incomplet
                                  InvalidArgument, NotFound,
                                  PermissionDenied, PreftClientError, ResourceExhausted,
                                  Unauthenticated, Unavailable)
-from preft_client.types import (AdapterInfo, Completion, Delta, Timings, TokenLogprob, Usage,
-                                WorkerStatus)
+from preft_client.types import (AdapterInfo, Completion, Delta, Sample, Timings, TokenLogprob,
+                                Usage, WorkerStatus)
 
-__all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "TokenLogprob", "Timings", "Usage",
+__all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Sample", "TokenLogprob",
+           "Timings", "Usage",
            "AdapterInfo", "WorkerStatus", "PreftClientError", "InvalidArgument", "NotFound",
            "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
            "PermissionDenied", "IncompleteStream", "FailedPrecondition"]

@@ -23,8 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from preft_client.errors import IncompleteStream, from_rpc_error
-from preft_client.types import (AdapterInfo, Completion, Delta, Timings, TokenLogprob, Usage,
-                                WorkerStatus)
+from preft_client.types import (AdapterInfo, Completion, Delta, Sample, Timings, TokenLogprob,
+                                Usage, WorkerStatus)
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 
@@ -116,6 +116,7 @@ SAMPLING_KNOBS = {
     "choice": "a list of strings: the completion is one of them",
     "json_object": "True: any JSON object",
     "grammar": "an EBNF grammar",
+    "n": "samples of the prompt, 1..16: one prefill, KV moved once (Completion.samples)",
 }
 _GUIDES = ("json_schema", "regex", "choice", "json_object", "grammar")
 
@@ -216,24 +217,30 @@ def _logprobs(items) -> tuple[TokenLogprob, ...]:
 
 class _Collector:
     """Assembles one ``Generate`` stream: :class:`Delta` per token message, then the
-    :class:`Completion` (whole text and ids, finish reason, usage, timings)."""
+    :class:`Completion` (each sample's text and ids, finish reason, usage, timings)."""
 
     def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.text: list[str] = []
-        self.logprobs: list[TokenLogprob] = []
+        self.ids: dict[int, list[int]] = {}
+        self.text: dict[int, list[str]] = {}
+        self.logprobs: dict[int, list[TokenLogprob]] = {}
         self.final = None
 
     def add(self, msg: pb.GenerateResponse) -> Delta | None:
         if msg.HasField("delta"):
-            d = Delta(tuple(msg.delta.token_ids), msg.delta.text,
-                      _logprobs(msg.delta.logprobs))
-            self.ids.extend(d.token_ids)
-            self.text.append(d.text)
-            self.logprobs.extend(d.logprobs)
+            m = msg.delta
+            d = Delta(tuple(m.token_ids), m.text, _logprobs(m.logprobs), m.index)
+            self.ids.setdefault(d.index, []).extend(d.token_ids)
+            self.text.setdefault(d.index, []).append(d.text)
+            self.logprobs.setdefault(d.index, []).extend(d.logprobs)
             return d
         self.final = msg.final
         return None
+
+    def _samples(self, f) -> tuple[Sample, ...]:
+        ends = {e.index: e.finish_reason for e in f.samples}
+        return tuple(Sample(i, tuple(self.ids[i]), "".join(self.text[i]),
+                            ends.get(i, f.finish_reason), tuple(self.logprobs[i]))
+                     for i in sorted(self.ids))
 
     def completion(self) -> Completion:
         f = self.final
@@ -241,8 +248,10 @@ class _Collector:
             raise IncompleteStream(grpc.StatusCode.UNAVAILABLE,
                                    "stream ended without a final message")
         t = f.timings
+        samples = self._samples(f)
+        s0 = samples[0] if samples else Sample(0, (), "", f.finish_reason)
         return Completion(
-            request_id=f.request_id, token_ids=tuple(self.ids), text="".join(self.text),
+            request_id=f.request_id, token_ids=s0.token_ids, text=s0.text,
             finish_reason=f.finish_reason,
             usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens),
             timings=Timings(t.queue_s, t.prefill_s, t.kv_transfer_s, t.decode_s, t.ttft_s,
@@ -251,8 +260,8 @@ class _Collector:
             kv_bytes=f.kv.bytes, kv_blocks=f.kv.blocks, kv_transport=f.kv.transport,
             kv_pipelined=f.kv.pipelined,
             workers=(f.kv.prefill_worker, f.kv.decode_worker),
-            logprobs=tuple(self.logprobs), prompt_logprobs=_logprobs(f.prompt_logprobs),
-            prompt_text=f.prompt_text)
+            logprobs=s0.logprobs, prompt_logprobs=_logprobs(f.prompt_logprobs),
+            prompt_text=f.prompt_text, samples=samples)
 
 
 # --------------------------------------------------------------------------- the shared body

@@ -46,6 +46,18 @@ class Delta:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()   # one per token id, when logprobs=k was asked
+    index: int = 0                            # the sample (n > 1)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One of the ``n`` samples of a request (``Completion.samples``)."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class Completion:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt_logprobs=k: one per prompt token
                                               # (the first has rank 0: no logprob)
     prompt_text: str = ""                     # echo=True: the prompt's decoding
+    samples: tuple[Sample, ...] = ()          # every sample, in index order (n >= 1); the
+                                              # fields above are sample 0's (usage: all)
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,26 @@ def test_colocated_structured_output_parses_and_validates(colo, cclient):
     assert check_structured(cclient, colo.pool.colocated[0].info.vocab_size) >= 20
 
 
+def test_colocated_n_samples(colo, cclient, reference, assets):
+    """n samples on one engine: each is exactly the request seeded seed + i; greedy ones
+    equal the reference."""
+    from sampling_checks import N, assert_tokens, prompts
+    from reference import detailed
+
+    p = prompts(colo.pool.colocated[0].info.vocab_size, lengths=(70,))[0]
+    c = cclient.generate("ada", prompt_token_ids=p, max_tokens=8, temperature=1.0, seed=9,
+                         n=3, ignore_eos=True)
+    assert [s.index for s in c.samples] == [0, 1, 2] and c.usage.completion_tokens == 24
+    for i, s in enumerate(c.samples):
+        assert s.token_ids == cclient.generate("ada", prompt_token_ids=p, max_tokens=8,
+                                               temperature=1.0, seed=9 + i,
+                                               ignore_eos=True).token_ids
+    ref = detailed(reference, p, assets["adapters"]["rlo"], N)
+    for s in cclient.generate("rlo", prompt_token_ids=p, max_tokens=N, n=2,
+                              ignore_eos=True).samples:
+        assert_tokens(s.token_ids, ref, f"sample {s.index}")
+
+
 def test_mixed_cluster_keeps_all_token_requests_off_the_decode_pool(colo, cclient):
     """Grown by a prefill and a decode worker: PreFT requests may take either path, all-token
     requests only the colocated one."""

@@ -160,7 +160,7 @@ def test_unknown_model_is_404_with_openai_error(http, oai):
     ("/v1/completions", {"model": "ada", "prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"model": "ada", "prompt": {"x": 1}}, "prompt"),
     ("/v1/completions", {"model": "ada"}, "prompt"),
-    ("/v1/completions", {"model": "ada", "prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"model": "ada", "prompt": "hi", "n": 0}, "n"),
     ("/v1/completions", {"model": "ada", "prompt": "hi", "stop": [""]}, "stop"),
     ("/v1/completions", {"model": "ada", "prompt": [10**6]}, "prompt_token_ids"),
     ("/v1/completions", {"model": "ada", "prompt": [5] * 1000, "max_tokens": 100}, "max_tokens"),
@@ -328,6 +328,50 @@ def test_bad_structured_output_is_400(http, body, field, says):
     assert r.status_code == 400, r.text
     msg = r.json()["error"]["message"]
     assert field in msg and says in msg, msg
+
+
+@integration
+def test_n_and_best_of_over_http(oai, client):
+    p = [11, 12, 13, 14, 15, 16, 17]
+    sdk = client.generate("ada", prompt_token_ids=p, max_tokens=6, temperature=1.0, seed=3,
+                          n=3, ignore_eos=True, logprobs=0)
+    r = oai.completions.create(model="ada", prompt=p, max_tokens=6, temperature=1.0, seed=3,
+                               n=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [s.text for s in sdk.samples]
+    assert r.usage.completion_tokens == 18
+    best = max(sdk.samples, key=lambda s: sum(t.logprob for t in s.logprobs))
+    r = oai.completions.create(model="ada", prompt=p, max_tokens=6, temperature=1.0, seed=3,
+                               n=1, best_of=3, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 1 and r.choices[0].text == best.text
+    assert r.choices[0].logprobs is None              # ranked by logprobs, not asked for
+    msgs = [{"role": "user", "content": "two answers"}]
+    plain = oai.chat.completions.create(model="bea", messages=msgs, max_tokens=5, n=2,
+                                        temperature=1.0, seed=1,
+                                        extra_body={"ignore_eos": True})
+    chunks = oai.chat.completions.create(model="bea", messages=msgs, max_tokens=5, n=2,
+                                         temperature=1.0, seed=1, stream=True,
+                                         extra_body={"ignore_eos": True})
+    texts, finishes = {0: "", 1: ""}, {}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in plain.choices}
+    assert finishes == {0: "length", 1: "length"}
+
+
+@integration
+@pytest.mark.parametrize("body, field", [
+    ({"n": 17}, "n"),
+    ({"n": 3, "best_of": 2}, "best_of"),
+    ({"best_of": 3, "stream": True}, "best_of"),
+])
+def test_bad_n_is_400(http, body, field):
+    r = http.post("/v1/completions", json={"model": "ada", "prompt": "hi", **body})
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
 
 
 @integration

@@ -128,3 +128,65 @@ def test_structured_output_parses_and_validates(cluster, client):
     free = client.generate("ada", prompt_token_ids=prompts(vocab)[0], max_tokens=20)
     with pytest.raises(ValueError):
         json.loads(free.text)
+
+
+def _prefill_counts(cluster):
+    import ray
+
+    st = [ray.get(w.actor.stats.remote(), timeout=30) for w in cluster.pool.prefill]
+    return sum(s.prompt_tokens for s in st), sum(s.prompt_tokens_cached for s in st)
+
+
+def _idle(cluster) -> None:
+    """Nothing held or leaked once requests are done: prefill offers, decode blocks."""
+    import time
+
+    import ray
+
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        held = sum(ray.get(w.actor.held_transfers.remote()) for w in cluster.pool.prefill)
+        used = sum(ray.get(w.actor.kv_usage.remote()).blocks_in_use for w in cluster.pool.decode)
+        if held == 0 and used == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{held} prefill offers held, {used} decode blocks in use")
+
+
+def test_n_samples_prefill_once_and_move_kv_once(cluster, client):
+    """n = 4 at temperature 1 with a seed: four samples, each exactly the request with
+    seed + i (so reproducible); the prompt's full blocks are computed once on prefill and
+    moved once to decode (each later sample pulls only the last, partial block)."""
+    vocab = cluster.pool.prefill[0].info.vocab_size
+    p, q = prompts(vocab, lengths=(600, 600))[:2]
+    single = client.generate("ada", prompt_token_ids=q, max_tokens=8, ignore_eos=True)
+    tokens0, cached0 = _prefill_counts(cluster)
+    c = client.generate("ada", prompt_token_ids=p, max_tokens=8, temperature=1.0, seed=5,
+                        n=4, ignore_eos=True, logprobs=0)
+    tokens1, cached1 = _prefill_counts(cluster)
+    assert [s.index for s in c.samples] == [0, 1, 2, 3]
+    assert all(len(s.token_ids) == 8 and len(s.logprobs) == 8 for s in c.samples)
+    assert len({s.token_ids for s in c.samples}) > 1, "samples should differ at T=1"
+    assert c.usage.completion_tokens == 32 and c.token_ids == c.samples[0].token_ids
+    assert tokens1 - tokens0 == 4 * 600
+    computed = (tokens1 - tokens0) - (cached1 - cached0)
+    tail = 600 % 128
+    assert computed == 600 + 3 * tail, f"prompt tokens computed {computed}"
+    blocks = -(-600 // 128)
+    assert c.kv_bytes == single.kv_bytes * (blocks + 3) // blocks, (c.kv_bytes, single.kv_bytes)
+    for i, s in enumerate(c.samples):
+        alone = client.generate("ada", prompt_token_ids=p, max_tokens=8, temperature=1.0,
+                                seed=5 + i, ignore_eos=True)
+        assert alone.token_ids == s.token_ids, i
+    _idle(cluster)
+
+
+@pytest.mark.parametrize("adapter", ["rlo", None])
+def test_n_greedy_samples_equal_the_reference(cluster, client, reference, assets, adapter):
+    vocab = cluster.pool.prefill[0].info.vocab_size
+    p = prompts(vocab, lengths=(45,))[0]
+    ref = detailed(reference, p, assets["adapters"][adapter] if adapter else None, N)
+    c = client.generate(adapter, prompt_token_ids=p, max_tokens=N, n=3, ignore_eos=True)
+    for s in c.samples:
+        assert_tokens(s.token_ids, ref, f"sample {s.index}")
+    _idle(cluster)

@@ -93,7 +93,11 @@ def test_gateway_body_becomes_sdk_knobs():
     body = CompletionRequest(prompt="x", logprobs=3, echo=True, top_k=-1,
                              logit_bias={"12": 5}, presence_penalty=0.5)
     assert body.knobs()["logit_bias"] == {12: 5.0} and body.knobs()["top_k"] == 0
-    assert body.logprob_knobs() == {"logprobs": 3, "echo": True, "prompt_logprobs": 3}
+    assert body.answer_knobs() == {"logprobs": 3, "echo": True, "prompt_logprobs": 3, "n": 1}
+    # best_of ranks its samples by their logprobs: asked for even when the caller did not
+    ranked = CompletionRequest(prompt="x", n=2, best_of=5)
+    assert ranked.answer_knobs() == {"logprobs": 0, "echo": False, "prompt_logprobs": None,
+                                     "n": 5}
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=True,
                                  top_logprobs=4)
-    assert chat.logprob_knobs() == {"logprobs": 4}
+    assert chat.answer_knobs() == {"logprobs": 4, "n": 1}
