@@ -224,30 +224,51 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _generate_knobs(args) -> dict:
+    """The SDK's sampling keywords from ``preft generate``'s flags (None: unset)."""
+    schema = args.json_schema
+    if schema is not None and Path(schema).is_file():
+        schema = Path(schema).read_text()
+    return dict(n=args.n, logprobs=args.logprobs, top_k=args.top_k, min_p=args.min_p,
+                presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                json_schema=schema, regex=args.regex, choice=args.choice)
+
+
 def cmd_generate(args) -> int:
     from preft_client import PreftClient, PreftClientError
 
+    kw = dict(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+              top_p=args.top_p, seed=args.seed, stop=args.stop, **_generate_knobs(args))
     with PreftClient(args.address, timeout=args.timeout, **_tls_kwargs(args)) as client:
         try:
             if args.stream:
-                for d in client.stream(args.adapter, prompt=args.prompt,
-                                       max_tokens=args.max_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, seed=args.seed, stop=args.stop):
+                for d in client.stream(args.adapter, **kw):
                     print(d.text, end="", flush=True)
                 print()
                 return 0
-            c = client.generate(args.adapter, prompt=args.prompt, max_tokens=args.max_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                stop=args.stop)
-        except PreftClientError as e:
-            print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+            c = client.generate(args.adapter, **kw)
+        except (PreftClientError, ValueError) as e:
+            msg = f"{e.code.name}: {e.message}" if isinstance(e, PreftClientError) else str(e)
+            print(f"error: {msg}", file=sys.stderr)
             return 1
-    print(c.text)
+    _print_completion(c)
+    return 0
+
+
+def _print_completion(c) -> None:
+    for s in c.samples:
+        if len(c.samples) > 1:
+            print(f"--- sample {s.index} [{s.finish_reason}]")
+        print(s.text)
+        for t in s.logprobs:
+            alts = ", ".join(f"{tok!r} {lp:.3f}" for tok, (_, lp) in zip(t.top_tokens, t.top))
+            print(f"  {t.token!r}\t{t.logprob:.4f}\t(rank {t.rank}){'  ' + alts if alts else ''}")
     t = c.timings
     print(f"[{c.finish_reason}] {c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} "
           f"completion tokens; ttft {t.ttft_s * 1e3:.1f} ms, KV {c.kv_bytes / 1024:.0f} KiB in "
           f"{t.kv_transfer_s * 1e3:.2f} ms", file=sys.stderr)
-    return 0
 
 
 def cmd_demo(args) -> int:
@@ -476,6 +497,22 @@ def _parser_generate(sub) -> None:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--n", type=int, default=None,
+                     help="samples of the prompt, 1..16 (one prefill; each printed)")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="K",
+                     help="print each token's logprob and the top K alternatives (0..20)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the K most likely")
+    gen.add_argument("--min-p", type=float, default=None, help="minimum relative probability")
+    gen.add_argument("--presence-penalty", type=float, default=None, help="[-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=None, help="[-2, 2]")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="(0, 10]; 1 = off")
+    gen.add_argument("--min-tokens", type=int, default=None, help="no EOS before this many")
+    guide = gen.add_mutually_exclusive_group()
+    guide.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                       help="structured output: the completion is JSON valid under this schema")
+    guide.add_argument("--regex", default=None, help="structured output: matches this regex")
+    guide.add_argument("--choice", action="append", default=None,
+                       help="structured output: exactly one of these (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print text as it arrives")
     gen.add_argument("--timeout", type=float, default=300.0, help="request deadline in seconds")
     _add_client_tls_args(gen)

@@ -139,20 +139,26 @@ class GenerateRpcs(ServiceBase):
                           preq, res.adapter_tier, res.adapter_load_s)
         out.kv = pb.KVTransfer(prefill_worker=pw.worker_id)
         samples = (res, *res.siblings)
-        for i, r in enumerate(samples):
-            first = DecodeDelta((r.first_token,), r.first_text, r.finish_reason,
-                                logprobs=(r.first_logprob,) if r.first_logprob else (), index=i)
-            out.add(first, r.prompt_logprobs, r.prompt_text)
-            yield _token_delta(first)
-        out.kv.blocks = sum(r.kv.num_blocks for r in samples if r.kv is not None)
-        live = [(i, r) for i, r in enumerate(samples) if r.finish_reason is None]
-        if not live:
-            return
-        out.kv.decode_worker = dw.worker_id
-        t_dec = time.time()
-        async for delta in self._decode_samples(pw, dw, preq, live, context, out):
-            yield delta
-        out.decode_s = time.time() - t_dec
+        try:
+            for i, r in enumerate(samples):
+                first = DecodeDelta((r.first_token,), r.first_text, r.finish_reason, index=i,
+                                    logprobs=(r.first_logprob,) if r.first_logprob else ())
+                out.add(first, r.prompt_logprobs, r.prompt_text)
+                yield _token_delta(first)
+            out.kv.blocks = sum(r.kv.num_blocks for r in samples if r.kv is not None)
+            live = [(i, r) for i, r in enumerate(samples) if r.finish_reason is None]
+            if not live:
+                return
+            out.kv.decode_worker = dw.worker_id
+            t_dec = time.time()
+            async for delta in self._decode_samples(pw, dw, preq, live, context, out):
+                yield delta
+            out.decode_s = time.time() - t_dec
+        except BaseException:   # the caller left or a call failed: free what no decode owns
+            for i, r in enumerate(samples):
+                if r.kv is not None and i not in out.decoding:
+                    pw.actor.release.remote(r.kv.transfer_id)
+            raise
 
     async def _decode_samples(self, pw, dw, preq, live, context, out):
         """One decode stream per live sample, all on ``dw``: the first alone until its KV
@@ -207,6 +213,7 @@ class GenerateRpcs(ServiceBase):
 
     async def _decode(self, pw, dw, dreq: DecodeRequest, res, context, out, index: int = 0):
         m = self.metrics
+        out.decoding.add(index)     # from here this stream frees its offer if it fails
         dw.outstanding += 1
         gen = dw.actor.decode.remote(dreq)
         pulled = False
@@ -350,6 +357,7 @@ class _Outcome:
         self.prompt_logprobs = ()
         self.prompt_text = ""
         self.sample_tokens: dict[int, int] = {}
+        self.decoding: set[int] = set()          # samples whose decode stream started
         self.finishes: dict[int, str] = {}
 
     def hops(self, t_admit: float, t_call: float, t_start: float, t_done: float,

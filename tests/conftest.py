@@ -67,6 +67,17 @@ def cluster(assets):
 
 
 @pytest.fixture(scope="session")
+def gateway(cluster):
+    """The OpenAI-compatible HTTP gateway in front of the session cluster."""
+    from http_gateway import HttpGatewayThread
+
+    gw = HttpGatewayThread(cluster.address, timeout=120)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
 def client(cluster):
     from preft_client import PreftClient
 

@@ -31,14 +31,6 @@ integration = pytest.mark.integration
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def gateway(cluster):
-    gw = HttpGatewayThread(cluster.address, timeout=120)
-    gw.start()
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture(scope="module")
 def oai(gateway):
     with openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0,
                        timeout=120) as c:

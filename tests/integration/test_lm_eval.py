@@ -107,16 +107,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def gateway(cluster):
-    from http_gateway import HttpGatewayThread
-
-    gw = HttpGatewayThread(cluster.address, timeout=120)
-    gw.start()
-    yield gw
-    gw.stop()
-
-
 def run_harness(url: str, model: str, tokenizer: str, out: Path) -> dict:
     """bench.evalkit.run in-process (lm_eval.simple_evaluate); returns its results JSON."""
     from bench.evalkit import run

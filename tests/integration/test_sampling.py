@@ -190,3 +190,39 @@ def test_n_greedy_samples_equal_the_reference(cluster, client, reference, assets
     for s in c.samples:
         assert_tokens(s.token_ids, ref, f"sample {s.index}")
     _idle(cluster)
+
+
+def test_preft_generate_cli_samples_logprobs_and_choice(cluster, capsys):
+    """``preft generate --n 2 --logprobs 1 --choice ...``: each sample printed with its
+    tokens' logprobs, every sample one of the choices; a bad flag value is a clear error."""
+    from app.cli import make_parser
+
+    args = make_parser().parse_args([
+        "generate", "Pick one", "--address", cluster.address, "--adapter", "ada",
+        "--n", "2", "--temperature", "1", "--seed", "4", "--logprobs", "1",
+        "--choice", "yes please", "--choice", "no"])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    texts = [line for line in out.splitlines() if line in ("yes please", "no")]
+    assert len(texts) == 2
+    assert "(rank " in out
+    args = make_parser().parse_args(["generate", "x", "--address", cluster.address,
+                                     "--presence-penalty", "5"])
+    assert args.fn(args) == 1
+    assert "presence_penalty" in capsys.readouterr().err
+
+
+def test_n_samples_cancelled_early_hold_nothing(cluster, client):
+    """A client that leaves after the first tokens of an n-sample request: every sample's
+    KV offer on prefill is freed (not held for its 120 s TTL) and decode leaks nothing."""
+    vocab = cluster.pool.prefill[0].info.vocab_size
+    for keep in (1, 4):      # leave during the first tokens, and during decode
+        p = prompts(vocab, lengths=(300,))[0]
+        stream = client.stream("ada", prompt_token_ids=p, max_tokens=200, n=3,
+                               temperature=1.0, seed=keep, ignore_eos=True)
+        for i, _ in enumerate(stream):
+            if i + 1 == keep:
+                break
+        stream.close()
+        _idle(cluster)
