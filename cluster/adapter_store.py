@@ -7,21 +7,28 @@ base model, rank, finite values); :meth:`AdapterStore.commit` moves the files to
 content address (``<root>/<sha256>/``) and returns the URI recorded in the Redis registry.
 Prefill workers fetch from that URI into their local disk cache on first use.
 
-``STORES`` maps a URI scheme to a backend; ``file`` (a directory shared by router and
-prefill workers) is the default. An object store is another backend behind the same seam.
+``STORES`` maps a URI scheme to a backend: ``file`` (a directory shared by router and
+workers) is the default; ``s3`` (:class:`S3Store`, ``s3://bucket/prefix`` on any
+S3-compatible service, boto3 in :mod:`cluster.s3_store`) needs no shared filesystem: the
+router stages uploads in a local temp directory and publishes them for the validating
+worker (:meth:`AdapterStore.publish_staged`), and workers on any node fetch by URI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
+import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cluster.config import valid_adapter_name
-from cluster.errors import InvalidAdapter
+from cluster.errors import AdapterStoreError, InvalidAdapter
+
+log = logging.getLogger(__name__)
 
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -68,7 +75,16 @@ class AdapterStore(ABC):
 
     @abstractmethod
     def staging_dir(self) -> Path:
-        """A fresh directory, readable by prefill workers, to stage an upload in."""
+        """A fresh local directory to stage an upload in."""
+
+    def publish_staged(self, staged: Path) -> str:
+        """Where the validating worker reads ``staged``: a path (a shared directory) or a
+        URI it fetches with :func:`store_of` (an object store)."""
+        return str(staged)
+
+    def discard_staged(self, staged: Path) -> None:
+        """Remove a staged upload (and anything :meth:`publish_staged` put elsewhere)."""
+        shutil.rmtree(staged, ignore_errors=True)
 
     @abstractmethod
     def commit(self, staged: Path, sha256: str) -> str:
@@ -119,23 +135,96 @@ class LocalDirStore(AdapterStore):
         shutil.rmtree(self._path(uri), ignore_errors=True)
 
 
-STORES: dict[str, type[AdapterStore]] = {LocalDirStore.scheme: LocalDirStore}
+class S3Store(AdapterStore):
+    """``s3://bucket/prefix`` on any S3-compatible service: objects ``<prefix>/<sha256>/``
+    and ``<prefix>/.staging/<id>/``; staging is a local temp directory on the router."""
+
+    scheme = "s3"
+
+    def __init__(self, root: str) -> None:
+        from cluster.s3_store import S3Objects, parse_s3_uri
+
+        self.loc = parse_s3_uri(root)          # ValueError: what is wrong with it
+        self.objects = S3Objects(self.loc)
+
+    def staging_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="preft-staging-"))
+
+    def _put_dir(self, src: Path, *parts: str) -> str:
+        for name in ALLOWED_FILES:
+            if (src / name).is_file():
+                self.objects.put(self.loc.key(*parts, name), src / name)
+        return self.loc.uri(*parts)
+
+    def publish_staged(self, staged: Path) -> str:
+        return self._put_dir(staged, ".staging", staged.name)
+
+    def discard_staged(self, staged: Path) -> None:
+        shutil.rmtree(staged, ignore_errors=True)
+        uri = self.loc.uri(".staging", staged.name)
+        try:
+            self.delete(uri)
+        except AdapterStoreError as e:  # the upload failed anyway; say so and go on
+            log.warning("could not remove the staged upload %s: %s", uri, e)
+
+    def commit(self, staged: Path, sha256: str) -> str:
+        uri = self._put_dir(staged, sha256)
+        self.discard_staged(staged)
+        return uri
+
+    def _key(self, uri: str) -> str:
+        from cluster.s3_store import parse_s3_uri
+
+        try:
+            loc = parse_s3_uri(uri)
+        except ValueError as e:
+            raise InvalidAdapter(f"adapter URI {uri!r}: {e}") from None
+        root = self.loc.prefix + "/" if self.loc.prefix else ""
+        if loc.bucket != self.loc.bucket or not loc.prefix.startswith(root) \
+                or loc.prefix == self.loc.prefix:
+            raise InvalidAdapter(f"adapter URI {uri!r} is outside the store {self.loc.uri()}")
+        return loc.prefix
+
+    def fetch(self, uri: str, dst: Path) -> None:
+        key = self._key(uri)
+        dst.mkdir(parents=True, exist_ok=True)
+        got = [n for n in ALLOWED_FILES if self.objects.get(f"{key}/{n}", dst / n)]
+        if not got:
+            raise AdapterStoreError(f"adapter store {uri}: no adapter files there; they were "
+                                    "deleted from the store: register the adapter again")
+
+    def delete(self, uri: str) -> None:
+        keys = self.objects.keys(self._key(uri))
+        if keys:
+            self.objects.delete(keys, uri)
+
+
+STORES: dict[str, type[AdapterStore]] = {LocalDirStore.scheme: LocalDirStore,
+                                         S3Store.scheme: S3Store}
 
 
 def store_for(uri_or_root: str) -> AdapterStore:
+    """The store at a root (``/dir``, ``file:///dir``, ``s3://bucket/prefix``)."""
     parsed = urlparse(uri_or_root)
     scheme = parsed.scheme or "file"
     if scheme not in STORES:
         raise ValueError(f"no adapter store for scheme {scheme!r}; known: {sorted(STORES)}")
-    return STORES[scheme](parsed.path if parsed.scheme else uri_or_root)
+    if scheme == "file":
+        return LocalDirStore(parsed.path if parsed.scheme else uri_or_root)
+    return STORES[scheme](uri_or_root)
 
 
 def store_of(uri: str) -> AdapterStore:
-    """The store an adapter URI (``file:///store/<sha256>``) lives in."""
+    """The store an adapter URI (``file:///store/<sha256>``, ``s3://b/p/<sha256>``) lives in."""
     parsed = urlparse(uri)
     if parsed.scheme not in STORES:
         raise InvalidAdapter(f"adapter URI {uri!r}: unknown scheme; known: {sorted(STORES)}")
-    return STORES[parsed.scheme](Path(parsed.path).parent)
+    if parsed.scheme == "file":
+        return LocalDirStore(Path(parsed.path).parent)
+    try:
+        return STORES[parsed.scheme](uri.rstrip("/").rsplit("/", 1)[0])
+    except ValueError as e:
+        raise InvalidAdapter(f"adapter URI {uri!r}: {e}") from None
 
 
 class UploadWriter:
@@ -177,7 +266,7 @@ class UploadWriter:
                 fh.close()
             except Exception:
                 pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.store.discard_staged(self.dir)
 
 
 def stage_local_dir(store: AdapterStore, src: Path, max_bytes: int) -> Path:

@@ -258,7 +258,10 @@ class ClusterConfig:
     colocated: ColocatedConfig | None = None  # None: the prefill pool's engine and adapter fields
     redis_url: str | None = None     # None: start a local redis-server under run_dir
     run_dir: str = ".preft/run"      # redis data, adapter store (when local), caches
-    store_uri: str | None = None     # adapter store; default <run_dir>/store (shared dir)
+    # adapter store: a directory (file://, shared by router and workers) or s3://bucket/prefix
+    # (any S3-compatible service; credentials and endpoint from the AWS environment/config
+    # chain, never here); default <run_dir>/store
+    store_uri: str | None = None
     adapters: Pairs = ()             # (name, path) registered at start-up
     adapter_kinds: Pairs = ()        # (name, kind) for those; default: the files'
     max_restarts: int = 5            # Ray restarts a dead worker actor this often (-1: always)
@@ -287,6 +290,7 @@ class ClusterConfig:
         _need(self.local_cores in ("split", "shared"), c, "local_cores", self.local_cores,
               "one of 'split' (disjoint cores per prefill/decode engine) or 'shared'")
         self._check_adapters()
+        self._check_store_uri()
         a, b = self.prefill.engine, self.decode.engine
         for f in ("model", "dtype", "max_model_len", "load_format"):
             _need(getattr(a, f) == getattr(b, f), c, f"decode.engine.{f}",
@@ -310,6 +314,22 @@ class ClusterConfig:
                   "names an adapter that is not in adapters")
             _need(kind in ADAPTER_KINDS, "ClusterConfig", "adapter_kinds", kind,
                   f"one of {ADAPTER_KINDS}")
+
+    def _check_store_uri(self) -> None:
+        if self.store_uri is None:
+            return
+        from cluster.s3_store import parse_s3_uri, shown
+
+        uri = shown(self.store_uri)   # never echo a secret someone put in the URL
+        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+        _need(scheme in ("file", "s3"), "ClusterConfig", "store_uri", uri,
+              f"unknown store scheme {scheme!r}; use a directory, file:///dir or "
+              "s3://bucket/prefix")
+        if scheme == "s3":
+            try:
+                parse_s3_uri(self.store_uri)
+            except ValueError as e:
+                _need(False, "ClusterConfig", "store_uri", uri, str(e))
 
     @property
     def colocated_cfg(self) -> ColocatedConfig:

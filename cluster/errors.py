@@ -54,6 +54,17 @@ class InvalidAdapter(RequestError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class AdapterStoreError(RequestError):
+    """The adapter store refused a call (missing bucket, refused credentials, a missing
+    object): the adapter's requests fail, the worker and its other adapters are fine."""
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class StoreUnreachable(AdapterStoreError):
+    """The adapter store did not answer (endpoint down, DNS, network): may pass; retry."""
+    grpc_code = "UNAVAILABLE"
+
+
 class KVTransferFailed(RequestError):
     grpc_code = "UNAVAILABLE"
 

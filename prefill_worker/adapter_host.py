@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import AdapterNotFound, InvalidAdapter
+from cluster.errors import AdapterNotFound, AdapterStoreError, InvalidAdapter
 from cluster.messages import AdapterRef, PrefillRequest, WorkerInfo
 from worker_runtime.engine_worker import EngineWorker
 from worker_runtime.sequence import check_lengths, check_sampling_ids, prompt_ids
@@ -111,12 +111,25 @@ class AdapterHost:
     # ------------------------------------------------------------------ validation
     async def validate(self, path: str, kind: str | None = None):
         """Full validation of a staged upload as ``kind`` (None: what its files declare);
-        the router has no torch."""
+        the router has no torch. ``path``: a directory (shared store) or a store URI
+        (``s3://...``), fetched into a scratch directory here and removed after."""
+        return await asyncio.to_thread(self._validate, path, kind)
+
+    def _validate(self, path: str, kind: str | None):
+        from cluster.adapter_store import store_of
         from prefill_worker.adapters import validate_adapter
 
-        return await asyncio.to_thread(validate_adapter, path, self.base_shape,
-                                       max_rank=self.cfg.max_lora_rank,
-                                       max_bytes=self.cfg.max_adapter_bytes, kind=kind)
+        def check(p):
+            return validate_adapter(p, self.base_shape, max_rank=self.cfg.max_lora_rank,
+                                    max_bytes=self.cfg.max_adapter_bytes, kind=kind)
+        if "://" not in path:
+            return check(path)
+        scratch = Path(tempfile.mkdtemp(prefix=".validate-", dir=self.cache_dir))
+        try:
+            store_of(path).fetch(path, scratch)
+            return check(scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # ------------------------------------------------------------------ resolve
     async def resolve(self, ref: AdapterRef) -> Resolved:
@@ -169,12 +182,19 @@ class AdapterHost:
         if local.is_dir():
             return local, "disk"
         tmp = self.cache_dir / f".fetch-{ref.sha256}-{threading.get_ident()}"
-        store_of(ref.uri).fetch(ref.uri, tmp)
-        sha, _ = digest_dir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            store_of(ref.uri).fetch(ref.uri, tmp)
+            sha, _ = digest_dir(tmp)
+        except BaseException:  # nothing half-fetched stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if sha != ref.sha256:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise InvalidAdapter(f"adapter {ref.name} v{ref.version}: store copy has sha256 "
-                                 f"{sha[:12]}..., registry says {ref.sha256[:12]}...")
+            raise InvalidAdapter(f"adapter {ref.name} v{ref.version}: the store copy at "
+                                 f"{ref.uri} has sha256 {sha}, the registry says {ref.sha256}: "
+                                 "it was corrupted or replaced in the store; nothing was "
+                                 "cached (register the adapter again)")
         try:
             tmp.rename(local)
         except OSError:  # another fetch of the same content won the race
@@ -246,7 +266,7 @@ class AdapterHost:
             try:
                 async with self._resolving.setdefault(ref.name, asyncio.Lock()):
                     entries.append((await self._entry(ref))[0])
-            except (AdapterNotFound, InvalidAdapter, OSError) as e:
+            except (AdapterNotFound, InvalidAdapter, AdapterStoreError, OSError) as e:
                 log.warning("not pinning adapter %s: %s", ref.name, e)
         want = {e.lora_int_id: e for e in entries}
         for lora_id in self._pinned - want.keys():

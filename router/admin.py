@@ -16,7 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from cluster.adapter_store import UploadWriter, check_adapter_name
-from cluster.errors import InvalidAdapter, PermissionDenied, PreftError, WorkerUnavailable
+from cluster.errors import (AdapterStoreError, InvalidAdapter, PermissionDenied, PreftError,
+                            WorkerUnavailable)
 from cluster.messages import ADAPTER_KINDS
 from cluster.state import AdapterRecord
 from proto.preft.v1 import router_pb2 as pb
@@ -58,7 +59,10 @@ class AdminRpcs(ServiceBase):
             await asyncio.to_thread(self.view.state.delete_adapter, rec.name)
             self.view.drop_adapter(rec.name)
             if not any(r.sha256 == rec.sha256 for r in self.view.adapters.values()):
-                await asyncio.to_thread(self.store.delete, rec.uri)
+                try:
+                    await asyncio.to_thread(self.store.delete, rec.uri)
+                except AdapterStoreError as e:  # the record is gone: a leftover copy only
+                    log.warning("adapter %s deleted; its store copy stays: %s", rec.name, e)
             await self._broadcast(f"drop_adapter({rec.name!r})",
                                   lambda w: w.actor.drop_adapter.remote(rec.name))
             return pb.DeleteAdapterResponse(deleted=True)
@@ -84,7 +88,8 @@ class AdminRpcs(ServiceBase):
                     if not msg.HasField("chunk"):
                         raise InvalidAdapter("only one header per upload")
                     writer.write(msg.chunk.filename, msg.chunk.data)
-                spec = await self._validate_upload(writer.finish(), h.kind)
+                staged = await asyncio.to_thread(self.store.publish_staged, writer.finish())
+                spec = await self._validate_upload(staged, h.kind)
                 if h.kind and h.kind != spec.kind:
                     raise InvalidAdapter(f"the header says kind {h.kind!r} but the files are a "
                                          f"{spec.kind} adapter; fix the header or the files")
@@ -106,15 +111,16 @@ class AdminRpcs(ServiceBase):
 
         return await self._guard(context, run)
 
-    async def _validate_upload(self, staged, kind: str):
+    async def _validate_upload(self, staged: str, kind: str):
         """Tensor-level checks need torch: a prefill (or colocated) worker does them, as
-        ``kind`` (empty: what the files declare)."""
+        ``kind`` (empty: what the files declare); ``staged`` is a path in a shared store or
+        a URI the worker fetches (``AdapterStore.publish_staged``)."""
         try:
             validator = self.pool.pick_adapter_host(None)
         except NoWorkers as e:  # else gRPC answers UNKNOWN "Unexpected NoWorkers"
             raise WorkerUnavailable(f"cannot validate the adapter now: {e}; retry") from None
         try:
-            return await validator.actor.validate_adapter.remote(str(staged), kind or None)
+            return await validator.actor.validate_adapter.remote(staged, kind or None)
         except Exception as e:
             cause = unwrap(e)
             if isinstance(cause, PreftError):
