@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+
+# The s3:// adapter store's settings reach Ray's worker processes as they reach a real
+# node's: from AWS config files (a node's ~/.aws/config and ~/.aws/credentials). Ray's node
+# processes keep the environment they started with, and the first cluster of the session
+# starts them, so the files' paths are set here, before any node starts; the s3:// tests
+# (tests/s3_server.py: aws_profile) write the files while their S3 server runs and remove
+# them afterwards. This also keeps the suite off the developer's own ~/.aws.
+AWS_DIR = Path(tempfile.mkdtemp(prefix="preft-aws-"))
+os.environ["AWS_CONFIG_FILE"] = str(AWS_DIR / "config")
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(AWS_DIR / "credentials")
 
 ADAPTER_SEEDS = {"ada": 11, "bea": 22, "cid": 33, "dov": 44}
 # ReFT-P adapters (app.tiny.make_reft_adapter keyword arguments), registered at startup.

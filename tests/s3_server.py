@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 REGION = "us-east-1"
 
@@ -28,17 +30,20 @@ def free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    def __init__(self, log_dir: Path, host: str = "127.0.0.1") -> None:
+        self.host, self.port = host, free_port()
+        self.endpoint = f"http://{host}:{self.port}"
         self.log = Path(log_dir) / "moto.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "MotoServer":
+    def start(self, timeout: float = 60, prefix: tuple[str, ...] = ()) -> "MotoServer":
+        """``prefix``: e.g. ``ip netns exec NS`` to run the server in a network namespace."""
+        self.prefix = prefix
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [*self.prefix, sys.executable, "-m", "moto.server", "-H", self.host, "-p",
+                 str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -80,3 +85,21 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextmanager
+def aws_profile(endpoint: str, key: str, secret: str) -> Iterator[None]:
+    """The node's AWS config files (the paths tests/conftest.py puts in AWS_CONFIG_FILE and
+    AWS_SHARED_CREDENTIALS_FILE): default profile = this endpoint, region and access key, as
+    an operator writes ~/.aws on a node. Removed on exit."""
+    config = Path(os.environ["AWS_CONFIG_FILE"])
+    creds = Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"])
+    config.write_text(f"[default]\nregion = {REGION}\nendpoint_url = {endpoint}\n")
+    creds.write_text(f"[default]\naws_access_key_id = {key}\n"
+                     f"aws_secret_access_key = {secret}\n")
+    creds.chmod(0o600)
+    try:
+        yield
+    finally:
+        config.unlink(missing_ok=True)
+        creds.unlink(missing_ok=True)

@@ -32,32 +32,28 @@ def s3_cluster(assets, tmp_path_factory):
                                 RouterConfig)
     from cluster.s3_store import reset_clients
     from app.launcher import LocalCluster
-    from s3_server import MotoServer
+    from s3_server import MotoServer, aws_profile
 
     moto = MotoServer(tmp_path_factory.mktemp("moto")).start()
-    mp = pytest.MonkeyPatch()
     try:
         key, secret = moto.require_auth()
         moto.client("s3", key, secret).create_bucket(Bucket=BUCKET)
         moto.key, moto.secret = key, secret
-        # the nodes' environment: Ray's workers inherit it (a real node: its env or ~/.aws)
-        for name, value in (("AWS_ENDPOINT_URL", moto.endpoint), ("AWS_ACCESS_KEY_ID", key),
-                            ("AWS_SECRET_ACCESS_KEY", secret), ("AWS_DEFAULT_REGION", "us-east-1"),
-                            ("AWS_EC2_METADATA_DISABLED", "true")):
-            mp.setenv(name, value)
-        reset_clients()
-        eng = EngineConfig(model=assets["model"])
-        cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
-                            prefill_workers=0, decode_workers=0, colocated_workers=1,
-                            router=RouterConfig(port=0), store_uri=f"s3://{BUCKET}/{PREFIX}",
-                            run_dir=str(tmp_path_factory.mktemp("s3-run")), name="s3c")
-        c = LocalCluster(cfg).start_in_thread()
-        try:
-            yield c, moto
-        finally:
-            c.stop()
+        # The nodes' ~/.aws (tests/conftest.py): the router here and the Ray workers, which
+        # may have started before this module, read the endpoint and key from these files.
+        with aws_profile(moto.endpoint, key, secret):
+            reset_clients()
+            eng = EngineConfig(model=assets["model"])
+            cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
+                                prefill_workers=0, decode_workers=0, colocated_workers=1,
+                                router=RouterConfig(port=0), store_uri=f"s3://{BUCKET}/{PREFIX}",
+                                run_dir=str(tmp_path_factory.mktemp("s3-run")), name="s3c")
+            c = LocalCluster(cfg).start_in_thread()
+            try:
+                yield c, moto
+            finally:
+                c.stop()
     finally:
-        mp.undo()
         reset_clients()
         moto.stop()
 
