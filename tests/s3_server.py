@@ -36,8 +36,10 @@ class MotoServer:
         self.log = Path(log_dir) / "moto.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60, prefix: tuple[str, ...] = ()) -> "MotoServer":
-        """``prefix``: e.g. ``ip netns exec NS`` to run the server in a network namespace."""
+    def start(self, timeout: float = 60, prefix: tuple[str, ...] = (),
+              wait: bool = True) -> "MotoServer":
+        """``prefix``: e.g. ``ip netns exec NS`` to run the server in a network namespace;
+        ``wait=False``: return at once (this process may not reach that namespace)."""
         self.prefix = prefix
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with self.log.open("wb") as log:
@@ -45,6 +47,8 @@ class MotoServer:
                 [*self.prefix, sys.executable, "-m", "moto.server", "-H", self.host, "-p",
                  str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
