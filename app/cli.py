@@ -22,6 +22,7 @@ import asyncio
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from app import assets
@@ -56,8 +57,6 @@ def build_config(args):
     if args.config:
         import yaml
 
-        from dataclasses import replace
-
         from cluster.config import from_dict
         cfg = from_dict(ClusterConfig, yaml.safe_load(Path(args.config).read_text()))
         tls = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "metrics_port")
@@ -76,9 +75,12 @@ def build_config(args):
                        kv_cache_gib=args.kv_cache_gib)
     xfer = TransferConfig(kv_host=args.kv_host)
     n_prefill, n_decode, n_colocated = _pool_sizes(args)
+    tp = args.tensor_parallel_size
+    prefill_eng = replace(eng, tensor_parallel_size=args.prefill_tp or tp)
     return ClusterConfig(
-        prefill=PrefillConfig(engine=eng, transfer=xfer, max_lora_rank=args.max_lora_rank),
-        decode=DecodeConfig(engine=eng, transfer=xfer),
+        prefill=PrefillConfig(engine=prefill_eng, transfer=xfer, max_lora_rank=args.max_lora_rank),
+        decode=DecodeConfig(engine=replace(eng, tensor_parallel_size=args.decode_tp or tp),
+                            transfer=xfer),
         router=RouterConfig(host=args.host, port=args.port, require_auth=args.require_auth,
                             tls_cert=args.tls_cert, tls_key=args.tls_key,
                             tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port),
@@ -88,12 +90,27 @@ def build_config(args):
         local_cores=args.local_cores)
 
 
-def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="cluster YAML (deploy/*.yaml); overrides the flags below")
+def _add_pool_args(p: argparse.ArgumentParser) -> None:
+    """The prefill/decode pools' sizes and their engines' tensor parallelism."""
     p.add_argument("--prefill-workers", type=int, default=None, help="prefill pool size "
                    "(default 1; 0 when --colocated-workers is given alone)")
     p.add_argument("--decode-workers", type=int, default=None, help="decode pool size "
                    "(default 1; 0 when --colocated-workers is given alone)")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                   help="ranks per prefill and decode engine (vLLM's tensor parallelism: "
+                   "each rank holds a shard of the KV heads, and KV moves from prefill rank i "
+                   "to decode rank i, so both pools need the same N; default 1). On GPUs give "
+                   "each worker N GPUs (num_gpus in the YAML)")
+    p.add_argument("--prefill-tp", type=int, default=None, metavar="N",
+                   help="ranks per prefill engine (default --tensor-parallel-size)")
+    p.add_argument("--decode-tp", type=int, default=None, metavar="N",
+                   help="ranks per decode engine (default --tensor-parallel-size); must "
+                   "equal the prefill engines' (re-sharding KV between sizes is not built)")
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="cluster YAML (deploy/*.yaml); overrides the flags below")
+    _add_pool_args(p)
     p.add_argument("--local-cores", choices=["shared", "split"], default="shared",
                    help="local clusters: shared (default) runs the prefill and the decode "
                    "engine on every core, idle OpenMP threads sleeping; split gives each "

@@ -131,7 +131,9 @@ class LocalCluster:
         # resources pin pools to node groups (e.g. prefill nodes vs decode nodes).
         # A crashed worker is restarted by Ray (its __init__ runs again: new engine, new KV
         # endpoint, fresh heartbeat); calls in flight on the dead instance fail, never retry.
-        opts = dict(name=name, num_cpus=1, max_concurrency=1000,
+        # A tensor-parallel engine's ranks are the actor's child processes: one CPU slot
+        # each (and num_gpus counts the worker's GPUs: one per rank on GPU nodes).
+        opts = dict(name=name, num_cpus=wcfg.engine.tensor_parallel_size, max_concurrency=1000,
                     max_restarts=self.cfg.max_restarts, max_task_retries=0,
                     num_gpus=wcfg.num_gpus or None, resources=dict(wcfg.resources) or None)
         cfg = replace(wcfg, cpu_cores=wcfg.cpu_cores or self._cores(role, i))

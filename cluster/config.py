@@ -67,9 +67,16 @@ class EngineConfig:
     # Tokens per engine step (vLLM's max_num_batched_tokens; None = vLLM's default). On the
     # prefill pool, smaller steps hand KV to decode sooner (a shorter pipeline bubble).
     max_num_batched_tokens: int | None = None
+    # Tensor parallelism: the engine's ranks are processes of its worker (vLLM's "mp"
+    # executor), all on the worker's node; each holds a shard of the KV heads, and KV moves
+    # rank i -> rank i, so the prefill and decode pools need the same size.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         c = "EngineConfig"
+        _need(isinstance(self.tensor_parallel_size, int) and 1 <= self.tensor_parallel_size
+              <= 64, c, "tensor_parallel_size", self.tensor_parallel_size,
+              "must be an integer from 1 to 64")
         _need(bool(self.model), c, "model", self.model, "a model directory is required")
         if self.model.startswith("~"):
             object.__setattr__(self, "model", str(Path(self.model).expanduser()))
@@ -296,6 +303,18 @@ class ClusterConfig:
             _need(getattr(a, f) == getattr(b, f), c, f"decode.engine.{f}",
                   getattr(b, f), f"must equal prefill.engine.{f}={getattr(a, f)!r}: "
                   "both pools exchange KV blocks of the same model")
+        if self.prefill_workers:
+            _need(a.tensor_parallel_size == b.tensor_parallel_size, c,
+                  "decode.engine.tensor_parallel_size", b.tensor_parallel_size,
+                  f"must equal prefill.engine.tensor_parallel_size={a.tensor_parallel_size}: "
+                  "KV moves from prefill rank i to decode rank i, so both engines need the "
+                  "same number of ranks (re-sharding between sizes is not built)")
+        _need(not self.colocated_workers or self.colocated_cfg.engine.tensor_parallel_size == 1,
+              c, "colocated.engine.tensor_parallel_size",
+              self.colocated_cfg.engine.tensor_parallel_size,
+              "must be 1: tensor parallelism on the colocated pool is not built (its "
+              "prompt-only LoRA mapping runs in the engine's own process); use the "
+              "prefill/decode pools for tensor-parallel engines")
         _need(self.colocated_cfg.engine.model == a.model, c, "colocated.engine.model",
               self.colocated_cfg.engine.model, f"must equal prefill.engine.model={a.model!r}: "
               "every pool serves the same base model and its adapters")

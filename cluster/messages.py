@@ -37,11 +37,15 @@ class KVHandle:
     num_blocks: int         # ceil(num_tokens / block_size)
     layout: str             # KVLayout.fingerprint() of the prefill engine
     staged: bool = False    # copied out layer by layer during prefill (its blocks freed)
+    # A tensor-parallel prefill engine: each rank's endpoint port on ``host`` (rank i's KV
+    # shard goes to decode rank i); empty for a single-process engine (``port``).
+    rank_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1 or self.num_blocks < 1:
             raise ValueError(f"KVHandle with no KV: num_tokens={self.num_tokens}, "
                              f"num_blocks={self.num_blocks}")
+        object.__setattr__(self, "rank_ports", tuple(int(p) for p in self.rank_ports))
 
     def to_params(self) -> dict:
         """As the decode request's ``kv_transfer_params`` (vLLM wants a dict)."""

@@ -26,14 +26,17 @@ _EXPECTED = ["logits", "sampling_metadata", "output_token_ids"]
 
 
 def install(engine: Any) -> None:
-    """Both hooks, on an in-process decode ``LLMEngine`` (``uni`` executor)."""
-    count_first_token_as_generated(engine)
+    """Both hooks, on a decode ``LLMEngine`` (in-process engine core): the penalty rule
+    in every model runner (each rank of a tensor-parallel engine samples), the grammar in
+    the engine core."""
+    engine.collective_rpc(count_first_token_as_generated)
     start_grammar_after_first_token(engine)
 
 
-def count_first_token_as_generated(engine: Any) -> None:
-    """Install on an in-process decode ``LLMEngine`` (``uni`` executor)."""
-    runner = engine.model_executor.driver_worker.worker.model_runner
+def count_first_token_as_generated(worker: Any) -> None:
+    """Install on one model runner; ``worker``: what ``engine.collective_rpc`` hands a
+    function (vLLM's worker wrapper)."""
+    runner = getattr(worker, "worker", worker).model_runner
     sampler, batch = runner.sampler, runner.input_batch
     inner = getattr(sampler, "apply_penalties", None)
     if inner is None or list(inspect.signature(inner).parameters) != _EXPECTED:

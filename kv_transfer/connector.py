@@ -43,8 +43,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
-from kv_transfer.endpoint import KVEndpoint
+from kv_transfer.endpoint import EXTRA_CONFIG_KEY, KVEndpoint, check_engine
 from kv_transfer.layer_load import LayerLoad
+from kv_transfer.ranks import RankedEndpoint, RankReport, RankSpec
 from kv_transfer.transport import Claim, TransferRecord
 from cluster.messages import KVHandle
 
@@ -88,6 +89,11 @@ class PreftConnectorMetadata(KVConnectorMetadata):
     releases: list[KVHandle] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)   # prompt KV gone after a preemption
     saves: list[_Save] = field(default_factory=list)
+    # Tensor-parallel prefill (kv_transfer.ranks): prompts the scheduler held, by
+    # (transfer id, request id, block ids, tokens); transfer ids to release; membership.
+    holds: list[tuple[int, str, list[int], int]] = field(default_factory=list)
+    drops: list[int] = field(default_factory=list)
+    members: dict | None = None
 
 
 # Set in a consumer request's kv_transfer_params once its prompt KV was loaded (or found in
@@ -204,7 +210,14 @@ class PreftConnectorScheduler:
         meta, self._meta = self._meta, PreftConnectorMetadata()
         if self._staging:
             meta.saves = self._saves(scheduler_output)
+        if isinstance(self.endpoint, RankedEndpoint):
+            meta.holds, meta.drops, meta.members = self.endpoint.take_outbox()
         return meta
+
+    def update_connector_output(self, output: Any) -> None:
+        """After each step: a tensor-parallel engine's ranks' reports."""
+        if isinstance(self.endpoint, RankedEndpoint):
+            self.endpoint.on_output(output)
 
     def _saves(self, out: "SchedulerOutput") -> list[_Save]:
         """The prompt blocks of staged requests this step's forward writes (a new request's
@@ -294,6 +307,7 @@ class PreftConnectorWorker:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
 
     def start_load_kv(self, meta: PreftConnectorMetadata) -> None:
+        self._apply_rank_orders(meta)
         for recv in meta.recvs:
             if recv.failed:
                 self._fail_recv(recv)
@@ -309,6 +323,22 @@ class PreftConnectorWorker:
             with self._done_lock:
                 self._recv_failed.update(meta.lost)
             self.endpoint.wake.set()
+
+    def _apply_rank_orders(self, meta: PreftConnectorMetadata) -> None:
+        """A rank of a tensor-parallel engine: what its scheduler decided last step."""
+        for transfer_id, req_id, block_ids, num_tokens in meta.holds:
+            self.endpoint.hold_as(transfer_id, req_id, block_ids, num_tokens)
+        for transfer_id in meta.drops:
+            self.endpoint.release(transfer_id)
+        if meta.members is not None:
+            self.endpoint.prune(meta.members)
+
+    def build_worker_meta(self) -> RankReport | None:
+        """A rank's report to its scheduler (None: a single-process engine)."""
+        if self.endpoint.tp_size == 1:
+            return None
+        records, expired = self.endpoint.take_report()
+        return RankReport(records, expired)
 
     # ---------------------------------------------------------------- prefill: staging
     def _plan_saves(self, saves: list[_Save]) -> None:
@@ -420,13 +450,29 @@ class PreftConnectorWorker:
         self.endpoint.close()
 
 
+def endpoint_for(kv_transfer_config: Any, role: KVConnectorRole):
+    """The endpoint this side of the connector uses: the one the worker created with the
+    engine (its very object: the engine core runs in the worker's process); in a rank's
+    process of a tensor-parallel engine, a new endpoint of that rank's, from the
+    :class:`~kv_transfer.ranks.RankSpec` the worker's ``RankedEndpoint`` pickled to."""
+    ep = kv_transfer_config.kv_connector_extra_config.get(EXTRA_CONFIG_KEY)
+    if isinstance(ep, RankSpec) and role == KVConnectorRole.WORKER:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        ep = ep.open_rank(get_tensor_model_parallel_rank())
+    elif not isinstance(ep, RankedEndpoint):
+        return KVEndpoint.of(kv_transfer_config)
+    check_engine(ep, kv_transfer_config)
+    return ep
+
+
 class PreftKVConnector(KVConnectorBase_V1):
     """What vLLM loads: delegates to the scheduler side or the worker side by role."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        endpoint = KVEndpoint.of(vllm_config.kv_transfer_config)
+        endpoint = endpoint_for(vllm_config.kv_transfer_config, role)
         block_size = vllm_config.cache_config.block_size
         self.scheduler: PreftConnectorScheduler | None = None
         self.worker: PreftConnectorWorker | None = None
@@ -450,6 +496,9 @@ class PreftKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
+
+    def update_connector_output(self, connector_output) -> None:
+        self.scheduler.update_connector_output(connector_output)
 
     # ================================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -476,6 +525,9 @@ class PreftKVConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self.worker.get_transfer_results()
+
+    def build_connector_worker_meta(self) -> RankReport | None:
+        return self.worker.build_worker_meta()
 
     def get_finished(self, finished_req_ids: set[str]):
         r = self.worker.get_transfer_results()

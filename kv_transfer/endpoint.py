@@ -40,6 +40,13 @@ EXTRA_CONFIG_KEY = "endpoint"            # where the connector finds it in the c
 _MAX_RECORDS = 10_000
 
 
+def check_engine(ep: Any, kv_transfer_config: Any) -> None:
+    """``ep`` was made for the engine this KV transfer config builds."""
+    if (ep.engine_id, ep.role) != (kv_transfer_config.engine_id, kv_transfer_config.kv_role):
+        raise RuntimeError(f"{ep!r} handed to engine {kv_transfer_config.engine_id!r} "
+                           f"with kv_role {kv_transfer_config.kv_role!r}")
+
+
 class KVEndpoint:
     """One engine's KV endpoint. Thread-safe: the actor's event loop, the engine thread,
     the heartbeat thread and the transport's threads all use it. What the event loop calls
@@ -50,7 +57,7 @@ class KVEndpoint:
                  timeout_s: float = 30.0, hold_ttl_s: float = 120.0,
                  transport: str = TorchDistTransport.name, secret: str = "",
                  shared_memory: bool = True, layerwise: bool = True,
-                 staging_bytes: int = 1 << 30) -> None:
+                 staging_bytes: int = 1 << 30, rank: int = 0, tp_size: int = 1) -> None:
         if role not in ROLES:
             raise ValueError(f"KVEndpoint {engine_id}: role must be kv_producer (prefill) or "
                              f"kv_consumer (decode), got {role!r}")
@@ -58,6 +65,7 @@ class KVEndpoint:
             raise ValueError(f"KVEndpoint {engine_id}: unknown transport {transport!r}; "
                              f"known: {TorchDistTransport.name!r}")
         self.engine_id, self.role = engine_id, role
+        self.rank, self.tp_size = rank, tp_size   # a tensor-parallel engine's rank (ranks.py)
         self.is_producer = role == "kv_producer"
         self.kv_host, self.timeout_s, self.hold_ttl_s = kv_host, timeout_s, hold_ttl_s
         self.shared_memory = shared_memory
@@ -75,6 +83,8 @@ class KVEndpoint:
         self._records: deque[TransferRecord] = deque(maxlen=_MAX_RECORDS)
         self._by_transfer: dict[int, TransferRecord] = {}
         self._closed = False
+        self._fresh: list[TransferRecord] = []   # a rank's records not yet reported
+        self._expired_reported = 0
         self._claimer: ThreadPoolExecutor | None = None   # decode: layer-wise claims
 
     @classmethod
@@ -85,11 +95,8 @@ class KVEndpoint:
             raise RuntimeError(
                 "PreftKVConnector needs the KVEndpoint its worker created, in "
                 f"kv_connector_extra_config[{EXTRA_CONFIG_KEY!r}] of an in-process engine "
-                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0, executor uni); got {type(ep).__name__}")
-        if (ep.engine_id, ep.role) != (kv_transfer_config.engine_id,
-                                       kv_transfer_config.kv_role):
-            raise RuntimeError(f"{ep!r} handed to engine {kv_transfer_config.engine_id!r} "
-                               f"with kv_role {kv_transfer_config.kv_role!r}")
+                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0); got {type(ep).__name__}")
+        check_engine(ep, kv_transfer_config)
         return ep
 
     def __repr__(self) -> str:
@@ -139,6 +146,11 @@ class KVEndpoint:
         """``host:port`` that decode peers pull from ("" on decode)."""
         return f"{self.address[0]}:{self.address[1]}" if self.address is not None else ""
 
+    @property
+    def rank_ports(self) -> tuple[int, ...]:
+        """Every rank's port: none for a single-process engine (``KVHandle.port``)."""
+        return ()
+
     # ------------------------------------------------------------------ prefill
     def hold(self, req_id: str, block_ids: list[int], num_tokens: int) -> tuple[int, bool]:
         """Keep a finished prompt's KV (engine request ``req_id``) until decode pulls or
@@ -149,6 +161,12 @@ class KVEndpoint:
         self.offers.add(Offer(transfer_id, req_id, [] if staged else block_ids, num_tokens,
                               expires_at=time.monotonic() + self.hold_ttl_s, staged=staged))
         return transfer_id, staged is None
+
+    def hold_as(self, transfer_id: int, req_id: str, block_ids: list[int],
+                num_tokens: int) -> None:
+        """A rank's share of a prompt its engine's scheduler held under ``transfer_id``."""
+        self.offers.add(Offer(transfer_id, req_id, block_ids, num_tokens,
+                              expires_at=time.monotonic() + self.hold_ttl_s))
 
     def drop_staged(self, req_id: str) -> None:
         """A prompt ended without a hand-over (aborted, failed): nothing stays staged."""
@@ -165,10 +183,22 @@ class KVEndpoint:
         return self.offers.take_finished()
 
     # ------------------------------------------------------------------ decode
+    def peer(self, handle: KVHandle) -> tuple[str, int]:
+        """Where this engine (this rank) pulls ``handle``'s KV: the prefill engine's rank
+        of the same number; refused when the two engines' rank counts differ."""
+        ranks = len(handle.rank_ports) or 1
+        if ranks != self.tp_size:
+            raise ValueError(
+                f"KV transfer {handle.transfer_id}: prefill engine {handle.engine_id} has "
+                f"tensor_parallel_size={ranks}, this decode engine {self.engine_id} "
+                f"tensor_parallel_size={self.tp_size}; KV moves rank to rank, so both need "
+                "the same size")
+        return handle.host, handle.rank_ports[self.rank] if handle.rank_ports else handle.port
+
     def pull(self, handle: KVHandle, start_block: int, dst_block_ids: list[int]) -> None:
         """Copy ``handle``'s blocks [start_block:] into ``dst_block_ids`` (blocks a thread)."""
-        self.transport.pull(handle.host, handle.port, handle.transfer_id, start_block,
-                            dst_block_ids)
+        host, port = self.peer(handle)
+        self.transport.pull(host, port, handle.transfer_id, start_block, dst_block_ids)
 
     def can_claim(self, handle: KVHandle) -> bool:
         """Whether ``handle``'s KV can load layer by layer during the decode forward: it was
@@ -191,7 +221,7 @@ class KVEndpoint:
 
     def send_release(self, handle: KVHandle) -> None:
         """Ask the holder to release ``handle``'s blocks unsent (blocks a thread)."""
-        self.transport.release(handle.host, handle.port, handle.transfer_id)
+        self.transport.release(*self.peer(handle), handle.transfer_id)
 
     # ------------------------------------------------------------------ membership
     def prune(self, members: Mapping[str, Any]) -> None:
@@ -205,14 +235,16 @@ class KVEndpoint:
             return
         live = set()
         for m in members.values():
-            if m.role == "prefill" and m.kv_address:
-                host, _, port = m.kv_address.rpartition(":")
-                live.add((host, int(port)))
+            if m.role == "prefill" and m.kv_address:   # host:port, or host:p0+p1+... (ranks)
+                host, _, ports = m.kv_address.rpartition(":")
+                live.update((host, int(p)) for p in ports.split("+"))
         self.transport.prune(live_addresses=live)
 
     # ------------------------------------------------------------------ records
     def _record(self, rec: TransferRecord) -> None:
         with self._lock:
+            if self.tp_size > 1:
+                self._fresh.append(rec)
             self._records.append(rec)
             self._by_transfer[rec.transfer_id] = rec
             if len(self._by_transfer) > _MAX_RECORDS:
@@ -227,3 +259,12 @@ class KVEndpoint:
     def pop_record(self, transfer_id: int) -> TransferRecord | None:
         with self._lock:
             return self._by_transfer.pop(transfer_id, None)
+
+    def take_report(self) -> tuple[list[TransferRecord], int]:
+        """A rank's records and expired offers since the last call (its engine's
+        scheduler merges them over the ranks: :class:`~kv_transfer.ranks.RankedEndpoint`)."""
+        with self._lock:
+            fresh, self._fresh = self._fresh, []
+        expired = self.offers.expired if self.offers is not None else 0
+        new, self._expired_reported = expired - self._expired_reported, expired
+        return fresh, new

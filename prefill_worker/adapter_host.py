@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -93,7 +94,10 @@ class AdapterHost:
             return
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        if current_platform.is_cpu() and self.cfg.engine.tensor_parallel_size > 1:
+            # the ranks are processes vLLM starts: its plugin installs it in each
+            os.environ["PREFT_LORA_KERNEL"] = "grouped"
+        elif current_platform.is_cpu():
             from lora_kernel.grouped_lora import install_grouped_lora
 
             install_grouped_lora()
@@ -299,9 +303,15 @@ class AdapterHost:
         return r.ref.namespace
 
     def pin(self, r: Resolved | None) -> None:
-        """ReFT-P weights stay pinned while the engine holds the request."""
-        if r is not None and r.reft_key is not None:
-            self.reft.acquire(r.reft_key, r.reft_weights)
+        """ReFT-P weights stay pinned while the engine holds the request (on a
+        tensor-parallel engine's ranks too: through the engine thread, ahead of the
+        request, which the engine loop adds after it)."""
+        if r is None or r.reft_key is None:
+            return
+        self.reft.acquire(r.reft_key, r.reft_weights)
+        if self.reft.ranked:
+            key, w = r.reft_key, r.reft_weights
+            self.loop.call(lambda eng: self.reft.sync_ranks(eng, key, w))
 
     def unpin(self, r: Resolved | None, *, after_engine_step: bool) -> None:
         """``after_engine_step``: the request may still be in the engine (cancelled or
@@ -309,13 +319,18 @@ class AdapterHost:
         if r is None or r.reft_key is None:
             return
         key = r.reft_key
-        if after_engine_step:
+        if after_engine_step or self.reft.ranked:
             try:
-                self.loop.call(lambda _eng: self.reft.release(key))
+                self.loop.call(lambda eng: self._release_reft(eng, key))
                 return
             except RuntimeError:  # no running event loop: release here
                 pass
         self.reft.release(key)
+
+    def _release_reft(self, engine, key: str) -> None:
+        self.reft.release(key)
+        if self.reft.ranked:
+            self.reft.sync_ranks(engine, key)
 
 
 BASE_NAMESPACE = "base"

@@ -61,6 +61,7 @@ class ReftRuntime:
         self._plan: dict[int, list] | None = None               # engine thread only
         self._in_step = False
         self.unsupported: str | None = "not installed"
+        self.ranked = False       # tensor-parallel engine: the hooks live on its ranks
         self.rows_intervened = 0                               # stats: rows × layers
 
     # ------------------------------------------------------------ host-memory tier
@@ -109,14 +110,31 @@ class ReftRuntime:
 
     # ------------------------------------------------------------ engine hooks
     def install(self, engine) -> None:
-        """Wrap the runner's forward and hook every decoder layer (engine thread)."""
+        """Wrap the runner's forward and hook every decoder layer (engine thread). A
+        tensor-parallel engine's runners are its ranks' processes: each gets a runtime of
+        its own (:func:`install_on_rank`), and this one keeps the host tier and the pins,
+        which :meth:`sync_ranks` mirrors to them."""
+        self.ranked = engine.vllm_config.parallel_config.tensor_parallel_size > 1
         try:
-            runner = engine.model_executor.driver_worker.worker.model_runner
-            self._install(runner)
+            if self.ranked:
+                problems = [p for p in engine.collective_rpc(install_on_rank,
+                                                             args=(self.capacity,)) if p]
+                if problems:
+                    raise ReftUnsupported(problems[0])
+            else:
+                self._install(engine.model_executor.driver_worker.worker.model_runner)
             self.unsupported = None
         except ReftUnsupported as e:
             self.unsupported = str(e)
             log.warning("ReFT-P disabled on this engine: %s", e)
+
+    def sync_ranks(self, engine, key: str, weights=None) -> None:
+        """Engine thread, tensor-parallel engines: pin ``weights`` under ``key`` on every
+        rank (before the request that needs them is added), or unpin (None)."""
+        if weights is not None:
+            engine.collective_rpc(_rank_acquire, args=(key, weights))
+        else:
+            engine.collective_rpc(_rank_release, args=(key,))
 
     def _install(self, runner) -> None:
         from vllm.config import CompilationMode
@@ -217,3 +235,31 @@ class ReftRuntime:
                 self.rows_intervened += int(idx.numel())
             return hidden, residual
         return hook
+
+
+# ------------------------------------------------------------------ on each rank
+# A tensor-parallel engine's ranks (``engine.collective_rpc``; ``worker``: vLLM's worker
+# wrapper in the rank's process). vLLM keeps the residual stream whole on every rank (each
+# layer's output is all-reduced), so each rank applies the full intervention to its copy.
+def _runner(worker):
+    return getattr(worker, "worker", worker).model_runner
+
+
+def install_on_rank(worker, capacity: int) -> str | None:
+    """This rank's runtime, on its runner; what stops it (None: installed)."""
+    runtime = ReftRuntime(capacity)
+    try:
+        runtime._install(_runner(worker))
+    except ReftUnsupported as e:
+        return str(e)
+    runtime.unsupported = None
+    _runner(worker).preft_reft = runtime
+    return None
+
+
+def _rank_acquire(worker, key: str, weights) -> None:
+    _runner(worker).preft_reft.acquire(key, weights)
+
+
+def _rank_release(worker, key: str) -> None:
+    _runner(worker).preft_reft.release(key)

@@ -174,4 +174,5 @@ class PrefillWorker(AdapterWorker):
         host, port = self.kv.address
         return KVHandle(params_out["transfer_id"], host, port, self.worker_id,
                         params_out["num_tokens"], params_out["num_blocks"],
-                        self.kv.layout_fingerprint, staged=params_out.get("staged", False))
+                        self.kv.layout_fingerprint, staged=params_out.get("staged", False),
+                        rank_ports=self.kv.rank_ports)

@@ -49,7 +49,7 @@ class EngineWorker:
                  transfer: TransferConfig | None = None) -> None:
         from worker_runtime.env import configure_engine_process
 
-        configure_engine_process(engine.kv_cache_gib, cpu_cores)
+        configure_engine_process(engine.kv_cache_gib, cpu_cores, engine.tensor_parallel_size)
         from worker_runtime.engine_loop import EngineLoop
         from worker_runtime.ray_metrics import WorkerMetrics
 
@@ -92,10 +92,12 @@ class EngineWorker:
 
         self.engine_threads = torch.get_num_threads()
         e = self.engine_cfg
+        # tensor parallel: the ranks are processes of this worker (vLLM's mp executor)
         args = EngineArgs(
             model=e.model, dtype=e.dtype, max_model_len=e.max_model_len, seed=e.seed,
             load_format=e.load_format, max_num_batched_tokens=e.max_num_batched_tokens,
-            enforce_eager=e.enforce_eager, distributed_executor_backend="uni",
+            enforce_eager=e.enforce_eager, tensor_parallel_size=e.tensor_parallel_size,
+            distributed_executor_backend="uni" if e.tensor_parallel_size == 1 else "mp",
             enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
             disable_log_stats=True, kv_transfer_config=self._kv_transfer_config(),
             # structured output: one backend (llguidance) on every engine of a request, so
@@ -104,18 +106,28 @@ class EngineWorker:
                 backend="guidance", disable_any_whitespace=True),
             **self.engine_args())
         engine = LLMEngine.from_engine_args(args)
+        if hasattr(self.kv, "attach"):   # tensor parallel: every rank's KV endpoint
+            self.kv.attach(engine)
         self.after_build(engine)
         return engine
 
     def _kv_endpoint(self):
         """This engine's KV endpoint (prefill and decode roles), created with the engine:
-        handed to its connector in the KV transfer config, used here by the worker."""
+        handed to its connector in the KV transfer config, used here by the worker. A
+        tensor-parallel engine's: one per rank, seen here as a ``RankedEndpoint``."""
         if self.kv_role is None:
             return None
         from kv_transfer.endpoint import KVEndpoint
         from worker_runtime.env import resolve_kv_host
 
         t = self.transfer
+        tp = self.engine_cfg.tensor_parallel_size
+        if tp > 1:
+            from kv_transfer.ranks import RankedEndpoint, RankSpec
+
+            return RankedEndpoint(RankSpec(
+                self.worker_id, self.kv_role, tp, resolve_kv_host(t.kv_host), t.timeout_s,
+                t.hold_ttl_s, t.transport, t.shared_memory, secret=t.secret))
         return KVEndpoint(self.worker_id, self.kv_role, kv_host=resolve_kv_host(t.kv_host),
                           timeout_s=t.timeout_s, hold_ttl_s=t.hold_ttl_s,
                           transport=t.transport, secret=t.secret,

@@ -6,23 +6,36 @@ import math
 import os
 
 
-def configure_engine_process(kv_cache_gib: float, cpu_cores: str | None) -> None:
+def configure_engine_process(kv_cache_gib: float, cpu_cores: str | None,
+                             tp_size: int = 1) -> None:
     """In-process engine (no engine-core subprocess), fixed KV space, bound OpenMP threads.
 
     ``cpu_cores`` is a vLLM binding string ("0", "0-3", "0,2"); on a small machine the
-    prefill and decode engines get disjoint cores so neither starves the other.
+    prefill and decode engines get disjoint cores so neither starves the other. A
+    tensor-parallel engine's ranks (``tp_size`` > 1, CPU) split them (``rank_cores``).
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d store idle-wait chatter
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cpu_cores:
+    if tp_size > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rank_cores(cpu_cores, tp_size)
+    elif cpu_cores:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
         n = _count_cores(cpu_cores)
         os.environ["OMP_NUM_THREADS"] = str(n)
     else:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+
+
+def rank_cores(cpu_cores: str | None, tp_size: int) -> str:
+    """vLLM's per-rank binding (``"0|1"``): the engine's cores (None: the process's)
+    dealt to its ranks in turn; with fewer cores than ranks, ranks share cores."""
+    cores = parse_cores(cpu_cores) if cpu_cores else sorted(os.sched_getaffinity(0))
+    if len(cores) < tp_size:
+        return "|".join(str(cores[r % len(cores)]) for r in range(tp_size))
+    return "|".join(",".join(map(str, cores[r::tp_size])) for r in range(tp_size))
 
 
 def _count_cores(spec: str) -> int:

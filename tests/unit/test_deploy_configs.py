@@ -31,17 +31,17 @@ def test_gpu_examples_have_the_documented_shape():
     assert c8.ray_address == "auto" and c8.prefill.engine.dtype == "bfloat16"
     assert c8.router.require_auth   # binds 0.0.0.0: keys are mandatory
     c70 = _load("llama-3.1-70b-tp4.yaml")
-    # Tensor parallelism is not a config field yet: the file reserves 4 GPUs per worker.
+    # Tensor parallel 4 on both pools: 4 GPUs per worker, one per rank.
     assert c70.prefill.num_gpus == c70.decode.num_gpus == 4
-    assert not hasattr(c70.prefill.engine, "tensor_parallel_size")
+    assert c70.prefill.engine.tensor_parallel_size == c70.decode.engine.tensor_parallel_size == 4
 
 
 def test_unknown_field_in_a_deploy_yaml_is_an_error(tmp_path):
     from cluster.config import ConfigError
 
     data = yaml.safe_load((DEPLOY / "llama-3.1-8b-gpu.yaml").read_text())
-    data["prefill"]["engine"]["tensor_parallel_size"] = 4
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+    data["prefill"]["engine"]["pipeline_parallel_size"] = 4
+    with pytest.raises(ConfigError, match="pipeline_parallel_size"):
         from_dict(ClusterConfig, data)
 
 
@@ -90,3 +90,39 @@ def test_yaml_mappings_become_pairs():
     assert cfg.prefill.resources == (("a_node", 2.0), ("b_node", 1.0))
     with pytest.raises(Exception):
         cfg.prefill.max_loras = 1   # still frozen
+
+
+def test_unequal_tensor_parallel_sizes_are_refused_naming_both(tmp_path):
+    from cluster.config import ConfigError
+
+    data = yaml.safe_load((DEPLOY / "llama-3.1-70b-tp4.yaml").read_text())
+    data["decode"]["engine"]["tensor_parallel_size"] = 2
+    with pytest.raises(ConfigError) as ei:
+        from_dict(ClusterConfig, data)
+    msg = str(ei.value)
+    assert "decode.engine.tensor_parallel_size=2" in msg, msg
+    assert "prefill.engine.tensor_parallel_size=4" in msg, msg
+    data["decode"]["engine"]["tensor_parallel_size"] = 0
+    with pytest.raises(ConfigError, match="tensor_parallel_size.*from 1 to 64"):
+        from_dict(ClusterConfig, data)
+
+
+def test_tensor_parallel_colocated_pool_is_refused():
+    from cluster.config import ConfigError
+
+    data = yaml.safe_load((DEPLOY / "local-colocated.yaml").read_text())
+    data["colocated"]["engine"]["tensor_parallel_size"] = 2
+    with pytest.raises(ConfigError, match="colocated.engine.tensor_parallel_size.*not built"):
+        from_dict(ClusterConfig, data)
+
+
+def test_preft_up_tensor_parallel_flags(tmp_path):
+    from app.cli import build_config, make_parser
+    from cluster.config import ConfigError
+
+    m = str(tmp_path)
+    cfg = build_config(make_parser().parse_args(["up", "--model", m, "--tp", "2"]))
+    assert cfg.prefill.engine.tensor_parallel_size == cfg.decode.engine.tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match=r"decode.engine.tensor_parallel_size=1.*"
+                                          r"prefill.engine.tensor_parallel_size=2"):
+        build_config(make_parser().parse_args(["up", "--model", m, "--prefill-tp", "2"]))

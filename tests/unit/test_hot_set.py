@@ -190,8 +190,11 @@ def test_engine_pins_use_the_host_tier_only_and_survive_lru_eviction():
 
     runner = SimpleNamespace(lora_manager=SimpleNamespace(
         _adapter_manager=SimpleNamespace(_registered_adapters=cache)))
-    engine = SimpleNamespace(add_lora=add_lora, model_executor=SimpleNamespace(
-        driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+    wrapper = SimpleNamespace(worker=SimpleNamespace(model_runner=runner))
+
+    def collective_rpc(fn, args=()):   # vLLM's: fn(worker wrapper, *args) on every rank
+        return [fn(wrapper, *args)]
+    engine = SimpleNamespace(add_lora=add_lora, collective_rpc=collective_rpc)
     lora_pins.pin(engine, SimpleNamespace(lora_int_id=7))
     lora_pins.pin(engine, SimpleNamespace(lora_int_id=7))   # loaded once
     assert added == [7] and lora_pins.pinned(engine) == {7}

@@ -1,0 +1,97 @@
+"""Tensor parallelism 2 on both pools: KV moves rank to rank and the output stays exact.
+
+One prefill and one decode worker, each with a vLLM engine of ``tensor_parallel_size=2``
+(vLLM's mp executor: two rank processes per worker, gloo between them on CPU) on the tiny
+GQA model, whose two KV heads split one per rank. Each prefill rank serves its shard; each
+decode rank pulls its prefill peer's shard. Greedy outputs equal the single-process HF+PEFT
+PreFT reference for LoRA-P and ReFT-P adapters (interventions on every prompt position
+and on the first/last few) and the base model, at prompt lengths around the block size;
+the KV bytes a request reports (summed over the ranks) equal the unsharded count; no
+block is held or in use afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+GAP_TOL = 1e-3
+TP = 2
+
+
+@pytest.fixture(scope="module")
+def tp_cluster(assets, tmp_path_factory):
+    from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
+                                RouterConfig)
+    from app.launcher import LocalCluster
+
+    eng = EngineConfig(model=assets["model"], tensor_parallel_size=TP)
+    adapters = tuple((n, assets["adapters"][n]) for n in ("ada", "bea", "rlo", "rfl"))
+    cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
+                        prefill_workers=1, decode_workers=1, router=RouterConfig(port=0),
+                        adapters=adapters, run_dir=str(tmp_path_factory.mktemp("tp-run")),
+                        name="tp2")
+    c = LocalCluster(cfg).start_in_thread()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def tclient(tp_cluster):
+    from preft_client import PreftClient
+
+    with PreftClient(tp_cluster.address, timeout=120, retries=0) as c:
+        yield c
+
+
+def _unsharded_bytes(model: str, n_tokens: int, block_size: int) -> int:
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
+    return per_token * -(-n_tokens // block_size) * block_size
+
+
+def test_tp2_prefill_and_decode_match_the_reference(tp_cluster, tclient, reference, assets):
+    import ray
+
+    info = tp_cluster.pool.prefill[0].info
+    block_size = int(info.kv_layout.split("/")[2].split("x")[1])
+    rng = random.Random(7)
+    compared = total = 0
+    for adapter in ("ada", "bea", "rlo", "rfl", None):
+        for n in (3, block_size, block_size + 1, 129, 300):
+            p = [rng.randrange(3, info.vocab_size) for _ in range(n)]
+            c = tclient.generate(adapter, prompt_token_ids=p, max_tokens=16, ignore_eos=True)
+            ref = reference.generate(p, assets["adapters"][adapter] if adapter else None, 16)
+            k = ref.comparable_prefix(GAP_TOL)
+            assert list(c.token_ids[:k]) == list(ref.tokens[:k]), (adapter, n)
+            compared, total = compared + k, total + 16
+            # both ranks' shards, added up: the unsharded prompt's KV
+            assert c.kv_bytes == _unsharded_bytes(assets["model"], n, block_size), (n, c.kv_bytes)
+            assert c.kv_transport in ("shm", "gloo"), c.kv_transport
+    assert compared >= 0.9 * total
+    p_actor, d_actor = tp_cluster.pool.prefill[0].actor, tp_cluster.pool.decode[0].actor
+    assert tp_cluster.wait_until(lambda: ray.get(p_actor.held_transfers.remote()) == 0, 20)
+    assert tp_cluster.wait_until(
+        lambda: (lambda u: u.blocks_free == u.blocks_total and u.requests == 0)(
+            ray.get(d_actor.kv_usage.remote())), 20)
+
+
+def test_tp2_engines_run_two_ranks_each(tp_cluster):
+    import ray
+
+    for w in tp_cluster.pool.all():
+        ranks = ray.get(w.actor.__ray_call__.remote(
+            lambda self: self.loop.engine.vllm_config.parallel_config.tensor_parallel_size))
+        assert ranks == TP, (w.worker_id, ranks)
+    # each prefill rank advertises its own endpoint: host:port0+port1
+    kv = ray.get(tp_cluster.pool.prefill[0].actor.__ray_call__.remote(
+        lambda self: self.kv.kv_address))
+    assert len(kv.rpartition(":")[2].split("+")) == TP, kv
