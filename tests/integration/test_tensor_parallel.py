@@ -77,6 +77,11 @@ def test_tp2_prefill_and_decode_match_the_reference(tp_cluster, tclient, referen
             assert c.kv_bytes == _unsharded_bytes(assets["model"], n, block_size), (n, c.kv_bytes)
             assert c.kv_transport in ("shm", "gloo"), c.kv_transport
     assert compared >= 0.9 * total
+    # ReFT-P ran on both prefill ranks (each applies it to its copy of the residual stream)
+    rows = ray.get(tp_cluster.pool.prefill[0].actor.__ray_call__.remote(
+        lambda self: self.loop.engine.collective_rpc(
+            lambda w: w.worker.model_runner.preft_reft.rows_intervened)))
+    assert len(rows) == TP and all(r > 0 for r in rows), rows
     p_actor, d_actor = tp_cluster.pool.prefill[0].actor, tp_cluster.pool.decode[0].actor
     assert tp_cluster.wait_until(lambda: ray.get(p_actor.held_transfers.remote()) == 0, 20)
     assert tp_cluster.wait_until(
@@ -91,6 +96,9 @@ def test_tp2_engines_run_two_ranks_each(tp_cluster):
         ranks = ray.get(w.actor.__ray_call__.remote(
             lambda self: self.loop.engine.vllm_config.parallel_config.tensor_parallel_size))
         assert ranks == TP, (w.worker_id, ranks)
+    # each rank's KV cache holds its shard: the model's 2 KV heads, one per rank
+    info = tp_cluster.pool.prefill[0].info
+    assert int(info.kv_layout.split("/")[2].split("x")[0]) == 2 // TP, info.kv_layout
     # each prefill rank advertises its own endpoint: host:port0+port1
     kv = ray.get(tp_cluster.pool.prefill[0].actor.__ray_call__.remote(
         lambda self: self.kv.kv_address))
