@@ -28,8 +28,10 @@ class EngineDead(RuntimeError):
 
 class EngineLoop:
     def __init__(self, build: Callable[[], Any], name: str,
-                 wake: threading.Event | None = None) -> None:
+                 wake: threading.Event | None = None,
+                 on_crash: Callable[[BaseException], None] | None = None) -> None:
         self._build = build
+        self._on_crash = on_crash   # after the requests in flight got EngineDead
         self.name = name
         self.wake = wake or threading.Event()
         self._inbox: deque = deque()
@@ -159,6 +161,8 @@ class EngineLoop:
             self.error = e
             for rid in list(self._queues):
                 self._deliver(rid, EngineDead(f"{self.name}: engine crashed: {e}"), final=True)
+            if self._on_crash is not None:
+                self._on_crash(e)
 
 
 def _set_result(fut: asyncio.Future, res: Any, err: BaseException | None) -> None:

@@ -14,8 +14,10 @@ heartbeat, and answers the calls the router makes of every worker (:class:`Worke
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import threading
 from typing import Any, Protocol
 
 from cluster.config import EngineConfig, TransferConfig
@@ -24,6 +26,9 @@ from cluster.messages import KVUsage, WorkerInfo
 from cluster.state import MemberRecord
 
 HEARTBEAT_S = 1.0
+EXIT_AFTER_CRASH_S = 1.0   # time for the failed requests' errors to reach their callers
+
+log = logging.getLogger(__name__)
 
 
 class WorkerApi(Protocol):
@@ -58,7 +63,8 @@ class EngineWorker:
         self.metrics = WorkerMetrics(self.role, worker_id)
         self.kv = self._kv_endpoint()
         self.loop = EngineLoop(self._build_engine, f"{self.role}:{worker_id}",
-                               wake=self.kv.wake if self.kv is not None else None)
+                               wake=self.kv.wake if self.kv is not None else None,
+                               on_crash=self._engine_crashed)
         self.loop.start()
         self.tokenizer = self.loop.engine.get_tokenizer()
         if self.kv is not None and not self.kv.ready.wait(30):
@@ -147,6 +153,19 @@ class EngineWorker:
             # a failed pull fails the request: never a base-model recompute of the prompt
             kv_load_failure_policy="fail",
             kv_connector_extra_config={EXTRA_CONFIG_KEY: self.kv})
+
+    def _engine_crashed(self, error: BaseException) -> None:
+        """The engine died after it started (e.g. one of a tensor-parallel engine's ranks
+        was killed: vLLM's executor fails every step after). Its requests in flight got a
+        retriable error; this worker leaves the cluster now and its process ends a moment
+        later, so Ray starts a fresh one (``ClusterConfig.max_restarts``) instead of a live
+        actor answering every request with a dead engine."""
+        log.error("%s: engine died (%s); leaving the cluster, exiting for a restart",
+                  self.worker_id, error)
+        heartbeat = getattr(self, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
+        threading.Timer(EXIT_AFTER_CRASH_S, os._exit, args=(1,)).start()
 
     # ------------------------------------------------------------------ membership
     def _member(self, actor_name: str) -> MemberRecord:

@@ -103,3 +103,47 @@ def test_tp2_engines_run_two_ranks_each(tp_cluster):
     kv = ray.get(tp_cluster.pool.prefill[0].actor.__ray_call__.remote(
         lambda self: self.kv.kv_address))
     assert len(kv.rpartition(":")[2].split("+")) == TP, kv
+
+
+def test_a_killed_rank_fails_requests_retriably_and_ray_restarts_the_worker(
+        tp_cluster, tclient, reference, assets):
+    """Last in the module. SIGKILL one decode rank: vLLM's executor fails the engine's next
+    step, the request gets a retriable UNAVAILABLE (not a hang), the worker leaves and
+    exits, Ray starts it again with a fresh two-rank engine, and it serves exactly."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from preft_client import Unavailable
+
+    d = tp_cluster.pool.decode[0].actor
+    actor_pid, rank_pids = ray.get(d.__ray_call__.remote(lambda self: (
+        os.getpid(), self.loop.engine.collective_rpc(lambda w: __import__("os").getpid()))))
+    os.kill(rank_pids[1], signal.SIGKILL)
+    p = [5 + (7 * i) % 300 for i in range(40)]
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable):
+        tclient.generate("ada", prompt_token_ids=p, max_tokens=8, ignore_eos=True)
+    assert time.monotonic() - t0 < 30, "the failed request took too long"
+
+    def restarted() -> bool:
+        try:
+            pid = ray.get(d.__ray_call__.remote(lambda self: os.getpid()), timeout=5)
+        except Exception:
+            return False
+        return pid != actor_pid and tp_cluster.pool.decode[0].healthy
+    assert tp_cluster.wait_until(restarted, 180), "Ray did not restart the decode worker"
+    deadline, c = time.monotonic() + 60, None
+    while c is None:
+        try:
+            c = tclient.generate("ada", prompt_token_ids=p, max_tokens=8, ignore_eos=True)
+        except Unavailable:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    ref = reference.generate(p, assets["adapters"]["ada"], 8)
+    k = ref.comparable_prefix(GAP_TOL)
+    assert list(c.token_ids[:k]) == list(ref.tokens[:k])
+    block_size = int(tp_cluster.pool.prefill[0].info.kv_layout.split("/")[2].split("x")[1])
+    assert c.kv_bytes == _unsharded_bytes(assets["model"], len(p), block_size)
