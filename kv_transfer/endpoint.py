@@ -26,14 +26,13 @@ import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
-from collections import deque
 from typing import Any, Mapping
 
 from cluster.messages import KVHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.staging import StagingPool
 from kv_transfer.transport import (Claim, Offer, OfferTable, TorchDistTransport,
-                                   TransferRecord)
+                                   TransferLog, TransferRecord)
 
 ROLES = ("kv_producer", "kv_consumer")   # prefill, decode (vLLM's kv_role)
 EXTRA_CONFIG_KEY = "endpoint"            # where the connector finds it in the config
@@ -80,8 +79,7 @@ class KVEndpoint:
         self.address: tuple[str, int] | None = None
         self.transport: TorchDistTransport | None = None
         self._lock = threading.Lock()
-        self._records: deque[TransferRecord] = deque(maxlen=_MAX_RECORDS)
-        self._by_transfer: dict[int, TransferRecord] = {}
+        self._log = TransferLog(_MAX_RECORDS)
         self._closed = False
         self._fresh: list[TransferRecord] = []   # a rank's records not yet reported
         self._expired_reported = 0
@@ -242,23 +240,18 @@ class KVEndpoint:
 
     # ------------------------------------------------------------------ records
     def _record(self, rec: TransferRecord) -> None:
-        with self._lock:
-            if self.tp_size > 1:
+        if self.tp_size > 1:
+            with self._lock:
                 self._fresh.append(rec)
-            self._records.append(rec)
-            self._by_transfer[rec.transfer_id] = rec
-            if len(self._by_transfer) > _MAX_RECORDS:
-                self._by_transfer.pop(next(iter(self._by_transfer)))
+        self._log.add(rec)
         self.wake.set()
 
     def records(self) -> list[TransferRecord]:
         """The last transfers this engine recorded, oldest first."""
-        with self._lock:
-            return list(self._records)
+        return self._log.records()
 
     def pop_record(self, transfer_id: int) -> TransferRecord | None:
-        with self._lock:
-            return self._by_transfer.pop(transfer_id, None)
+        return self._log.pop(transfer_id)
 
     def take_report(self) -> tuple[list[TransferRecord], int]:
         """A rank's records and expired offers since the last call (its engine's

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections import deque
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -29,7 +28,7 @@ from typing import Any, Mapping
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 
 from kv_transfer.endpoint import KVEndpoint
-from kv_transfer.transport import TransferRecord
+from kv_transfer.transport import TransferLog, TransferRecord
 
 _MAX_RECORDS = 10_000
 
@@ -115,8 +114,7 @@ class RankedEndpoint:
         self._holds: list[tuple[int, str, list[int], int]] = []
         self._drops: list[int] = []
         self._live: dict | None = None
-        self._records: deque[TransferRecord] = deque(maxlen=_MAX_RECORDS)
-        self._by_transfer: dict[int, TransferRecord] = {}
+        self._log = TransferLog(_MAX_RECORDS)
         self._parts: dict[int, list[TransferRecord]] = {}
 
     def __reduce__(self):
@@ -203,23 +201,17 @@ class RankedEndpoint:
             if len(parts) < self.tp_size:
                 return
             del self._parts[rec.transfer_id]
-            whole = replace(parts[0], bytes=sum(p.bytes for p in parts),
-                            seconds=max(p.seconds for p in parts), ok=all(p.ok for p in parts),
-                            error="; ".join(p.error for p in parts if p.error),
-                            exposed_s=max(p.exposed for p in parts))
-            self._records.append(whole)
-            self._by_transfer[whole.transfer_id] = whole
-            if len(self._by_transfer) > _MAX_RECORDS:
-                self._by_transfer.pop(next(iter(self._by_transfer)))
+        self._log.add(replace(parts[0], bytes=sum(p.bytes for p in parts),
+                              seconds=max(p.seconds for p in parts), ok=all(p.ok for p in parts),
+                              error="; ".join(p.error for p in parts if p.error),
+                              exposed_s=max(p.exposed for p in parts)))
         self.wake.set()
 
     def records(self) -> list[TransferRecord]:
-        with self._lock:
-            return list(self._records)
+        return self._log.records()
 
     def pop_record(self, transfer_id: int) -> TransferRecord | None:
-        with self._lock:
-            return self._by_transfer.pop(transfer_id, None)
+        return self._log.pop(transfer_id)
 
     # ------------------------------------------------------------------ membership
     def prune(self, members: Mapping[str, Any]) -> None:

@@ -65,6 +65,7 @@ import logging
 import secrets
 import socket
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -243,6 +244,32 @@ class TransferRecord:
     @property
     def exposed(self) -> float:
         return self.seconds if self.exposed_s is None else self.exposed_s
+
+
+class TransferLog:
+    """The last transfers an engine recorded (oldest first), and each one by transfer id
+    until its request takes it (:meth:`pop`). Thread-safe; bounded."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._capacity = capacity
+        self._records: deque[TransferRecord] = deque(maxlen=capacity)
+        self._by_transfer: dict[int, TransferRecord] = {}
+
+    def add(self, rec: TransferRecord) -> None:
+        with self._lock:
+            self._records.append(rec)
+            self._by_transfer[rec.transfer_id] = rec
+            if len(self._by_transfer) > self._capacity:
+                self._by_transfer.pop(next(iter(self._by_transfer)))
+
+    def records(self) -> list[TransferRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def pop(self, transfer_id: int) -> TransferRecord | None:
+        with self._lock:
+            return self._by_transfer.pop(transfer_id, None)
 
 
 _MAX_RELEASED = 1 << 16            # remembered early releases (each a few dozen bytes)
