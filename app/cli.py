@@ -76,9 +76,10 @@ def build_config(args):
     xfer = TransferConfig(kv_host=args.kv_host)
     n_prefill, n_decode, n_colocated = _pool_sizes(args)
     tp = args.tensor_parallel_size
-    prefill_eng = replace(eng, tensor_parallel_size=args.prefill_tp or tp)
-    return ClusterConfig(
-        prefill=PrefillConfig(engine=prefill_eng, transfer=xfer, max_lora_rank=args.max_lora_rank),
+    prefill = PrefillConfig(engine=replace(eng, tensor_parallel_size=args.prefill_tp or tp),
+                            transfer=xfer, max_lora_rank=args.max_lora_rank)
+    cfg = ClusterConfig(
+        prefill=prefill,
         decode=DecodeConfig(engine=replace(eng, tensor_parallel_size=args.decode_tp or tp),
                             transfer=xfer),
         router=RouterConfig(host=args.host, port=args.port, require_auth=args.require_auth,
@@ -88,6 +89,11 @@ def build_config(args):
         colocated_workers=n_colocated, redis_url=args.redis_url or os.environ.get("REDIS_URL"),
         run_dir=args.run_dir, adapters=adapters, adapter_kinds=kinds, name=args.name,
         local_cores=args.local_cores)
+    if args.colocated_tp is None:   # the colocated pool takes the prefill pool's engine
+        return cfg
+    colo = cfg.colocated_cfg
+    return replace(cfg, colocated=replace(
+        colo, engine=replace(colo.engine, tensor_parallel_size=args.colocated_tp)))
 
 
 def _add_pool_args(p: argparse.ArgumentParser) -> None:
@@ -103,6 +109,8 @@ def _add_pool_args(p: argparse.ArgumentParser) -> None:
                    "each worker N GPUs (num_gpus in the YAML)")
     p.add_argument("--prefill-tp", type=int, default=None, metavar="N",
                    help="ranks per prefill engine (default --tensor-parallel-size)")
+    p.add_argument("--colocated-tp", type=int, default=None, metavar="N",
+                   help="ranks per colocated engine (default --tensor-parallel-size)")
     p.add_argument("--decode-tp", type=int, default=None, metavar="N",
                    help="ranks per decode engine (default --tensor-parallel-size); must "
                    "equal the prefill engines' (re-sharding KV between sizes is not built)")

@@ -309,12 +309,6 @@ class ClusterConfig:
                   f"must equal prefill.engine.tensor_parallel_size={a.tensor_parallel_size}: "
                   "KV moves from prefill rank i to decode rank i, so both engines need the "
                   "same number of ranks (re-sharding between sizes is not built)")
-        _need(not self.colocated_workers or self.colocated_cfg.engine.tensor_parallel_size == 1,
-              c, "colocated.engine.tensor_parallel_size",
-              self.colocated_cfg.engine.tensor_parallel_size,
-              "must be 1: tensor parallelism on the colocated pool is not built (its "
-              "prompt-only LoRA mapping runs in the engine's own process); use the "
-              "prefill/decode pools for tensor-parallel engines")
         _need(self.colocated_cfg.engine.model == a.model, c, "colocated.engine.model",
               self.colocated_cfg.engine.model, f"must equal prefill.engine.model={a.model!r}: "
               "every pool serves the same base model and its adapters")

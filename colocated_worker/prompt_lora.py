@@ -61,12 +61,20 @@ def prompt_only_mapping(lora_ids: np.ndarray, num_computed: np.ndarray,
 
 def install_prompt_only_lora(engine: Any, all_token_ids: set[int],
                              mix: StepMix | None = None) -> None:
-    """Install on an in-process ``LLMEngine`` with LoRA enabled (``uni`` executor).
+    """Install on every model runner of an ``LLMEngine`` with LoRA enabled: in-process
+    (``uni`` executor), where ``all_token_ids`` and ``mix`` are the caller's own objects
+    (LoRA int ids added there later keep the adapter on every token), or on each rank of
+    a tensor-parallel engine, which gets copies: :func:`add_all_token` and
+    :func:`step_mix` reach those."""
+    engine.collective_rpc(_install_on_runner, args=(all_token_ids, mix))
 
-    ``all_token_ids`` is shared with the caller: LoRA int ids added there later keep the
-    adapter on every token.
-    """
-    runner = engine.model_executor.driver_worker.worker.model_runner
+
+def _runner(worker: Any):
+    return getattr(worker, "worker", worker).model_runner
+
+
+def _install_on_runner(worker: Any, all_token_ids: set[int], mix: StepMix | None) -> None:
+    runner = _runner(worker)
     batch = runner.input_batch
     orig = getattr(batch, "make_lora_inputs", None)
     if orig is None or list(inspect.signature(orig).parameters) != _EXPECTED_PARAMS:
@@ -86,3 +94,24 @@ def install_prompt_only_lora(engine: Any, all_token_ids: set[int],
         return sampled, tokens, requests
 
     batch.make_lora_inputs = make_lora_inputs
+    runner.preft_prompt_lora = (all_token_ids, mix)
+
+
+def _add_on_runner(worker: Any, lora_id: int) -> None:
+    _runner(worker).preft_prompt_lora[0].add(lora_id)
+
+
+def _mix_of_runner(worker: Any) -> StepMix | None:
+    return _runner(worker).preft_prompt_lora[1]
+
+
+def add_all_token(engine: Any, lora_id: int) -> None:
+    """Engine thread, tensor-parallel engines: every rank keeps ``lora_id`` on all tokens
+    (before the request that uses it is added)."""
+    engine.collective_rpc(_add_on_runner, args=(lora_id,))
+
+
+def step_mix(engine: Any) -> StepMix | None:
+    """Engine thread, tensor-parallel engines: rank 0's step counts (every rank sees the
+    same batches)."""
+    return engine.collective_rpc(_mix_of_runner)[0]

@@ -17,7 +17,8 @@ from contextlib import aclosing
 from cluster.aio import merge
 from cluster.config import ColocatedConfig
 from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling
-from colocated_worker.prompt_lora import StepMix, install_prompt_only_lora
+from colocated_worker.prompt_lora import (StepMix, add_all_token, install_prompt_only_lora,
+                                          step_mix)
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
@@ -45,9 +46,12 @@ class ColocatedWorker(AdapterWorker):
 
     # ------------------------------------------------------------------ API
     async def stats(self) -> AdapterStats:
+        mix = self.mix
+        if self.engine_cfg.tensor_parallel_size > 1:   # the ranks count the steps
+            mix = await self.loop.call(step_mix) or mix
         return AdapterStats(requests=self.loop.num_requests,
                             tier_hits=dict(self.adapters.tier_hits), resident=self.residency(),
-                            mixed_steps=self.mix.mixed, by_kind=dict(self.requests_by_kind))
+                            mixed_steps=mix.mixed, by_kind=dict(self.requests_by_kind))
 
     async def generate(self, req: PrefillRequest):
         """Async generator of :class:`ColocatedDelta` (a Ray streaming call); with
@@ -56,6 +60,8 @@ class ColocatedWorker(AdapterWorker):
         ids, r = await self.admit(req)
         if r is not None and r.ref.kind == "lora":
             self.all_token_ids.add(r.lora.lora_int_id)
+            if self.engine_cfg.tensor_parallel_size > 1:   # ahead of the request, in order
+                self.loop.call(lambda eng, i=r.lora.lora_int_id: add_all_token(eng, i))
         self.requests_by_kind[r.ref.kind if r else "base"] += 1
         t0 = time.time()
         streams = [self._sample(req, i, ids, r, t_in, t0) for i in range(req.sampling.n)]

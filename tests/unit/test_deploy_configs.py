@@ -107,15 +107,6 @@ def test_unequal_tensor_parallel_sizes_are_refused_naming_both(tmp_path):
         from_dict(ClusterConfig, data)
 
 
-def test_tensor_parallel_colocated_pool_is_refused():
-    from cluster.config import ConfigError
-
-    data = yaml.safe_load((DEPLOY / "local-colocated.yaml").read_text())
-    data["colocated"]["engine"]["tensor_parallel_size"] = 2
-    with pytest.raises(ConfigError, match="colocated.engine.tensor_parallel_size.*not built"):
-        from_dict(ClusterConfig, data)
-
-
 def test_preft_up_tensor_parallel_flags(tmp_path):
     from app.cli import build_config, make_parser
     from cluster.config import ConfigError
@@ -126,3 +117,13 @@ def test_preft_up_tensor_parallel_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"decode.engine.tensor_parallel_size=1.*"
                                           r"prefill.engine.tensor_parallel_size=2"):
         build_config(make_parser().parse_args(["up", "--model", m, "--prefill-tp", "2"]))
+
+
+def test_preft_up_colocated_tp(tmp_path):
+    from app.cli import build_config, make_parser
+
+    args = ["up", "--model", str(tmp_path), "--colocated-workers", "1"]
+    assert build_config(make_parser().parse_args(args)).colocated_cfg.engine.tensor_parallel_size == 1
+    cfg = build_config(make_parser().parse_args([*args, "--colocated-tp", "2"]))
+    assert cfg.colocated_cfg.engine.tensor_parallel_size == 2
+    assert cfg.prefill.engine.tensor_parallel_size == 1
