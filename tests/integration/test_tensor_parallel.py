@@ -99,6 +99,12 @@ def test_tp2_engines_run_two_ranks_each(tp_cluster):
     # each rank's KV cache holds its shard: the model's 2 KV heads, one per rank
     info = tp_cluster.pool.prefill[0].info
     assert int(info.kv_layout.split("/")[2].split("x")[0]) == 2 // TP, info.kv_layout
+    # LoRA-P on every prefill rank runs our grouped kernel (installed by vLLM's plugin)
+    kernels = ray.get(tp_cluster.pool.prefill[0].actor.__ray_call__.remote(
+        lambda self: self.loop.engine.collective_rpc(lambda w: sorted({
+            type(p).__name__ for p in
+            w.worker.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values()}))))
+    assert kernels == [["GroupedPunicaWrapperCPU"]] * TP, kernels
     # each prefill rank advertises its own endpoint: host:port0+port1
     kv = ray.get(tp_cluster.pool.prefill[0].actor.__ray_call__.remote(
         lambda self: self.kv.kv_address))
