@@ -421,13 +421,14 @@ def cmd_status(args) -> int:
         return 1
     table = Table(title=f"PreFT cluster: {st['adapters']} adapters, {st['router_inflight']} "
                   f"requests in flight{' (state STALE: Redis unreachable)' if st['state_stale'] else ''}")
-    for col in ("worker", "role", "healthy", "outstanding", "KV blocks used", "held transfers",
-                "KV sent", "resident adapters"):
+    for col in ("worker", "role", "TP", "healthy", "outstanding", "KV blocks used",
+                "held transfers", "KV sent", "resident adapters"):
         table.add_column(col)
     for w in st["workers"]:
         used = (f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
                 if w.role in ("decode", "colocated") else "-")
-        table.add_row(w.worker_id, w.role, "yes" if w.healthy else "NO", str(w.outstanding), used,
+        table.add_row(w.worker_id, w.role, str(w.tensor_parallel_size),
+                      "yes" if w.healthy else "NO", str(w.outstanding), used,
                       str(w.held_transfers) if w.role == "prefill" else "-",
                       f"{w.kv_bytes_sent / 2**20:.1f} MiB" if w.role == "prefill" else "-",
                       ", ".join(f"{k}:{v}" for k, v in sorted(w.resident.items())) or "-")

@@ -161,7 +161,8 @@ class AdminRpcs(ServiceBase):
             out = []
             for w in self.pool.all():
                 ws = pb.WorkerStatus(worker_id=w.worker_id, role=w.info.role, healthy=w.healthy,
-                                     outstanding=w.outstanding)
+                                     outstanding=w.outstanding,
+                                     tensor_parallel_size=w.info.tensor_parallel_size)
                 try:
                     if w.info.role in ("decode", "colocated"):
                         u = await asyncio.wait_for(w.actor.kv_usage.remote(), 5)

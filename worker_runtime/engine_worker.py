@@ -195,7 +195,8 @@ class EngineWorker:
             vocab_size=eng.model_config.get_vocab_size(), eos_token_id=self._eos_token_id(),
             lora_enabled=eng.vllm_config.lora_config is not None,
             engine_start_s=self.loop.start_s, pid=os.getpid(),
-            engine_threads=self.engine_threads)
+            engine_threads=self.engine_threads,
+            tensor_parallel_size=self.engine_cfg.tensor_parallel_size)
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.tokenizer, "eos_token_id", None)

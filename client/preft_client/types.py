@@ -106,3 +106,4 @@ class WorkerStatus:
     resident: dict
     kv_bytes_sent: int
     held_transfers: int
+    tensor_parallel_size: int = 1

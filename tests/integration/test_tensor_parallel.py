@@ -89,8 +89,12 @@ def test_tp2_prefill_and_decode_match_the_reference(tp_cluster, tclient, referen
             ray.get(d_actor.kv_usage.remote())), 20)
 
 
-def test_tp2_engines_run_two_ranks_each(tp_cluster):
+def test_tp2_engines_run_two_ranks_each(tp_cluster, tclient):
     import ray
+
+    # what `preft status` shows operators
+    assert [(w.role, w.tensor_parallel_size) for w in tclient.cluster_status()["workers"]] == [
+        ("prefill", TP), ("decode", TP)]
 
     for w in tp_cluster.pool.all():
         ranks = ray.get(w.actor.__ray_call__.remote(

@@ -292,7 +292,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "healthy", "outstanding", "kv_blocks_total", "kv_blocks_free", "resident", "kv_bytes_sent", "held_transfers")
+    __slots__ = ("worker_id", "role", "healthy", "outstanding", "kv_blocks_total", "kv_blocks_free", "resident", "kv_bytes_sent", "held_transfers", "tensor_parallel_size")
     class ResidentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class WorkerStatus(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     HELD_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     healthy: bool
@@ -318,7 +319,8 @@ class WorkerStatus(_message.Message):
     resident: _containers.ScalarMap[str, str]
     kv_bytes_sent: int
     held_transfers: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident: _Optional[_Mapping[str, str]] = ..., kv_bytes_sent: _Optional[int] = ..., held_transfers: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident: _Optional[_Mapping[str, str]] = ..., kv_bytes_sent: _Optional[int] = ..., held_transfers: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("workers", "router_inflight", "adapters", "state_stale")
