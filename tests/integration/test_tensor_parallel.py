@@ -115,6 +115,41 @@ def test_tp2_engines_run_two_ranks_each(tp_cluster, tclient):
     assert len(kv.rpartition(":")[2].split("+")) == TP, kv
 
 
+def test_tp2_text_stream_and_openai_bodies_are_what_the_tokens_say(tp_cluster, tclient,
+                                                                   reference, assets):
+    """Where users meet it: the SDK's text, its stream deltas, and an OpenAI completions
+    body through the HTTP gateway, for a LoRA-P and a ReFT-P adapter on the TP 2 cluster."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from http_gateway import HttpGatewayThread
+    from reference import engine_text
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    gw = HttpGatewayThread(tp_cluster.address, timeout=120)
+    gw.start()
+    try:
+        for adapter in ("ada", "rfl"):
+            p = [5 + (11 * i + len(adapter)) % 400 for i in range(150)]
+            c = tclient.generate(adapter, prompt_token_ids=p, max_tokens=12, ignore_eos=True)
+            ref = reference.generate(p, assets["adapters"][adapter], 12)
+            k = ref.comparable_prefix(GAP_TOL)
+            assert list(c.token_ids[:k]) == list(ref.tokens[:k]), adapter
+            assert c.text == engine_text(tok, c.token_ids), adapter
+            deltas = list(tclient.stream(adapter, prompt_token_ids=p, max_tokens=12,
+                                         ignore_eos=True))
+            assert [t for d in deltas for t in d.token_ids] == list(c.token_ids)
+            assert "".join(d.text for d in deltas) == c.text
+            with httpx.Client(base_url=gw.base_url, timeout=120) as h:
+                r = h.post("/v1/completions", json={"model": adapter, "prompt": p,
+                                                    "max_tokens": 12, "temperature": 0,
+                                                    "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == c.text, adapter
+    finally:
+        gw.stop()
+
+
 def test_a_killed_rank_fails_requests_retriably_and_ray_restarts_the_worker(
         tp_cluster, tclient, reference, assets):
     """Last in the module. SIGKILL one decode rank: vLLM's executor fails the engine's next
