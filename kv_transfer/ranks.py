@@ -199,6 +199,8 @@ class RankedEndpoint:
             parts = self._parts.setdefault(rec.transfer_id, [])
             parts.append(rec)
             if len(parts) < self.tp_size:
+                if len(self._parts) > _MAX_RECORDS:   # a rank never reported its part
+                    self._parts.pop(next(iter(self._parts)))
                 return
             del self._parts[rec.transfer_id]
         self._log.add(replace(parts[0], bytes=sum(p.bytes for p in parts),

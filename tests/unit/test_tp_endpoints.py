@@ -86,3 +86,14 @@ def test_decode_prunes_every_rank_port_of_a_live_prefill_worker():
     d.prune({"p": SimpleNamespace(role="prefill", worker_id="prefill-0",
                                   kv_address="10.0.0.1:7001+7002")})
     assert closed == [{("10.0.0.1", 7001), ("10.0.0.1", 7002)}]
+
+
+def test_parts_a_rank_never_reports_are_forgotten_in_bounded_memory(monkeypatch):
+    import kv_transfer.ranks as ranks
+
+    monkeypatch.setattr(ranks, "_MAX_RECORDS", 5)
+    ep = RankedEndpoint(_spec(role="kv_consumer"))
+    for tid in range(20):   # only rank 0's part of each arrives
+        ep.on_output(SimpleNamespace(finished_sending=None,
+                                     kv_connector_worker_meta=RankReport([_rec(tid, 1, 0.1)])))
+    assert len(ep._parts) <= 6 and ep.records() == []
