@@ -130,12 +130,14 @@ def render(status: dict, r: dict | None, address: str):
         if r["paths"]:
             parts.append(_per_key("requests per path", "path", "req/s", r["paths"], "{:.2f}"))
     w = Table(title="workers", show_edge=False)
-    for c in ("worker", "role", "healthy", "outstanding", "KV blocks used", "held", "resident"):
+    for c in ("worker", "role", "TP", "healthy", "outstanding", "KV blocks used", "held",
+              "resident"):
         w.add_column(c)
     for ws in status["workers"]:
         used = (f"{ws.kv_blocks_total - ws.kv_blocks_free}/{ws.kv_blocks_total}"
                 if ws.role in ("decode", "colocated") else "-")
-        w.add_row(ws.worker_id, ws.role, "yes" if ws.healthy else "[red]NO[/red]",
+        w.add_row(ws.worker_id, ws.role, str(ws.tensor_parallel_size),
+                  "yes" if ws.healthy else "[red]NO[/red]",
                   str(ws.outstanding), used, str(ws.held_transfers) if ws.role == "prefill" else "-",
                   str(len(ws.resident)) if ws.role in ("prefill", "colocated") else "-")
     parts.append(w)
