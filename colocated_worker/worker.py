@@ -58,7 +58,7 @@ class ColocatedWorker(AdapterWorker):
         ``sampling.n > 1`` the samples' deltas interleave, each with its ``index``."""
         t_in = time.time()
         ids, r = await self.admit(req)
-        if r is not None and r.ref.kind == "lora":
+        if r is not None and r.ref.kind == "lora" and r.lora.lora_int_id not in self.all_token_ids:
             self.all_token_ids.add(r.lora.lora_int_id)
             if self.engine_cfg.tensor_parallel_size > 1:   # ahead of the request, in order
                 self.loop.call(lambda eng, i=r.lora.lora_int_id: add_all_token(eng, i))

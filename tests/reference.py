@@ -23,6 +23,20 @@ from pathlib import Path
 import torch
 
 
+def unsharded_kv_bytes(model: str, n_tokens: int, kv_layout: str) -> int:
+    """KV bytes of an ``n_tokens`` prompt over whole blocks (float32), all KV heads: what a
+    transfer moves in total, whatever the engines' tensor-parallel size. ``kv_layout``:
+    ``WorkerInfo.kv_layout`` (its block size)."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
+    block = int(kv_layout.split("/")[2].split("x")[1])
+    return per_token * -(-n_tokens // block) * block
+
+
 def engine_text(tokenizer, ids) -> str:
     """A vLLM engine's text for generated ``ids``: their decoding (special tokens skipped),
     less a trailing incomplete UTF-8 character (vLLM's incremental detokenizer holds back

@@ -12,11 +12,11 @@ block is held or in use afterwards.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import pytest
+
+from reference import unsharded_kv_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +51,6 @@ def tclient(tp_cluster):
         yield c
 
 
-def _unsharded_bytes(model: str, n_tokens: int, block_size: int) -> int:
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
-    return per_token * -(-n_tokens // block_size) * block_size
-
-
 def test_tp2_prefill_and_decode_match_the_reference(tp_cluster, tclient, reference, assets):
     import ray
 
@@ -74,7 +67,8 @@ def test_tp2_prefill_and_decode_match_the_reference(tp_cluster, tclient, referen
             assert list(c.token_ids[:k]) == list(ref.tokens[:k]), (adapter, n)
             compared, total = compared + k, total + 16
             # both ranks' shards, added up: the unsharded prompt's KV
-            assert c.kv_bytes == _unsharded_bytes(assets["model"], n, block_size), (n, c.kv_bytes)
+            assert c.kv_bytes == unsharded_kv_bytes(assets["model"], n, info.kv_layout), (
+                n, c.kv_bytes)
             assert c.kv_transport == "shm", c.kv_transport   # one host: shared memory
     assert compared >= 0.9 * total
     # ReFT-P ran on both prefill ranks (each applies it to its copy of the residual stream)
@@ -190,5 +184,5 @@ def test_a_killed_rank_fails_requests_retriably_and_ray_restarts_the_worker(
     ref = reference.generate(p, assets["adapters"]["ada"], 8)
     k = ref.comparable_prefix(GAP_TOL)
     assert list(c.token_ids[:k]) == list(ref.tokens[:k])
-    block_size = int(tp_cluster.pool.prefill[0].info.kv_layout.split("/")[2].split("x")[1])
-    assert c.kv_bytes == _unsharded_bytes(assets["model"], len(p), block_size)
+    assert c.kv_bytes == unsharded_kv_bytes(assets["model"], len(p),
+                                            tp_cluster.pool.prefill[0].info.kv_layout)

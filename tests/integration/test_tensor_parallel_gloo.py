@@ -8,11 +8,11 @@ count, half from each rank.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import pytest
+
+from reference import unsharded_kv_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +48,6 @@ def test_tp2_kv_over_gloo_rank_pairs_is_exact(gloo_cluster, reference, assets):
 
     info = gloo_cluster.pool.prefill[0].info
     block = int(info.kv_layout.split("/")[2].split("x")[1])
-    cfg = json.loads((Path(assets["model"]) / "config.json").read_text())
-    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
     rng = random.Random(3)
     d = gloo_cluster.pool.decode[0].actor
     with PreftClient(gloo_cluster.address, timeout=120, retries=0) as client:
@@ -61,7 +59,8 @@ def test_tp2_kv_over_gloo_rank_pairs_is_exact(gloo_cluster, reference, assets):
                 k = ref.comparable_prefix(GAP_TOL)
                 assert list(c.token_ids[:k]) == list(ref.tokens[:k]), (adapter, n)
                 assert c.kv_transport == "gloo", c.kv_transport
-                assert c.kv_bytes == per_token * -(-n // block) * block, (n, c.kv_bytes)
+                assert c.kv_bytes == unsharded_kv_bytes(assets["model"], n, info.kv_layout), (
+                    n, c.kv_bytes)
     # each decode rank pulled half of it
     per_rank = ray.get(d.__ray_call__.remote(lambda self: self.loop.engine.collective_rpc(
         lambda w: sum(r.bytes for r in __import__(
