@@ -33,15 +33,21 @@ def split_cores(n: int) -> tuple[str, str]:
 
 
 def with_kv_secret(cfg: ClusterConfig) -> ClusterConfig:
-    """Both pools' KV endpoints share one secret: the configured one, else a random one."""
-    p, d = cfg.prefill.transfer.secret, cfg.decode.transfer.secret
-    if p and d and p != d:
-        raise ConfigError("prefill.transfer.secret and decode.transfer.secret differ: the "
-                          "pools could never pair; set the same one on both, or neither")
-    secret = p or d or secrets.token_hex(16)
+    """One cluster secret: both pools' KV endpoints pair under it, and the router and every
+    worker authenticate each other with it on the worker plane. The configured one, else a
+    random one."""
+    given = {s for s in (cfg.prefill.transfer.secret, cfg.decode.transfer.secret,
+                         cfg.router.secret, cfg.colocated.secret if cfg.colocated else "") if s}
+    if len(given) > 1:
+        raise ConfigError("prefill.transfer.secret, decode.transfer.secret, router.secret and "
+                          "colocated.secret differ: the pools could never pair or talk; set "
+                          "the same one on all, or none")
+    secret = given.pop() if given else secrets.token_hex(16)
+    colocated = cfg.colocated and replace(cfg.colocated, secret=secret)
     return replace(
         cfg, prefill=replace(cfg.prefill, transfer=replace(cfg.prefill.transfer, secret=secret)),
-        decode=replace(cfg.decode, transfer=replace(cfg.decode.transfer, secret=secret)))
+        decode=replace(cfg.decode, transfer=replace(cfg.decode.transfer, secret=secret)),
+        router=replace(cfg.router, secret=secret), colocated=colocated)
 
 
 def omp_env(cpu_cores: str, shared: bool = False) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """asyncio helpers shared by the router and the workers (no heavy imports).
 
-:func:`merge` runs the streams of a request's ``n`` samples side by side: the router merges
-the decode workers' streams, a colocated worker its engine's per-sample streams.
+:func:`merge` runs the streams of a request's ``n`` samples side by side (the router merges
+the decode workers' streams); :func:`all_of` runs a colocated request's ``n`` sample
+coroutines, all or none.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ async def merge(streams) -> AsyncIterator:
             for t in tasks:
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     raise t.exception()
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def all_of(coros) -> None:
+    """Await every coroutine; the first failure (or the caller's cancel) cancels the rest
+    and is raised."""
+    if len(coros) == 1:
+        await coros[0]
+        return
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        for t in asyncio.as_completed(tasks):
+            await t
     finally:
         for t in tasks:
             t.cancel()

@@ -180,6 +180,12 @@ class ColocatedConfig:
     lora_kernel: str = "grouped"
     num_gpus: float = 0.0
     resources: Resources = ()
+    # The worker plane (router <-> worker calls, cluster/plane.py): the address it binds
+    # ("auto": the Ray node's IP) and the cluster's secret that authenticates both ends
+    # (empty: LocalCluster sets the cluster's one). Prefill and decode workers take both
+    # from their TransferConfig (kv_host, secret).
+    host: str = "127.0.0.1"
+    secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _check_adapter_engine(self, "ColocatedConfig")
@@ -218,7 +224,10 @@ class RouterConfig:
     tls_key: str | None = None       # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle: mutual TLS, clients must present a cert
     metrics_port: int | None = None  # Prometheus /metrics (0 = any free port; None = off)
-    direct_channel: bool = True      # prefill calls over a direct TCP channel (else Ray calls)
+    # The worker plane (cluster/plane.py): the cluster's secret (empty: LocalCluster sets the
+    # cluster's one) and the largest call body or answer item, in bytes, either way.
+    secret: str = field(default="", repr=False)
+    plane_max_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         c = "RouterConfig"
@@ -244,6 +253,9 @@ class RouterConfig:
               self.metrics_port, "must be in [0, 65535] (or unset)")
         _need(self.request_timeout_s > 0, c, "request_timeout_s", self.request_timeout_s, "must be > 0")
         _need(self.max_queue_depth >= 1, c, "max_queue_depth", self.max_queue_depth, "must be >= 1")
+        _need(isinstance(self.plane_max_bytes, int) and 1024 <= self.plane_max_bytes <= 128 << 20,
+              c, "plane_max_bytes", self.plane_max_bytes, "must be an integer from 1024 to "
+              f"{128 << 20} (128 MiB)")
 
     @property
     def tls(self) -> bool:
@@ -354,7 +366,8 @@ class ClusterConfig:
         return ColocatedConfig(
             engine=p.engine, max_lora_rank=p.max_lora_rank, max_loras=p.max_loras,
             max_cpu_loras=p.max_cpu_loras, max_adapter_bytes=p.max_adapter_bytes,
-            lora_kernel=p.lora_kernel, num_gpus=p.num_gpus)
+            lora_kernel=p.lora_kernel, num_gpus=p.num_gpus, host=p.transfer.kv_host,
+            secret=p.transfer.secret)
 
 
 def from_dict(cls, data: Any):

@@ -83,3 +83,8 @@ class PermissionDenied(RequestError):
 
 class Overloaded(RequestError):
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class MessageTooLarge(RequestError):
+    """A call or an answer over the worker plane's size limit: that call fails, no other."""
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -3,18 +3,19 @@
 Per request (the router's :class:`~cluster.messages.PrefillRequest`) it resolves the
 adapter through the same tiers as a prefill worker (:class:`AdapterHost`), submits the
 prompt with the adapter, and streams :class:`~cluster.messages.ColocatedDelta` items: the
-first carries the prefill timings. Inside the engine the adapter touches prompt positions
-only (``colocated_worker/prompt_lora.py``; all-token adapters every position), generated
-tokens' KV is never cached (``worker_runtime/sequence.py``), and the request's
+first carries the prefill timings. Each engine step's outputs become deltas in one callback
+and leave on the worker's plane (``worker_runtime/plane.py``) in one message. Inside the
+engine the adapter touches prompt positions only (``colocated_worker/prompt_lora.py``;
+all-token adapters every position), generated tokens' KV is never cached (``worker_runtime/sequence.py``), and the request's
 :class:`OutputStream` owns detokenization and stop strings, as on the prefill/decode path.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
+from dataclasses import replace
 
-from cluster.aio import merge
+from cluster.aio import all_of
 from cluster.config import ColocatedConfig
 from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling
 from colocated_worker.prompt_lora import (StepMix, add_all_token, install_prompt_only_lora,
@@ -53,9 +54,20 @@ class ColocatedWorker(AdapterWorker):
                             tier_hits=dict(self.adapters.tier_hits), resident=self.residency(),
                             mixed_steps=mix.mixed, by_kind=dict(self.requests_by_kind))
 
-    async def generate(self, req: PrefillRequest):
-        """Async generator of :class:`ColocatedDelta` (a Ray streaming call); with
-        ``sampling.n > 1`` the samples' deltas interleave, each with its ``index``."""
+    def plane_ops(self) -> dict:
+        from worker_runtime.plane import Op
+
+        return {"generate": Op(PrefillRequest, self.generate)}
+
+    def plane_host_secret(self) -> tuple[str, str]:
+        from worker_runtime.env import resolve_kv_host
+
+        return resolve_kv_host(self.cfg.host), self.cfg.secret
+
+    async def generate(self, req: PrefillRequest, call) -> None:
+        """Serve ``req``, emitting one :class:`ColocatedDelta` per sample per engine step on
+        ``call`` (the plane's stream call); with ``sampling.n > 1`` the samples' deltas
+        interleave, each with its ``index``. Returns when every sample has ended."""
         t_in = time.time()
         ids, r = await self.admit(req)
         if r is not None and r.ref.kind == "lora" and r.lora.lora_int_id not in self.all_token_ids:
@@ -64,47 +76,22 @@ class ColocatedWorker(AdapterWorker):
                 self.loop.call(lambda eng, i=r.lora.lora_int_id: add_all_token(eng, i))
         self.requests_by_kind[r.ref.kind if r else "base"] += 1
         t0 = time.time()
-        streams = [self._sample(req, i, ids, r, t_in, t0) for i in range(req.sampling.n)]
-        if len(streams) == 1:
-            async with aclosing(streams[0]) as deltas:
-                async for delta in deltas:
-                    yield delta
-            return
-        async for delta in merge(streams):
-            yield delta
+        await all_of([self._sample(req, i, ids, r, call, t_in, t0)
+                      for i in range(req.sampling.n)])
 
     async def _sample(self, req: PrefillRequest, i: int, ids: list[int], r: Resolved | None,
-                      t_in: float, t0: float):
-        """One sample's engine request and its output stream; sample 0's first delta
-        carries the prefill figures."""
+                      call, t_in: float, t0: float) -> None:
+        """One sample's engine request; its outputs become deltas in the engine step's
+        callback (:class:`_SampleOutput`)."""
         s = req.sampling.sample(i)
         rid = req.request_id if i == 0 else f"{req.request_id}-s{i}"
-        stream = OutputStream(self.tokenizer, s, rid)
+        out = _SampleOutput(self, s, rid, i, ids, r, call, t0 - (req.enqueued_at or t_in), t0)
         self.adapters.pin(r)
-        engine_done, first, n_out = False, i == 0, 0
         try:
-            async with aclosing(self.loop.run(rid, self._prompt(ids, r), self._params(s, r),
-                                              lora_request=r.lora if r else None)) as outputs:
-                async for out in outputs:
-                    engine_done = out.finished
-                    comp = out.outputs[0]
-                    step = stream.append(comp.token_ids,
-                                         comp.finish_reason if engine_done else None)
-                    lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs,
-                                         self.tokenizer)
-                    delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason,
-                                           logprobs=lps[:len(step.token_ids)], index=i)
-                    if first:
-                        first, delta = False, self._first(delta, ids, out, s, r,
-                                                          t0 - (req.enqueued_at or t_in),
-                                                          time.time() - t0)
-                    n_out += len(delta.token_ids)
-                    yield delta
-                    if step.finish_reason is not None:
-                        self.metrics.request(len(ids) + n_out, time.time() - t0)
-                        return  # a stop string before the engine stopped: leaving aborts it
+            await self.loop.drive(rid, self._prompt(ids, r), self._params(s, r), out,
+                                  lora_request=r.lora if r else None)
         finally:
-            self.adapters.unpin(r, after_engine_step=not engine_done)
+            self.adapters.unpin(r, after_engine_step=not out.engine_done)
 
     def _prompt(self, ids: list[int], r: Resolved | None):
         from vllm.inputs import TokensPrompt
@@ -123,8 +110,6 @@ class ColocatedWorker(AdapterWorker):
                r: Resolved | None, queue_s: float, prefill_s: float) -> ColocatedDelta:
         """The first delta carries what the router reports as prefill, and the prompt's
         logprobs when asked."""
-        from dataclasses import replace
-
         self.metrics.adapter(r.tier if r else "")
         return replace(delta, prompt_tokens=len(ids), queue_s=max(0.0, queue_s),
                        prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs,
@@ -132,3 +117,38 @@ class ColocatedWorker(AdapterWorker):
                        prompt_text=prompt_text(s, ids, self.tokenizer),
                        prefill_s=prefill_s, adapter_tier=r.tier if r else "",
                        adapter_load_s=r.load_s if r else 0.0)
+
+
+class _SampleOutput:
+    """One sample's engine outputs → its deltas, once per engine step (on the worker's event
+    loop; returns True when the sample's stream has ended). Sample 0's first delta carries
+    the prefill figures."""
+
+    __slots__ = ("worker", "s", "index", "ids", "r", "call", "queue_s", "t0", "stream",
+                 "first", "n_out", "engine_done")
+
+    def __init__(self, worker: ColocatedWorker, s: Sampling, rid: str, index: int,
+                 ids: list[int], r: Resolved | None, call, queue_s: float, t0: float) -> None:
+        self.worker, self.s, self.index, self.ids, self.r, self.call = worker, s, index, ids, r, call
+        self.queue_s, self.t0 = queue_s, t0
+        self.stream = OutputStream(worker.tokenizer, s, rid)
+        self.first, self.n_out, self.engine_done = index == 0, 0, False
+
+    def __call__(self, out) -> bool:
+        w, s = self.worker, self.s
+        self.engine_done = out.finished
+        comp = out.outputs[0]
+        step = self.stream.append(comp.token_ids, comp.finish_reason if out.finished else None)
+        lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs, w.tokenizer)
+        delta = ColocatedDelta(step.token_ids, step.text, step.finish_reason,
+                               logprobs=lps[:len(step.token_ids)], index=self.index)
+        if self.first:
+            self.first = False
+            delta = w._first(delta, self.ids, out, s, self.r, self.queue_s,
+                             time.time() - self.t0)
+        self.n_out += len(delta.token_ids)
+        self.call.emit(delta)
+        if step.finish_reason is None:
+            return False
+        w.metrics.request(len(self.ids) + self.n_out, time.time() - self.t0)
+        return True   # before the engine stopped (a stop string): the request is aborted

@@ -3,14 +3,15 @@
 Per :class:`~cluster.messages.DecodeRequest` it submits ``prompt + [first_token]`` with the
 prompt's KV declared external (our KV connector as consumer pulls it from the prefill
 worker named in the handle), so nothing of the prompt is recomputed without its adapter;
-vLLM computes from the first token on and the worker streams
-:class:`~cluster.messages.DecodeDelta` items back to the router.
+vLLM computes from the first token on. Each engine step's output goes through the request's
+:class:`OutputStream` (text, stop strings) into one :class:`~cluster.messages.DecodeDelta`,
+emitted on the worker's plane (``worker_runtime/plane.py``), which sends every request's
+delta of that step to the router in one message.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 from dataclasses import replace
 
 from cluster.config import DecodeConfig
@@ -54,38 +55,20 @@ class DecodeWorker(EngineWorker):
                 "pulled": sum(r.ok and r.exposed_s is None for r in recs),
                 "failed": sum(not r.ok for r in recs)}
 
-    async def decode(self, req: DecodeRequest):
-        """Async generator of :class:`DecodeDelta` (a Ray streaming call)."""
+    def plane_ops(self) -> dict:
+        from worker_runtime.plane import Op
+
+        return {"decode": Op(DecodeRequest, self.decode)}
+
+    async def decode(self, req: DecodeRequest, call) -> None:
+        """Decode ``req``, emitting one :class:`DecodeDelta` per engine step on ``call``
+        (the plane's stream call); returns when the request ends."""
         self._check_layout(req)
-        s = req.sampling
-        if s.max_tokens < 2:
+        if req.sampling.max_tokens < 2:
             raise InvalidRequest("max_tokens", "decode needs max_tokens >= 2 (the first token "
                                  "comes from prefill)")
-        stream = OutputStream(self.tokenizer, s, req.request_id)
-        stream.append([req.first_token], None)  # prefill already sent what this produces
-        t0 = time.perf_counter()
-        first, n_tokens = True, 0
-        async with aclosing(self.loop.run(req.request_id, self._prompt(req),
-                                          self._params(req))) as outputs:
-            async for out in outputs:
-                comp = out.outputs[0]
-                if comp.finish_reason == "error":
-                    raise KVTransferFailed(
-                        f"KV transfer {req.kv.transfer_id} from {req.kv.engine_id} to "
-                        f"{self.worker_id} failed; the request was not decoded")
-                step = stream.append(comp.token_ids, comp.finish_reason if out.finished else None)
-                lps = token_logprobs(comp.token_ids, comp.logprobs, s.logprobs, self.tokenizer)
-                delta = DecodeDelta(step.token_ids, step.text, step.finish_reason,
-                                    logprobs=lps[:len(step.token_ids)])
-                if first:
-                    first, delta = False, self._with_transfer(delta, req, t0)
-                n_tokens += len(delta.token_ids)
-                if step.finish_reason is not None:
-                    self.metrics.request(n_tokens, time.perf_counter() - t0)
-                yield delta
-                if step.finish_reason is not None:
-                    # a stop string before the engine stopped: leaving aborts the request
-                    return
+        await self.loop.drive(req.request_id, self._prompt(req), self._params(req),
+                              _DecodeOutput(self, req, call))
 
     def _check_layout(self, req: DecodeRequest) -> None:
         if req.kv.layout != self.kv.layout_fingerprint:
@@ -125,3 +108,36 @@ class DecodeWorker(EngineWorker):
                        first_step_s=max(0.0, total - exposed),
                        kv_transport=rec.transport if rec else "",
                        kv_pipelined=bool(rec and rec.pipelined), kv_exposed_s=exposed)
+
+
+class _DecodeOutput:
+    """One decode request's engine outputs → its deltas, once per engine step (called on the
+    worker's event loop; returns True when the request's stream has ended)."""
+
+    __slots__ = ("worker", "req", "call", "stream", "t0", "first", "n_tokens")
+
+    def __init__(self, worker: DecodeWorker, req: DecodeRequest, call) -> None:
+        self.worker, self.req, self.call = worker, req, call
+        self.stream = OutputStream(worker.tokenizer, req.sampling, req.request_id)
+        self.stream.append([req.first_token], None)  # prefill already sent what this produces
+        self.t0 = time.perf_counter()
+        self.first, self.n_tokens = True, 0
+
+    def __call__(self, out) -> bool:
+        w, req, comp = self.worker, self.req, out.outputs[0]
+        if comp.finish_reason == "error":
+            raise KVTransferFailed(
+                f"KV transfer {req.kv.transfer_id} from {req.kv.engine_id} to "
+                f"{w.worker_id} failed; the request was not decoded")
+        step = self.stream.append(comp.token_ids, comp.finish_reason if out.finished else None)
+        lps = token_logprobs(comp.token_ids, comp.logprobs, req.sampling.logprobs, w.tokenizer)
+        delta = DecodeDelta(step.token_ids, step.text, step.finish_reason,
+                            logprobs=lps[:len(step.token_ids)])
+        if self.first:
+            self.first, delta = False, w._with_transfer(delta, req, self.t0)
+        self.n_tokens += len(delta.token_ids)
+        self.call.emit(delta)
+        if step.finish_reason is None:
+            return False
+        w.metrics.request(self.n_tokens, time.perf_counter() - self.t0)
+        return True   # before the engine stopped (a stop string): the request is aborted

@@ -35,30 +35,16 @@ class PrefillWorker(AdapterWorker):
     def __init__(self, cfg: PrefillConfig, worker_id: str, redis_url: str | None = None,
                  cache_dir: str | None = None, actor_name: str = "") -> None:
         super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name, transfer=cfg.transfer)
-        self._channel = None
         self.prompt_tokens = self.prompt_tokens_cached = 0
 
+    def plane_ops(self) -> dict:
+        """The router's prefill call arrives on the plane (its result leaves with the
+        engine step's other answers)."""
+        from worker_runtime.plane import Op
+
+        return {"prefill": Op(PrefillRequest, lambda req, call: self.prefill(req))}
+
     # ------------------------------------------------------------------ API
-    async def channel(self) -> tuple[str, str]:
-        """The direct channel's ``host:port`` and token, started on first ask (on this
-        actor's event loop): the router's prefill calls take it instead of Ray's hops."""
-        if self._channel is None:
-            from worker_runtime.channel import ChannelServer, Op
-            from worker_runtime.env import resolve_kv_host
-
-            self._channel = ChannelServer({"prefill": Op(PrefillRequest, self.prefill)},
-                                          resolve_kv_host(self.transfer.kv_host), self.worker_id)
-        return await self._channel.start(), self._channel.token
-
-    async def channel_calls(self) -> int:
-        """Calls this worker answered over its direct channel."""
-        return self._channel.calls if self._channel is not None else 0
-
-    async def shutdown(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        await super().shutdown()
-
     async def release(self, transfer_id: int) -> bool:
         """Free a transfer's held blocks (the router: decode never pulled them). Never
         waits; True when held blocks were freed now, False when they were not held (already

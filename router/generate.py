@@ -6,9 +6,13 @@ tenant, the request validated into a ``PrefillRequest``, admission against
 locality and a decode worker by load, ``router/pool.py``) → the path
 (``_run_prefill_decode``: ``_prefill`` → ``_first_token`` → ``_decode`` stream; or
 ``_run_colocated``) → ``_final`` (finish reason, usage, timings, KV). Below them, the worker
-calls every step makes: each within the request's deadline, failures mapped to a status
-code with a message that says what to fix; a worker that dies mid-request is marked dead
-and ends the stream with ``UNAVAILABLE``. The router never touches KV bytes.
+calls every step makes, over the worker plane (``router/plane.py``): each within the
+request's deadline, failures mapped to a status code with a message that says what to fix;
+a worker that dies mid-request is marked dead and ends the stream with ``UNAVAILABLE``.
+A worker's stream arrives in batches (everything its engine produced for the request since
+the client was last sent something), and each batch leaves as **one** client message per
+sample: at most one per engine step, fewer when the client is behind. The router never
+touches KV bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from cluster.errors import InvalidRequest, Overloaded, PreftError
 from cluster.messages import (ALL_TOKEN_KINDS, AdapterRef, DecodeDelta, DecodeRequest,
                               PrefillRequest, PrefillResult, Sampling)
 from proto.preft.v1 import router_pb2 as pb
-from router.channel import ChannelLost
+from router.plane import PlaneLost
 from router.pool import NeedsColocated, NoWorkers, Placement, WorkerHandle
 from router.service_base import ServiceBase, grpc_status, unwrap
 
@@ -181,23 +185,18 @@ class GenerateRpcs(ServiceBase):
             yield delta
 
     async def _prefill(self, pw: WorkerHandle, preq: PrefillRequest, context):
-        """The worker's prefill, over its direct channel when it has one (a cancel or the
-        deadline cancels the call there too), else as a Ray actor call."""
+        """The worker's prefill over its plane (a cancel or the deadline cancels the call
+        there too): its result, the first token and the KV handle."""
         pw.outstanding += 1
         try:
-            ch = await self.channels.get(pw)
-            self.metrics.worker_calls.labels("prefill", "ray" if ch is None else "channel").inc()
-            if ch is not None:
-                return await self._call(ch.call("prefill", preq, PrefillResult), context,
-                                        "prefill", pw)
-            ref = pw.actor.prefill.remote(preq)
-            try:
-                return await self._call(ref, context, "prefill", pw)
-            except BaseException:
-                _cancel(ref)  # client cancel or deadline: the worker aborts the request
-                raise
+            return await self._call(self._unary(pw, "prefill", preq, context), context,
+                                    "prefill", pw)
         finally:
             pw.outstanding -= 1
+
+    async def _unary(self, worker: WorkerHandle, op: str, arg, context):
+        stream = (await self.planes.get(worker)).call(op, arg, self._timeout(context))
+        return await stream.result()
 
     def _first_token(self, out: "_Outcome", t_admit: float, queue_s: float, prefill_s: float,
                      prompt_tokens: int, preq: PrefillRequest, tier: str, load_s: float) -> None:
@@ -215,15 +214,15 @@ class GenerateRpcs(ServiceBase):
         m = self.metrics
         out.decoding.add(index)     # from here this stream frees its offer if it fails
         dw.outstanding += 1
-        gen = dw.actor.decode.remote(dreq)
         pulled = False
         try:
-            async for d in self._stream(gen, context, "decode", dw):
-                if d.kv_transfer_s is not None:
-                    pulled = self._kv_loaded(pw, dw, d, res, out)
-                out.add(d, index=index)
-                if d.token_ids or d.text:
-                    yield _token_delta(d, index)
+            async for batch in self._batches(dw, "decode", dreq, context):
+                for d in batch:
+                    if d.kv_transfer_s is not None:
+                        pulled = self._kv_loaded(pw, dw, d, res, out)
+                    out.add(d, index=index)
+                for delta in _token_deltas(batch, index):
+                    yield delta
         except BaseException as e:
             if not pulled:  # decode never pulled: free the prefill side's blocks now
                 pw.actor.release.remote(res.kv.transfer_id)
@@ -251,17 +250,18 @@ class GenerateRpcs(ServiceBase):
         w = place.colocated
         out.kv = pb.KVTransfer(prefill_worker=w.worker_id, decode_worker=w.worker_id)
         w.outstanding += 1
-        gen = w.actor.generate.remote(preq)
         t_dec = None
         try:
-            async for d in self._stream(gen, context, "generate", w):
-                if d.prompt_tokens is not None:
-                    self._first_token(out, t_admit, d.queue_s, d.prefill_s, d.prompt_tokens,
-                                      preq, d.adapter_tier, d.adapter_load_s)
-                    t_dec = time.time()
-                out.add(d, d.prompt_logprobs, d.prompt_text)
-                if d.token_ids or d.text:
-                    yield _token_delta(d)
+            async for batch in self._batches(w, "generate", preq, context):
+                for d in batch:
+                    if d.prompt_tokens is not None:
+                        self._first_token(out, t_admit, d.queue_s, d.prefill_s,
+                                          d.prompt_tokens, preq, d.adapter_tier,
+                                          d.adapter_load_s)
+                        t_dec = time.time()
+                    out.add(d, d.prompt_logprobs, d.prompt_text)
+                for delta in _token_deltas(batch):
+                    yield delta
         finally:
             w.outstanding -= 1
         out.decode_s = time.time() - t_dec if t_dec is not None else 0.0
@@ -284,43 +284,49 @@ class GenerateRpcs(ServiceBase):
             prompt_text=out.prompt_text, samples=out.samples()))
 
     # ------------------------------------------------------------------ worker calls
-    async def _stream(self, gen, context, what: str, worker: WorkerHandle):
-        """The items of a worker's Ray stream, each within the request's deadline."""
+    async def _batches(self, worker: WorkerHandle, op: str, arg, context):
+        """A worker's stream call over its plane, as batches of its items (all that arrived
+        since the last), within the request's deadline; failures mapped to a status.
+        Leaving early cancels the call on the worker."""
+        stream = None
         try:
-            while True:
-                try:
-                    ref = await self._call(gen.__anext__(), context, what, worker)
-                except StopAsyncIteration:
-                    return
-                yield await self._call(ref, context, what, worker)
-        except BaseException:
-            _cancel(gen)
+            stream = (await self.planes.get(worker)).call(op, arg, self._timeout(context))
+            async for batch in stream.batches():
+                yield batch
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
+        except Exception as e:
+            await self._abort(e, context, op, worker)
+        finally:
+            if stream is not None:
+                stream.cancel()
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        return self.cfg.request_timeout_s if remaining is None else min(
+            remaining, self.cfg.request_timeout_s)
 
     async def _call(self, awaitable, context, what: str, worker: WorkerHandle):
         """Await a worker call within the request's deadline; map failures to a status."""
-        remaining = context.time_remaining()
-        timeout = self.cfg.request_timeout_s if remaining is None else min(
-            remaining, self.cfg.request_timeout_s)
         try:
-            return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"{what} on {worker.worker_id} exceeded the deadline")
-        except PreftError as e:
-            await context.abort(grpc_status(e.grpc_code), e.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError, StopAsyncIteration):
+            return await asyncio.wait_for(awaitable, self._timeout(context))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
-            await self._abort_for(e, context, what, worker)
+            await self._abort(e, context, what, worker)
 
-    async def _abort_for(self, e: BaseException, context, what: str, worker: WorkerHandle):
+    async def _abort(self, e: BaseException, context, what: str, worker: WorkerHandle):
+        """End the RPC with the status a worker call's failure means; a worker that died
+        or dropped its plane is marked dead."""
         import ray.exceptions as rx
 
+        if isinstance(e, asyncio.TimeoutError):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{what} on {worker.worker_id} exceeded the deadline")
         cause = unwrap(e)
         if isinstance(cause, PreftError):
             await context.abort(grpc_status(cause.grpc_code), cause.message)
-        if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError, ChannelLost)):
+        if isinstance(e, (rx.RayActorError, rx.ActorUnavailableError, PlaneLost)):
             log.warning("%s on %s failed: %r", what, worker.worker_id, e)
             self._mark_dead(worker)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -334,6 +340,7 @@ class GenerateRpcs(ServiceBase):
         does not revive it before Ray's restarted instance heartbeats again."""
         worker.healthy = False
         self.view.members.pop(worker.worker_id, None)
+        self.planes.drop(worker.worker_id)
 
         def leave() -> None:
             try:
@@ -432,9 +439,18 @@ def _token_delta(d, index: int | None = None) -> pb.TokenDelta:
                          index=d.index if index is None else index)
 
 
-def _cancel(ref) -> None:
-    try:
-        import ray
-        ray.cancel(ref)
-    except Exception:
-        pass
+def _token_deltas(batch: list, index: int | None = None) -> list[pb.TokenDelta]:
+    """One batch of a worker stream's deltas (one or more engine steps) as one client
+    message per sample: tokens, text and logprobs concatenated in order."""
+    if len(batch) == 1:
+        d = batch[0]
+        return [_token_delta(d, index)] if d.token_ids or d.text else []
+    groups: dict[int, list] = {}
+    for d in batch:
+        if d.token_ids or d.text:
+            groups.setdefault(d.index if index is None else index, []).append(d)
+    return [pb.TokenDelta(token_ids=[t for d in ds for t in d.token_ids],
+                          text="".join(d.text for d in ds),
+                          logprobs=to_pb_logprobs([lp for d in ds for lp in d.logprobs]),
+                          index=i) for i, ds in groups.items()]
+

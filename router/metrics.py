@@ -94,8 +94,6 @@ class RouterMetrics:
                              "Generate requests by serving path (colocated | prefill_decode) "
                              "and adapter kind (lora_p | reft_p | lora | base)",
                              ["path", "kind"], registry=r)
-        self.worker_calls = Counter("preft_router_worker_calls", "Prefill calls by route: "
-                                    "channel (direct TCP) | ray", ["call", "via"], registry=r)
         self.spills = Counter("preft_routing_spills",
                               "Locality picks that went past the adapter's first-ranked worker "
                               "(bounded load)", ["policy"], registry=r)

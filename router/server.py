@@ -49,9 +49,9 @@ class RouterService(AdminRpcs, GenerateRpcs, pb_grpc.RouterServicer):
         self.metrics.set_gauge_source(self._gauges)
 
     def close(self) -> None:
-        """The router stopped: its pool's gauges leave /metrics, its channels close."""
+        """The router stopped: its pool's gauges leave /metrics, its plane connections close."""
         self.metrics.clear_gauge_source(self._gauges)
-        self.channels.close()
+        self.planes.close()
 
     def _gauges(self) -> list:
         """Scrape-time gauges: pool queues, per-worker load, decode KV blocks in use."""

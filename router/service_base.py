@@ -16,7 +16,7 @@ from cluster.adapter_store import AdapterStore
 from cluster.config import RouterConfig
 from cluster.errors import AdapterNotFound, PermissionDenied, PreftError, Unauthenticated
 from cluster.state import AdapterRecord
-from router.channel import Channels
+from router.plane import Planes
 from router.metrics import RouterMetrics, default_metrics
 from router.pool import WorkerPool
 from router.state_view import StateView
@@ -43,7 +43,7 @@ class ServiceBase:
         self.store = store
         self.inflight = 0
         self.metrics: RouterMetrics = default_metrics()
-        self.channels = Channels(cfg.direct_channel)   # prefill calls off Ray's hops
+        self.planes = Planes(cfg.secret, cfg.plane_max_bytes)   # the worker calls, by worker
 
     async def _tenant(self, context) -> str | None:
         """The caller's tenant; None = operator (open mode on loopback)."""

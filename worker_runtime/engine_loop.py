@@ -1,10 +1,12 @@
 """Drives one vLLM ``LLMEngine`` in a dedicated thread: schedule → run → dispatch.
 
-The worker actor's asyncio methods call :meth:`EngineLoop.submit` and read outputs from an
-``asyncio.Queue``; the engine thread adds requests, steps the engine while its scheduler
-has anything to do (running requests, requests waiting for KV, blocks held for transfer),
-and hands each ``RequestOutput`` to the owning queue. The engine is built inside the thread
-so vLLM's OpenMP binding applies to the thread that runs the model.
+The worker actor's asyncio methods call :meth:`EngineLoop.submit` (or :meth:`drive`,
+:meth:`run`); the engine thread adds requests, steps the engine while its scheduler has
+anything to do (running requests, requests waiting for KV, blocks held for transfer), and
+hands **each step's outputs to the event loop in one callback**: every request's sink runs
+there, one after another, so whatever the worker sends for that step (the plane's step
+message, ``worker_runtime/plane.py``) leaves once. The engine is built inside the thread so
+vLLM's OpenMP binding applies to the thread that runs the model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import threading
 import time
 from collections import deque
 from typing import Any, Callable
+
+Sink = Callable[[Any], None]   # a request's outputs (or the exception that ended it)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ class EngineLoop:
         self.name = name
         self.wake = wake or threading.Event()
         self._inbox: deque = deque()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, Sink]] = {}
         self._ready = threading.Event()
         self._stop = threading.Event()
         self.engine = None
@@ -54,15 +58,47 @@ class EngineLoop:
             raise EngineDead(f"{self.name}: engine failed to start: {self.error}") from self.error
         self.start_s = time.perf_counter() - t0
 
-    def submit(self, request_id: str, prompt: Any, params: Any, **kwargs: Any) -> asyncio.Queue:
-        """Queue a request; outputs (or an exception) arrive on the returned queue."""
+    def submit(self, request_id: str, prompt: Any, params: Any, sink: Sink | None = None,
+               **kwargs: Any) -> asyncio.Queue | None:
+        """Queue a request; its outputs (or an exception) go to ``sink`` on the caller's
+        event loop, once per engine step, or without one onto the returned queue."""
         if self.error is not None:
             raise EngineDead(f"{self.name}: engine is dead: {self.error}")
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (asyncio.get_running_loop(), q)
+        q = None
+        if sink is None:
+            q = asyncio.Queue()
+            sink = q.put_nowait
+        self._sinks[request_id] = (asyncio.get_running_loop(), sink)
         self._inbox.append(("add", request_id, prompt, params, kwargs))
         self.wake.set()
         return q
+
+    async def drive(self, request_id: str, prompt: Any, params: Any,
+                    handle: Callable[[Any], bool], **kwargs: Any) -> None:
+        """Submit a request and call ``handle(output)`` on this event loop for each of its
+        engine outputs, in the step's one callback; returns once the engine finished it or
+        ``handle`` returned True (e.g. a stop string: the engine request is aborted).
+        ``handle`` raising, the engine failing it, or the caller being cancelled aborts the
+        engine request too (its blocks are freed) and raises."""
+        done = asyncio.get_running_loop().create_future()
+
+        def sink(out: Any) -> None:
+            if done.done():
+                return
+            if isinstance(out, BaseException):
+                done.set_exception(as_request_error(out))
+                return
+            try:
+                if handle(out) or out.finished:
+                    done.set_result(None)
+            except BaseException as e:
+                done.set_exception(e)
+
+        self.submit(request_id, prompt, params, sink=sink, **kwargs)
+        try:
+            await done
+        finally:
+            self.abort(request_id)   # a no-op once the engine finished it
 
     async def run(self, request_id: str, prompt: Any, params: Any, **kwargs: Any):
         """Submit a request and yield its outputs until the engine finishes it. Leaving
@@ -82,7 +118,7 @@ class EngineLoop:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        if self._queues.pop(request_id, None) is not None:
+        if self._sinks.pop(request_id, None) is not None:
             self._inbox.append(("abort", request_id))
             self.wake.set()
 
@@ -96,7 +132,7 @@ class EngineLoop:
 
     @property
     def num_requests(self) -> int:
-        return len(self._queues)
+        return len(self._sinks)
 
     def stop(self) -> None:
         self._stop.set()
@@ -105,10 +141,22 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ engine thread
     def _deliver(self, request_id: str, item: Any, final: bool) -> None:
-        entry = self._queues.pop(request_id, None) if final else self._queues.get(request_id)
+        entry = self._sinks.pop(request_id, None) if final else self._sinks.get(request_id)
         if entry is not None:
-            loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop, sink = entry
+            loop.call_soon_threadsafe(_dispatch, [(sink, item)])
+
+    def _deliver_step(self, outputs: list) -> None:
+        """One engine step's outputs: one callback per event loop, every sink in it."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        sinks = self._sinks
+        for out in outputs:
+            entry = sinks.pop(out.request_id, None) if out.finished else sinks.get(
+                out.request_id)
+            if entry is not None:
+                batches.setdefault(entry[0], []).append((entry[1], out))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_dispatch, batch)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -148,9 +196,9 @@ class EngineLoop:
                 if self._has_work():
                     outputs = self.engine.step()
                     self.steps += 1
-                    for out in outputs:
-                        self._deliver(out.request_id, out, final=out.finished)
-                    if not outputs:
+                    if outputs:
+                        self._deliver_step(outputs)
+                    else:
                         self.wake.wait(_PENDING_WAIT_S)
                         self.wake.clear()
                 else:
@@ -159,10 +207,19 @@ class EngineLoop:
         except BaseException as e:
             log.exception("%s: engine loop crashed", self.name)
             self.error = e
-            for rid in list(self._queues):
+            for rid in list(self._sinks):
                 self._deliver(rid, EngineDead(f"{self.name}: engine crashed: {e}"), final=True)
             if self._on_crash is not None:
                 self._on_crash(e)
+
+
+def _dispatch(batch: list) -> None:
+    """On the event loop: each request's output to its sink; one failing sink is its own."""
+    for sink, item in batch:
+        try:
+            sink(item)
+        except Exception:
+            log.exception("an output sink failed")
 
 
 def _set_result(fut: asyncio.Future, res: Any, err: BaseException | None) -> None:

@@ -8,7 +8,9 @@ engine from the pool's :class:`~cluster.config.EngineConfig` plus what the subcl
 :class:`~kv_transfer.endpoint.KVEndpoint` with it (handed to the engine's KV connector in
 the KV transfer config; the worker keeps it as ``self.kv``), joins the cluster by
 heartbeat, and answers the calls the router makes of every worker (:class:`WorkerApi`):
-``info``, ``kv_usage``, ``reset_prefix_cache``, ``shutdown``.
+``info``, ``kv_usage``, ``reset_prefix_cache``, ``shutdown``, and ``plane``: the address of
+the worker's plane (``worker_runtime/plane.py``), where the router's calls on a request's
+token path arrive (the pool's :meth:`EngineWorker.plane_ops`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class WorkerApi(Protocol):
     """The calls the router makes of every worker (Ray actor methods, awaited)."""
 
     async def info(self) -> WorkerInfo: ...
+    async def plane(self) -> str: ...
     async def kv_usage(self) -> KVUsage: ...
     async def shutdown(self) -> None: ...
 
@@ -60,6 +63,7 @@ class EngineWorker:
 
         self.engine_cfg, self.transfer, self.cpu_cores = engine, transfer, cpu_cores
         self.worker_id = worker_id
+        self._plane = None
         self.metrics = WorkerMetrics(self.role, worker_id)
         self.kv = self._kv_endpoint()
         self.loop = EngineLoop(self._build_engine, f"{self.role}:{worker_id}",
@@ -85,6 +89,16 @@ class EngineWorker:
 
     def after_build(self, engine: Any) -> None:
         """Engine-thread hooks installed once the engine exists."""
+
+    def plane_ops(self) -> dict:
+        """The calls this pool answers on its plane (``worker_runtime.plane.Op`` by name)."""
+        return {}
+
+    def plane_host_secret(self) -> tuple[str, str]:
+        """Where the plane binds and the cluster secret it authenticates with."""
+        from worker_runtime.env import resolve_kv_host
+
+        return resolve_kv_host(self.transfer.kv_host), self.transfer.secret
 
     def _build_engine(self):
         from vllm import EngineArgs
@@ -186,6 +200,22 @@ class EngineWorker:
             self.kv.prune(members)
 
     # ------------------------------------------------------------------ API
+    async def plane(self) -> str:
+        """The plane's address (``tcp://host:port``), started on first ask, on this actor's
+        event loop: the router's calls on a request's token path arrive there."""
+        if self._plane is None:
+            from worker_runtime.plane import PlaneServer
+
+            host, secret = self.plane_host_secret()
+            self._plane = PlaneServer(self.plane_ops(), secret, host, self.worker_id)
+        return await self._plane.start()
+
+    async def plane_stats(self) -> dict[str, int]:
+        """Calls answered, step messages sent, frames refused on the plane, engine steps."""
+        p = self._plane
+        return {"calls": p.calls if p else 0, "messages": p.messages if p else 0,
+                "refused": p.refused if p else 0, "steps": self.loop.steps}
+
     async def info(self) -> WorkerInfo:
         eng = self.loop.engine
         return WorkerInfo(
@@ -217,6 +247,8 @@ class EngineWorker:
     async def shutdown(self) -> None:
         """Leave the cluster, stop the engine, close the KV endpoint's pairs: each may wait
         seconds (Redis, the engine thread's step, a pair's pull), so off the event loop."""
+        if self._plane is not None:   # its calls end (their engine requests are aborted)
+            self._plane.close()
         await asyncio.to_thread(self._stop)
 
     def _stop(self) -> None:

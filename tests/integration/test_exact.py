@@ -58,12 +58,12 @@ def test_cluster_equals_preft_reference(cluster, client, reference, assets):
 
     pw = cluster.pool.prefill[0].actor
     loads_before = ray.get(cluster.pool.decode[0].actor.kv_loads.remote())
-    calls_before = ray.get(pw.channel_calls.remote())
+    calls_before = ray.get(pw.plane_stats.remote())["calls"]
     with ThreadPoolExecutor(8) as ex:  # concurrent: decode batches mix users
         results = list(ex.map(run, jobs))
     loads = ray.get(cluster.pool.decode[0].actor.kv_loads.remote())
-    # every prefill call went over the router's direct channel, none through Ray's hops
-    assert ray.get(pw.channel_calls.remote()) - calls_before == len(jobs)
+    # every prefill call went over the worker plane, none through Ray's hops
+    assert ray.get(pw.plane_stats.remote())["calls"] - calls_before == len(jobs)
     # after the pair's first transfer, staged same-host KV loads layer by layer during the
     # decode forward (the exact comparison below covers both ways)
     assert loads["layerwise"] - loads_before["layerwise"] >= len(jobs) // 2, (loads_before, loads)

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.errors import InvalidRequest
 from cluster.messages import PrefillRequest, PrefillResult, Sampling, TokenLogprob
-from cluster.wire import WireError, from_wire, to_wire
+from cluster.plane import ENCODER, PlaneError, decode, decoder
 
 
 @pytest.mark.parametrize("field, kw", [
@@ -41,21 +41,25 @@ def test_sampling_accepts_the_whole_surface():
     assert s.validate() is s and s.token_ids_used() == (3, 4)
 
 
-def test_wire_round_trips_logprobs_and_logit_bias():
+def test_plane_round_trips_logprobs_and_logit_bias():
+    import msgspec
+
     lp = TokenLogprob(7, -0.5, 1, ((7, -0.5), (9, -1.25)), "a", ("a", "b"))
     res = PrefillResult("r", (1, 2), 7, "a", None, None, "ns", 0.0, 0.0,
                         first_logprob=lp, prompt_logprobs=(TokenLogprob(1, 0.0, 0), lp))
-    assert from_wire(PrefillResult, to_wire(res)) == res
+    limit = 1 << 20
+    assert decode(decoder(PrefillResult), ENCODER.encode(res), limit, "result") == res
     req = PrefillRequest("r", None, Sampling(logit_bias=((5, 1.5), (6, -2.0))),
                          prompt_token_ids=(1,))
-    assert from_wire(PrefillRequest, to_wire(req)) == req
-    bad = to_wire(req)
+    req_type = decoder(PrefillRequest)
+    assert decode(req_type, ENCODER.encode(req), limit, "request") == req
+    bad = msgspec.to_builtins(req)
     bad["sampling"]["logit_bias"] = [[5, 1.5, 9]]      # a pair must be a pair
-    with pytest.raises(WireError, match="expected 2 items"):
-        from_wire(PrefillRequest, bad)
+    with pytest.raises(PlaneError, match="Expected `array` of length 2"):
+        decode(req_type, ENCODER.encode(bad), limit, "request")
     bad["sampling"]["logit_bias"] = [[5, "x"]]
-    with pytest.raises(WireError):
-        from_wire(PrefillRequest, bad)
+    with pytest.raises(PlaneError, match="Expected `float`"):
+        decode(req_type, ENCODER.encode(bad), limit, "request")
 
 
 def test_decode_rows_count_the_first_token_as_generated():
