@@ -8,7 +8,8 @@ token at position ``p`` of a request with ``n`` prompt tokens gets the request's
 model's cost, and the grouped kernel (``lora_kernel/grouped_lora.py``) skips them. The
 first generated token is sampled from the last prompt position, with the adapter, exactly
 as on the prefill/decode path. All-token adapters (kind ``lora``) keep vLLM's mapping:
-their ids are in ``all_token_ids``.
+their ids are in ``all_token_ids``. Only the adapters the mapping uses are activated in a
+slot (:func:`active_requests`): a decoding request holds none.
 
 Positions are what vLLM's model runner computes in ``_prepare_inputs``:
 ``num_computed_tokens_cpu[i] + 0..num_scheduled_tokens[i]-1``. The hook replaces
@@ -59,6 +60,15 @@ def prompt_only_mapping(lora_ids: np.ndarray, num_computed: np.ndarray,
     return tuple(int(x) for x in sampled), tuple(int(x) for x in tokens)
 
 
+def active_requests(requests, sampled: tuple[int, ...], tokens: tuple[int, ...]) -> set:
+    """The LoRA requests a step's mapping uses: those with a token (or a sampled token) on
+    them. A request whose scheduled tokens are all generated needs no slot, so its adapter
+    leaves the active set (``colocated_worker/prompt_slots.py`` stops counting it in the
+    scheduler) and vLLM's slot LRU may give the slot to the next prompt's adapter."""
+    used = set(sampled) | set(tokens)
+    return {r for r in requests if r is not None and r.lora_int_id in used}
+
+
 def install_prompt_only_lora(engine: Any, all_token_ids: set[int],
                              mix: StepMix | None = None) -> None:
     """Install on every model runner of an ``LLMEngine`` with LoRA enabled: in-process
@@ -91,7 +101,7 @@ def _install_on_runner(worker: Any, all_token_ids: set[int], mix: StepMix | None
             batch.request_lora_mapping[:n], batch.num_computed_tokens_cpu[:n],
             batch.num_prompt_tokens[:n], np.asarray(num_scheduled_tokens),
             np.asarray(num_sampled_tokens), all_token_ids)
-        return sampled, tokens, requests
+        return sampled, tokens, active_requests(requests, sampled, tokens)
 
     batch.make_lora_inputs = make_lora_inputs
     runner.preft_prompt_lora = (all_token_ids, mix)

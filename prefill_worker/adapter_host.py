@@ -73,6 +73,8 @@ class AdapterHost:
         self._resolving: dict[str, asyncio.Lock] = {}
         self.tier_hits = {"engine": 0, "disk": 0, "store": 0}
         self.pin_loads = 0   # adapters set_pins loaded into the engine (not a request's)
+        self._ended_early: dict[str, int] = {}   # ReFT-P pins prompt_done already released
+        self._pin_lock = threading.Lock()        # engine thread vs the worker's event loop
         self.reft = ReftRuntime(cfg.max_cpu_loras)  # ReFT-P: engine hook + host-memory tier
         self._load_base_shape()
 
@@ -325,12 +327,38 @@ class AdapterHost:
                 return
             except RuntimeError:  # no running event loop: release here
                 pass
-        self.reft.release(key)
+        self._release_host(key)
 
     def _release_reft(self, engine, key: str) -> None:
-        self.reft.release(key)
+        self._release_host(key)
         if self.reft.ranked:
             self.reft.sync_ranks(engine, key)
+
+    def prompt_done(self, request) -> None:
+        """Engine thread, colocated workers (``prompt_slots.install_prompt_slots``): vLLM's
+        ``request`` has its first token, so a ReFT-P request's pin ends here -- its
+        interventions touch prompt positions only, and the host tier may evict the weights
+        once no request still prefilling holds them. The request's own :meth:`unpin` later
+        finds the pin already released (one credit per key: pins of one key are
+        interchangeable). A tensor-parallel engine's ranks keep their copy until then."""
+        from prefill_worker.reft_runtime import EXTRA_ARG
+
+        sp = getattr(request, "sampling_params", None)
+        key = (sp.extra_args or {}).get(EXTRA_ARG) if sp is not None else None
+        if key is None:
+            return
+        with self._pin_lock:
+            self._ended_early[key] = self._ended_early.get(key, 0) + 1
+            self.reft.release(key)
+
+    def _release_host(self, key: str) -> None:
+        with self._pin_lock:
+            if self._ended_early.get(key, 0) > 0:
+                self._ended_early[key] -= 1
+                if not self._ended_early[key]:
+                    del self._ended_early[key]
+                return
+            self.reft.release(key)
 
 
 BASE_NAMESPACE = "base"

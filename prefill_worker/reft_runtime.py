@@ -19,7 +19,8 @@ is a prompt token (``max_tokens=1``), and prefix-cache hits are not recomputed b
 salted with the adapter's name@version, so intervening on the computed rows is exact.
 
 Host-memory tier: loaded adapters in an LRU (``capacity`` entries); adapters pinned by
-in-flight requests are never evicted.
+in-flight requests are never evicted (on a colocated engine a request's pin ends at its
+first token, ``AdapterHost.prompt_done``: rows of decoding requests are never planned).
 """
 
 from __future__ import annotations
@@ -195,16 +196,18 @@ class ReftRuntime:
             key = (sp.extra_args or {}).get(EXTRA_ARG) if sp is not None else None
             if key is None:
                 continue
-            slot = self._active.get(key)
-            if slot is None:  # never silently run a ReFT request without its adapter
-                raise RuntimeError(f"ReFT-P adapter {key!r} of request {rid} is not pinned")
-            w = slot[0]
             if pos is None:
                 pos = positions[:total].to("cpu").numpy()
             a, b = int(qsl[i]), int(qsl[i + 1])
             p = pos[a:b]
             plen = st.num_prompt_tokens
             sel = p < plen
+            if not sel.any():   # decoding (a colocated engine): its pin may have ended
+                continue
+            slot = self._active.get(key)
+            if slot is None:  # never silently run a ReFT request without its adapter
+                raise RuntimeError(f"ReFT-P adapter {key!r} of request {rid} is not pinned")
+            w = slot[0]
             if not w.positions.all:
                 sel &= (p < w.positions.first) | (p >= plen - w.positions.last)
             rows = a + np.nonzero(sel)[0]
