@@ -410,19 +410,20 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from app.top import cluster_status, slot_text
     from preft_client import PreftClientError
 
     console = Console()
     try:
         with _client(args) as c:
-            st = c.cluster_status()
+            st = cluster_status(c)
     except PreftClientError as e:
         console.print(f"[red]error: {e.code.name}: {e.message}")
         return 1
     table = Table(title=f"PreFT cluster: {st['adapters']} adapters, {st['router_inflight']} "
                   f"requests in flight{' (state STALE: Redis unreachable)' if st['state_stale'] else ''}")
     for col in ("worker", "role", "TP", "healthy", "outstanding", "KV blocks used",
-                "held transfers", "KV sent", "resident adapters"):
+                "held transfers", "KV sent", "resident adapters", "adapter slots"):
         table.add_column(col)
     for w in st["workers"]:
         used = (f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
@@ -431,7 +432,8 @@ def cmd_status(args) -> int:
                       "yes" if w.healthy else "NO", str(w.outstanding), used,
                       str(w.held_transfers) if w.role == "prefill" else "-",
                       f"{w.kv_bytes_sent / 2**20:.1f} MiB" if w.role == "prefill" else "-",
-                      ", ".join(f"{k}:{v}" for k, v in sorted(w.resident.items())) or "-")
+                      ", ".join(f"{k}:{v}" for k, v in sorted(w.resident.items())) or "-",
+                      slot_text(st["slots"], w.worker_id))
     console.print(table)
     return 0
 

@@ -1,10 +1,11 @@
 """``preft top``: a live terminal view of a running cluster (what the dashboard shows).
 
 Every ``--interval`` seconds it asks the router for ``ClusterStatus`` (workers, health,
-outstanding requests, decode KV blocks, residency) and, with ``--metrics-url``, scrapes the
-router's Prometheus ``/metrics``; rates and quantiles come from the difference between two
-scrapes (KV GB/s overall and per pair, requests/s, tokens/s, TTFT/TPOT p50/p99, adapter
-hit rate, transfer failures). No torch, no vLLM.
+outstanding requests, decode KV blocks, residency, a colocated engine's adapter slots)
+and, with ``--metrics-url``, scrapes the router's Prometheus ``/metrics``; rates and
+quantiles come from the difference between two scrapes (KV GB/s overall and per pair,
+requests/s, tokens/s, TTFT/TPOT p50/p99, adapter hit rate, transfer failures). No torch,
+no vLLM.
 """
 
 from __future__ import annotations
@@ -14,6 +15,33 @@ import urllib.request
 from collections import defaultdict
 
 Snapshot = dict[tuple[str, tuple], float]
+
+
+def cluster_status(client) -> dict:
+    """``client.cluster_status()`` plus ``"slots"``: per colocated worker, its prompt-only
+    adapter slots (``WorkerStatus`` fields 11-14: requests decoding and distinct adapters
+    prefilling in its engine's last step, ``max_loras``, steps whose requests had more
+    adapters than ``max_loras``), which the SDK's ``WorkerStatus`` does not carry; one
+    ``ClusterStatus`` call, its errors the SDK's."""
+    from preft_client.client import _status, _Unary
+    from proto.preft.v1 import router_pb2 as pb
+
+    def answer(resp) -> dict:
+        return {**_status(resp), "slots": {
+            w.worker_id: (w.decoding_requests, w.prefill_adapters, w.max_loras, w.wide_steps)
+            for w in resp.workers if w.role == "colocated"}}
+
+    return client._unary(_Unary("ClusterStatus", pb.ClusterStatusRequest(), answer))
+
+
+def slot_text(slots: dict, worker_id: str) -> str:
+    """A colocated engine's last step, e.g. ``40 decoding, 2/2 prefilling, 19 wide``:
+    requests decoding, adapters prefilling / ``max_loras``, steps so far whose requests had
+    more adapters than ``max_loras`` ("-" off the colocated pool)."""
+    if worker_id not in slots:
+        return "-"
+    decoding, prefill, max_loras, wide = slots[worker_id]
+    return f"{decoding} decoding, {prefill}/{max_loras} prefilling, {wide} wide"
 
 
 def scrape(url: str, timeout: float = 5.0) -> Snapshot:
@@ -131,7 +159,7 @@ def render(status: dict, r: dict | None, address: str):
             parts.append(_per_key("requests per path", "path", "req/s", r["paths"], "{:.2f}"))
     w = Table(title="workers", show_edge=False)
     for c in ("worker", "role", "TP", "healthy", "outstanding", "KV blocks used", "held",
-              "resident"):
+              "resident", "adapter slots"):
         w.add_column(c)
     for ws in status["workers"]:
         used = (f"{ws.kv_blocks_total - ws.kv_blocks_free}/{ws.kv_blocks_total}"
@@ -139,7 +167,8 @@ def render(status: dict, r: dict | None, address: str):
         w.add_row(ws.worker_id, ws.role, str(ws.tensor_parallel_size),
                   "yes" if ws.healthy else "[red]NO[/red]",
                   str(ws.outstanding), used, str(ws.held_transfers) if ws.role == "prefill" else "-",
-                  str(len(ws.resident)) if ws.role in ("prefill", "colocated") else "-")
+                  str(len(ws.resident)) if ws.role in ("prefill", "colocated") else "-",
+                  slot_text(status.get("slots", {}), ws.worker_id))
     parts.append(w)
     return Group(*parts)
 
@@ -151,7 +180,7 @@ def run(client, address: str, metrics_url: str | None, interval: float,
     prev, t_prev, n = None, 0.0, 0
     with Live(console=console, refresh_per_second=4, screen=False) as live:
         while iterations is None or n < iterations:
-            status = client.cluster_status()
+            status = cluster_status(client)
             r = None
             if metrics_url:
                 snap, t = scrape(metrics_url), time.monotonic()

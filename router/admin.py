@@ -33,6 +33,12 @@ def _adapter_pb(r: AdapterRecord) -> pb.Adapter:
                       sha256=r.sha256, owner=r.owner, public=r.public, created=r.created)
 
 
+def _slot_fields(ws: pb.WorkerStatus, st) -> None:
+    """A colocated worker's prompt-only adapter slots (``AdapterStats``; zero elsewhere)."""
+    ws.decoding_requests, ws.prefill_adapters = st.decoding_requests, st.prefill_adapters
+    ws.max_loras, ws.wide_steps = st.max_loras, st.wide_steps
+
+
 class AdminRpcs(ServiceBase):
     """The adapter registry RPCs, ``ClusterStatus`` and membership sync."""
 
@@ -171,6 +177,7 @@ class AdminRpcs(ServiceBase):
                         st = await asyncio.wait_for(w.actor.stats.remote(), 5)
                         ws.kv_bytes_sent, ws.held_transfers = st.bytes, st.held
                         ws.resident.update(st.resident)
+                        _slot_fields(ws, st)
                 except Exception:  # unreachable: fall back to what it last published
                     ws.healthy = False
                     if w.info.role in ("prefill", "colocated"):

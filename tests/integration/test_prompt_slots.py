@@ -31,6 +31,40 @@ ALL_TOKEN = "all0"                                 # kind lora, always holds its
 REFT = ("rlo", "rdi")
 
 
+def test_prefill_requests_hold_no_slot_past_the_first_token(cluster):
+    """The prefill pool: each sample is an engine request of ``max_tokens=1`` that leaves
+    the scheduler's running set at its first token, so ``n = 2`` samples of 4 adapters with
+    their KV held for decode (8 offers) leave nothing counted against ``max_loras``. (First
+    in this file, so that the session's cluster, which then owns Ray, outlives this
+    module's.)"""
+    import ray
+
+    from cluster.messages import AdapterRef, PrefillRequest, Sampling
+
+    w = cluster.pool.prefill[0].actor
+    refs = []
+    for i, name in enumerate(("ada", "bea", "cid", "dov")):
+        r = cluster.view.adapters[name]
+        req = PrefillRequest(f"slots-{i}", AdapterRef(r.name, r.version, r.kind, r.sha256, r.uri),
+                             Sampling(max_tokens=8, n=2, temperature=1.0, seed=i),
+                             prompt_text=f"held offer number {i} " * 6)
+        refs.append(w.prefill.remote(req))
+    results = ray.get(refs, timeout=120)
+    held = [s.kv.transfer_id for res in results for s in (res, *res.siblings)]
+    assert len(held) == 8 and ray.get(w.held_transfers.remote(), timeout=30) >= 8
+
+    def scheduler_view(self):
+        sched = self.loop.engine.engine_core.engine_core.scheduler
+        return (len(sched.running), len(sched.waiting),
+                sorted({r.lora_request.lora_int_id for r in sched.running if r.lora_request}))
+
+    try:
+        assert ray.get(w.__ray_call__.remote(scheduler_view), timeout=30) == (0, 0, [])
+    finally:
+        for tid in held:
+            ray.get(w.release.remote(tid), timeout=30)
+
+
 @pytest.fixture(scope="module")
 def slots_cluster(assets, tmp_path_factory):
     from app.launcher import LocalCluster
@@ -110,6 +144,37 @@ def test_more_adapters_decode_than_max_loras_and_every_token_is_exact(slots_clus
     _check_exact(c, jobs, outs, reference, AutoTokenizer.from_pretrained(assets["model"]))
 
 
+def test_status_and_top_show_the_colocated_slots(slots_cluster, capsys, monkeypatch):
+    """``preft status`` and ``preft top`` show the engine's last step (requests decoding,
+    adapters prefilling / max_loras) and its wide steps, as its ``AdapterStats`` say; each
+    step is also observed by the worker's Prometheus histograms."""
+    import ray
+    from preft_client import PreftClient
+    from rich.console import Console
+
+    from app.cli import main
+    from app.top import cluster_status, render
+
+    c = slots_cluster
+    wid, actor = c.pool.colocated[0].worker_id, c.pool.colocated[0].actor
+    with PreftClient(c.address, timeout=60) as client:
+        client.generate("p0", prompt="status of the slots", max_tokens=2)
+        st = cluster_status(client)
+    stats = ray.get(actor.stats.remote(), timeout=30)
+    assert st["slots"] == {wid: (stats.decoding_requests, stats.prefill_adapters, MAX_LORAS,
+                                 stats.wide_steps)}
+    assert ray.get(actor.__ray_call__.remote(
+        lambda self: self.slots.sink is not None and self.slots.steps > 0), timeout=30)
+    text = f"{stats.decoding_requests} decoding, {stats.prefill_adapters}/{MAX_LORAS} " \
+           f"prefilling, {stats.wide_steps} wide"
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["status", "--address", c.address]) == 0
+    assert text in capsys.readouterr().out
+    console = Console(record=True, width=300, force_terminal=False)
+    console.print(render(st, None, c.address))
+    assert text in console.export_text()
+
+
 def _check_exact(c, jobs, outs, reference, tok) -> None:
     cut = 0
     for (name, mode, p), out in zip(jobs, outs):
@@ -122,35 +187,3 @@ def _check_exact(c, jobs, outs, reference, tok) -> None:
             f"reference {ref.tokens[:k]}")
         cut += len(ref.tokens) - k
     assert cut <= 0.05 * len(jobs) * N_TOKENS
-
-
-def test_prefill_requests_hold_no_slot_past_the_first_token(cluster):
-    """The prefill pool: each sample is an engine request of ``max_tokens=1`` that leaves
-    the scheduler's running set at its first token, so ``n = 2`` samples of 4 adapters with
-    their KV held for decode (8 offers) leave nothing counted against ``max_loras``."""
-    import ray
-
-    from cluster.messages import AdapterRef, PrefillRequest, Sampling
-
-    w = cluster.pool.prefill[0].actor
-    refs = []
-    for i, name in enumerate(("ada", "bea", "cid", "dov")):
-        r = cluster.view.adapters[name]
-        req = PrefillRequest(f"slots-{i}", AdapterRef(r.name, r.version, r.kind, r.sha256, r.uri),
-                             Sampling(max_tokens=8, n=2, temperature=1.0, seed=i),
-                             prompt_text=f"held offer number {i} " * 6)
-        refs.append(w.prefill.remote(req))
-    results = ray.get(refs, timeout=120)
-    held = [s.kv.transfer_id for res in results for s in (res, *res.siblings)]
-    assert len(held) == 8 and ray.get(w.held_transfers.remote(), timeout=30) >= 8
-
-    def scheduler_view(self):
-        sched = self.loop.engine.engine_core.engine_core.scheduler
-        return (len(sched.running), len(sched.waiting),
-                sorted({r.lora_request.lora_int_id for r in sched.running if r.lora_request}))
-
-    try:
-        assert ray.get(w.__ray_call__.remote(scheduler_view), timeout=30) == (0, 0, [])
-    finally:
-        for tid in held:
-            ray.get(w.release.remote(tid), timeout=30)

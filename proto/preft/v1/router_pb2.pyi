@@ -292,7 +292,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "healthy", "outstanding", "kv_blocks_total", "kv_blocks_free", "resident", "kv_bytes_sent", "held_transfers", "tensor_parallel_size")
+    __slots__ = ("worker_id", "role", "healthy", "outstanding", "kv_blocks_total", "kv_blocks_free", "resident", "kv_bytes_sent", "held_transfers", "tensor_parallel_size", "decoding_requests", "prefill_adapters", "max_loras", "wide_steps")
     class ResidentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +310,10 @@ class WorkerStatus(_message.Message):
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     HELD_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DECODING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    WIDE_STEPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     healthy: bool
@@ -320,7 +324,11 @@ class WorkerStatus(_message.Message):
     kv_bytes_sent: int
     held_transfers: int
     tensor_parallel_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident: _Optional[_Mapping[str, str]] = ..., kv_bytes_sent: _Optional[int] = ..., held_transfers: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+    decoding_requests: int
+    prefill_adapters: int
+    max_loras: int
+    wide_steps: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident: _Optional[_Mapping[str, str]] = ..., kv_bytes_sent: _Optional[int] = ..., held_transfers: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., decoding_requests: _Optional[int] = ..., prefill_adapters: _Optional[int] = ..., max_loras: _Optional[int] = ..., wide_steps: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("workers", "router_inflight", "adapters", "state_stale")
