@@ -215,13 +215,11 @@ def cmd_up(args) -> int:
         await asyncio.to_thread(_register_with_progress, cluster, console)
         http_server: list = []
         http_task = None
-        if args.http_port is not None:
-            from http_gateway import serve_http
+        if args.http_port is not None:   # in this process: Generate called directly
             r = cfg.router   # with TLS: HTTPS with the router's certificate (and client CA)
-            http_task = asyncio.get_running_loop().create_task(serve_http(
-                cluster.local_address or cluster.address, r.host, args.http_port,
-                server_out=http_server, ssl_certfile=r.tls_cert, ssl_keyfile=r.tls_key,
-                ssl_client_ca=r.tls_client_ca))
+            http_task = asyncio.get_running_loop().create_task(cluster.serve_http(
+                r.host, args.http_port, server_out=http_server, ssl_certfile=r.tls_cert,
+                ssl_keyfile=r.tls_key, ssl_client_ca=r.tls_client_ca))
             console.log(f"OpenAI-compatible {'HTTPS' if r.tls_cert else 'HTTP'} on "
                         f"{r.host}:{args.http_port}")
         tls = (" (TLS, client certificates required)" if cfg.router.tls_client_ca else

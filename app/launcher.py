@@ -74,6 +74,25 @@ def _worker_class(role: str):
     return ColocatedWorker
 
 
+class RouterHttp:
+    """The HTTP gateway running in a background router's loop (:meth:`LocalCluster.start_http`)."""
+
+    def __init__(self, host: str) -> None:
+        self.host, self.port, self.servers, self.future = host, None, [], None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for s in self.servers:
+            s.should_exit = True
+        try:
+            self.future.result(timeout)
+        except Exception:
+            pass
+
+
 class LocalCluster:
     def __init__(self, cfg: ClusterConfig, *, log_to_driver: bool = False,
                  api_key: str | None = None) -> None:
@@ -277,6 +296,39 @@ class LocalCluster:
         if err:
             raise err[0]
         return self.port
+
+    async def serve_http(self, host: str = "127.0.0.1", port: int = 0, **kwargs) -> None:
+        """The OpenAI-compatible gateway in this router's process, on its event loop: each
+        HTTP request calls the router's ``Generate`` in-process (the SDK's
+        ``InProcessClient``), no gRPC hop. ``kwargs``: ``http_gateway.serve_http``'s."""
+        from http_gateway import serve_http
+        from http_gateway.gateway import DEFAULT_TIMEOUT_S
+        from preft_client.local import InProcessClient
+
+        client = InProcessClient(self._server.service,
+                                 timeout=kwargs.pop("timeout", DEFAULT_TIMEOUT_S))
+        await serve_http(self.local_address or self.address, host, port, client=client,
+                         **kwargs)
+
+    def start_http(self, host: str = "127.0.0.1", port: int = 0, **kwargs) -> "RouterHttp":
+        """:meth:`serve_http` on the background router's loop (tests, benchmarks); the
+        returned handle has ``base_url``, ``port`` and ``stop()``."""
+        ready, servers = threading.Event(), []
+        http = RouterHttp(host)
+
+        def on_ready(p: int) -> None:
+            http.port = p
+            ready.set()
+        http.future = asyncio.run_coroutine_threadsafe(
+            self.serve_http(host, port, ready=on_ready, server_out=servers, **kwargs),
+            self._loop)
+        http.future.add_done_callback(lambda _: ready.set())
+        ready.wait(30)
+        if http.port is None:
+            raise RuntimeError(f"the router's HTTP gateway did not start: "
+                               f"{http.future.exception() if http.future.done() else 'timeout'}")
+        http.servers = servers
+        return http
 
     @property
     def address(self) -> str:

@@ -33,16 +33,18 @@ routes = APIRouter()
 def create_app(router_address: str, base_model_name: str = "base", *,
                timeout: float | None = DEFAULT_TIMEOUT_S,
                default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               router_tls: dict | None = None) -> FastAPI:
+               router_tls: dict | None = None, client=None) -> FastAPI:
     """The OpenAI-compatible FastAPI app, forwarding to the gRPC router at ``router_address``.
 
     ``base_model_name`` is the OpenAI ``model`` that means "no adapter"; ``timeout`` is the
     deadline of each gRPC call (seconds, None = none); ``default_max_tokens`` applies when a
     request gives neither ``max_tokens`` nor ``max_completion_tokens``. ``router_tls``: reach
     a TLS router, with the SDK's options (``tls_ca``, ``tls_cert``, ``tls_key``,
-    ``tls_server_name``; see ``preft_client.AsyncPreftClient``).
+    ``tls_server_name``; see ``preft_client.AsyncPreftClient``). ``client``: the SDK client
+    to use instead (``preft_client.local.InProcessClient`` in the router's process).
     """
-    gw = Gateway(router_address, base_model_name, timeout, default_max_tokens, router_tls)
+    gw = Gateway(router_address, base_model_name, timeout, default_max_tokens, router_tls,
+                 client)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

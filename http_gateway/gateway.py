@@ -1,9 +1,12 @@
 """Per-app state: the gateway's one :class:`~preft_client.AsyncPreftClient` to the router,
 and the translation of a parsed OpenAI body into an SDK call.
 
-The client is built with the app (so bad TLS options fail at once) but opens its channel on
-the first request, on the server's event loop, and closes it when the app shuts down. It
-never retries: a refusal or an unavailable router is answered to the HTTP caller at once.
+Standalone (``python -m http_gateway``) the client is built with the app (so bad TLS
+options fail at once) but opens its channel on the first request, on the server's event
+loop, and closes it when the app shuts down. Inside the router's process (``preft up
+--http-port``) it is the SDK's :class:`~preft_client.local.InProcessClient`, which calls the
+router's ``Generate`` directly: no gRPC hop. Either way it never retries: a refusal or an
+unavailable router is answered to the HTTP caller at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class Gateway:
     """What every HTTP request of one app shares: the SDK client and the settings."""
 
     def __init__(self, router_address: str, base_model_name: str, timeout: float | None,
-                 default_max_tokens: int, router_tls: dict | None = None) -> None:
+                 default_max_tokens: int, router_tls: dict | None = None,
+                 client: AsyncPreftClient | None = None) -> None:
         self.router_address = router_address
         self.base_model_name = base_model_name
         self.timeout = timeout
@@ -34,10 +38,14 @@ class Gateway:
         self.created = int(time.time())
         tls = {"tls": True, **{k: router_tls.get(k) for k in _TLS_KEYS}} if router_tls else {}
         self.client_options = dict(timeout=timeout, retries=0, **tls)
-        self.client = AsyncPreftClient(router_address, **self.client_options)
+        self.in_process = client is not None
+        self.client = client or AsyncPreftClient(router_address, **self.client_options)
 
     def probe_client(self, timeout: float) -> AsyncPreftClient:
-        """A separate client that waits up to ``timeout`` for the router to come up."""
+        """A separate client that waits up to ``timeout`` for the router to come up (in the
+        router's process: the in-process client, the router is up)."""
+        if self.in_process:
+            return self.client
         return AsyncPreftClient(self.router_address,
                                 **{**self.client_options, "timeout": timeout,
                                    "wait_for_ready": True})

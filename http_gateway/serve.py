@@ -91,7 +91,7 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
                      ready: Callable[[int], None] | None = None,
                      server_out: list | None = None, ssl_certfile: str | None = None,
                      ssl_keyfile: str | None = None, ssl_client_ca: str | None = None,
-                     router_tls: dict | None = None) -> None:
+                     router_tls: dict | None = None, client=None) -> None:
     """Serve the gateway on ``host:port`` (0 = any free port) until the server exits.
 
     A ``host`` other than loopback is refused (``PermissionError``) unless the router
@@ -100,10 +100,12 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
     ``ready(port)`` is called once it accepts connections; ``server_out``, if given, receives
     the ``uvicorn.Server`` (set its ``should_exit = True`` to stop). ``ssl_certfile`` and
     ``ssl_keyfile`` serve HTTPS; ``ssl_client_ca`` also requires client certificates signed
-    by that CA (mutual TLS). ``router_tls``: see :func:`~http_gateway.app.create_app`.
+    by that CA (mutual TLS). ``router_tls`` and ``client`` (the router's in-process client
+    when it runs in the router's process): see :func:`~http_gateway.app.create_app`.
     """
     app = create_app(router_address, base_model_name, timeout=timeout,
-                     default_max_tokens=default_max_tokens, router_tls=router_tls)
+                     default_max_tokens=default_max_tokens, router_tls=router_tls,
+                     client=client)
     await check_bind_is_safe(app.state.gateway, host)
     server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca)
     sock = _bind(host, port)

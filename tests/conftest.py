@@ -79,11 +79,9 @@ def cluster(assets):
 
 @pytest.fixture(scope="session")
 def gateway(cluster):
-    """The OpenAI-compatible HTTP gateway in front of the session cluster."""
-    from http_gateway import HttpGatewayThread
-
-    gw = HttpGatewayThread(cluster.address, timeout=120)
-    gw.start()
+    """The OpenAI-compatible HTTP gateway of the session cluster, in the router's process
+    (``preft up --http-port``'s shape: Generate called in-process)."""
+    gw = cluster.start_http(timeout=120)
     yield gw
     gw.stop()
 

@@ -216,6 +216,15 @@ class EngineWorker:
         return {"calls": p.calls if p else 0, "messages": p.messages if p else 0,
                 "refused": p.refused if p else 0, "steps": self.loop.steps}
 
+    async def cpu_split(self) -> dict[str, float]:
+        """CPU seconds so far of this actor's event-loop thread (everything the worker does
+        outside its engine: output streams, deltas, the plane) and of its engine thread
+        (vLLM's steps; its OpenMP helpers are the process's other threads)."""
+        import time
+
+        return {"loop_thread": time.thread_time(),
+                "engine_thread": await self.loop.call(lambda eng: time.thread_time())}
+
     async def info(self) -> WorkerInfo:
         eng = self.loop.engine
         return WorkerInfo(
