@@ -140,4 +140,5 @@ class _DecodeOutput:
         if step.finish_reason is None:
             return False
         w.metrics.request(self.n_tokens, time.perf_counter() - self.t0)
+        self.call.end()   # with this step's message
         return True   # before the engine stopped (a stop string): the request is aborted

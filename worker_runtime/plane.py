@@ -67,6 +67,11 @@ class Call:
         """Send one item (a stream's delta) with this turn's step message."""
         self.server.post(self, item)
 
+    def end(self) -> None:
+        """The stream is complete: its end goes with this turn's message (the op's return
+        would end it a turn later, in a message of its own)."""
+        self.server.end(self)
+
 
 class _Outbox:
     __slots__ = ("items", "ends", "errors")

@@ -202,19 +202,14 @@ def _direct_prefill(c, rid: str):
 
 
 def _direct_decode_error(c, res) -> BaseException | None:
-    """Decode ``res`` straight on the decode actor; the error it ends with (None: it ran)."""
-    import ray
-
+    """Decode ``res`` straight on the decode worker's plane; the error it ends with (None:
+    it ran)."""
     from cluster.messages import DecodeRequest, Sampling
+    from plane_client import plane_call
 
     req = DecodeRequest(res.request_id, res.prompt_token_ids, res.first_token, res.kv,
                         res.kv_namespace, Sampling(max_tokens=8))
-    try:
-        for ref in c.pool.decode[0].actor.decode.remote(req):
-            ray.get(ref, timeout=60)
-    except Exception as e:
-        return getattr(e, "cause", None) or e
-    return None
+    return plane_call(c, c.pool.decode[0], "decode", req)[1]
 
 
 def test_failed_pull_fails_the_request_retriably_and_frees(fcluster, expected):
@@ -223,12 +218,10 @@ def test_failed_pull_fails_the_request_retriably_and_frees(fcluster, expected):
     with a retriable error, and neither side keeps a block."""
     import ray
 
-    from cluster.errors import KVTransferFailed
-
     res = _direct_prefill(fcluster, "pull-fails")
     assert ray.get(fcluster.pool.prefill[0].actor.release.remote(res.kv.transfer_id))
     err = _direct_decode_error(fcluster, res)
-    assert isinstance(err, KVTransferFailed), repr(err)
+    assert "KV transfer" in str(err) and "failed" in str(err), repr(err)
     assert err.grpc_code == "UNAVAILABLE"      # the SDK retries it
     assert leaked_blocks(fcluster) == 0
 
@@ -237,7 +230,6 @@ def test_stalled_kv_transfer_times_out_and_frees(fcluster, expected):
     """SIGSTOP the prefill worker: pulls from it stall past the transfer timeout."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cluster.errors import KVTransferFailed
     from router.metrics import default_metrics
 
     w = fcluster.pool.prefill[0]
@@ -265,7 +257,8 @@ def test_stalled_kv_transfer_times_out_and_frees(fcluster, expected):
                       if s.name.endswith("_total"))
     print("\n" + tally.row("stall prefill 8 s", retried, leaked) +
           f" kv_failures_counted={fails_after - fails_before:.0f}")
-    assert isinstance(err, KVTransferFailed), f"the stalled pull did not fail: {err!r}"
+    assert err is not None and "KV transfer" in str(err) and err.grpc_code == "UNAVAILABLE", \
+        f"the stalled pull did not fail: {err!r}"
     check(tally, leaked)
 
 
