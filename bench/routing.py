@@ -7,7 +7,8 @@ prefill engines hold ``--host-tier`` adapters each (vLLM ``max_cpu_loras``), reg
 request mix under each routing policy. A hit is a request whose adapter was still in the
 engine's adapter cache on the worker it landed on; misses load from the worker's disk cache
 or the store. Router-added latency is the client-observed time to first token minus the
-prefill worker's own queue + prefill time (gRPC, validation, placement, Ray hop).
+prefill worker's own queue + prefill time (gRPC, validation, placement, the worker plane's
+hops to the prefill worker and back).
 
     .venv/bin/python -m bench.routing --requests 300
 """
@@ -40,7 +41,7 @@ def _hops(client_ttft: float, t) -> dict[str, float]:
     serving path adds); ``grpc``: the client's TTFT minus the router's (client <-> router,
     both ways); ``route``: router admission to the prefill call (API key, validation,
     placement); ``to_worker`` / ``from_worker``: the hops to and from the worker (the
-    router's direct channel, or a Ray actor call with ``--via ray``);
+    worker plane);
     ``first_send``: the router's own work from the result to the first token sent."""
     hop = {"router_added": client_ttft - t.worker_s, "grpc": client_ttft - t.ttft_s,
            "route": t.route_s, "to_worker": t.to_worker_s, "from_worker": t.from_worker_s}
@@ -73,23 +74,6 @@ def zipf_mix(adapters: int, zipf: float, requests: int, seed: int = 0) -> tuple[
     return names, random.Random(seed).choices(names, weights, k=requests)
 
 
-def _via_ratios(rows: list[dict]) -> dict[str, float]:
-    """The same policy over the Ray call vs the direct channel (one invocation): how many
-    times (``x_``) the Ray path's added time and hops are the channel's."""
-    by = {(r["policy"], r["via"]): r for r in rows}
-    out = {}
-    for (pol, via), r in by.items():
-        ch = by.get((pol, "channel"))
-        if via != "ray" or ch is None:
-            continue
-        for q in ("p50", "p99"):
-            out[f"x_{pol}_router_added_{q}_ray_over_channel"] = (
-                r[f"router_added_ms_{q}"] / ch[f"router_added_ms_{q}"])
-        hops = [sum(x[f"{h}_ms_p50"] for h in ("to_worker", "from_worker")) for x in (r, ch)]
-        out[f"x_{pol}_worker_hops_p50_ray_over_channel"] = hops[0] / hops[1]
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill-workers", type=int, default=2)
@@ -101,9 +85,6 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--policies", default="locality,round_robin,least_loaded,hot_set")
-    ap.add_argument("--via", default="channel,ray",
-                    help="how the router calls the prefill worker: every policy runs over the "
-                         "first; the first policy runs again over each other (side by side)")
     ap.add_argument("--out", default="bench/results/routing.json")
     args = ap.parse_args(argv)
 
@@ -150,11 +131,7 @@ def main(argv=None) -> int:
             svc = cluster._server.service
             static = static_partition_hit_rate(mix, names, args.prefill_workers * args.host_tier)
             rows = []
-            vias = args.via.split(",")
-            policies = args.policies.split(",")
-            runs = [(p, vias[0]) for p in policies] + [(policies[0], v) for v in vias[1:]]
-            for pol, via in runs:
-                svc.channels.enabled = via == "channel"
+            for pol in args.policies.split(","):
                 svc.pool.prefill_policy = POLICIES[pol].from_config(cfg.router, cfg.prefill)
                 for w in cluster.pool.prefill:   # cold tiers for every policy
                     for n in names:
@@ -172,13 +149,13 @@ def main(argv=None) -> int:
                     return ev
 
                 with ThreadPoolExecutor(args.concurrency) as ex:
-                    list(track(ex.map(one, mix), total=len(mix), description=f"{pol} ({via})"))
+                    list(track(ex.map(one, mix), total=len(mix), description=pol))
                 after = [ray.get(w.actor.stats.remote()) for w in cluster.pool.prefill]
                 hits = {t: sum(a.tier_hits[t] - b.tier_hits[t] for a, b in zip(after, before))
                         for t in after[0].tier_hits}
                 pin_loads = sum(a.pin_loads - b.pin_loads for a, b in zip(after, before))
                 total = sum(hits.values())
-                rows.append({"policy": pol, "via": via, "requests": total,
+                rows.append({"policy": pol, "via": "plane", "requests": total,
                              "engine_hits": hits["engine"],
                              "disk_loads": hits["disk"], "store_loads": hits["store"],
                              "pin_loads": pin_loads, "pinned_at_end": [list(a.pinned) for a in after],
@@ -186,7 +163,6 @@ def main(argv=None) -> int:
                              **_vs_static(hits["engine"] / total, static),
                              **_percentiles(samples)})
             out["rows"] = rows
-            out["ratios"] = [_via_ratios(rows)]
     finally:
         cluster.stop()
     console.print(out["upload_to_servable_s"])

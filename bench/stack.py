@@ -7,9 +7,10 @@ started, driven, and stopped in turn, on the same machine, with the same engine 
 (``max_num_seqs``, ``max_num_batched_tokens``, KV cache: vLLM's OpenAI-server defaults on
 CPU unless given):
 
-* ``vllm``            -- ``vllm.entrypoints.openai.api_server`` on the base model (with
-  ``--adapters N``: the same server with ``--enable-lora`` and the N adapters, vLLM's own
-  multi-LoRA, requests spread over them);
+* ``vllm``            -- ``vllm.entrypoints.openai.api_server`` on the base model: the
+  ceiling, whatever ``--adapters`` says;
+* ``vllm_lora``       -- the same server with ``--enable-lora`` and the ``--adapters N``
+  adapters (vLLM's own multi-LoRA, its default ``max_loras``), requests spread over them;
 * ``preft_colocated`` -- ``preft up`` with one colocated worker, its OpenAI gateway in the
   router's process (``--http-port``);
 * ``preft``           -- ``preft up``'s default prefill/decode pools, the same gateway.
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("vllm", "preft_colocated", "preft")
+SYSTEMS = ("vllm", "vllm_lora", "preft_colocated", "preft")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class StackConfig:
     input_len: int = 32
     output_len: int = 128
     adapters: int = 0                 # 0: the base model; N: N rank-8 LoRA(-P) adapters
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = ("vllm", "preft_colocated", "preft")
     sdk: bool = True                  # also drive PreFT through the async SDK over gRPC
     max_num_seqs: int = 128           # vLLM's OpenAI-server default on CPU
     max_num_batched_tokens: int = 2048  # likewise
@@ -66,6 +67,8 @@ class StackConfig:
             raise ValueError(f"systems={list(self.systems)}: choose from {SYSTEMS}")
         if min(self.streams, self.input_len, self.output_len) < 1 or self.adapters < 0:
             raise ValueError("streams, input_len and output_len must be >= 1, adapters >= 0")
+        if "vllm_lora" in self.systems and not self.adapters:
+            raise ValueError("systems: vllm_lora needs --adapters N (N >= 1)")
 
 
 # --------------------------------------------------------------------------- servers
@@ -79,10 +82,11 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.http_port = _free_port()
         self.grpc_address = ""
+        self.actors: dict = {}          # PreFT: worker name -> Ray actor (this driver's view)
         self.log = open(workdir / f"{name}.log", "w")
 
     def start(self) -> None:
-        cmd, env = self._vllm() if self.name == "vllm" else self._preft()
+        cmd, env = self._vllm() if self.name.startswith("vllm") else self._preft()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()
@@ -95,7 +99,7 @@ class Server:
                self.load_format, "--max-num-seqs", str(c.max_num_seqs),
                "--max-num-batched-tokens", str(c.max_num_batched_tokens), "--enforce-eager",
                "--seed", "0", "--disable-log-stats", "--max-model-len", str(_max_len(c))]
-        if self.adapters:
+        if self.name == "vllm_lora":
             cmd += ["--enable-lora", "--max-lora-rank", "8", "--max-cpu-loras",
                     str(len(self.adapters)), "--lora-modules",
                     *[f"{n}={p}" for n, p in self.adapters]]
@@ -140,29 +144,35 @@ class Server:
             time.sleep(1.0)
         else:
             raise TimeoutError(f"{self.name} not healthy within {timeout} s")
-        if self.name != "vllm":
+        if self.name.startswith("preft"):
             self.log.flush()
-            line = next(ln for ln in Path(self.log.name).read_text().splitlines()
-                        if ln.startswith("router listening on"))
-            self.grpc_address = line.split()[3]
+            lines = Path(self.log.name).read_text().splitlines()
+            self.grpc_address = next(ln for ln in lines
+                                     if ln.startswith("router listening on")).split()[3]
+            self.actors = _worker_actors(next(ln for ln in lines
+                                              if ln.startswith("ray at ")).split()[2])
 
     def processes(self) -> dict[str, int]:
         """Role -> pid: the server process and (PreFT) each worker actor's."""
         out = {"server": self.proc.pid}
-        if self.name == "vllm":
+        if not self.actors:
             import psutil
 
             for i, ch in enumerate(psutil.Process(self.proc.pid).children(recursive=True)):
                 out[f"child{i}"] = ch.pid       # vLLM's EngineCore process
             return out
-        from preft_client import PreftClient
+        import ray
 
-        with PreftClient(self.grpc_address) as client:
-            for w in client.cluster_status()["workers"]:
-                out[w.worker_id] = w.pid
+        for name, actor in self.actors.items():
+            out[name] = ray.get(actor.info.remote(), timeout=30).pid
         return out
 
     def stop(self) -> None:
+        if self.actors:
+            import ray
+
+            ray.shutdown()
+            self.actors = {}
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
@@ -199,22 +209,21 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def _worker_threads(server: Server) -> dict[str, dict]:
-    """PreFT workers' own split: event-loop thread and engine thread CPU seconds."""
-    if server.name == "vllm":
-        return {}
+def _worker_actors(address: str) -> dict:
+    """The running ``preft up``'s worker actors, joined as a second Ray driver of its Ray
+    (``address``: the GCS address it prints)."""
     import ray
 
-    ray.init(address="auto", namespace="preft", logging_level="ERROR", log_to_driver=False)
-    try:
-        out = {}
-        for name in ray.util.list_named_actors():
-            if "preft-" in name:
-                out[name.split("preft-", 1)[1]] = ray.get(
-                    ray.get_actor(name).cpu_split.remote(), timeout=30)
-        return out
-    finally:
-        ray.shutdown()
+    ray.init(address=address, namespace="preft", logging_level="ERROR", log_to_driver=False)
+    return {n.split("preft-", 1)[1]: ray.get_actor(n) for n in ray.util.list_named_actors()
+            if n.startswith("preft-")}
+
+
+def _worker_threads(server: Server) -> dict[str, dict]:
+    """PreFT workers' own split: event-loop thread and engine thread CPU seconds."""
+    import ray
+
+    return {n: ray.get(a.cpu_split.remote(), timeout=30) for n, a in server.actors.items()}
 
 
 def _per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
@@ -230,7 +239,7 @@ _BENCH_SERVE = ("import argparse, sys; from vllm.benchmarks.serve import add_cli
 
 def _vllm_bench_serve(server: Server, cfg: StackConfig, model: Path, out: Path) -> dict:
     """vLLM's own benchmark against the server's OpenAI port (a subprocess)."""
-    names = [n for n, _ in server.adapters]
+    names = [n for n, _ in server.adapters] if server.name != "vllm" else []
     cmd = [sys.executable, "-c", _BENCH_SERVE,
            "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.http_port}",
            "--endpoint", "/v1/completions", "--model", "base", "--tokenizer", str(model),
@@ -275,6 +284,24 @@ async def _sdk_load(server: Server, cfg: StackConfig, vocab: int) -> dict:
             "tpot_p50_ms": tpot[len(tpot) // 2]}
 
 
+def _warm_up(server: Server, cfg: StackConfig) -> None:
+    """A few requests through the OpenAI port first, so no system is measured cold."""
+    import httpx
+
+    async def go():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}",
+                                     timeout=600) as http:
+            body = {"model": (server.adapters[0][0] if server.adapters and
+                              server.name != "vllm" else "base"),
+                    "prompt": "warm up " * 4, "max_tokens": 8, "ignore_eos": True}
+            rs = await asyncio.gather(*(http.post("/v1/completions", json=body)
+                                        for _ in range(16)))
+            bad = [r.text[:200] for r in rs if r.status_code != 200]
+            if bad:
+                raise RuntimeError(f"{server.name}: warm-up failed: {bad[0]}")
+    asyncio.run(go())
+
+
 def _measured(server: Server, run) -> dict:
     """``run()``'s figures plus CPU µs per generated token of every process (and, for
     PreFT workers, of their event-loop and engine threads)."""
@@ -288,6 +315,26 @@ def _measured(server: Server, run) -> dict:
             row["cpu_us_per_token"][f"{w}.{k}"] = round(
                 1e6 * (t[k] - threads0.get(w, {}).get(k, 0.0)) / max(1, row["output_tokens"]), 1)
     return row
+
+
+def output_stream_us_per_token(model: Path, streams: int = 64, tokens: int = 128) -> float:
+    """CPU µs per token of the request's :class:`OutputStream` alone (vLLM's incremental
+    detokenizer and the stop-string check), fed one token per request per step, as a
+    worker feeds it: its share of a worker's loop-thread time per token."""
+    from transformers import AutoTokenizer
+
+    from cluster.messages import Sampling
+    from worker_runtime.sequence import OutputStream
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    rng = random.Random(0)
+    ids = [[rng.randrange(10, len(tok)) for _ in range(tokens)] for _ in range(streams)]
+    outs = [OutputStream(tok, Sampling(max_tokens=tokens), f"r{i}") for i in range(streams)]
+    t0 = time.process_time()
+    for k in range(tokens):
+        for out, seq in zip(outs, ids):
+            out.append([seq[k]], None)
+    return round(1e6 * (time.process_time() - t0) / (streams * tokens), 2)
 
 
 # --------------------------------------------------------------------------- driver
@@ -309,10 +356,11 @@ def run(cfg: StackConfig) -> dict:
         print(f"[stack] starting {name}", flush=True)
         try:
             server.start()
+            _warm_up(server, cfg)
             rows.append({"system": name, "client": "vllm bench serve (HTTP)", **_measured(
                 server, lambda: _vllm_bench_serve(server, cfg, model, work / f"{name}.json"))})
             _show(rows[-1])
-            if name != "vllm" and cfg.sdk:
+            if name.startswith("preft") and cfg.sdk:
                 rows.append({"system": name, "client": "async SDK (gRPC)", **_measured(
                     server, lambda: asyncio.run(_sdk_load(server, cfg, vocab)))})
                 _show(rows[-1])
@@ -322,6 +370,7 @@ def run(cfg: StackConfig) -> dict:
     for r in rows:
         r["x_vllm"] = round(r["output_tok_s"] / base, 3) if base else None
     return {"config": asdict(cfg), "machine": {"cpus": os.cpu_count()}, "rows": rows,
+            "output_stream_us_per_token": output_stream_us_per_token(model),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -353,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                    "per request (ignore_eos)")
     p.add_argument("--adapters", type=int, default=d.adapters, help="0: the base model; N: "
                    "N rank-8 adapters (LoRA-P on PreFT, LoRA on vLLM), one per request at random")
-    p.add_argument("--systems", default=",".join(d.systems), help=f"of {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(d.systems), help=f"of {', '.join(SYSTEMS)} "
+                   "(vllm: the base model's server; vllm_lora: vLLM multi-LoRA)")
     p.add_argument("--no-sdk", action="store_true", help="skip the async SDK (gRPC) runs")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
@@ -369,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
+    print(f"[stack] OutputStream (detokenize + stop strings): "
+          f"{result['output_stream_us_per_token']} CPU us per token")
     print(f"[stack] wrote {out}")
     return 0
 

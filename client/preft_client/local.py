@@ -70,7 +70,13 @@ class _LocalStream:
         return self._stream
 
     def cancel(self) -> None:
-        asyncio.ensure_future(self._stream.aclose())   # a no-op once it finished
+        asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self._stream.aclose()   # a no-op once it finished
+        except RuntimeError:              # already closing (its task was cancelled)
+            pass
 
 
 class InProcessClient(AsyncPreftClient):
