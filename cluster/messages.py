@@ -329,6 +329,12 @@ class AdapterStats:
     pin_loads: int = 0                       # adapters loaded by pinning, not by a request
     prompt_tokens: int = 0                   # prompt tokens of the engine requests run, and
     prompt_tokens_cached: int = 0            # of those, the ones found in the prefix cache
+    decoding_requests: int = 0               # colocated, last engine step: requests decoding
+    prefill_adapters: int = 0                # (no adapter slot), distinct LoRA adapters whose
+    max_loras: int = 0                       # prompt tokens it computed (bounded by max_loras)
+    wide_steps: int = 0                      # steps whose requests had > max_loras adapters,
+    max_batch_adapters: int = 0              # the most adapters one step's requests had, and
+    prompts_done: int = 0                    # requests whose slot/ReFT pin ended at token 1
 
 
 @dataclass(frozen=True)

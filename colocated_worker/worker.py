@@ -33,14 +33,21 @@ class ColocatedWorker(AdapterWorker):
 
     def __init__(self, cfg: ColocatedConfig, worker_id: str, redis_url: str | None = None,
                  cache_dir: str | None = None, actor_name: str = "") -> None:
+        from colocated_worker.prompt_slots import worker_slots
+
         self.all_token_ids: set[int] = set()   # LoRA ids applied on every token (kind lora)
         self.mix = StepMix()
+        self.slots = worker_slots(cfg.max_loras, worker_id)   # prompt-only adapter slots
         self.requests_by_kind = {"lora_p": 0, "reft_p": 0, "lora": 0, "base": 0}
         super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name)
 
     def after_build(self, engine) -> None:
+        from colocated_worker.prompt_slots import install_prompt_slots
+
         super().after_build(engine)
         install_prompt_only_lora(engine, self.all_token_ids, self.mix)
+        install_prompt_slots(engine, self.all_token_ids, self.slots,
+                             on_prompt_done=self.adapters.prompt_done)
         # Generated tokens' KV (base weights, or an all-token adapter's) is never cached
         # where a later prompt could take it for adapter-conditioned prompt KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=0)
@@ -52,7 +59,8 @@ class ColocatedWorker(AdapterWorker):
             mix = await self.loop.call(step_mix) or mix
         return AdapterStats(requests=self.loop.num_requests,
                             tier_hits=dict(self.adapters.tier_hits), resident=self.residency(),
-                            mixed_steps=mix.mixed, by_kind=dict(self.requests_by_kind))
+                            mixed_steps=mix.mixed, by_kind=dict(self.requests_by_kind),
+                            **self.slots.fields())
 
     def plane_ops(self) -> dict:
         from worker_runtime.plane import Op
@@ -76,16 +84,18 @@ class ColocatedWorker(AdapterWorker):
                 self.loop.call(lambda eng, i=r.lora.lora_int_id: add_all_token(eng, i))
         self.requests_by_kind[r.ref.kind if r else "base"] += 1
         t0 = time.time()
-        await all_of([self._sample(req, i, ids, r, call, t_in, t0)
+        live = [req.sampling.n]   # samples still running: the last one ends the call
+        await all_of([self._sample(req, i, ids, r, call, live, t_in, t0)
                       for i in range(req.sampling.n)])
 
     async def _sample(self, req: PrefillRequest, i: int, ids: list[int], r: Resolved | None,
-                      call, t_in: float, t0: float) -> None:
+                      call, live: list[int], t_in: float, t0: float) -> None:
         """One sample's engine request; its outputs become deltas in the engine step's
         callback (:class:`_SampleOutput`)."""
         s = req.sampling.sample(i)
         rid = req.request_id if i == 0 else f"{req.request_id}-s{i}"
-        out = _SampleOutput(self, s, rid, i, ids, r, call, t0 - (req.enqueued_at or t_in), t0)
+        out = _SampleOutput(self, s, rid, i, ids, r, call, live,
+                            t0 - (req.enqueued_at or t_in), t0)
         self.adapters.pin(r)
         try:
             await self.loop.drive(rid, self._prompt(ids, r), self._params(s, r), out,
@@ -124,12 +134,14 @@ class _SampleOutput:
     loop; returns True when the sample's stream has ended). Sample 0's first delta carries
     the prefill figures."""
 
-    __slots__ = ("worker", "s", "index", "ids", "r", "call", "queue_s", "t0", "stream",
-                 "first", "n_out", "engine_done")
+    __slots__ = ("worker", "s", "index", "ids", "r", "call", "live", "queue_s", "t0",
+                 "stream", "first", "n_out", "engine_done")
 
     def __init__(self, worker: ColocatedWorker, s: Sampling, rid: str, index: int,
-                 ids: list[int], r: Resolved | None, call, queue_s: float, t0: float) -> None:
-        self.worker, self.s, self.index, self.ids, self.r, self.call = worker, s, index, ids, r, call
+                 ids: list[int], r: Resolved | None, call, live: list[int], queue_s: float,
+                 t0: float) -> None:
+        self.worker, self.s, self.index, self.ids, self.r = worker, s, index, ids, r
+        self.call, self.live = call, live
         self.queue_s, self.t0 = queue_s, t0
         self.stream = OutputStream(worker.tokenizer, s, rid)
         self.first, self.n_out, self.engine_done = index == 0, 0, False
@@ -151,4 +163,7 @@ class _SampleOutput:
         if step.finish_reason is None:
             return False
         w.metrics.request(len(self.ids) + self.n_out, time.time() - self.t0)
+        self.live[0] -= 1
+        if not self.live[0]:
+            self.call.end()   # the last sample: with this step's message
         return True   # before the engine stopped (a stop string): the request is aborted
