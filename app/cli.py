@@ -225,9 +225,6 @@ def cmd_up(args) -> int:
         tls = (" (TLS, client certificates required)" if cfg.router.tls_client_ca else
                " (TLS)" if cfg.router.tls_cert else "")
         print(f"router listening on {cfg.router.host}:{port}{tls}", flush=True)
-        import ray
-
-        print(f"ray at {ray.get_runtime_context().gcs_address} (namespace preft)", flush=True)
         if cluster.metrics_port is not None:
             print(f"metrics on http://{cfg.router.host}:{cluster.metrics_port}/metrics",
                   flush=True)

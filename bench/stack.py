@@ -82,7 +82,6 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.http_port = _free_port()
         self.grpc_address = ""
-        self.actors: dict = {}          # PreFT: worker name -> Ray actor (this driver's view)
         self.log = open(workdir / f"{name}.log", "w")
 
     def start(self) -> None:
@@ -146,33 +145,31 @@ class Server:
             raise TimeoutError(f"{self.name} not healthy within {timeout} s")
         if self.name.startswith("preft"):
             self.log.flush()
-            lines = Path(self.log.name).read_text().splitlines()
-            self.grpc_address = next(ln for ln in lines
-                                     if ln.startswith("router listening on")).split()[3]
-            self.actors = _worker_actors(next(ln for ln in lines
-                                              if ln.startswith("ray at ")).split()[2])
+            line = next(ln for ln in Path(self.log.name).read_text().splitlines()
+                        if ln.startswith("router listening on"))
+            self.grpc_address = line.split()[3]
 
     def processes(self) -> dict[str, int]:
-        """Role -> pid: the server process and (PreFT) each worker actor's."""
+        """Role -> pid: the server process (PreFT: the router with its gateway; vLLM: the
+        API server) and its descendants that do the work (vLLM's engine core; PreFT's
+        worker actors, by their Ray process title), Ray's own daemons summed as ``ray``."""
+        import psutil
+
         out = {"server": self.proc.pid}
-        if not self.actors:
-            import psutil
-
-            for i, ch in enumerate(psutil.Process(self.proc.pid).children(recursive=True)):
-                out[f"child{i}"] = ch.pid       # vLLM's EngineCore process
-            return out
-        import ray
-
-        for name, actor in self.actors.items():
-            out[name] = ray.get(actor.info.remote(), timeout=30).pid
+        for ch in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                title = " ".join(ch.cmdline())
+            except psutil.Error:
+                continue
+            if self.name.startswith("vllm"):
+                out[f"engine_core.{ch.pid}"] = ch.pid
+            elif title.startswith("ray::") and "Worker" in title:
+                out[title.split()[0].split(".")[0][5:] + f".{ch.pid}"] = ch.pid
+            else:
+                out[f"ray:{ch.pid}"] = ch.pid        # summed as "ray" (_per_token)
         return out
 
     def stop(self) -> None:
-        if self.actors:
-            import ray
-
-            ray.shutdown()
-            self.actors = {}
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
@@ -209,25 +206,34 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def _worker_actors(address: str) -> dict:
-    """The running ``preft up``'s worker actors, joined as a second Ray driver of its Ray
-    (``address``: the GCS address it prints)."""
-    import ray
-
-    ray.init(address=address, namespace="preft", logging_level="ERROR", log_to_driver=False)
-    return {n.split("preft-", 1)[1]: ray.get_actor(n) for n in ray.util.list_named_actors()
-            if n.startswith("preft-")}
-
-
-def _worker_threads(server: Server) -> dict[str, dict]:
-    """PreFT workers' own split: event-loop thread and engine thread CPU seconds."""
-    import ray
-
-    return {n: ray.get(a.cpu_split.remote(), timeout=30) for n, a in server.actors.items()}
+def _threads(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of PreFT workers' named threads: ``preft-loop`` (the actor's event loop:
+    everything the worker does outside its engine) and ``preft-engine`` (vLLM's steps;
+    its OpenMP helpers are the process's other threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for role, pid in pids.items():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if name in ("preft-loop", "preft-engine"):
+                out[f"{role}.{name[6:]}_thread"] = (int(stat[11]) + int(stat[12])) / tick
+    return out
 
 
 def _per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
-    return {k: round(1e6 * (after[k] - before.get(k, 0.0)) / max(1, tokens), 1) for k in after}
+    out: dict[str, float] = {}
+    for k, v in after.items():
+        key = "ray" if k.startswith("ray:") else k
+        out[key] = out.get(key, 0.0) + 1e6 * (v - before.get(k, 0.0)) / max(1, tokens)
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------- load
@@ -306,14 +312,10 @@ def _measured(server: Server, run) -> dict:
     """``run()``'s figures plus CPU µs per generated token of every process (and, for
     PreFT workers, of their event-loop and engine threads)."""
     pids = server.processes()
-    before, threads0 = _cpu(pids), _worker_threads(server)
+    before = {**_cpu(pids), **_threads(pids)}
     row = run()
-    after, threads1 = _cpu(pids), _worker_threads(server)
+    after = {**_cpu(pids), **_threads(pids)}
     row["cpu_us_per_token"] = _per_token(before, after, row["output_tokens"])
-    for w, t in threads1.items():
-        for k in ("loop_thread", "engine_thread"):
-            row["cpu_us_per_token"][f"{w}.{k}"] = round(
-                1e6 * (t[k] - threads0.get(w, {}).get(k, 0.0)) / max(1, row["output_tokens"]), 1)
     return row
 
 

@@ -183,6 +183,9 @@ class EngineLoop:
         return self.engine.engine_core.engine_core.scheduler.has_requests()
 
     def _run(self) -> None:
+        from worker_runtime.env import name_this_thread
+
+        name_this_thread("preft-engine")
         try:
             self.engine = self._build()
         except BaseException as e:

@@ -82,3 +82,15 @@ def resolve_kv_host(kv_host: str) -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread an OS name (Linux ``prctl(PR_SET_NAME)``, 15 bytes), so
+    ``top -H``, ``py-spy`` and ``bench/stack.py`` tell a worker's engine thread
+    (``preft-engine``) from its event loop (``preft-loop``). A no-op where unsupported."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+    except Exception:
+        pass
