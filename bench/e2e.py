@@ -221,6 +221,15 @@ class PreftSystem(System):
                     out[smp.labels["path"]] = out.get(smp.labels["path"], 0) + smp.value
         return out
 
+    def wide_steps(self) -> int:
+        """Colocated engines' steps so far whose requests had more adapters than
+        ``max_loras`` (``ClusterStatus``; ``colocated_worker/prompt_slots.py``)."""
+        from app.top import cluster_status
+        from preft_client import PreftClient
+
+        with PreftClient(self.address, timeout=30) as c:
+            return sum(w[3] for w in cluster_status(c)["slots"].values())
+
     def _pools(self) -> dict:
         n = max(1, self.cfg.gpus)
         if self.name == "preft_colocated":
@@ -485,11 +494,14 @@ async def bench_system(name: str, cfg: BenchConfig, model_dir: Path, load_format
             reqs = build(cfg.workload, n)
             say(f"[{name}] N={n}: {len(reqs)} requests ...")
             paths = system.paths() if isinstance(system, PreftSystem) else None
+            wide = system.wide_steps() if isinstance(system, PreftSystem) else None
             records, wall = await run_workload(system, reqs, names, cfg.workload.concurrency)
             distinct = len({r.adapter for r in reqs if r.adapter is not None})
             row = summarize(name, n, records, wall, distinct)
             if paths is not None:   # where the router sent this N's requests
                 row["paths"] = {k: v - paths.get(k, 0) for k, v in system.paths().items()}
+            if wide is not None:    # colocated: steps holding more adapters than max_loras
+                row["wide_steps"] = system.wide_steps() - wide
             row["startup_s"] = system.startup_s
             if system.lora_kernel is not None:
                 row["lora_kernel"] = system.lora_kernel
