@@ -312,11 +312,21 @@ def _measured(server: Server, run) -> dict:
     """``run()``'s figures plus CPU µs per generated token of every process (and, for
     PreFT workers, of their event-loop and engine threads)."""
     pids = server.processes()
-    before = {**_cpu(pids), **_threads(pids)}
+    before = {**_cpu(pids), **_threads(pids), "client": _client_cpu()}
     row = run()
-    after = {**_cpu(pids), **_threads(pids)}
+    after = {**_cpu(pids), **_threads(pids), "client": _client_cpu()}
     row["cpu_us_per_token"] = _per_token(before, after, row["output_tokens"])
     return row
+
+
+def _client_cpu() -> float:
+    """CPU seconds of the load generator: this process (the SDK runs) and its finished
+    children (``vllm bench serve``)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def output_stream_us_per_token(model: Path, streams: int = 64, tokens: int = 128) -> float:

@@ -185,13 +185,13 @@ class EngineLoop:
     def _run(self) -> None:
         from worker_runtime.env import name_this_thread
 
-        name_this_thread("preft-engine")
         try:
             self.engine = self._build()
         except BaseException as e:
             self.error = e
             self._ready.set()
             return
+        name_this_thread("preft-engine")   # after vLLM's start-up, which names it its way
         self._ready.set()
         try:
             while not self._stop.is_set():
