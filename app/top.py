@@ -19,19 +19,12 @@ Snapshot = dict[tuple[str, tuple], float]
 
 def cluster_status(client) -> dict:
     """``client.cluster_status()`` plus ``"slots"``: per colocated worker, its prompt-only
-    adapter slots (``WorkerStatus`` fields 11-14: requests decoding and distinct adapters
-    prefilling in its engine's last step, ``max_loras``, steps whose requests had more
-    adapters than ``max_loras``), which the SDK's ``WorkerStatus`` does not carry; one
-    ``ClusterStatus`` call, its errors the SDK's."""
-    from preft_client.client import _status, _Unary
-    from proto.preft.v1 import router_pb2 as pb
-
-    def answer(resp) -> dict:
-        return {**_status(resp), "slots": {
-            w.worker_id: (w.decoding_requests, w.prefill_adapters, w.max_loras, w.wide_steps)
-            for w in resp.workers if w.role == "colocated"}}
-
-    return client._unary(_Unary("ClusterStatus", pb.ClusterStatusRequest(), answer))
+    adapter slots as (requests decoding, adapters prefilling, ``max_loras``, wide steps)
+    (``WorkerStatus``' slot fields); one ``ClusterStatus`` call, its errors the SDK's."""
+    st = client.cluster_status()
+    st["slots"] = {w.worker_id: (w.decoding_requests, w.prefill_adapters, w.max_loras,
+                                 w.wide_steps) for w in st["workers"] if w.role == "colocated"}
+    return st
 
 
 def slot_text(slots: dict, worker_id: str) -> str:

@@ -23,7 +23,8 @@ thread and engine thread), and reported as CPU µs per generated token, hop by h
 
     python -m bench.stack                         # tiny model, 256 x 32 -> 128
     python -m bench.stack --model qwen2.5-0.5b --streams 64 --input-len 128 \\
-        --output-len 64 --adapters 16 --out bench/results/stack_qwen.json
+        --output-len 64 --adapters 16 --http-client ids \\
+        --out bench/results/stack_qwen2.5-0.5b.json
 
 Prints a table and writes JSON (every figure in docs/benchmarks.md names its file).
 """
@@ -56,6 +57,10 @@ class StackConfig:
     adapters: int = 0                 # 0: the base model; N: N rank-8 LoRA(-P) adapters
     systems: tuple[str, ...] = ("vllm", "preft_colocated", "preft")
     sdk: bool = True                  # also drive PreFT through the async SDK over gRPC
+    # HTTP load: vLLM's own `bench serve` (text prompts the server tokenizes), or "ids":
+    # token-id prompts over /v1/completions (models whose word-level benchmark tokenizer
+    # does not round-trip text)
+    http_client: str = "vllm"
     max_num_seqs: int = 128           # vLLM's OpenAI-server default on CPU
     max_num_batched_tokens: int = 2048  # likewise
     kv_cache_gib: int = 4
@@ -67,6 +72,8 @@ class StackConfig:
             raise ValueError(f"systems={list(self.systems)}: choose from {SYSTEMS}")
         if min(self.streams, self.input_len, self.output_len) < 1 or self.adapters < 0:
             raise ValueError("streams, input_len and output_len must be >= 1, adapters >= 0")
+        if self.http_client not in ("vllm", "ids"):
+            raise ValueError(f"http_client={self.http_client!r}: vllm or ids")
         if "vllm_lora" in self.systems and not self.adapters:
             raise ValueError("systems: vllm_lora needs --adapters N (N >= 1)")
 
@@ -263,14 +270,59 @@ def _vllm_bench_serve(server: Server, cfg: StackConfig, model: Path, out: Path) 
             "tpot_p50_ms": r["median_tpot_ms"], "itl_p50_ms": r["median_itl_ms"]}
 
 
+def _prompts(cfg: StackConfig, vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(10, vocab) for _ in range(cfg.input_len)] for _ in range(cfg.streams)]
+
+
+def _summary(runs: list[tuple[float, list[float], int]], wall: float) -> dict:
+    """(start, token arrival times, tokens) per request -> the row's figures."""
+    tokens = sum(n for _, _, n in runs)
+    ttft = sorted(1e3 * (ts[0] - s) for s, ts, _ in runs)
+    tpot = sorted(1e3 * (ts[-1] - ts[0]) / max(1, n - 1) for _, ts, n in runs)
+    return {"completed": len(runs), "failed": 0, "output_tokens": tokens, "duration_s": wall,
+            "output_tok_s": tokens / wall, "ttft_p50_ms": ttft[len(ttft) // 2],
+            "tpot_p50_ms": tpot[len(tpot) // 2]}
+
+
+async def _http_ids_load(server: Server, cfg: StackConfig, vocab: int) -> dict:
+    """Token-id prompts over the OpenAI port, streamed, every request at once; each names
+    one of the adapters at random (the base model on ``vllm``)."""
+    import httpx
+
+    rng = random.Random(1)
+    names = [n for n, _ in server.adapters] if server.name != "vllm" else []
+    limits = httpx.Limits(max_connections=cfg.streams + 8)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}",
+                                 timeout=1800, limits=limits) as http:
+        async def one(p):
+            body = {"model": rng.choice(names) if names else "base", "prompt": p,
+                    "max_tokens": cfg.output_len, "ignore_eos": True, "temperature": 0.0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            t0, times, n = time.perf_counter(), [], 0
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        times.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+            return t0, times, n
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*(one(p) for p in _prompts(cfg, vocab)))
+    return _summary(runs, time.perf_counter() - t0)
+
+
 async def _sdk_load(server: Server, cfg: StackConfig, vocab: int) -> dict:
     """The async SDK over gRPC: every stream at once, ``ignore_eos``."""
     from preft_client import AsyncPreftClient
 
-    rng = random.Random(0)
+    rng = random.Random(1)
     names = [n for n, _ in server.adapters] or [None]
-    prompts = [[rng.randrange(10, vocab) for _ in range(cfg.input_len)]
-               for _ in range(cfg.streams)]
+    prompts = _prompts(cfg, vocab)
     async with AsyncPreftClient(server.grpc_address, timeout=1800, retries=0) as client:
         async def one(p):
             t0, times, n = time.perf_counter(), [], 0
@@ -281,13 +333,7 @@ async def _sdk_load(server: Server, cfg: StackConfig, vocab: int) -> dict:
             return t0, times, n
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - t0
-    tokens = sum(n for _, _, n in runs)
-    ttft = sorted(1e3 * (ts[0] - s) for s, ts, _ in runs)
-    tpot = sorted(1e3 * (ts[-1] - ts[0]) / max(1, n - 1) for _, ts, n in runs)
-    return {"completed": len(runs), "failed": 0, "output_tokens": tokens, "duration_s": wall,
-            "output_tok_s": tokens / wall, "ttft_p50_ms": ttft[len(ttft) // 2],
-            "tpot_p50_ms": tpot[len(tpot) // 2]}
+    return _summary(runs, time.perf_counter() - t0)
 
 
 def _warm_up(server: Server, cfg: StackConfig) -> None:
@@ -299,7 +345,7 @@ def _warm_up(server: Server, cfg: StackConfig) -> None:
                                      timeout=600) as http:
             body = {"model": (server.adapters[0][0] if server.adapters and
                               server.name != "vllm" else "base"),
-                    "prompt": "warm up " * 4, "max_tokens": 8, "ignore_eos": True}
+                    "prompt": list(range(11, 27)), "max_tokens": 8, "ignore_eos": True}
             rs = await asyncio.gather(*(http.post("/v1/completions", json=body)
                                         for _ in range(16)))
             bad = [r.text[:200] for r in rs if r.status_code != 200]
@@ -350,6 +396,14 @@ def output_stream_us_per_token(model: Path, streams: int = 64, tokens: int = 128
 
 
 # --------------------------------------------------------------------------- driver
+def _http_row(server: Server, cfg: StackConfig, model: Path, vocab: int, work: Path) -> dict:
+    if cfg.http_client == "ids":
+        return {"system": server.name, "client": "token ids (HTTP)", **_measured(
+            server, lambda: asyncio.run(_http_ids_load(server, cfg, vocab)))}
+    return {"system": server.name, "client": "vllm bench serve (HTTP)", **_measured(
+        server, lambda: _vllm_bench_serve(server, cfg, model, work / f"{server.name}.json"))}
+
+
 def run(cfg: StackConfig) -> dict:
     from bench.e2e import BenchConfig, prepare_adapters
     from bench.models import make_model
@@ -369,8 +423,7 @@ def run(cfg: StackConfig) -> dict:
         try:
             server.start()
             _warm_up(server, cfg)
-            rows.append({"system": name, "client": "vllm bench serve (HTTP)", **_measured(
-                server, lambda: _vllm_bench_serve(server, cfg, model, work / f"{name}.json"))})
+            rows.append(_http_row(server, cfg, model, vocab, work))
             _show(rows[-1])
             if name.startswith("preft") and cfg.sdk:
                 rows.append({"system": name, "client": "async SDK (gRPC)", **_measured(
@@ -417,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=",".join(d.systems), help=f"of {', '.join(SYSTEMS)} "
                    "(vllm: the base model's server; vllm_lora: vLLM multi-LoRA)")
     p.add_argument("--no-sdk", action="store_true", help="skip the async SDK (gRPC) runs")
+    p.add_argument("--http-client", default=d.http_client, choices=("vllm", "ids"),
+                   help="HTTP load: vLLM's bench serve (text prompts), or token-id prompts "
+                   "(for the word-level tokenizers of bench.models' random-weight shapes)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--out", default=d.out, help="results JSON")
@@ -424,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StackConfig(model=a.model, streams=a.streams, input_len=a.input_len,
                       output_len=a.output_len, adapters=a.adapters,
                       systems=tuple(a.systems.split(",")), sdk=not a.no_sdk,
+                      http_client=a.http_client,
                       max_num_seqs=a.max_num_seqs,
                       max_num_batched_tokens=a.max_num_batched_tokens, out=a.out)
     result = run(cfg)

@@ -201,7 +201,9 @@ def _status(resp: pb.ClusterStatusResponse) -> dict:
     return {"workers": [WorkerStatus(w.worker_id, w.role, w.healthy, w.outstanding,
                                      w.kv_blocks_total, w.kv_blocks_free, dict(w.resident),
                                      w.kv_bytes_sent, w.held_transfers,
-                                     w.tensor_parallel_size or 1) for w in resp.workers],
+                                     w.tensor_parallel_size or 1, w.decoding_requests,
+                                     w.prefill_adapters, w.max_loras, w.wide_steps)
+                        for w in resp.workers],
             "router_inflight": resp.router_inflight, "adapters": resp.adapters,
             "state_stale": resp.state_stale}
 

@@ -107,3 +107,10 @@ class WorkerStatus:
     kv_bytes_sent: int
     held_transfers: int
     tensor_parallel_size: int = 1
+    # a colocated engine's adapter slots in its last step: requests decoding (holding none)
+    # and distinct adapters prefilling (of max_loras), and its steps so far whose requests
+    # had more adapters than max_loras (0 on other pools)
+    decoding_requests: int = 0
+    prefill_adapters: int = 0
+    max_loras: int = 0
+    wide_steps: int = 0
