@@ -214,11 +214,13 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 
 
 def _threads(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds of PreFT workers' named threads: ``preft-loop`` (the actor's event loop:
-    everything the worker does outside its engine) and ``preft-engine`` (vLLM's steps;
-    its OpenMP helpers are the process's other threads)."""
+    """CPU seconds of PreFT workers' ``preft-loop`` threads: the actor's event loop and the
+    threads it started (Linux names a thread after its creator: ZeroMQ's I/O thread, the
+    loop's executor), i.e. everything a worker does outside its engine. (The engine thread
+    is named too, but vLLM starts its OpenMP threads before that, so the engine is reported
+    as the process less this.)"""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {}
+    out: dict[str, float] = {}
     for role, pid in pids.items():
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -230,8 +232,9 @@ def _threads(pids: dict[str, int]) -> dict[str, float]:
                 stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if name in ("preft-loop", "preft-engine"):
-                out[f"{role}.{name[6:]}_thread"] = (int(stat[11]) + int(stat[12])) / tick
+            if name == "preft-loop":
+                key = f"{role}.loop_threads"
+                out[key] = out.get(key, 0.0) + (int(stat[11]) + int(stat[12])) / tick
     return out
 
 
