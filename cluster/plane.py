@@ -15,6 +15,9 @@ what both ends agree on and imports nothing above ``cluster``:
   included); each call's body is checked against the call's limit before it is decoded,
   and a sender checks its own messages, so an oversized call or answer fails that call
   alone.
+- **liveness**: a closed connection is noticed at once (ZeroMQ's disconnect event); a
+  silent one after :data:`PEER_SILENT_S` (ZMTP heartbeats, and the router's heartbeat
+  frames the worker watches).
 - **messages**: frames, never hand-written framing. Router → worker:
   ``[b"C", header, body]`` a call (header: msgpack ``[call id, op, answer limit]``; body:
   the op's typed message), ``[b"X", call id]`` a cancel, ``[b"H"]`` a heartbeat.
@@ -36,7 +39,11 @@ from cluster.errors import MessageTooLarge, PreftError
 DEFAULT_LIMIT = 64 << 20        # bytes of one call's body or one answer item
 HARD_LIMIT = 256 << 20          # ZMQ_MAXMSGSIZE: a peer sending a larger frame is dropped
 HEARTBEAT_S = 1.0               # router -> worker; ZMTP heartbeats on both sockets too
-PEER_SILENT_S = 6.0             # a router silent this long: the worker cancels its calls
+# A peer that stops answering without closing (paused, partitioned) is given up after this
+# long: the router fails its calls and marks it dead, the worker cancels a silent router's
+# calls. A peer that dies closes its connection and is noticed at once. Long enough that a
+# worker paused for a few seconds (a stalled KV pull, a GC pause) finishes its requests.
+PEER_SILENT_S = 15.0
 
 CALL, CANCEL, HEARTBEAT, STEP = b"C", b"X", b"H", b"S"
 GRPC_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED",

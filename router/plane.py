@@ -12,8 +12,8 @@ call's new items; :class:`Connection` demultiplexes it into each call's
 Generate path) takes *everything* buffered at once (:meth:`CallStream.batches`), so a
 client stream gets at most one message per engine step, and fewer when it is behind.
 
-A dropped connection (the worker died: ZeroMQ's disconnect event, or its heartbeats
-stopped) fails every call on it with :class:`PlaneLost` within seconds, as
+A dropped connection (the worker died: ZeroMQ's disconnect event at once, or its
+heartbeats stopped for ``PEER_SILENT_S``) fails every call on it with :class:`PlaneLost`, as
 ``RayActorError`` did; a malformed item fails its own call; nothing a worker sends ends
 the router.
 """
@@ -30,7 +30,7 @@ import msgspec
 from cluster.errors import MessageTooLarge, PreftError
 from cluster.messages import ColocatedDelta, DecodeDelta, PrefillResult
 from cluster.plane import (CALL, CANCEL, DEFAULT_LIMIT, ENCODER, HARD_LIMIT, HEARTBEAT,
-                           HEARTBEAT_S, STEP, STEP_DECODER, Header, PlaneError, decode,
+                           HEARTBEAT_S, PEER_SILENT_S, STEP, STEP_DECODER, Header, PlaneError, decode,
                            decoder, plane_keys)
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Connection:
         sock = ctx.socket(zmq.DEALER)
         for opt, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, HARD_LIMIT), (zmq.SNDHWM, 0),
                            (zmq.RCVHWM, 0), (zmq.IMMEDIATE, 1), (zmq.HEARTBEAT_IVL, 1000),
-                           (zmq.HEARTBEAT_TIMEOUT, 3000)):
+                           (zmq.HEARTBEAT_TIMEOUT, int(PEER_SILENT_S * 1000))):
             sock.setsockopt(opt, value)
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, private, public
         monitor = sock.get_monitor_socket()

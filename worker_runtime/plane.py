@@ -114,7 +114,7 @@ class PlaneServer:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a reconnecting router keeps its id
             sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(PEER_SILENT_S * 1000))
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = self.public, self.private
             port = sock.bind_to_random_port(f"tcp://{self.host}")
