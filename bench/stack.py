@@ -13,7 +13,9 @@ CPU unless given):
   adapters (vLLM's own multi-LoRA, its default ``max_loras``), requests spread over them;
 * ``preft_colocated`` -- ``preft up`` with one colocated worker, its OpenAI gateway in the
   router's process (``--http-port``);
-* ``preft``           -- ``preft up``'s default prefill/decode pools, the same gateway.
+* ``preft``           -- ``preft up``'s default prefill/decode pools, the same gateway;
+* ``preft_colocated_gateway`` -- ``preft_colocated`` with the gateway in a process of its
+  own (``python -m http_gateway``, a gRPC client of the router: the shape before issue 23).
 
 Each system is measured twice: vLLM's own ``bench serve --backend openai`` against its
 HTTP port (all requests at once, ``ignore_eos``; with adapters, each request names one at
@@ -45,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("vllm", "vllm_lora", "preft_colocated", "preft")
+SYSTEMS = ("vllm", "vllm_lora", "preft_colocated", "preft", "preft_colocated_gateway")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Server:
         self.name, self.cfg, self.model, self.load_format = name, cfg, model, load_format
         self.adapters, self.workdir = adapters, workdir
         self.proc: subprocess.Popen | None = None
+        self.gateway: subprocess.Popen | None = None   # a standalone gateway process
         self.http_port = _free_port()
         self.grpc_address = ""
         self.log = open(workdir / f"{name}.log", "w")
@@ -95,6 +98,12 @@ class Server:
         cmd, env = self._vllm() if self.name.startswith("vllm") else self._preft()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        if self.name == "preft_colocated_gateway":
+            self._wait_router()
+            self.gateway = subprocess.Popen(
+                [sys.executable, "-m", "http_gateway", "--router", self.grpc_address,
+                 "--port", str(self.http_port)], cwd=REPO, stdout=self.log,
+                stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()
 
     def _vllm(self) -> tuple[list[str], dict]:
@@ -122,15 +131,16 @@ class Server:
                "max_model_len": _max_len(c), "kv_cache_gib": c.kv_cache_gib,
                "max_num_seqs": c.max_num_seqs, "max_num_batched_tokens": c.max_num_batched_tokens}
         pools = ({"prefill_workers": 0, "decode_workers": 0, "colocated_workers": 1}
-                 if self.name == "preft_colocated" else {})
+                 if self.name.startswith("preft_colocated") else {})
         conf = {**pools, "run_dir": str(self.workdir / f"{self.name}-run"),
                 "adapters": {n: str(p) for n, p in self.adapters},
                 "prefill": {"engine": eng}, "decode": {"engine": eng},
                 "router": {"port": 0, "max_queue_depth": max(256, c.streams)}}
         path = self.workdir / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(conf))
-        cmd = [sys.executable, "-m", "app.cli", "up", "--config", str(path), "--http-port",
-               str(self.http_port)]
+        cmd = [sys.executable, "-m", "app.cli", "up", "--config", str(path)]
+        if self.name != "preft_colocated_gateway":
+            cmd += ["--http-port", str(self.http_port)]
         return cmd, {"PYTHONUNBUFFERED": "1"}
 
     def _wait_ready(self, timeout: float = 900.0) -> None:
@@ -151,10 +161,21 @@ class Server:
         else:
             raise TimeoutError(f"{self.name} not healthy within {timeout} s")
         if self.name.startswith("preft"):
+            self._wait_router()
+
+    def _wait_router(self, timeout: float = 900.0) -> None:
+        """The router's gRPC address, from ``preft up``'s line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.grpc_address:
             self.log.flush()
-            line = next(ln for ln in Path(self.log.name).read_text().splitlines()
-                        if ln.startswith("router listening on"))
-            self.grpc_address = line.split()[3]
+            line = next((ln for ln in Path(self.log.name).read_text().splitlines()
+                         if ln.startswith("router listening on")), None)
+            if line is not None:
+                self.grpc_address = line.split()[3]
+            elif self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
+            else:
+                time.sleep(1.0)
 
     def processes(self) -> dict[str, int]:
         """Role -> pid: the server process (PreFT: the router with its gateway; vLLM: the
@@ -163,6 +184,8 @@ class Server:
         import psutil
 
         out = {"server": self.proc.pid}
+        if self.gateway is not None:
+            out["gateway"] = self.gateway.pid
         for ch in psutil.Process(self.proc.pid).children(recursive=True):
             try:
                 title = " ".join(ch.cmdline())
@@ -177,6 +200,9 @@ class Server:
         return out
 
     def stop(self) -> None:
+        if self.gateway is not None and self.gateway.poll() is None:
+            os.killpg(self.gateway.pid, signal.SIGINT)
+            self.gateway.wait(30)
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
