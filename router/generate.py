@@ -28,7 +28,7 @@ import grpc
 from cluster.aio import merge
 from cluster.errors import InvalidRequest, Overloaded, PreftError
 from cluster.messages import (ALL_TOKEN_KINDS, AdapterRef, DecodeDelta, DecodeRequest,
-                              PrefillRequest, PrefillResult, Sampling)
+                              PrefillRequest, Sampling)
 from proto.preft.v1 import router_pb2 as pb
 from router.plane import PlaneLost
 from router.pool import NeedsColocated, NoWorkers, Placement, WorkerHandle

@@ -207,7 +207,9 @@ class PlaneServer:
                 self.post(call, result)
             self.end(call)
         except asyncio.CancelledError:
-            self.fail(call, PreftError("the call was cancelled"))   # sent only on oversize
+            # the router cancelled (it ignores the answer), or an oversized item did (its
+            # size error went first and this is a no-op)
+            self.fail(call, PreftError("the call was cancelled"))
         except Exception as e:
             if not isinstance(e, PreftError):
                 log.exception("plane of %s: %s failed", self.name, type(op.arg).__name__)
