@@ -130,6 +130,44 @@ class LocalCluster:
             ClusterState.from_url(self.redis_url).check()
         self.store = store_for(self.cfg.store_uri or str(self.run_dir / "store"))
 
+    def check_registry_model(self):
+        """The registry's base model against this cluster's (``app/model_binding.py``),
+        before Ray starts: None when they agree; the binding to record after
+        :meth:`revalidate_registry` (``on_model_change: revalidate``); else ConfigError."""
+        from app.model_binding import check_binding
+        from cluster.state import ClusterState
+
+        model = self.cfg.prefill.engine.model
+        if not Path(model, "config.json").is_file():   # on the worker nodes only (KubeRay)
+            log.warning("model %s is not on this machine: the registry's base model is not "
+                        "checked here; workers check each adapter when they load it", model)
+            return None
+        state = ClusterState.from_url(self.redis_url)
+        where = (f"run directory {self.run_dir}" if self.redis is not None else
+                 "Redis registry at " + self.redis_url.rpartition("@")[2])
+        try:
+            return check_binding(state, model, where, self.cfg.on_model_change)
+        except ConfigError:   # refused: the Redis we started goes too
+            self.stop()
+            raise
+
+    def revalidate_registry(self, binding, say) -> list[str]:
+        """Every registered adapter validated again by a worker of this model; those that
+        do not fit removed, the registry bound to ``binding``; the names removed."""
+        import ray
+
+        from app.model_binding import revalidate
+        from router.service_base import unwrap
+
+        host = next(a for wid, a in self._actors.items() if not wid.startswith("decode"))
+
+        def validate(uri: str, kind: str):
+            try:
+                return ray.get(host.validate_adapter.remote(uri, kind), timeout=120)
+            except Exception as e:   # Ray wraps the worker's InvalidAdapter
+                raise unwrap(e) from None
+        return revalidate(self.state(), validate, binding, say)
+
     # -------------------------------------------------------------- workers
     def _cores(self, role: str, index: int) -> str | None:
         """Locally: disjoint cores for a prefill/decode pair (``local_cores: split``); a
@@ -199,6 +237,7 @@ class LocalCluster:
         self.resolve_model()
         cfg = self.cfg
         self.start_state(say)
+        rebind = self.check_registry_model()
         if not ray.is_initialized():
             say("starting Ray")
             # Locally, CPU "slots" are logical: engines bind their own cores (cpu_cores), and
@@ -230,6 +269,8 @@ class LocalCluster:
                                decode_policy=POLICIES[cfg.router.decode_policy]())
         for (role, actor), info in zip(actors, infos):
             self.pool.add(WorkerHandle(info, actor))
+        if rebind is not None:
+            self.revalidate_registry(rebind, say)
         self.view = StateView(ClusterState.from_url(self.redis_url), cfg.router.state_refresh_s)
 
     def state(self):

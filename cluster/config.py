@@ -290,9 +290,17 @@ class ClusterConfig:
     # instead of spin; "split" gives a prefill and a decode engine disjoint halves (0.88x
     # shared's throughput under a burst, lower latency below saturation: docs/benchmarks.md).
     local_cores: str = "shared"
+    # The registry is bound to the base model it was validated against (its fingerprint,
+    # cluster/model_info.py). Started on another model: "refuse" (default) stops before
+    # anything starts; "revalidate" checks every adapter against the new model, removes
+    # those that do not fit from the registry, and binds it to the new model.
+    on_model_change: str = "refuse"
 
     def __post_init__(self) -> None:
         c = "ClusterConfig"
+        _need(self.on_model_change in ("refuse", "revalidate"), c, "on_model_change",
+              self.on_model_change, "one of 'refuse' or 'revalidate' (preft up "
+              "--revalidate-adapters)")
         for f in ("prefill_workers", "decode_workers", "colocated_workers"):
             _need(getattr(self, f) >= 0, c, f, getattr(self, f), "must be >= 0")
         _need((self.prefill_workers == 0) == (self.decode_workers == 0), c,

@@ -54,6 +54,12 @@ class InvalidAdapter(RequestError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class AdapterMismatch(InvalidAdapter):
+    """A registered adapter does not fit the model of the worker that would load it (the
+    registry was made on another base model): its requests fail, never generate."""
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class AdapterStoreError(RequestError):
     """The adapter store refused a call (missing bucket, refused credentials, a missing
     object): the adapter's requests fail, the worker and its other adapters are fine."""
@@ -88,3 +94,9 @@ class Overloaded(RequestError):
 class MessageTooLarge(RequestError):
     """A call or an answer over the worker plane's size limit: that call fails, no other."""
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class ShuttingDown(RequestError):
+    """The router is draining or stopping (SIGINT/SIGTERM): new requests are refused, and
+    streams still running when the drain's grace period ends are ended with this."""
+    grpc_code = "UNAVAILABLE"

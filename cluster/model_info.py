@@ -221,3 +221,40 @@ def resolve_cluster(cfg: ClusterConfig) -> ClusterConfig:
     dec = resolve_engine(cfg.decode.engine, info, cpu=not cfg.decode.num_gpus)
     return replace(cfg, prefill=replace(cfg.prefill, engine=pre),
                    decode=replace(cfg.decode, engine=dec))
+
+
+# ------------------------------------------------------------------ the model's identity
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SAMPLE_BYTES = 1 << 20        # each weight file's first MiB of tensor data
+
+
+def _safetensors_head(f: Path) -> tuple[bytes, int]:
+    """A safetensors file's header (tensor names, dtypes, shapes, offsets) and where its
+    tensor data begins; (b"", 0) when the file is not one."""
+    with f.open("rb") as fh:
+        raw = fh.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+        if not 0 < n <= 100 << 20:
+            return b"", 0
+        return fh.read(n), 8 + n
+
+
+def model_fingerprint(model: str) -> str:
+    """What the base model is, cheaply: sha256 of ``config.json`` and, per weight file
+    (sorted by name), its name, size, safetensors header (every tensor's name, dtype and
+    shape) and first MiB of tensor data -- a few MiB read, never the whole weights. Two
+    copies of one model agree wherever they live; a model of another shape, or the same
+    shape trained differently, does not. Raises :class:`ConfigError` without config.json."""
+    import hashlib
+
+    root = Path(model)
+    read_config(model)    # a clear error when it is no model directory
+    h = hashlib.sha256(b"config.json\0" + (root / "config.json").read_bytes())
+    for f in sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        h.update(f"\0{f.name}\0{f.stat().st_size}\0".encode())
+        head, start = _safetensors_head(f) if f.suffix == ".safetensors" else (b"", 0)
+        h.update(head)
+        with f.open("rb") as fh:
+            fh.seek(start)
+            h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()

@@ -12,6 +12,8 @@ Keys:
   {p}worker:{id}             MemberRecord, with a TTL (10 s) refreshed every second
   {p}workers                 set of worker ids ever seen
   {p}apikey:{sha256(key)}    tenant name
+  {p}base_model              ModelBinding: the base model the registry's adapters were
+                             validated against (its fingerprint, cluster/model_info.py)
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ class MemberRecord:
     node: str = ""
     kv_address: str = ""       # prefill: "host:port" of its KV endpoint
     started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ModelBinding:
+    """The base model every adapter in the registry was validated against."""
+
+    fingerprint: str           # cluster.model_info.model_fingerprint
+    model: str                 # where it was read from when bound (for messages)
+    bound: float = field(default_factory=time.time)
 
 
 def encode(obj) -> str:
@@ -136,6 +147,13 @@ class ClusterState:
         pipe.delete(f"{self.p}adapter:{name}")
         pipe.srem(f"{self.p}adapters", name)
         return bool(pipe.execute()[0])
+
+    # the base model the registry is bound to
+    def base_model(self) -> ModelBinding | None:
+        return decode(ModelBinding, self.r.get(f"{self.p}base_model"))
+
+    def bind_base_model(self, binding: ModelBinding) -> None:
+        self.r.set(f"{self.p}base_model", encode(binding))
 
     # residency
     def set_residency(self, worker_id: str, resident: dict[str, str]) -> None:

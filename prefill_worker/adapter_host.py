@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import AdapterNotFound, AdapterStoreError, InvalidAdapter
+from cluster.errors import (AdapterMismatch, AdapterNotFound, AdapterStoreError,
+                            InvalidAdapter)
 from cluster.messages import AdapterRef, PrefillRequest, WorkerInfo
 from worker_runtime.engine_worker import EngineWorker
 from worker_runtime.sequence import check_lengths, check_sampling_ids, prompt_ids
@@ -172,6 +173,7 @@ class AdapterHost:
         if entry is not None and entry.ref == ref:
             return entry, "engine" if self._hot(entry) else "disk"
         path, tier = await asyncio.to_thread(self._fetch, ref)
+        await asyncio.to_thread(self._check_fits, ref, path)
         with self._lock:
             old = self._adapters.get(ref.name)
             entry = AdapterEntry(ref, str(path), next(self._lora_ids))
@@ -206,6 +208,22 @@ class AdapterHost:
         except OSError:  # another fetch of the same content won the race
             shutil.rmtree(tmp, ignore_errors=True)
         return local, "store"
+
+    def _check_fits(self, ref: AdapterRef, path: Path) -> None:
+        """Before an adapter version first reaches this worker's engine: its files checked
+        against this engine's model (shapes, rank, kind), as at registration -- a registry
+        made on another base model must never reach the engine (vLLM would not notice a
+        LoRA of the wrong shapes; it would serve garbage). Raises :class:`AdapterMismatch`."""
+        from prefill_worker.adapters import validate_adapter
+
+        try:
+            validate_adapter(path, self.base_shape, max_rank=self.cfg.max_lora_rank,
+                             max_bytes=self.cfg.max_adapter_bytes, kind=ref.kind)
+        except InvalidAdapter as e:
+            raise AdapterMismatch(
+                f"adapter {ref.name} v{ref.version} does not fit this worker's base model "
+                f"{self.cfg.engine.model}: {e.message}; it was registered for another model: "
+                "register files made for this one (or delete the adapter)") from None
 
     @staticmethod
     def _reft_key(entry: AdapterEntry) -> str:
