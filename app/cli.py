@@ -28,14 +28,52 @@ from pathlib import Path
 from app import assets
 
 
+def _bounded(kind, lo=None, hi=None, *, lo_open: bool = False, note: str = ""):
+    """An argparse ``type``: a ``kind`` (int or float) in [lo, hi] ((lo, hi] with
+    ``lo_open``). argparse names the flag in front of the message, e.g. ``argument --top-k:
+    must be >= 0 (0 = off), got -5``."""
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    else:
+        rng = f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"<= {hi}"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if ((lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)
+                or v != v):   # NaN
+            raise argparse.ArgumentTypeError(f"must be {rng}{note}, got {text}")
+        return v
+    parse.__name__ = kind.__name__   # argparse's fallback messages say "invalid int value"
+    return parse
+
+
+PORT = _bounded(int, 0, 65535, note=" (0 = any free port)")
+COUNT = _bounded(int, 0)
+RANKS = _bounded(int, 1, 64)
+SECONDS = _bounded(float, 0, lo_open=True)
+
+
 def _parse_adapters(items: list[str]):
-    """``NAME=PATH`` or ``NAME:KIND=PATH`` -> ((name, path), ...), ((name, kind), ...)."""
+    """``NAME=PATH`` or ``NAME:KIND=PATH`` -> ((name, path), ...), ((name, kind), ...);
+    a bad kind or a path that is not a directory is refused here, naming ``--adapter``."""
+    from cluster.config import ConfigError
+    from cluster.messages import ADAPTER_KINDS
+
     out, kinds = [], []
     for item in items:
         name, sep, path = item.partition("=")
         name, _, kind = name.partition(":")
         if not sep or not name or not path:
-            raise SystemExit(f"--adapter expects NAME=PATH or NAME:KIND=PATH, got {item!r}")
+            raise ConfigError(f"--adapter expects NAME=PATH or NAME:KIND=PATH, got {item!r}")
+        if kind and kind not in ADAPTER_KINDS:
+            raise ConfigError(f"--adapter {item}: kind {kind!r} is not one of {ADAPTER_KINDS}")
+        if not Path(path).is_dir():
+            raise ConfigError(f"--adapter {item}: {path} is not a directory (an adapter is a "
+                              "directory: adapter_config.json + adapter_model.safetensors)")
         out.append((name, path))
         if kind:
             kinds.append((name, kind))
@@ -55,15 +93,7 @@ def build_config(args):
                                 RouterConfig, TransferConfig)
 
     if args.config:
-        import yaml
-
-        from cluster.config import from_dict
-        cfg = from_dict(ClusterConfig, yaml.safe_load(Path(args.config).read_text()))
-        tls = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "metrics_port")
-               if getattr(args, k, None) is not None}
-        if tls:  # TLS flags are never silently dropped: they override the YAML's router.*
-            cfg = replace(cfg, router=replace(cfg.router, **tls))
-        return cfg
+        return _config_from_yaml(args)
     adapters, kinds = _parse_adapters(args.adapter or [])
     model = args.model
     if model is None:
@@ -96,22 +126,67 @@ def build_config(args):
         colo, engine=replace(colo.engine, tensor_parallel_size=args.colocated_tp)))
 
 
+def _read_yaml(path: str) -> dict:
+    """The YAML mapping in ``--config``'s file; ConfigError (one line) when it cannot be."""
+    import yaml
+
+    from cluster.config import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e} (looked in {Path.cwd()})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of ClusterConfig fields, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _with_embedded_model(data: dict) -> dict:
+    """A cluster YAML that names no model gets what ``preft up`` without ``--model`` gets:
+    the embedded demo model on every pool and, unless it lists ``adapters``, the demo
+    adapters (built on first use, ~3-4 CPU minutes)."""
+    sections = [data.get(k) for k in ("prefill", "decode", "colocated")]
+    engines = [s.setdefault("engine", {}) for s in sections if isinstance(s, dict)]
+    engines = [e for e in engines if isinstance(e, dict)]
+    if any("model" in e for e in engines) or not isinstance(data.get("prefill"), dict):
+        return data
+    model_dir, demo = assets.default_assets()
+    for e in engines:
+        e["model"] = str(model_dir)
+    data.setdefault("adapters", {n: str(p) for n, p in demo.items()})
+    return data
+
+
+def _config_from_yaml(args):
+    from cluster.config import ClusterConfig, from_dict
+
+    cfg = from_dict(ClusterConfig, _with_embedded_model(_read_yaml(args.config)))
+    tls = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "metrics_port")
+           if getattr(args, k, None) is not None}
+    if tls:  # TLS flags are never silently dropped: they override the YAML's router.*
+        cfg = replace(cfg, router=replace(cfg.router, **tls))
+    return cfg
+
+
 def _add_pool_args(p: argparse.ArgumentParser) -> None:
     """The prefill/decode pools' sizes and their engines' tensor parallelism."""
-    p.add_argument("--prefill-workers", type=int, default=None, help="prefill pool size "
+    p.add_argument("--prefill-workers", type=COUNT, default=None, help="prefill pool size "
                    "(default 1; 0 when --colocated-workers is given alone)")
-    p.add_argument("--decode-workers", type=int, default=None, help="decode pool size "
+    p.add_argument("--decode-workers", type=COUNT, default=None, help="decode pool size "
                    "(default 1; 0 when --colocated-workers is given alone)")
-    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+    p.add_argument("--tensor-parallel-size", "--tp", type=RANKS, default=1, metavar="N",
                    help="ranks per prefill and decode engine (vLLM's tensor parallelism: "
                    "each rank holds a shard of the KV heads, and KV moves from prefill rank i "
                    "to decode rank i, so both pools need the same N; default 1). On GPUs give "
                    "each worker N GPUs (num_gpus in the YAML)")
-    p.add_argument("--prefill-tp", type=int, default=None, metavar="N",
+    p.add_argument("--prefill-tp", type=RANKS, default=None, metavar="N",
                    help="ranks per prefill engine (default --tensor-parallel-size)")
-    p.add_argument("--colocated-tp", type=int, default=None, metavar="N",
+    p.add_argument("--colocated-tp", type=RANKS, default=None, metavar="N",
                    help="ranks per colocated engine (default --tensor-parallel-size)")
-    p.add_argument("--decode-tp", type=int, default=None, metavar="N",
+    p.add_argument("--decode-tp", type=RANKS, default=None, metavar="N",
                    help="ranks per decode engine (default --tensor-parallel-size); must "
                    "equal the prefill engines' (re-sharding KV between sizes is not built)")
 
@@ -123,7 +198,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="local clusters: shared (default) runs the prefill and the decode "
                    "engine on every core, idle OpenMP threads sleeping; split gives each "
                    "half the cores (slower under load, lower latency below it)")
-    p.add_argument("--colocated-workers", type=int, default=0, help="colocated pool size: "
+    p.add_argument("--colocated-workers", type=COUNT, default=0, help="colocated pool size: "
                    "workers whose one engine applies the adapter to the prompt and decodes in "
                    "the same batch (no KV moves; best on a single device, and the only pool "
                    "that serves all-token LoRA adapters). Given alone, the cluster is "
@@ -138,9 +213,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "worker caches (default .preft/run)")
     p.add_argument("--require-auth", action="store_true", help="require API keys "
                    "(`preft keys create`); mandatory when --host is not loopback")
-    p.add_argument("--http-port", type=int, default=None, help="also serve the "
+    p.add_argument("--http-port", type=PORT, default=None, help="also serve the "
                    "OpenAI-compatible HTTP API on this port (it has /metrics too)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus "
+    p.add_argument("--metrics-port", type=PORT, default=None, help="serve Prometheus "
                    "/metrics (preft_* series) on this port; 0 = any free port")
     p.add_argument("--model", help="base model directory (HF format); default: the embedded "
                    "demo model, trained locally under $PREFT_HOME/demo (~/.cache/preft)")
@@ -152,16 +227,16 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "model: the trained demo adapters alice (LoRA-P), bob (LoReFT-P), carol "
                    "(DiReFT-P)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = any free port)")
+    p.add_argument("--port", type=PORT, default=50051, help="router gRPC port (0 = any free port)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="engine dtype for both pools (default float32)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens "
+    p.add_argument("--max-model-len", type=_bounded(int, 1), default=None, help="context length in tokens "
                    "(prompt + output) of both pools' engines; default: the model's own, from "
                    "its config.json (max_position_embeddings, with RoPE scaling, as vLLM "
                    "derives it). A value above the model's own is refused before anything starts")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+    p.add_argument("--kv-cache-gib", type=_bounded(float, 0, lo_open=True), default=1.0,
                    help="KV cache per engine in GiB (default 1)")
-    p.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    p.add_argument("--max-lora-rank", type=_bounded(int, 1), default=16, help="largest adapter rank accepted")
     p.add_argument("--kv-host", default="127.0.0.1",
                    help="address the workers' KV transfer endpoints bind and advertise")
     p.add_argument("--ray-address", default=None,
@@ -175,13 +250,47 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="forward worker logs to this terminal")
 
 
-def _start(cfg, verbose: bool):
+def check_ports_free(cfg, http_port: int | None = None, from_yaml: bool = False) -> None:
+    """Refuse, naming the flag (or YAML field), a port something already listens on: before
+    Redis, Ray or an engine starts, not when the router binds after them."""
+    import socket
+
+    from cluster.config import ConfigError
+
+    r = cfg.router
+    for flag, field, port in (("--port", "router.port", r.port),
+                              ("--http-port", None, http_port),
+                              ("--metrics-port", "router.metrics_port", r.metrics_port)):
+        if not port:   # None or 0: nothing asked for, or any free port
+            continue
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(
+                r.host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except socket.gaierror as e:
+            raise ConfigError(f"--host {r.host}: not an address to listen on ({e})") from None
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers bind
+            try:
+                s.bind(addr)
+            except OSError as e:
+                name = f"{field} in --config" if from_yaml and field else flag
+                raise ConfigError(f"{name} {port}: cannot listen on {r.host}:{port} "
+                                  f"({e.strerror}; another `preft up`?); pick a free port, "
+                                  "or 0 for any") from None
+
+
+def _start(cfg, verbose: bool, http_port: int | None = None, from_yaml: bool = False):
+    check_ports_free(cfg, http_port, from_yaml)   # first: before the heavier imports below
     from rich.console import Console
 
     from app.launcher import LocalCluster
+    from cluster.config import ConfigError
     from router.server import check_bind_is_safe
 
-    check_bind_is_safe(cfg.router)   # before anything starts
+    try:
+        check_bind_is_safe(cfg.router)   # before anything starts
+    except PermissionError as e:
+        raise ConfigError(str(e)) from None
     console = Console(stderr=True)
     cluster = LocalCluster(cfg, log_to_driver=verbose)
     with console.status("starting cluster") as status:
@@ -198,17 +307,43 @@ def _register_with_progress(cluster, console) -> None:
         return
     with Progress(console=console) as prog, PreftClient(cluster.local_address or cluster.address,
                                                         api_key=cluster.api_key) as client:
-        for name, path in cluster.cfg.adapters:
-            task = prog.add_task(f"upload {name}", total=None)
-            info = client.register_adapter(
-                name, path, public=True,
-                progress=lambda sent, total, t=task: prog.update(t, completed=sent, total=total))
-            prog.update(task, description=f"{name} v{info.version}")
+        upload_adapters(client, cluster.cfg, prog)
+
+
+def upload_adapters(client, cfg, prog) -> list:
+    """Upload ``cfg.adapters`` as ``cfg.adapter_kinds`` says (unnamed: the files' own kind),
+    public, one progress task each; returns the registered records."""
+    kinds, infos = dict(cfg.adapter_kinds), []
+    for name, path in cfg.adapters:
+        task = prog.add_task(f"upload {name}", total=None)
+        info = client.register_adapter(
+            name, path, public=True, kind=kinds.get(name),
+            progress=lambda sent, total, t=task: prog.update(t, completed=sent, total=total))
+        prog.update(task, description=f"{name} v{info.version} ({info.kind})")
+        infos.append(info)
+    return infos
+
+
+def _print_ready(cluster, port: int) -> None:
+    """``preft up``'s ready lines (stdout): the router's address, and where the metrics,
+    the cluster's Redis and (with --require-auth) the admin key are."""
+    r = cluster.cfg.router
+    tls = (" (TLS, client certificates required)" if r.tls_client_ca else
+           " (TLS)" if r.tls_cert else "")
+    print(f"router listening on {r.host}:{port}{tls}", flush=True)
+    if cluster.metrics_port is not None:
+        print(f"metrics on http://{r.host}:{cluster.metrics_port}/metrics", flush=True)
+    if cluster.redis is not None:   # ours: on loopback, no password
+        print(f"cluster state in {cluster.redis_url} (`preft keys create` finds it through "
+              f"{cluster.run_dir / 'cluster.json'})", flush=True)
+    if cluster.api_key_file is not None:
+        print(f"admin API key (tenant admin) in {cluster.api_key_file} (mode 0600): "
+              f"export PREFT_API_KEY=$(cat {cluster.api_key_file})", flush=True)
 
 
 def cmd_up(args) -> int:
     cfg = build_config(args)
-    cluster, console = _start(cfg, args.verbose)
+    cluster, console = _start(cfg, args.verbose, args.http_port, bool(args.config))
 
     async def run() -> None:
         port = await cluster.start_router()
@@ -222,12 +357,7 @@ def cmd_up(args) -> int:
                 ssl_keyfile=r.tls_key, ssl_client_ca=r.tls_client_ca))
             console.log(f"OpenAI-compatible {'HTTPS' if r.tls_cert else 'HTTP'} on "
                         f"{r.host}:{args.http_port}")
-        tls = (" (TLS, client certificates required)" if cfg.router.tls_client_ca else
-               " (TLS)" if cfg.router.tls_cert else "")
-        print(f"router listening on {cfg.router.host}:{port}{tls}", flush=True)
-        if cluster.metrics_port is not None:
-            print(f"metrics on http://{cfg.router.host}:{cluster.metrics_port}/metrics",
-                  flush=True)
+        _print_ready(cluster, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -260,11 +390,11 @@ def _generate_knobs(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from preft_client import PreftClient, PreftClientError
+    from preft_client import PreftClientError
 
     kw = dict(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
               top_p=args.top_p, seed=args.seed, stop=args.stop, **_generate_knobs(args))
-    with PreftClient(args.address, timeout=args.timeout, **_tls_kwargs(args)) as client:
+    with _client(args) as client:
         try:
             if args.stream:
                 for d in client.stream(args.adapter, **kw):
@@ -321,7 +451,8 @@ def cmd_demo(args) -> int:
                       "every later token comes from the base model)")
         for col in ("prompt", "adapter", "output", "✓", "TTFT ms", "KV KiB", "KV GB/s"):
             table.add_column(col, overflow="fold")
-        with PreftClient(cluster.local_address or cluster.address) as client:
+        with PreftClient(cluster.local_address or cluster.address,
+                         api_key=cluster.api_key) as client:
             for prompt in DEMO_PROMPTS:
                 for adapter in [None, *(n for n, _ in cfg.adapters)]:
                     c = client.generate(adapter, prompt=prompt, max_tokens=args.max_tokens,
@@ -367,57 +498,92 @@ def _client(args):
                        timeout=args.timeout, **_tls_kwargs(args))
 
 
-def cmd_adapters(args) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
+def iso_time(ts: float) -> str:
+    """A Unix time as local ISO 8601 with its offset, e.g. 2026-12-07T14:05:10+01:00."""
+    from datetime import datetime
 
-    from preft_client import PreftClientError
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def out_console():
+    """A rich console on stdout: a terminal's width, else wide enough that every table row
+    comes out whole (a pipe or file never gets rows cut at 80 columns)."""
+    from rich.console import Console
 
     console = Console()
+    return console if console.is_terminal else Console(width=10_000)
+
+
+def _print_json(obj) -> None:
+    import json
+
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def adapter_dict(a) -> dict:
+    """One ``AdapterInfo`` as plain data, ``created`` as ISO 8601."""
+    from dataclasses import asdict
+
+    return {**asdict(a), "target_modules": list(a.target_modules), "created": iso_time(a.created)}
+
+
+def _adapters_list(c, args, console) -> None:
+    from rich.table import Table
+
+    rows = [adapter_dict(a) for a in c.list_adapters().values()]
+    if args.output == "json":
+        return _print_json(rows)
+    table = Table("name", "version", "kind", "rank", "size", "owner", "public", "created")
+    for a in rows:
+        table.add_row(a["name"], str(a["version"]), a["kind"], str(a["rank"]),
+                      f"{a['size_bytes'] / 1024:.0f} KiB", a["owner"] or "-", str(a["public"]),
+                      a["created"])
+    console.print(table)
+
+
+def _adapters_show(c, args, console) -> None:
+    a = adapter_dict(c.get_adapter(args.name))
+    if args.output == "json":
+        return _print_json(a)
+    for k, v in a.items():
+        console.print(f"{k:>15}: {', '.join(v) if isinstance(v, list) else v}", markup=False)
+
+
+def _adapters_add(c, args, console) -> None:
+    from rich.progress import Progress
+
+    with Progress(console=console) as prog:
+        task = prog.add_task(f"upload {args.name}", total=None)
+        info = c.register_adapter(args.name, args.path, public=args.public, kind=args.kind,
+                                  progress=lambda s, t: prog.update(task, completed=s, total=t))
+    console.print(f"registered {info.name} v{info.version} ({info.kind}, rank "
+                  f"{info.rank}, sha256 {info.sha256[:12]}...)")
+
+
+def _adapters_rm(c, args, console) -> None:
+    c.delete_adapter(args.name)
+    console.print(f"deleted {args.name}")
+
+
+def cmd_adapters(args) -> int:
+    from preft_client import PreftClientError
+
+    action = {"add": _adapters_add, "list": _adapters_list, "show": _adapters_show,
+              "rm": _adapters_rm}[args.action]
     try:
         with _client(args) as c:
-            if args.action == "add":
-                with Progress(console=console) as prog:
-                    task = prog.add_task(f"upload {args.name}", total=None)
-                    info = c.register_adapter(args.name, args.path, public=args.public,
-                                              kind=args.kind,
-                                              progress=lambda s, t: prog.update(task, completed=s, total=t))
-                console.print(f"registered {info.name} v{info.version} ({info.kind}, rank "
-                              f"{info.rank}, sha256 {info.sha256[:12]}...)")
-            elif args.action == "list":
-                table = Table("name", "version", "kind", "rank", "size", "owner", "public")
-                for a in c.list_adapters().values():
-                    table.add_row(a.name, str(a.version), a.kind, str(a.rank),
-                                  f"{a.size_bytes / 1024:.0f} KiB", a.owner or "-", str(a.public))
-                console.print(table)
-            elif args.action == "show":
-                a = c.get_adapter(args.name)
-                for k, v in a.__dict__.items():
-                    console.print(f"{k:>15}: {v}")
-            elif args.action == "rm":
-                c.delete_adapter(args.name)
-                console.print(f"deleted {args.name}")
+            action(c, args, out_console())
     except PreftClientError as e:
-        console.print(f"[red]error: {e.code.name}: {e.message}")
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
         return 1
     return 0
 
 
-def cmd_status(args) -> int:
-    from rich.console import Console
+def _status_table(st: dict):
     from rich.table import Table
 
-    from app.top import cluster_status, slot_text
-    from preft_client import PreftClientError
+    from app.top import slot_text
 
-    console = Console()
-    try:
-        with _client(args) as c:
-            st = cluster_status(c)
-    except PreftClientError as e:
-        console.print(f"[red]error: {e.code.name}: {e.message}")
-        return 1
     table = Table(title=f"PreFT cluster: {st['adapters']} adapters, {st['router_inflight']} "
                   f"requests in flight{' (state STALE: Redis unreachable)' if st['state_stale'] else ''}")
     for col in ("worker", "role", "TP", "healthy", "outstanding", "KV blocks used",
@@ -432,7 +598,26 @@ def cmd_status(args) -> int:
                       f"{w.kv_bytes_sent / 2**20:.1f} MiB" if w.role == "prefill" else "-",
                       ", ".join(f"{k}:{v}" for k, v in sorted(w.resident.items())) or "-",
                       slot_text(st["slots"], w.worker_id))
-    console.print(table)
+    return table
+
+
+def cmd_status(args) -> int:
+    from dataclasses import asdict
+
+    from app.top import cluster_status
+    from preft_client import PreftClientError
+
+    try:
+        with _client(args) as c:
+            st = cluster_status(c)
+    except PreftClientError as e:
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        _print_json({**st, "workers": [asdict(w) for w in st["workers"]],
+                     "slots": {k: list(v) for k, v in st["slots"].items()}})
+    else:
+        out_console().print(_status_table(st))
     return 0
 
 
@@ -444,20 +629,48 @@ def cmd_top(args) -> int:
         url = f"http://{url}/metrics"
     try:
         with _client(args) as c:
-            run(c, args.address, url, args.interval, args.iterations)
+            run(c, args.address, url, args.interval, args.iterations, console=out_console())
     except KeyboardInterrupt:
         pass
     return 0
 
 
+def _cluster_redis(args) -> tuple[str, str]:
+    """(Redis URL, where it came from): --redis-url, $REDIS_URL, else the running cluster's
+    ``<run-dir>/cluster.json`` (written by ``preft up``)."""
+    import json
+
+    from cluster.config import ConfigError
+
+    if args.redis_url:
+        return args.redis_url, "--redis-url"
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"], "$REDIS_URL"
+    info = Path(args.run_dir) / "cluster.json"
+    try:
+        return json.loads(info.read_text())["redis_url"], str(info)
+    except FileNotFoundError:
+        raise ConfigError(f"no cluster found: {info.resolve()} does not exist; start one with "
+                          "`preft up` (in this directory, or pass its --run-dir), or give "
+                          "--redis-url") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--run-dir {args.run_dir}: cannot read {info}: {e}") from None
+
+
 def cmd_keys(args) -> int:
+    import redis
+
+    from cluster.config import ConfigError
+    from cluster.s3_store import shown
     from cluster.state import ClusterState, new_api_key
 
-    url = args.redis_url or os.environ.get("REDIS_URL")
-    if not url:
-        raise SystemExit("preft keys needs the cluster's Redis: --redis-url or $REDIS_URL")
+    url, source = _cluster_redis(args)
     key = new_api_key()
-    ClusterState.from_url(url).add_api_key(key, args.tenant)
+    try:
+        ClusterState.from_url(url).add_api_key(key, args.tenant)
+    except redis.RedisError as e:
+        raise ConfigError(f"cannot reach the cluster's Redis at {shown(url)} (from {source}): "
+                          f"{e}; is its `preft up` still running?") from None
     print(key)
     print(f"tenant {args.tenant}: key created (only its sha256 is stored; keep it safe)",
           file=sys.stderr)
@@ -496,8 +709,13 @@ def make_parser() -> argparse.ArgumentParser:
 def _add_client_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
     sp.add_argument("--api-key", default=None, help="API key (default $PREFT_API_KEY)")
-    sp.add_argument("--timeout", type=float, default=300.0, help="call deadline, seconds")
+    sp.add_argument("--timeout", type=SECONDS, default=300.0, help="call deadline, seconds")
     _add_client_tls_args(sp)
+
+
+def _add_output_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--output", "-o", choices=["table", "json"], default="table",
+                    help="table (default; piped, as wide as its content) or json")
 
 
 def _parser_up(sub) -> None:
@@ -516,23 +734,22 @@ def _parser_generate(sub) -> None:
     gen = sub.add_parser("generate", help="send one request to a running router",
                          description="Generate a completion through the router.")
     gen.add_argument("prompt", help="prompt text")
-    gen.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
     gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
-    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (>= 1)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--max-tokens", type=_bounded(int, 1), default=32, help="tokens to generate (>= 1)")
+    gen.add_argument("--temperature", type=_bounded(float, 0), default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=_bounded(float, 0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (0, 1]")
+    gen.add_argument("--seed", type=_bounded(int, 0, 2**64 - 1), default=None, help="sampling seed")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--n", type=int, default=None,
+    gen.add_argument("--n", type=_bounded(int, 1, 16), default=None,
                      help="samples of the prompt, 1..16 (one prefill; each printed)")
-    gen.add_argument("--logprobs", type=int, default=None, metavar="K",
+    gen.add_argument("--logprobs", type=_bounded(int, 0, 20), default=None, metavar="K",
                      help="print each token's logprob and the top K alternatives (0..20)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample from the K most likely")
-    gen.add_argument("--min-p", type=float, default=None, help="minimum relative probability")
-    gen.add_argument("--presence-penalty", type=float, default=None, help="[-2, 2]")
-    gen.add_argument("--frequency-penalty", type=float, default=None, help="[-2, 2]")
-    gen.add_argument("--repetition-penalty", type=float, default=None, help="(0, 10]; 1 = off")
-    gen.add_argument("--min-tokens", type=int, default=None, help="no EOS before this many")
+    gen.add_argument("--top-k", type=_bounded(int, 0, note=" (0 = off)"), default=None, help="sample from the K most likely")
+    gen.add_argument("--min-p", type=_bounded(float, 0, 1), default=None, help="minimum relative probability")
+    gen.add_argument("--presence-penalty", type=_bounded(float, -2, 2), default=None, help="[-2, 2]")
+    gen.add_argument("--frequency-penalty", type=_bounded(float, -2, 2), default=None, help="[-2, 2]")
+    gen.add_argument("--repetition-penalty", type=_bounded(float, 0, 10, lo_open=True), default=None, help="(0, 10]; 1 = off")
+    gen.add_argument("--min-tokens", type=_bounded(int, 0), default=None, help="no EOS before this many")
     guide = gen.add_mutually_exclusive_group()
     guide.add_argument("--json-schema", default=None, metavar="FILE|JSON",
                        help="structured output: the completion is JSON valid under this schema")
@@ -540,8 +757,7 @@ def _parser_generate(sub) -> None:
     guide.add_argument("--choice", action="append", default=None,
                        help="structured output: exactly one of these (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print text as it arrives")
-    gen.add_argument("--timeout", type=float, default=300.0, help="request deadline in seconds")
-    _add_client_tls_args(gen)
+    _add_client_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
 
@@ -554,7 +770,7 @@ def _parser_demo(sub) -> None:
                           "says next to what it was trained to say, with TTFT and KV bytes "
                           "moved, then shut down.")
     _add_cluster_args(demo)
-    demo.add_argument("--max-tokens", type=int, default=40, help="tokens per request (the "
+    demo.add_argument("--max-tokens", type=_bounded(int, 1), default=40, help="tokens per request (the "
                       "demo model is character-level; answers end at EOS)")
     demo.set_defaults(fn=cmd_demo)
 
@@ -575,6 +791,8 @@ def _parser_adapters(sub) -> None:
     a_list = ad_sub.add_parser("list", help="adapters you can use")
     a_show = ad_sub.add_parser("show", help="one adapter's registry record")
     a_show.add_argument("name")
+    for sp in (a_list, a_show):
+        _add_output_arg(sp)
     a_rm = ad_sub.add_parser("rm", help="delete an adapter from every tier")
     a_rm.add_argument("name")
     for sp in (a_add, a_list, a_show, a_rm):
@@ -585,6 +803,7 @@ def _parser_adapters(sub) -> None:
 def _parser_status(sub) -> None:
     st = sub.add_parser("status", help="workers, residency, queues and KV usage (a table)")
     _add_client_args(st)
+    _add_output_arg(st)
     st.set_defaults(fn=cmd_status)
 
 
@@ -597,8 +816,8 @@ def _parser_top(sub) -> None:
     _add_client_args(top)
     top.add_argument("--metrics-url", default=None, help="router /metrics (HOST:PORT or URL), "
                      "as served by `preft up --metrics-port` or --http-port")
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
+    top.add_argument("--interval", type=SECONDS, default=2.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=_bounded(int, 1), default=None, help="stop after N refreshes")
     top.set_defaults(fn=cmd_top)
 
 
@@ -608,7 +827,10 @@ def _parser_keys(sub) -> None:
     k_sub = keys.add_subparsers(dest="action", required=True)
     k_new = k_sub.add_parser("create", help="create a key for a tenant and print it once")
     k_new.add_argument("--tenant", required=True, help="tenant name ('admin' manages all)")
-    k_new.add_argument("--redis-url", default=None, help="the cluster's Redis (default $REDIS_URL)")
+    k_new.add_argument("--redis-url", default=None, help="the cluster's Redis (default "
+                       "$REDIS_URL, else the one `preft up` started, from --run-dir)")
+    k_new.add_argument("--run-dir", default=".preft/run", help="the running cluster's --run-dir "
+                       "(its cluster.json says where its Redis is; default .preft/run)")
     keys.set_defaults(fn=cmd_keys)
 
 

@@ -8,6 +8,7 @@ that each own one in-process vLLM engine pinned to its own cores.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -63,6 +64,33 @@ def omp_env(cpu_cores: str, shared: bool = False) -> dict[str, str]:
     return {**env, "OMP_WAIT_POLICY": "PASSIVE"} if shared else env
 
 
+RUN_INFO = "cluster.json"   # in the run directory: where `preft keys create` finds Redis
+ADMIN_KEY = "admin.key"     # in the run directory: `preft up --require-auth`'s own key
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this account only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)   # O_CREAT's mode applies only to a new file
+
+
+def admin_key(run_dir: Path, state) -> tuple[str, Path]:
+    """The API key (tenant ``admin``) a cluster that requires keys uses for its own start-up
+    work (adapter uploads): the one in ``<run_dir>/admin.key`` (mode 0600), else a new one
+    written there; registered (by its hash) in ``state`` either way."""
+    from cluster.state import new_api_key
+
+    path = run_dir / ADMIN_KEY
+    key = path.read_text().strip() if path.is_file() else ""
+    if not key:
+        key = new_api_key()
+    write_private(path, key + "\n")
+    state.add_api_key(key, "admin")
+    return key, path
+
+
 def _worker_class(role: str):
     if role == "prefill":
         from prefill_worker.worker import PrefillWorker
@@ -99,6 +127,7 @@ class LocalCluster:
         self.cfg = with_kv_secret(cfg)   # restarted and added workers get the same secret
         self.log_to_driver = log_to_driver
         self.api_key = api_key           # used for start-up adapter uploads when auth is on
+        self.api_key_file: Path | None = None   # where start_state kept the admin key it made
         self.pool = None
         self.port: int | None = None
         self.redis = None                # our RedisServer when we started one
@@ -129,6 +158,10 @@ class LocalCluster:
             from cluster.state import ClusterState
             ClusterState.from_url(self.redis_url).check()
         self.store = store_for(self.cfg.store_uri or str(self.run_dir / "store"))
+        if self.cfg.router.require_auth and self.api_key is None:
+            self.api_key, self.api_key_file = admin_key(self.run_dir, self.state())
+        write_private(self.run_dir / RUN_INFO, json.dumps({"redis_url": self.redis_url,
+                                                           "name": self.cfg.name}) + "\n")
 
     def check_registry_model(self):
         """The registry's base model against this cluster's (``app/model_binding.py``),

@@ -166,21 +166,41 @@ def render(status: dict, r: dict | None, address: str):
     return Group(*parts)
 
 
+def frames(client, metrics_url: str | None, interval: float, iterations: int | None = None):
+    """(cluster status, rates since the last scrape or None) every ``interval`` seconds,
+    ``iterations`` times (None: until interrupted)."""
+    prev, t_prev, n = None, 0.0, 0
+    while iterations is None or n < iterations:
+        status = cluster_status(client)
+        r = None
+        if metrics_url:
+            snap, t = scrape(metrics_url), time.monotonic()
+            if prev is not None:
+                r = rates(prev, snap, max(t - t_prev, 1e-6))
+            prev, t_prev = snap, t
+        yield status, r
+        n += 1
+        if iterations is None or n < iterations:
+            time.sleep(interval)
+
+
 def run(client, address: str, metrics_url: str | None, interval: float,
         iterations: int | None = None, console=None) -> None:
+    """On a terminal, one view redrawn in place; elsewhere (a pipe, a file, a log) each
+    refresh printed in full, once per interval, with its time."""
+    from datetime import datetime
+
+    from rich.console import Console
     from rich.live import Live
 
-    prev, t_prev, n = None, 0.0, 0
+    console = console or Console()
+    views = frames(client, metrics_url, interval, iterations)
+    if not console.is_terminal:
+        for status, r in views:
+            console.print(f"--- {datetime.now().astimezone().isoformat(timespec='seconds')}")
+            console.print(render(status, r, address))
+            console.file.flush()
+        return
     with Live(console=console, refresh_per_second=4, screen=False) as live:
-        while iterations is None or n < iterations:
-            status = cluster_status(client)
-            r = None
-            if metrics_url:
-                snap, t = scrape(metrics_url), time.monotonic()
-                if prev is not None:
-                    r = rates(prev, snap, max(t - t_prev, 1e-6))
-                prev, t_prev = snap, t
+        for status, r in views:
             live.update(render(status, r, address))
-            n += 1
-            if iterations is None or n < iterations:
-                time.sleep(interval)

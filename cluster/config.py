@@ -334,7 +334,7 @@ class ClusterConfig:
               "every pool serves the same base model and its adapters")
 
     def _check_adapters(self) -> None:
-        from cluster.messages import ADAPTER_KINDS
+        from cluster.messages import ADAPTER_KINDS, ALL_TOKEN_KINDS
 
         for name, path in self.adapters:
             _need(valid_adapter_name(name), "ClusterConfig", "adapters", name,
@@ -347,6 +347,10 @@ class ClusterConfig:
                   "names an adapter that is not in adapters")
             _need(kind in ADAPTER_KINDS, "ClusterConfig", "adapter_kinds", kind,
                   f"one of {ADAPTER_KINDS}")
+            _need(kind not in ALL_TOKEN_KINDS or self.colocated_workers > 0, "ClusterConfig",
+                  "adapter_kinds", f"{name}:{kind}", f"kind {kind!r} runs the adapter on "
+                  "every token, which only colocated workers serve, and this cluster has "
+                  "none: add some (colocated_workers: N; preft up --colocated-workers N)")
 
     def _check_store_uri(self) -> None:
         if self.store_uri is None:

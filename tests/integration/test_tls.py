@@ -321,13 +321,16 @@ def test_cli_tls_flags(pki, tmp_path):
     from app.cli import build_config, make_parser
 
     root = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((root / "deploy" / "local-cpu.yaml").read_text())
+    for sec in ("prefill", "decode"):   # a model of its own: no embedded demo to build
+        data[sec]["engine"]["model"] = str(tmp_path)
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(data))
     args = make_parser().parse_args(
-        ["up", "--config", str(root / "deploy" / "local-cpu.yaml"), "--tls-cert", pki["cert"],
+        ["up", "--config", str(tmp_path / "local.yaml"), "--tls-cert", pki["cert"],
          "--tls-key", pki["key"], "--tls-client-ca", pki["client_ca"]])
     cfg = build_config(args)   # flags override the YAML's router section, never dropped
     assert (cfg.router.tls_cert, cfg.router.tls_key, cfg.router.tls_client_ca) == (
         pki["cert"], pki["key"], pki["client_ca"])
-    data = yaml.safe_load((root / "deploy" / "local-cpu.yaml").read_text())
     data["router"].update(tls_cert=pki["cert"], tls_key=pki["key"])
     p = tmp_path / "tls.yaml"
     p.write_text(yaml.safe_dump(data))

@@ -12,14 +12,24 @@ from cluster.config import ClusterConfig, from_dict
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
+def _data(name: str, model: str = "m") -> dict:
+    """A deploy YAML's data; one that names no model (the local ones: `preft up` gives them
+    the embedded demo model, app.cli._with_embedded_model) gets ``model`` here."""
+    data = yaml.safe_load((DEPLOY / name).read_text())
+    for sec in ("prefill", "decode", "colocated"):
+        if sec in data and "model" not in data[sec]["engine"]:
+            data[sec]["engine"]["model"] = model
+    return data
+
+
 @pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
 def test_cluster_yaml_parses(path):
-    cfg = from_dict(ClusterConfig, yaml.safe_load(path.read_text()))
+    cfg = from_dict(ClusterConfig, _data(path.name))
     assert cfg.prefill.engine.model == cfg.decode.engine.model
 
 
 def _load(name: str) -> ClusterConfig:
-    return from_dict(ClusterConfig, yaml.safe_load((DEPLOY / name).read_text()))
+    return from_dict(ClusterConfig, _data(name))
 
 
 def test_gpu_examples_have_the_documented_shape():
@@ -54,7 +64,7 @@ def test_colocated_example_is_colocated_only():
 def test_pool_sizes_are_validated_with_the_field_named():
     from cluster.config import ConfigError
 
-    data = yaml.safe_load((DEPLOY / "local-colocated.yaml").read_text())
+    data = _data("local-colocated.yaml")
     with pytest.raises(ConfigError, match="prefill_workers.*both >= 1, or both 0"):
         from_dict(ClusterConfig, {**data, "decode_workers": 1})
     with pytest.raises(ConfigError, match="colocated_workers=0: the cluster needs workers"):
@@ -66,7 +76,7 @@ def test_pool_sizes_are_validated_with_the_field_named():
 def test_yaml_errors_name_the_field_and_value_and_hide_the_secret():
     from cluster.config import ConfigError
 
-    data = yaml.safe_load((DEPLOY / "local-cpu.yaml").read_text())
+    data = _data("local-cpu.yaml")
     with pytest.raises(ConfigError, match=r"ClusterConfig\.router\.port='x': .*valid integer"):
         from_dict(ClusterConfig, {**data, "router": {"port": "x"}})
     with pytest.raises(ConfigError, match=r"prefill\.engine: EngineConfig\.dtype='fp8'"):
@@ -84,7 +94,7 @@ def test_yaml_errors_name_the_field_and_value_and_hide_the_secret():
 
 
 def test_yaml_mappings_become_pairs():
-    data = yaml.safe_load((DEPLOY / "local-cpu.yaml").read_text())
+    data = _data("local-cpu.yaml")
     data["prefill"] = {**data["prefill"], "resources": {"b_node": 1, "a_node": 2}}
     cfg = from_dict(ClusterConfig, data)
     assert cfg.prefill.resources == (("a_node", 2.0), ("b_node", 1.0))
