@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from app.shutdown import kill_tree, process_tree, ray_node_pids
 from cluster.config import ClusterConfig, ConfigError
 from cluster.messages import WorkerInfo
 
@@ -139,6 +140,8 @@ class LocalCluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._owns_ray = False
+        self._ray_pids: list[int] = []   # the Ray node's processes, when we started it
+        self._ray_tree: list = []        # those and their descendants, as stop began
         self._next_index = {"prefill": 0, "decode": 0, "colocated": 0}
         self._actors: dict = {}
         self._metrics_http = None        # Prometheus /metrics server (router.metrics_port)
@@ -281,6 +284,7 @@ class LocalCluster:
                      object_store_memory=None if cfg.ray_address else 256 << 20,
                      log_to_driver=self.log_to_driver, logging_level=logging.WARNING)
             self._owns_ray = True
+            self._ray_pids = ray_node_pids()   # killed with their descendants at stop
         say(f"starting {cfg.prefill_workers} prefill, {cfg.decode_workers} decode and "
             f"{cfg.colocated_workers} colocated workers (vLLM engines)")
         actors = [(role, self.add_worker(role)) for role, n in (
@@ -381,6 +385,7 @@ class LocalCluster:
 
         client = InProcessClient(self._server.service,
                                  timeout=kwargs.pop("timeout", DEFAULT_TIMEOUT_S))
+        kwargs.setdefault("handle_signals", False)   # the program's: it drains first
         await serve_http(self.local_address or self.address, host, port, client=client,
                          **kwargs)
 
@@ -450,11 +455,33 @@ class LocalCluster:
         self._actors.clear()
         self.pool = None
         if self._owns_ray and ray.is_initialized():
+            self._ray_tree = process_tree(self._ray_pids)
             ray.shutdown()
+            # what ray.shutdown leaves (agents, workers whose raylet went first) goes too
+            kill_tree(self._ray_tree, grace=2.0)
             self._owns_ray = False
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    def kill(self) -> None:
+        """At once, nothing waited on (``preft up``'s second signal): Redis stopped, every
+        process of the Ray cluster this launcher started killed (the node's processes and
+        all their descendants: raylet, GCS, agents, workers, their engines' processes)."""
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        if self._owns_ray:
+            kill_tree([*self._ray_tree, *process_tree(self._ray_pids)])
+
+    async def drain(self, timeout: float, say=log.info) -> int:
+        """The router's graceful drain (``app/shutdown.py``): health NOT_SERVING, new
+        requests refused, those in flight given ``timeout`` s, the rest ended with
+        UNAVAILABLE; how many were ended unfinished."""
+        if self._server is None:
+            return 0
+        await self._server.health_servicer.enter_graceful_shutdown()
+        return await self._server.service.drain(timeout, say=say)
 
     def wait_until(self, cond: Callable[[], bool], timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -53,6 +53,28 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_home():
+    """The embedded demo (trainer/demo.py: base model + alice, bob, carol; ~3-4 CPU minutes),
+    built once per session into ``$PREFT_HOME`` (scripts/test.sh points it at a fresh temp
+    dir; unset, a temp dir here, exported), where ``preft up`` without ``--model`` finds it,
+    in this process and in subprocesses. ``ticks``: the build's progress calls (empty when
+    ``$PREFT_HOME`` already held this demo)."""
+    import fcntl
+
+    from trainer.demo import build
+
+    home = Path(os.environ.get("PREFT_HOME") or tempfile.mkdtemp(prefix="preft-home-"))
+    os.environ["PREFT_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    ticks: list[tuple[str, int, int]] = []
+    with open(home / ".demo.lock", "w") as lock:   # another session on the same home waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        model, adapters, rec = build(home, progress=lambda w, d, t: ticks.append((w, d, t)))
+    return {"home": home, "model": str(model), "rec": rec, "ticks": ticks,
+            "adapters": {k: str(v) for k, v in adapters.items()}}
+
+
+@pytest.fixture(scope="session")
 def reference(assets):
     from reference import Reference
 
