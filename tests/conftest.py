@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -52,6 +53,14 @@ def assets(tmp_path_factory):
             "root": root}
 
 
+class DemoHome(NamedTuple):
+    home: Path                  # $PREFT_HOME; the demo is under home / "demo"
+    model: str
+    adapters: dict[str, str]    # alice, bob, carol -> adapter directory
+    rec: dict                   # demo.json
+    ticks: list                 # the build's (what, done, total) progress calls
+
+
 @pytest.fixture(scope="session")
 def demo_home():
     """The embedded demo (trainer/demo.py: base model + alice, bob, carol; ~3-4 CPU minutes),
@@ -70,8 +79,7 @@ def demo_home():
     with open(home / ".demo.lock", "w") as lock:   # another session on the same home waits
         fcntl.flock(lock, fcntl.LOCK_EX)
         model, adapters, rec = build(home, progress=lambda w, d, t: ticks.append((w, d, t)))
-    return {"home": home, "model": str(model), "rec": rec, "ticks": ticks,
-            "adapters": {k: str(v) for k, v in adapters.items()}}
+    return DemoHome(home, str(model), {k: str(v) for k, v in adapters.items()}, rec, ticks)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ HELD_OUT = 12   # held-out prompts per adapter sent through the cluster
 @pytest.fixture(scope="module")
 def demo(demo_home):
     """The session's demo build (tests/conftest.py: ``demo_home``, in ``$PREFT_HOME``)."""
-    return demo_home
+    return demo_home._asdict()
 
 
 @pytest.fixture(scope="module")
