@@ -58,6 +58,10 @@ class KVHandle:
 
 MAX_LOGPROBS = 20            # top-k per token (vLLM's default max_logprobs)
 MAX_N = 16                   # samples per request
+# vLLM's own limits (vllm/sampling_params.py, SamplingParams._verify_args, vLLM 0.32): a value
+# the engine would refuse is refused here, naming the field, never inside a worker
+# (tests/unit/test_sampling_surface.py checks each against the installed vLLM).
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class Sampling:
     def validate(self) -> "Sampling":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check_range("temperature", self.temperature, 0, math.inf, "(0 = greedy)")
+        _check_range("temperature", self.temperature, 0, MAX_TEMPERATURE, "(0 = greedy)")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:

@@ -75,6 +75,8 @@ class Gateway:
                 api_key=api_key, **body.knobs(), **body.answer_knobs(), **body.guide())
         except ValueError as e:  # e.g. lone surrogates: not encodable as UTF-8 for protobuf
             raise GatewayError(400, f"request cannot be encoded: {e}") from None
+        except PreftClientError as e:   # the SDK's own refusal (INVALID_ARGUMENT)
+            raise gateway_error(e) from None
 
     @staticmethod
     async def complete(items: AsyncIterator[Delta | Completion]) -> Completion:

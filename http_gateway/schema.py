@@ -81,7 +81,7 @@ class Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1, lt=2**32)] | None = None
-    temperature: Annotated[Finite, Field(ge=0)] | None = None
+    temperature: Annotated[Finite, Field(ge=0, le=2)] | None = None   # vLLM's [0, 2]
     top_p: Annotated[Finite, Field(gt=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stop: str | list[str] | None = None

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from preft_client.errors import IncompleteStream, from_rpc_error
+from preft_client.errors import IncompleteStream, InvalidArgument, from_rpc_error
 from preft_client.types import (AdapterInfo, Completion, Delta, Sample, Timings, TokenLogprob,
                                 Usage, WorkerStatus)
 from proto.preft.v1 import router_pb2 as pb
@@ -99,7 +99,7 @@ def _retry_options(retries: int, backoff_s: float) -> list[tuple[str, Any]]:
 # Keyword arguments of generate/stream/events beyond the basic ones: vLLM's names and
 # meanings, applied identically to the first token (prefill, adapter on) and the rest.
 SAMPLING_KNOBS = {
-    "top_k": "int >= 0; 0 = off",
+    "top_k": "int >= 0; 0 (or -1) = off",
     "min_p": "float in [0, 1]; 0 = off",
     "repetition_penalty": "float in (0, 10]; 1 = off",
     "presence_penalty": "float in [-2, 2]",
@@ -132,6 +132,9 @@ def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, 
         raise TypeError(f"unknown sampling arguments {sorted(unknown)}; known: "
                         f"{', '.join(SAMPLING_KNOBS)}")
     knobs = {k: v for k, v in knobs.items() if v is not None}
+    if knobs.get("top_k") == -1:
+        knobs["top_k"] = 0     # vLLM's "off", as the gateway takes it
+    _check_unsigned(max_tokens=max_tokens, seed=seed, **knobs)
     guides = {k: knobs.pop(k) for k in _GUIDES if k in knobs}
     sp = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                            stop=list(stop or ()), ignore_eos=ignore_eos,
@@ -146,6 +149,26 @@ def _request(adapter, prompt, prompt_token_ids, max_tokens, temperature, top_p, 
     else:
         req.token_ids.ids.extend(prompt_token_ids)
     return req
+
+
+_UNSIGNED = ("max_tokens", "seed", "top_k", "min_tokens", "logprobs", "prompt_logprobs", "n")
+
+
+def _check_unsigned(**values) -> None:
+    """The wire carries these unsigned: a negative one is refused here, as the router would
+    refuse it, naming the field. Every other range is the router's to check (one place:
+    ``cluster.messages.Sampling.validate``), so the SDK never refuses what it accepts."""
+    for name in _UNSIGNED:
+        v = values.get(name)
+        if isinstance(v, int) and v < 0:
+            off = " (0 = off, or -1)" if name == "top_k" else ""
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"sampling.{name}: must be >= 0{off}, got {v}")
+    for name in ("stop_token_ids", "logit_bias"):
+        bad = [t for t in values.get(name) or () if str(t).strip().startswith("-")]
+        if bad:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"sampling.{name}: token ids must be >= 0, got {bad[0]}")
 
 
 def _set_guide(sp: pb.SamplingParams, guides: dict) -> None:

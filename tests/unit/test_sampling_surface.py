@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cluster.errors import InvalidRequest
-from cluster.messages import PrefillRequest, PrefillResult, Sampling, TokenLogprob
+from cluster.messages import (MAX_LOGPROBS, PrefillRequest, PrefillResult, Sampling,
+                              TokenLogprob)
 from cluster.plane import ENCODER, PlaneError, decode, decoder
 
 
@@ -32,6 +33,78 @@ def test_sampling_refuses_bad_knobs_naming_the_field(field, kw):
     with pytest.raises(InvalidRequest) as e:
         Sampling(max_tokens=16, **kw).validate()
     assert e.value.field == field
+
+
+# Values vLLM's SamplingParams refuses (temperature 5 reached the engine as INTERNAL), and
+# neighbours it takes: each refused here iff vLLM refuses it (test below), naming the field.
+VLLM_EDGES = [dict(temperature=t) for t in (5.0, 2.0001, 2.0, 1e-3, 0.0, -0.1)] + \
+    [dict(top_p=v) for v in (0.0, 1e-6, 1.0, 1.01)] + \
+    [dict(top_k=v) for v in (-5, 0, 1, 40)] + \
+    [dict(min_p=v) for v in (2.0, 1.0, 0.0, -0.01)] + \
+    [dict(presence_penalty=v) for v in (-2.0, 2.0, 2.5)] + \
+    [dict(frequency_penalty=v) for v in (-2.01, 0.0)] + \
+    [dict(repetition_penalty=v) for v in (0.0, -1.0, 0.5)] + \
+    [dict(min_tokens=v) for v in (0, 16, 17)] + [dict(logprobs=v) for v in (0, 20, 21)]
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 5.0), ("top_p", 0.0), ("top_k", -5),
+                                          ("min_p", 2.0), ("temperature", float("nan"))])
+def test_the_first_hour_values_are_refused_with_their_range(field, value):
+    with pytest.raises(InvalidRequest) as e:
+        Sampling(max_tokens=16, **{field: value}).validate()
+    assert e.value.field == field and str(e.value).startswith(f"{field}: must be")
+    assert "must be in " in str(e.value) or ">= 0" in str(e.value), str(e.value)   # the range
+
+
+def test_whatever_vllm_refuses_the_router_refuses_first():
+    """The installed vLLM's own rules (SamplingParams._verify_args and the processor's
+    max_logprobs): a request vLLM would refuse never gets past ``Sampling.validate``."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    for kw in VLLM_EDGES:
+        try:
+            SamplingParams(max_tokens=16, **kw)
+            vllm_ok = kw.get("logprobs", 0) <= MAX_LOGPROBS   # the processor's max_logprobs
+        except (ValueError, VLLMValidationError):
+            vllm_ok = False
+        try:
+            Sampling(max_tokens=16, **kw).validate()
+            ours = True
+        except InvalidRequest as e:
+            assert e.field == next(iter(kw)), (kw, e)
+            ours = False
+        assert vllm_ok or not ours, f"vLLM refuses {kw} but the router lets it through"
+        assert ours or not vllm_ok, f"the router refuses {kw}, which vLLM takes"
+
+
+def test_sdk_refuses_negatives_naming_the_field_and_takes_vllms_top_k_off():
+    import grpc
+
+    from preft_client import InvalidArgument
+    from preft_client.client import _request
+
+    for field in ("top_k", "min_tokens", "logprobs", "n"):
+        with pytest.raises(InvalidArgument) as e:
+            _request("a", "x", None, 4, 1.0, 1.0, None, None, False, None, **{field: -5})
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.message.startswith(f"sampling.{field}: must be >= 0"), e.value.message
+    with pytest.raises(InvalidArgument, match="stop_token_ids"):
+        _request("a", "x", None, 4, 1.0, 1.0, None, None, False, None, stop_token_ids=[3, -1])
+    req = _request("a", "x", None, 4, 1.0, 1.0, None, None, False, None, top_k=-1)
+    assert req.sampling.top_k == 0
+
+
+def test_gateway_refuses_what_the_router_refuses():
+    from pydantic import ValidationError
+
+    from http_gateway.schema import CompletionRequest
+
+    for field, value in (("temperature", 5), ("top_p", 0), ("top_k", -5), ("min_p", 2)):
+        with pytest.raises(ValidationError) as e:
+            CompletionRequest(prompt="x", **{field: value})
+        assert e.value.errors()[0]["loc"] == (field,)
+    assert CompletionRequest(prompt="x", temperature=2).temperature == 2
 
 
 def test_sampling_accepts_the_whole_surface():
