@@ -343,6 +343,8 @@ def _print_ready(cluster, port: int) -> None:
 
 def cmd_up(args) -> int:
     cfg = build_config(args)
+    if args.revalidate_adapters:
+        cfg = replace(cfg, on_model_change="revalidate")
     cluster, console = _start(cfg, args.verbose, args.http_port, bool(args.config))
 
     async def run() -> None:
@@ -363,17 +365,14 @@ def cmd_up(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        console.log("shutting down")
-        if http_task is not None:
-            for srv in http_server:
-                srv.should_exit = True
-            await http_task
-        await cluster.stop_router()
+        await shutdown.stop_serving(cluster, args.drain_timeout, http_server, http_task,
+                                    console.log)
 
+    from app import shutdown
     try:
         asyncio.run(run())
     finally:
-        cluster.stop()
+        shutdown.stop_cluster(cluster)   # a signal meanwhile: at once, no Ray left
     return 0
 
 
@@ -727,7 +726,29 @@ def _parser_up(sub) -> None:
                         "in the same batch, all-token LoRA adapters too). Prints 'router "
                         "listening on HOST:PORT' when ready; Ctrl-C shuts down.")
     _add_cluster_args(up)
+    _add_stop_args(up)
     up.set_defaults(fn=cmd_up)
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return v
+
+
+def _add_stop_args(p: argparse.ArgumentParser) -> None:
+    """How ``preft up`` meets another base model, and how it stops."""
+    p.add_argument("--revalidate-adapters", action="store_true", help="the run directory's "
+                   "adapters were validated against another base model: check each against "
+                   "this one and remove those that do not fit (default: refuse to start)")
+    p.add_argument("--drain-timeout", type=_seconds, default=10.0, metavar="S",
+                   help="on SIGINT/SIGTERM, refuse new requests and let those in flight "
+                   "finish for up to S seconds, then end them with an error (default 10); "
+                   "a second signal stops at once")
 
 
 def _parser_generate(sub) -> None:

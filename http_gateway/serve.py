@@ -66,7 +66,8 @@ async def check_bind_is_safe(gw: Gateway, host: str, timeout: float = 10.0) -> N
 
 
 def _uvicorn_server(app: FastAPI, log_level: str, ssl_certfile: str | None = None,
-                    ssl_keyfile: str | None = None, ssl_client_ca: str | None = None):
+                    ssl_keyfile: str | None = None, ssl_client_ca: str | None = None,
+                    handle_signals: bool = True):
     import uvicorn
 
     if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -82,7 +83,13 @@ def _uvicorn_server(app: FastAPI, log_level: str, ssl_certfile: str | None = Non
                             timeout_graceful_shutdown=5, **tls)
     if tls:
         config.load()   # reads the certificate and key now: errors surface before serving
-    return uvicorn.Server(config)
+    server = uvicorn.Server(config)
+    if not handle_signals:
+        # inside another program's loop (`preft up --http-port`): SIGINT/SIGTERM are that
+        # program's (it drains the router, then sets should_exit); uvicorn's own handlers
+        # would close every open stream mid-answer
+        server.capture_signals = contextlib.nullcontext
+    return server
 
 
 async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8000, *,
@@ -91,7 +98,8 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
                      ready: Callable[[int], None] | None = None,
                      server_out: list | None = None, ssl_certfile: str | None = None,
                      ssl_keyfile: str | None = None, ssl_client_ca: str | None = None,
-                     router_tls: dict | None = None, client=None) -> None:
+                     router_tls: dict | None = None, client=None,
+                     handle_signals: bool = True) -> None:
     """Serve the gateway on ``host:port`` (0 = any free port) until the server exits.
 
     A ``host`` other than loopback is refused (``PermissionError``) unless the router
@@ -102,12 +110,15 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
     ``ssl_keyfile`` serve HTTPS; ``ssl_client_ca`` also requires client certificates signed
     by that CA (mutual TLS). ``router_tls`` and ``client`` (the router's in-process client
     when it runs in the router's process): see :func:`~http_gateway.app.create_app`.
+    ``handle_signals=False``: SIGINT/SIGTERM are left to the embedding program (uvicorn
+    would otherwise take them and close every open stream).
     """
     app = create_app(router_address, base_model_name, timeout=timeout,
                      default_max_tokens=default_max_tokens, router_tls=router_tls,
                      client=client)
     await check_bind_is_safe(app.state.gateway, host)
-    server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca)
+    server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca,
+                             handle_signals)
     sock = _bind(host, port)
     if server_out is not None:
         server_out.append(server)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from cluster.adapter_store import UploadWriter, check_adapter_name
 from cluster.errors import (AdapterStoreError, InvalidAdapter, PermissionDenied, PreftError,
@@ -31,6 +32,11 @@ def _adapter_pb(r: AdapterRecord) -> pb.Adapter:
     return pb.Adapter(name=r.name, version=r.version, kind=r.kind, rank=r.rank,
                       target_modules=list(r.target_modules), size_bytes=r.size_bytes,
                       sha256=r.sha256, owner=r.owner, public=r.public, created=r.created)
+
+
+def _same_files(old: AdapterRecord | None, spec) -> bool:
+    """An upload whose files (sha256 of their content) and kind are the current version's."""
+    return old is not None and old.sha256 == spec.sha256 and old.kind == spec.kind
 
 
 def _slot_fields(ws: pb.WorkerStatus, st) -> None:
@@ -104,6 +110,8 @@ class AdminRpcs(ServiceBase):
                 writer.abort()
                 raise
             state = self.view.state
+            if _same_files(old, spec):   # identical content: no new version
+                return _adapter_pb(await self._keep(old, h.public))
             version = await asyncio.to_thread(state.next_version, h.name)
             rec = AdapterRecord(h.name, spec.kind, version, spec.sha256, spec.rank,
                                 tuple(spec.target_modules), spec.size_bytes,
@@ -116,6 +124,15 @@ class AdminRpcs(ServiceBase):
             return _adapter_pb(rec)
 
         return await self._guard(context, run)
+
+    async def _keep(self, rec: AdapterRecord, public: bool) -> AdapterRecord:
+        """Re-registered identical files: the current version stays (a restart's start-up
+        adapters, a retried upload); only its visibility follows the new header."""
+        if rec.public != public:
+            rec = replace(rec, public=public)
+            await asyncio.to_thread(self.view.state.put_adapter, rec)
+            self.view.put_adapter(rec)
+        return rec
 
     async def _validate_upload(self, staged: str, kind: str):
         """Tensor-level checks need torch: a prefill (or colocated) worker does them, as

@@ -26,7 +26,7 @@ import uuid
 import grpc
 
 from cluster.aio import merge
-from cluster.errors import InvalidRequest, Overloaded, PreftError
+from cluster.errors import InvalidRequest, Overloaded, PreftError, ShuttingDown
 from cluster.messages import (ALL_TOKEN_KINDS, AdapterRef, DecodeDelta, DecodeRequest,
                               PrefillRequest, Sampling)
 from proto.preft.v1 import router_pb2 as pb
@@ -35,6 +35,9 @@ from router.pool import NeedsColocated, NoWorkers, Placement, WorkerHandle
 from router.service_base import ServiceBase, grpc_status, unwrap
 
 log = logging.getLogger(__name__)
+
+DRAINING = ("the router is shutting down: it takes no new requests; retry against another "
+            "router, or once it is back")
 
 
 class GenerateRpcs(ServiceBase):
@@ -45,6 +48,8 @@ class GenerateRpcs(ServiceBase):
         t_admit = time.time()
         try:
             preq = self._validate(request, await self._tenant(context), t_admit)
+            if self.draining:
+                raise ShuttingDown(DRAINING)
             if self.inflight >= self.cfg.max_queue_depth:
                 raise Overloaded(f"router is at its queue limit ({self.inflight} requests in "
                                  f"flight, max_queue_depth={self.cfg.max_queue_depth}); retry "

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from cluster.errors import MessageTooLarge, PreftError
+from cluster.errors import MessageTooLarge, PreftError, ShuttingDown
 from cluster.messages import ColocatedDelta, DecodeDelta, PrefillResult
 from cluster.plane import (CALL, CANCEL, DEFAULT_LIMIT, ENCODER, HARD_LIMIT, HEARTBEAT,
                            HEARTBEAT_S, PEER_SILENT_S, STEP, STEP_DECODER, Header, PlaneError, decode,
@@ -297,11 +297,14 @@ class Planes:
         self._ctx = None
         self._open: dict[str, Connection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.shut_message: str | None = None    # set by shut(): no more calls
 
     async def get(self, worker) -> Connection:
         """The worker's connection, opened if need be (its address from its actor);
         raises :class:`PlaneLost` when it cannot be reached or authenticated, and Ray's
         error when its actor is dead."""
+        if self.shut_message is not None:
+            raise ShuttingDown(self.shut_message)
         wid = worker.worker_id
         conn = self._open.get(wid)
         if conn is not None and not conn.closed:
@@ -324,6 +327,15 @@ class Planes:
 
             self._ctx = zmq.asyncio.Context()
         return self._ctx
+
+    def shut(self, message: str) -> None:
+        """The router is stopping: every call in flight fails with :class:`ShuttingDown`
+        (``message``; each is cancelled on its worker as its reader leaves), and so does
+        every later :meth:`get`."""
+        self.shut_message = message
+        for conn in self._open.values():
+            for s in list(conn.calls.values()):
+                s._fail(ShuttingDown(message))
 
     def drop(self, worker_id: str) -> None:
         conn = self._open.pop(worker_id, None)

@@ -48,6 +48,38 @@ class RouterService(AdminRpcs, GenerateRpcs, pb_grpc.RouterServicer):
         self.pin_sync = PinSync(pool, view, cfg.pin_sync_s)
         self.metrics.set_gauge_source(self._gauges)
 
+    async def drain(self, timeout: float, say=log.info) -> int:
+        """Stop taking requests (``Generate`` answers UNAVAILABLE; health NOT_SERVING is
+        the server's to set) and wait up to ``timeout`` s for those in flight to finish;
+        then end the rest (:meth:`end_streams`). Returns how many were ended unfinished."""
+        import asyncio
+
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.inflight:
+            say(f"draining {self.inflight} request(s) in flight for up to {timeout:g} s; "
+                "new requests are refused")
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.inflight
+        if left:
+            say(f"{left} request(s) still running after {timeout:g} s: ending them "
+                "(UNAVAILABLE, the router is shutting down)")
+            self.end_streams(timeout)
+            end = loop.time() + 5.0
+            while self.inflight and loop.time() < end:
+                await asyncio.sleep(0.05)
+        return left
+
+    def end_streams(self, timeout: float) -> None:
+        """Every worker call in flight fails, and every later one: each request still
+        running ends with UNAVAILABLE saying the router is shutting down."""
+        self.draining = True
+        self.planes.shut(f"the router is shutting down: this request was still running "
+                         f"when its drain period ({timeout:g} s) ended; retry it against "
+                         "another router, or once it is back")
+
     def close(self) -> None:
         """The router stopped: its pool's gauges leave /metrics, its plane connections close."""
         self.metrics.clear_gauge_source(self._gauges)

@@ -42,6 +42,7 @@ class ServiceBase:
         self.view = view
         self.store = store
         self.inflight = 0
+        self.draining = False      # shutting down: Generate refuses new requests
         self.metrics: RouterMetrics = default_metrics()
         self.planes = Planes(cfg.secret, cfg.plane_max_bytes)   # the worker calls, by worker
 
