@@ -54,8 +54,10 @@ class RedisServer:
                 "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        # its own session: a terminal's Ctrl-C (SIGINT to the foreground process group)
+        # reaches `preft up`, which drains and then stops it, not Redis under its feet
         self.proc = subprocess.Popen(_with_parent_death_signal(args), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         import redis
 
