@@ -478,7 +478,8 @@ class PreftClient(_Base):
                          kind: str | None = None,
                          progress: Callable[[int, int], None] | None = None,
                          api_key: str | None = None) -> AdapterInfo:
-        """Upload a PEFT adapter directory; a second upload of a name is a new version.
+        """Upload a PEFT adapter directory; other files under a name make a new version,
+        files identical to its current version return that version.
         ``kind``: ``lora_p``, ``reft_p`` or ``lora`` (all-token); None = from the files."""
         return self._unary(self._register_adapter(name, path, public, kind, progress), api_key)
 
