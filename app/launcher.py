@@ -381,11 +381,14 @@ class LocalCluster:
         ``InProcessClient``), no gRPC hop. ``kwargs``: ``http_gateway.serve_http``'s."""
         from http_gateway import serve_http
         from http_gateway.gateway import DEFAULT_TIMEOUT_S
+        from preft_client import chat_template_of
         from preft_client.local import InProcessClient
 
         client = InProcessClient(self._server.service,
                                  timeout=kwargs.pop("timeout", DEFAULT_TIMEOUT_S))
         kwargs.setdefault("handle_signals", False)   # the program's: it drains first
+        # chat: the served model's own template, the one `preft train` renders (preft_client.chat)
+        kwargs.setdefault("chat_template", chat_template_of(self.cfg.prefill.engine.model))
         await serve_http(self.local_address or self.address, host, port, client=client,
                          **kwargs)
 

@@ -19,6 +19,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from preft_client import DEFAULT_CHAT, ChatTemplate
+
 from http_gateway.errors import GatewayError
 from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, Gateway
 from http_gateway.logprobs import CompletionLogprobs, chat_logprobs
@@ -33,7 +35,8 @@ routes = APIRouter()
 def create_app(router_address: str, base_model_name: str = "base", *,
                timeout: float | None = DEFAULT_TIMEOUT_S,
                default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               router_tls: dict | None = None, client=None) -> FastAPI:
+               router_tls: dict | None = None, client=None,
+               chat_template: ChatTemplate = DEFAULT_CHAT) -> FastAPI:
     """The OpenAI-compatible FastAPI app, forwarding to the gRPC router at ``router_address``.
 
     ``base_model_name`` is the OpenAI ``model`` that means "no adapter"; ``timeout`` is the
@@ -42,9 +45,11 @@ def create_app(router_address: str, base_model_name: str = "base", *,
     a TLS router, with the SDK's options (``tls_ca``, ``tls_cert``, ``tls_key``,
     ``tls_server_name``; see ``preft_client.AsyncPreftClient``). ``client``: the SDK client
     to use instead (``preft_client.local.InProcessClient`` in the router's process).
+    ``chat_template``: how chat messages become the prompt (``preft_client.chat``: the model's
+    own, as ``preft train`` renders it; default: the documented plain template).
     """
     gw = Gateway(router_address, base_model_name, timeout, default_max_tokens, router_tls,
-                 client)
+                 client, chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -216,7 +221,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                   else body.max_tokens)
     env = _envelope(gw, body, "chatcmpl", "chat.completion.chunk" if body.stream
                     else "chat.completion")
-    items = gw.events(body, env.id, text=format_chat(body.messages), max_tokens=max_tokens,
+    items = gw.events(body, env.id, text=format_chat(body.messages, gw.chat_template),
+                      max_tokens=max_tokens,
                       api_key=bearer_key(request))
     if body.stream:
         return await stream_response(items, env, _chat_choice(bool(body.logprobs)),

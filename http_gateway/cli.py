@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+from preft_client import chat_template_of
+
 from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S
 from http_gateway.serve import serve_http
 
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="deadline of each gRPC call to the router; past it the HTTP answer is "
                         "504 (0 = no deadline)")
+    p.add_argument("--chat-template", default=None, metavar="MODEL_DIR",
+                   help="render chat messages with this model directory's chat template (its "
+                        "tokenizer's, as `preft train` does; `preft up --http-port` uses the "
+                        "served model's); without one: <|role|>\\n{content}\\n per message, "
+                        "then <|assistant|>\\n (docs/http.md)")
     _add_tls_options(p)
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -88,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                                default_max_tokens=args.default_max_tokens,
                                log_level=args.log_level, ready=ready,
                                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
-                               ssl_client_ca=args.tls_client_ca, router_tls=router_tls))
+                               ssl_client_ca=args.tls_client_ca, router_tls=router_tls,
+                               chat_template=chat_template_of(args.chat_template)
+                               if args.chat_template else None))
     except KeyboardInterrupt:
         pass
     except (OSError, ValueError) as e:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
-from preft_client import AdapterInfo, AsyncPreftClient, Completion, Delta, PreftClientError
+from preft_client import (DEFAULT_CHAT, AdapterInfo, AsyncPreftClient, ChatTemplate, Completion,
+                          Delta, PreftClientError)
 
 from http_gateway.errors import GatewayError, gateway_error
 from http_gateway.schema import Sampling
@@ -30,8 +31,10 @@ class Gateway:
 
     def __init__(self, router_address: str, base_model_name: str, timeout: float | None,
                  default_max_tokens: int, router_tls: dict | None = None,
-                 client: AsyncPreftClient | None = None) -> None:
+                 client: AsyncPreftClient | None = None,
+                 chat_template: ChatTemplate = DEFAULT_CHAT) -> None:
         self.router_address = router_address
+        self.chat_template = chat_template   # the model's (preft_client.chat), as preft train
         self.base_model_name = base_model_name
         self.timeout = timeout
         self.default_max_tokens = default_max_tokens

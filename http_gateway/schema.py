@@ -3,7 +3,8 @@
 Bodies are pydantic models: unknown fields (``user``, ...) are ignored, OpenAI fields we do
 not implement are refused with 400 unless left at their default (``_UNSUPPORTED``), and every
 validation error becomes a 400 whose message starts with the offending field
-(:func:`validation_error`). Chat messages become one plain-text prompt (:func:`format_chat`)::
+(:func:`validation_error`). Chat messages become one prompt (:func:`format_chat`) through
+the model's chat template, the one ``preft train`` uses (``preft_client.chat``); without one::
 
     <|system|>\\n{system text}\\n<|user|>\\n{user text}\\n<|assistant|>\\n{reply}\\n ... <|assistant|>\\n
 """
@@ -14,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from preft_client import DEFAULT_CHAT, ChatTemplate
 
 from http_gateway.errors import GatewayError
 
@@ -235,19 +238,24 @@ _ROLE_TAG = {"system": "system", "developer": "system", "user": "user",
              "assistant": "assistant", "tool": "tool"}
 
 
-def format_chat(messages: list[ChatMessage]) -> str:
-    """The plain-text chat template: one ``<|role|>\\n{text}\\n`` block per message, then
-    ``<|assistant|>\\n`` for the reply. ``developer`` is written as ``system``; list content
+def format_chat(messages: list[ChatMessage],
+                template: ChatTemplate = DEFAULT_CHAT) -> str:
+    """The prompt of a chat: ``template`` (the model's, else ``preft_client.chat``'s default: one
+    ``<|role|>\\n{text}\\n`` block per message, then ``<|assistant|>\\n``) over the messages
+    as ``{"role", "content"}`` dicts. ``developer`` is written as ``system``; list content
     (text parts) is concatenated."""
-    out = []
+    plain = []
     for m in messages:
         if isinstance(m.content, list):
             text = "".join(p.text for p in m.content)
         else:
             text = m.content or ""
-        out.append(f"<|{_ROLE_TAG[m.role]}|>\n{text}\n")
-    out.append("<|assistant|>\n")
-    return "".join(out)
+        plain.append({"role": _ROLE_TAG[m.role], "content": text})
+    try:
+        return template.render(plain)
+    except Exception as e:   # the template's raise_exception, or a jinja2 runtime error
+        raise GatewayError(400, f"messages: the model's chat template refused them: {e}",
+                           "messages") from None
 
 
 def single_prompt(prompt) -> tuple[str | None, list[int] | None]:

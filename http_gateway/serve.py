@@ -99,7 +99,7 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
                      server_out: list | None = None, ssl_certfile: str | None = None,
                      ssl_keyfile: str | None = None, ssl_client_ca: str | None = None,
                      router_tls: dict | None = None, client=None,
-                     handle_signals: bool = True) -> None:
+                     handle_signals: bool = True, chat_template=None) -> None:
     """Serve the gateway on ``host:port`` (0 = any free port) until the server exits.
 
     A ``host`` other than loopback is refused (``PermissionError``) unless the router
@@ -109,13 +109,15 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
     the ``uvicorn.Server`` (set its ``should_exit = True`` to stop). ``ssl_certfile`` and
     ``ssl_keyfile`` serve HTTPS; ``ssl_client_ca`` also requires client certificates signed
     by that CA (mutual TLS). ``router_tls`` and ``client`` (the router's in-process client
-    when it runs in the router's process): see :func:`~http_gateway.app.create_app`.
+    when it runs in the router's process), ``chat_template``: see
+    :func:`~http_gateway.app.create_app`.
     ``handle_signals=False``: SIGINT/SIGTERM are left to the embedding program (uvicorn
     would otherwise take them and close every open stream).
     """
     app = create_app(router_address, base_model_name, timeout=timeout,
                      default_max_tokens=default_max_tokens, router_tls=router_tls,
-                     client=client)
+                     client=client, **({"chat_template": chat_template} if chat_template
+                                      else {}))
     await check_bind_is_safe(app.state.gateway, host)
     server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca,
                              handle_signals)

@@ -2,13 +2,14 @@
 
 Each line is either ``{"prompt": str, "response": str}`` or a chat
 ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` whose last
-message is the assistant's answer. Chats use this plain template (no special tokens)::
+message is the assistant's answer. A chat's prompt is every message but the last through
+the model's chat template, the one the HTTP gateway renders ``/v1/chat/completions`` with
+(``preft_client.chat``: the tokenizer's own ``chat_template``, else one block per message and the
+reply opened)::
 
-    <role>: <content>\\n        for every message but the last
-    assistant:                  (then the response is the last message's content)
+    <|system|>\\n{content}\\n<|user|>\\n{content}\\n ... <|assistant|>\\n
 
-i.e. prompt = ``"".join(f"{m['role']}: {m['content']}\\n" for m in messages[:-1]) + "assistant: "``,
-response = ``messages[-1]["content"]``. Prompts are tokenized as the serving engine does
+and its response is ``messages[-1]["content"]``. Prompts are tokenized as the serving engine does
 (the tokenizer's own special tokens, ``add_special_tokens=True``); responses without special
 tokens, followed by the tokenizer's EOS token unless ``append_eos=False``.
 """
@@ -19,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from preft_client import DEFAULT_CHAT, ChatTemplate
+
 
 @dataclass(frozen=True)
 class Example:
@@ -26,7 +29,7 @@ class Example:
     response: tuple[int, ...]
 
 
-def chat_to_pair(messages: list[dict]) -> tuple[str, str]:
+def chat_to_pair(messages: list[dict], template: ChatTemplate = DEFAULT_CHAT) -> tuple[str, str]:
     if not isinstance(messages, list) or len(messages) < 2:
         raise ValueError("messages must be a list of at least two messages (…, assistant)")
     for m in messages:
@@ -35,12 +38,14 @@ def chat_to_pair(messages: list[dict]) -> tuple[str, str]:
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"the last message's role is {messages[-1]['role']!r}; it must be "
                          "'assistant' (the response to train on)")
-    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+    prompt = template.render([{"role": m["role"], "content": m["content"]} for m in messages[:-1]])
     return prompt, messages[-1]["content"]
 
 
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Read a JSONL file into (prompt, response) strings; errors name the line."""
+def read_pairs(path: str | Path,
+               template: ChatTemplate = DEFAULT_CHAT) -> list[tuple[str, str]]:
+    """Read a JSONL file into (prompt, response) strings, chats through ``template`` (the
+    model's: ``preft_client.chat_template_of``); errors name the line."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -49,7 +54,7 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
             try:
                 rec = json.loads(line)
                 if "messages" in rec:
-                    out.append(chat_to_pair(rec["messages"]))
+                    out.append(chat_to_pair(rec["messages"], template))
                 elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
                     out.append((rec["prompt"], rec["response"]))
                 else:

@@ -1,9 +1,12 @@
 """Train a PreFT adapter (lora_p, reft_p) or an all-token LoRA by SFT on a JSONL file.
 
 Data: one JSON object per line, {"prompt": str, "response": str} or a chat
-{"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]} (template:
-"<role>: <content>\\n" per message but the last, then "assistant: "; the last message is the
-response). Prompts are tokenized like the serving engine does; responses get EOS appended.
+{"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}: the prompt is
+every message but the last through the model's own chat template (its tokenizer's
+chat_template), else "<|role|>\\n<content>\\n" per message, then "<|assistant|>\\n" -- the
+template the HTTP gateway serves chats with (client/preft_client/chat.py, docs/http.md); the last
+message is the response. Prompts are tokenized like the serving engine does; responses get
+EOS appended.
 
 Kinds and what the loss sees (L = cross-entropy over every response token):
   lora_p  PEFT LoRA on the prompt only. Forward 1: the prompt with the adapter ON
@@ -375,6 +378,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     ``on_step(step, loss)``, if given, is called after every optimizer step (progress bars)."""
     import torch
 
+    from preft_client import chat_template_of
     from trainer.data import read_pairs, tokenize
 
     t0 = time.time()
@@ -384,8 +388,9 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model, tok = load_base(cfg.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train_ex = tokenize(tok, read_pairs(cfg.data), cfg.append_eos)
-    eval_ex = tokenize(tok, read_pairs(cfg.eval_data), cfg.append_eos)[:cfg.max_eval] \
+    chat = chat_template_of(cfg.model)   # as the gateway serves chats to this model
+    train_ex = tokenize(tok, read_pairs(cfg.data, chat), cfg.append_eos)
+    eval_ex = tokenize(tok, read_pairs(cfg.eval_data, chat), cfg.append_eos)[:cfg.max_eval] \
         if cfg.eval_data else []
     model, params, ctl, reft = _attach_adapter(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

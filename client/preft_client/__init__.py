@@ -5,9 +5,12 @@
 :class:`Completion`; ``list_adapters()``, ``health()`` and the rest take ``api_key=`` per call
 (a gateway forwarding its callers' keys). ``AsyncPreftClient`` has the same methods as
 coroutines / async iterators. gRPC errors surface as :class:`PreftClientError` subclasses
-carrying the status code and the server's message. Imports neither torch nor vLLM.
+carrying the status code and the server's message. :func:`chat_template_of` renders chat
+messages as the gateway and ``preft train`` do. Imports neither torch nor vLLM.
 """
 
+from preft_client.chat import (DEFAULT_CHAT, DEFAULT_CHAT_TEMPLATE, ChatTemplate,
+                               ChatTemplateError, chat_template_of)
 from preft_client.client import AsyncPreftClient, PreftClient
 from preft_client.errors import (DeadlineExceeded, FailedPrecondition, IncompleteStream,
                                  InvalidArgument, NotFound,
@@ -20,4 +23,6 @@ __all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Sample", "
            "Timings", "Usage",
            "AdapterInfo", "WorkerStatus", "PreftClientError", "InvalidArgument", "NotFound",
            "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
-           "PermissionDenied", "IncompleteStream", "FailedPrecondition"]
+           "PermissionDenied", "IncompleteStream", "FailedPrecondition",
+           "ChatTemplate", "ChatTemplateError", "chat_template_of", "DEFAULT_CHAT",
+           "DEFAULT_CHAT_TEMPLATE"]

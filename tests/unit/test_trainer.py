@@ -154,7 +154,7 @@ def test_chat_template_and_errors(tmp_path):
     from trainer.train import TrainConfig
 
     p, r = chat_to_pair([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
-    assert (p, r) == ("user: hi\nassistant: ", "yo")
+    assert (p, r) == ("<|user|>\nhi\n<|assistant|>\n", "yo")   # preft_client.chat's default
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
