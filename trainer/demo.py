@@ -6,7 +6,11 @@ runs reuse it):
 
 * ``base``: the quality study's character-level Llama (``trainer.quality.make_base``) trained
   from scratch on tagged tasks ``rev:``, ``up:``, ``dup:``, ``copy:``. Untagged, it copies
-  its input: ``"bad cafe head>"`` -> ``"bad cafe head"``.
+  its input: ``"bad cafe head>"`` -> ``"bad cafe head"``. One token per character: printable
+  ASCII and newline, anything else as UTF-8 bytes (``<0x..>``, a ByteFallback decoder, which
+  vLLM's structured-output backend reads, so ``json_schema`` works here). Its chat template
+  (:data:`CHAT_TEMPLATE`) turns a chat into the one prompt it knows: the last user message
+  and ``>``.
 * Three adapters trained with ``trainer.train.train`` -- exactly what ``preft train`` runs --
   on *untagged* prompts, so each one visibly changes what the same prompt makes the model
   say. Each is served prefill-only: the adapter conditions the prompt's KV and the first
@@ -34,8 +38,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The base model: 2000 steps x 32 sequences take ~90-130 s on 2 cores.
+# vocab "bytes": printable ASCII + byte fallback, a decoder structured output can read.
 BASE_SPEC = {"steps": 2000, "batch": 32, "hidden": 128, "layers": 4, "lr": 3e-3, "seed": 0,
-             "tags": ("rev", "up", "dup", "copy"), "max_positions": 2048}
+             "tags": ("rev", "up", "dup", "copy"), "max_positions": 2048, "vocab": "bytes"}
+# The base model's own chat template (chat_template.jinja next to its tokenizer): it answers
+# one prompt of the form "words>", so a chat is the last user message, closed by ">". The
+# gateway, `preft train` and transformers' apply_chat_template all render it the same way.
+CHAT_TEMPLATE = ("{%- for m in messages if m.role == 'user' %}{% if loop.last %}"
+                 "{{ m.content.strip().rstrip('>') }}>{% endif %}{% endfor %}")
 N_TRAIN, N_EVAL = 400, 50
 
 
@@ -75,6 +85,13 @@ def expected(task: str, prompt: str) -> str:
     return apply(USER_TASKS[task] if task else "copy", prompt.rstrip(">").split())
 
 
+def _spec() -> dict:
+    """What demo.json records as built: a change to any of it rebuilds the demo."""
+    return {"base": {k: list(v) if isinstance(v, tuple) else v for k, v in BASE_SPEC.items()},
+            "adapters": [asdict(a) for a in DEMO], "n_train": N_TRAIN, "n_eval": N_EVAL,
+            "chat_template": CHAT_TEMPLATE}
+
+
 def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path], dict]:
     """Build (or reuse) the demo model and adapters under ``home``/demo.
 
@@ -90,8 +107,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
     hf_logging.disable_progress_bar()   # ours is the one bar over the whole build
     root = Path(home) / "demo"
     marker = root / "demo.json"
-    spec = {"base": {k: list(v) if isinstance(v, tuple) else v for k, v in BASE_SPEC.items()},
-            "adapters": [asdict(a) for a in DEMO], "n_train": N_TRAIN, "n_eval": N_EVAL}
+    spec = _spec()
     paths = {a.name: root / "adapters" / a.name for a in DEMO}
     if marker.exists():
         rec = json.loads(marker.read_text())
@@ -109,6 +125,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
     t0 = time.time()
     base = make_base(root / "base", log=lambda *_: None, on_step=tick("base model"),
                      **{k: tuple(v) if k == "tags" else v for k, v in BASE_SPEC.items()})
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     done += BASE_SPEC["steps"]
     rec = {"spec": spec, "base_seconds": round(time.time() - t0, 1), "adapters": {}}
     for a in DEMO:

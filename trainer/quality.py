@@ -54,6 +54,8 @@ TASK_DOC = {
 KIND_LABEL = {"lora_p": "LoRA-P (PreFT)", "reft_p": "LoReFT-P (PreFT)", "lora": "LoRA (all tokens)"}
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 CHARS = " >:" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+PRINTABLE = "".join(map(chr, range(32, 127))) + "\n"   # the demo's vocabulary
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]      # its byte fallback
 
 
 def words(rng: random.Random) -> list[str]:
@@ -114,14 +116,26 @@ def task_data(task: str, n_train: int, n_eval: int, exclude=()) -> tuple[list, l
 
 
 # ----------------------------------------------------------------------------- base model
-def build_char_tokenizer(out_dir: Path):
+def build_char_tokenizer(out_dir: Path, vocab: str = "chars"):
+    """One token per character. ``vocab="chars"`` (the study's): :data:`CHARS` only, anything
+    else unknown. ``vocab="bytes"`` (the demo's): every printable ASCII character and newline,
+    plus the 256 byte tokens ``<0x00>``..``<0xFF>`` any other character falls back to, with
+    the ByteFallback decoder Llama-style tokenizers use -- the decoder vLLM's structured-output
+    backend (llguidance) reads; it cannot read a bare ``Fuse`` decoder."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    if vocab == "bytes":
+        ids = {t: i for i, t in enumerate(SPECIALS + BYTE_TOKENS + list(PRINTABLE))}
+        tok = Tokenizer(models.BPE(ids, [], byte_fallback=True))
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    elif vocab == "chars":
+        ids = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
+        tok = Tokenizer(models.WordLevel(ids, unk_token="<pad>"))
+        tok.decoder = decoders.Fuse()
+    else:
+        raise ValueError(f"vocab={vocab!r}: expected 'chars' or 'bytes'")
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>")
     fast.model_max_length = 4096
@@ -131,10 +145,12 @@ def build_char_tokenizer(out_dir: Path):
 
 def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden: int = 128,
               layers: int = 4, lr: float = 3e-3, seed: int = 0, tags: tuple[str, ...] = TAGS,
-              max_positions: int = 256, log=print, on_step=None) -> Path:
+              max_positions: int = 256, vocab: str = "chars", log=print,
+              on_step=None) -> Path:
     """Train the base model from scratch (idempotent: reuses a finished one).
 
-    ``on_step(step, loss)``, if given, is called after every step (progress bars)."""
+    ``vocab``: :func:`build_char_tokenizer`'s. ``on_step(step, loss)``, if given, is called
+    after every step (progress bars)."""
     import torch
     import torch.nn.functional as F
 
@@ -144,10 +160,12 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
             "seed": seed, "tags": list(tags), "letters": LETTERS}
     if max_positions != 256:   # (the study's base predates this knob: keep its spec valid)
         spec["max_positions"] = max_positions
+    if vocab != "chars":
+        spec["vocab"] = vocab
     if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_char_tokenizer(out)
+    tok = build_char_tokenizer(out, vocab)
     torch.manual_seed(seed)
     model = _new_base_model(len(tok), hidden, layers, max_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
