@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -252,7 +253,7 @@ class LocalCluster:
     def resolve_model(self) -> None:
         """Check the engines' settings against the model's config.json and fill in the unset
         max_model_len with the model's own, before Redis, Ray or any engine starts."""
-        from cluster.model_info import resolve_cluster
+        from cluster.model_info import resolve_cluster, structured_output_problem
 
         model = self.cfg.prefill.engine.model
         if self.cfg.ray_address and not Path(model).is_dir():
@@ -261,6 +262,10 @@ class LocalCluster:
                         "workers' engines, not up front", model)
             return
         self.cfg = resolve_cluster(self.cfg)
+        problem = structured_output_problem(model)
+        if problem:   # said once here, not discovered per request
+            log.warning("%s", problem)
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
 
     def start_workers(self, progress: Callable[[str], None] | None = None) -> None:
         import ray

@@ -258,3 +258,27 @@ def model_fingerprint(model: str) -> str:
             fh.seek(start)
             h.update(fh.read(_SAMPLE_BYTES))
     return h.hexdigest()
+
+
+def structured_output_problem(model: str) -> str | None:
+    """Why structured output cannot work on ``model``, or None when it can (or cannot be
+    told here). Every engine uses vLLM's ``guidance`` backend, which builds its token table
+    with llguidance from the model's ``tokenizer.json``; llguidance reads ByteLevel
+    (GPT-2 style) and ByteFallback (Llama/SentencePiece style) decoders only, and refuses
+    others ("can't determine decoder type") on every guided request. The launcher says so
+    once, at start-up."""
+    f = Path(model) / "tokenizer.json"
+    try:
+        import llguidance
+    except ImportError:   # no vLLM here (e.g. a remote cluster's head): its workers decide
+        return None
+    if not f.is_file():
+        return None
+    try:
+        llguidance.LLTokenizer(f.read_text())
+    except (ValueError, OSError) as e:
+        return (f"structured output (json_schema, regex, choice, grammar, response_format) "
+                f"is unavailable on {model}: vLLM's structured-output backend (llguidance) "
+                f"cannot read its tokenizer ({str(e)[:160]}; it needs a ByteLevel or "
+                f"ByteFallback decoder); such requests will be refused with INVALID_ARGUMENT")
+    return None

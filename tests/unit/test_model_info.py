@@ -169,3 +169,16 @@ def test_default_length_matches_vllms_own_derivation(tmp_path, changes):
     assert ModelConfig(model=m, skip_tokenizer_init=True, dtype="float32").max_model_len == ours
     with pytest.raises(Exception, match="greater than the derived max_model_len"):
         ModelConfig(model=m, skip_tokenizer_init=True, dtype="float32", max_model_len=ours + 1)
+
+
+def test_structured_output_problem_is_found_at_start_up(tmp_path):
+    """A tokenizer llguidance cannot read (the demo's old bare Fuse decoder) is named once,
+    before anything starts; the demo's byte-fallback tokenizer passes."""
+    from cluster.model_info import structured_output_problem
+    from trainer.quality import build_char_tokenizer
+
+    build_char_tokenizer(tmp_path / "fuse", "chars")
+    problem = structured_output_problem(str(tmp_path / "fuse"))
+    assert problem and "can't determine decoder type" in problem and "ByteFallback" in problem
+    build_char_tokenizer(tmp_path / "bytes", "bytes")
+    assert structured_output_problem(str(tmp_path / "bytes")) is None
