@@ -135,3 +135,90 @@ def test_preft_demo_command(demo, tmp_path, monkeypatch, capsys):
     assert "✗" not in err and err.count("✓") == rows + 2, err   # + column header, footer
     for name, a in demo["rec"]["adapters"].items():
         assert a["label"] in err
+
+
+# ------------------------------------------------------------------ a new user's first hour
+# Structured output and chat on the embedded demo model, the only model a new user has: its
+# tokenizer used to have a bare Fuse decoder, which vLLM's structured-output backend
+# (llguidance) cannot read ("can't determine decoder type"), and a vocabulary without the chat
+# template's characters (chat returned empty text).
+README_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+BOUNDED = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+                                                  "maximum": 99}},
+           "required": ["a"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def dhttp(dcluster):
+    """The demo cluster's OpenAI gateway, in the router's process (`preft up --http-port`)."""
+    gw = dcluster.start_http(timeout=120)
+    yield gw
+    gw.stop()
+
+
+def _json_prefix_ok(text: str, finish: str) -> bool:
+    """A whole JSON object, or (cut off by max_tokens) the start of one."""
+    if finish == "stop":
+        return isinstance(json.loads(text), dict)
+    return text.startswith("{")
+
+
+def test_readme_structured_output_on_the_demo_model(dcluster):
+    from preft_client import PreftClient
+
+    with PreftClient(dcluster.address, timeout=120) as client:
+        # the README's SDK snippet, as written
+        c = client.generate("alice", prompt="Hi", max_tokens=32, n=4, temperature=0.8, seed=1,
+                            logprobs=2, prompt_logprobs=1, presence_penalty=0.5,
+                            json_schema=README_SCHEMA)
+        assert len(c.samples) == 4
+        assert all(_json_prefix_ok(s.text, s.finish_reason) for s in c.samples), c.samples
+        for adapter in (None, "bob", "carol"):
+            g = client.generate(adapter, prompt="bad cafe head>", max_tokens=16,
+                                temperature=0.0, json_schema=BOUNDED)
+            assert g.finish_reason == "stop", (adapter, g.text)
+            assert 0 <= json.loads(g.text)["a"] <= 99, (adapter, g.text)
+        pick = client.generate("bob", prompt="bad cafe head>", max_tokens=8, temperature=0.0,
+                               choice=["yes", "no"])
+        assert pick.text in ("yes", "no")
+
+
+def test_cli_json_schema_example_on_the_demo_model(dcluster, tmp_path, capsys):
+    import app.cli as cli
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(BOUNDED))
+    rc = cli.main(["generate", "--address", dcluster.address, "--adapter", "carol", "--n", "4",
+                   "--temperature", "1", "--logprobs", "2", "--max-tokens", "16",
+                   "--json-schema", str(schema), "Describe it as JSON"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.count('{"a":') >= 4, out.out
+
+
+def test_http_response_format_and_chat_on_the_demo_model(dhttp, dcluster):
+    import httpx
+
+    from preft_client import PreftClient
+    from trainer.demo import DEMO_PROMPTS
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": BOUNDED}}
+    with httpx.Client(base_url=dhttp.base_url, timeout=120) as h:
+        r = h.post("/v1/chat/completions", json={
+            "model": "bob", "messages": [{"role": "user", "content": "bad cafe head"}],
+            "max_tokens": 16, "temperature": 0, "response_format": fmt})
+        assert r.status_code == 200, r.text
+        assert 0 <= json.loads(r.json()["choices"][0]["message"]["content"])["a"] <= 99
+        said = {}
+        for model in ("base", "bob"):
+            r = h.post("/v1/chat/completions", json={
+                "model": model, "max_tokens": 32, "temperature": 0,
+                "messages": [{"role": "system", "content": "be terse"},
+                             {"role": "user", "content": "bad cafe head"}]})
+            assert r.status_code == 200, r.text
+            said[model] = r.json()["choices"][0]["message"]["content"]
+    # the demo's own chat template: the last user message and ">", the prompt it knows
+    assert said == {"base": "bad cafe head", "bob": "BAD CAFE HEAD"}, said
+    with PreftClient(dcluster.address, timeout=120) as client:
+        sdk = client.generate("bob", prompt=DEMO_PROMPTS[0], max_tokens=32, temperature=0.0)
+    assert sdk.text == said["bob"]
