@@ -388,6 +388,18 @@ def _generate_knobs(args) -> dict:
                 json_schema=schema, regex=args.regex, choice=args.choice)
 
 
+def client_error(e: Exception) -> int:
+    """A client command's failure as one line on stderr (exit status 1); a missing or
+    unknown key says how the CLI sends one."""
+    code = getattr(e, "code", None)
+    msg = f"{code.name}: {e.message}" if code is not None else str(e)
+    if code is not None and code.name == "UNAUTHENTICATED":
+        msg += ("; the CLI sends --api-key or $PREFT_API_KEY (`preft up --require-auth` keeps "
+                "an admin key in <run-dir>/admin.key)")
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
 def cmd_generate(args) -> int:
     from preft_client import PreftClientError
 
@@ -402,9 +414,7 @@ def cmd_generate(args) -> int:
                 return 0
             c = client.generate(args.adapter, **kw)
         except (PreftClientError, ValueError) as e:
-            msg = f"{e.code.name}: {e.message}" if isinstance(e, PreftClientError) else str(e)
-            print(f"error: {msg}", file=sys.stderr)
-            return 1
+            return client_error(e)
     _print_completion(c)
     return 0
 
@@ -573,8 +583,7 @@ def cmd_adapters(args) -> int:
         with _client(args) as c:
             action(c, args, out_console())
     except PreftClientError as e:
-        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
-        return 1
+        return client_error(e)
     return 0
 
 
@@ -610,8 +619,7 @@ def cmd_status(args) -> int:
         with _client(args) as c:
             st = cluster_status(c)
     except PreftClientError as e:
-        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
-        return 1
+        return client_error(e)
     if args.output == "json":
         _print_json({**st, "workers": [asdict(w) for w in st["workers"]],
                      "slots": {k: list(v) for k, v in st["slots"].items()}})
@@ -626,11 +634,15 @@ def cmd_top(args) -> int:
     url = args.metrics_url
     if url and not url.startswith("http"):
         url = f"http://{url}/metrics"
+    from preft_client import PreftClientError
+
     try:
         with _client(args) as c:
             run(c, args.address, url, args.interval, args.iterations, console=out_console())
     except KeyboardInterrupt:
         pass
+    except PreftClientError as e:
+        return client_error(e)
     return 0
 
 
