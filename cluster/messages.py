@@ -61,7 +61,7 @@ MAX_N = 16                   # samples per request
 # vLLM's own limits (vllm/sampling_params.py, SamplingParams._verify_args, vLLM 0.32): a value
 # the engine would refuse is refused here, naming the field, never inside a worker
 # (tests/unit/test_sampling_surface.py checks each against the installed vLLM).
-MAX_TEMPERATURE = 2.0
+MAX_TEMPERATURE = 2   # (an int: the message reads "[0, 2]", as vLLM's)
 
 
 @dataclass(frozen=True)
