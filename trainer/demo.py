@@ -6,9 +6,13 @@ runs reuse it):
 
 * ``base``: the quality study's character-level Llama (``trainer.quality.make_base``) trained
   from scratch on tagged tasks ``rev:``, ``up:``, ``dup:``, ``copy:``. Untagged, it copies
-  its input: ``"bad cafe head>"`` -> ``"bad cafe head"``. One token per character: printable
-  ASCII and newline, anything else as UTF-8 bytes (``<0x..>``, a ByteFallback decoder, which
-  vLLM's structured-output backend reads, so ``json_schema`` works here). Its chat template
+  its input: ``"bad cafe head>"`` -> ``"bad cafe head"``. One token per character. It is
+  trained, and the adapters are trained on it, over the study's characters (``base-chars/``);
+  it is served (``base/``: the same weights) with every printable ASCII character and newline,
+  anything else as UTF-8 bytes (``<0x..>``, a ByteFallback decoder, which vLLM's
+  structured-output backend reads, so ``json_schema`` works here). The added tokens score as
+  ``<bos>``, which the model never predicts, so they change no output unless a grammar asks
+  for one (``trainer.quality.with_byte_vocab``). Its chat template
   (:data:`CHAT_TEMPLATE`) turns a chat into the one prompt it knows: the last user message
   and ``>``.
 * Three adapters trained with ``trainer.train.train`` -- exactly what ``preft train`` runs --
@@ -38,9 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The base model: 2000 steps x 32 sequences take ~90-130 s on 2 cores.
-# vocab "bytes": printable ASCII + byte fallback, a decoder structured output can read.
+# It is trained over the study's characters (base-chars/, where the adapters are trained
+# too) and served with every printable ASCII character and byte fallback (base/: the same
+# weights, a decoder structured output can read; trainer.quality.with_byte_vocab).
 BASE_SPEC = {"steps": 2000, "batch": 32, "hidden": 128, "layers": 4, "lr": 3e-3, "seed": 0,
-             "tags": ("rev", "up", "dup", "copy"), "max_positions": 2048, "vocab": "bytes"}
+             "tags": ("rev", "up", "dup", "copy"), "max_positions": 2048}
 # The base model's own chat template (chat_template.jinja next to its tokenizer): it answers
 # one prompt of the form "words>", so a chat is the last user message, closed by ">". The
 # gateway, `preft train` and transformers' apply_chat_template all render it the same way.
@@ -89,7 +95,7 @@ def _spec() -> dict:
     """What demo.json records as built: a change to any of it rebuilds the demo."""
     return {"base": {k: list(v) if isinstance(v, tuple) else v for k, v in BASE_SPEC.items()},
             "adapters": [asdict(a) for a in DEMO], "n_train": N_TRAIN, "n_eval": N_EVAL,
-            "chat_template": CHAT_TEMPLATE}
+            "chat_template": CHAT_TEMPLATE, "served_vocab": "bytes"}
 
 
 def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path], dict]:
@@ -101,7 +107,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
     from transformers.utils import logging as hf_logging
 
     from trainer.data import write_jsonl
-    from trainer.quality import make_base, task_data
+    from trainer.quality import make_base, task_data, with_byte_vocab
     from trainer.train import TrainConfig, train
 
     hf_logging.disable_progress_bar()   # ours is the one bar over the whole build
@@ -123,8 +129,9 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
         return f
 
     t0 = time.time()
-    base = make_base(root / "base", log=lambda *_: None, on_step=tick("base model"),
-                     **{k: tuple(v) if k == "tags" else v for k, v in BASE_SPEC.items()})
+    trained = make_base(root / "base-chars", log=lambda *_: None, on_step=tick("base model"),
+                        **{k: tuple(v) if k == "tags" else v for k, v in BASE_SPEC.items()})
+    base = with_byte_vocab(trained, root / "base")
     (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     done += BASE_SPEC["steps"]
     rec = {"spec": spec, "base_seconds": round(time.time() - t0, 1), "adapters": {}}
@@ -133,7 +140,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
         d = root / "data" / a.name
         write_jsonl(d / "train.jsonl", tr)
         write_jsonl(d / "eval.jsonl", ev)
-        cfg = TrainConfig(model=str(base), data=str(d / "train.jsonl"),
+        cfg = TrainConfig(model=str(trained), data=str(d / "train.jsonl"),
                           eval_data=str(d / "eval.jsonl"), out=str(paths[a.name]), kind=a.kind,
                           rank=a.rank, intervention=a.intervention, steps=a.steps,
                           batch_size=16, lr=a.lr, seed=0, quiet=True, eval_batched=True,
@@ -144,7 +151,7 @@ def build(home: str | os.PathLike, progress=None) -> tuple[Path, dict[str, Path]
             "task": a.task, "label": a.label, "trained_to": TRAINED_TO[a.task],
             "eval_exact_match": r.eval["accuracy"], "eval_loss": r.eval["eval_loss"],
             "train_seconds": round(r.seconds, 1),
-            "command": (f"preft train --model {base} --data {d / 'train.jsonl'} "
+            "command": (f"preft train --model {trained} --data {d / 'train.jsonl'} "
                         f"--eval-data {d / 'eval.jsonl'} --out {paths[a.name]} --kind {a.kind} "
                         f"--rank {a.rank} --lr {a.lr} --steps {a.steps} --batch-size 16"
                         + (f" --intervention {a.intervention}" if a.kind == "reft_p" else ""))}

@@ -118,15 +118,17 @@ def task_data(task: str, n_train: int, n_eval: int, exclude=()) -> tuple[list, l
 # ----------------------------------------------------------------------------- base model
 def build_char_tokenizer(out_dir: Path, vocab: str = "chars"):
     """One token per character. ``vocab="chars"`` (the study's): :data:`CHARS` only, anything
-    else unknown. ``vocab="bytes"`` (the demo's): every printable ASCII character and newline,
-    plus the 256 byte tokens ``<0x00>``..``<0xFF>`` any other character falls back to, with
-    the ByteFallback decoder Llama-style tokenizers use -- the decoder vLLM's structured-output
-    backend (llguidance) reads; it cannot read a bare ``Fuse`` decoder."""
+    else unknown. ``vocab="bytes"`` (the demo's): the same ids for :data:`CHARS`, then every
+    other printable ASCII character and newline, then the 256 byte tokens ``<0x00>``..
+    ``<0xFF>`` any other character falls back to, with the ByteFallback decoder Llama-style
+    tokenizers use -- the decoder vLLM's structured-output backend (llguidance) reads; it
+    cannot read a bare ``Fuse`` decoder."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if vocab == "bytes":
-        ids = {t: i for i, t in enumerate(SPECIALS + BYTE_TOKENS + list(PRINTABLE))}
+        extra = [c for c in PRINTABLE if c not in CHARS]
+        ids = {t: i for i, t in enumerate(SPECIALS + list(CHARS) + extra + BYTE_TOKENS)}
         tok = Tokenizer(models.BPE(ids, [], byte_fallback=True))
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     elif vocab == "chars":
@@ -145,12 +147,10 @@ def build_char_tokenizer(out_dir: Path, vocab: str = "chars"):
 
 def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden: int = 128,
               layers: int = 4, lr: float = 3e-3, seed: int = 0, tags: tuple[str, ...] = TAGS,
-              max_positions: int = 256, vocab: str = "chars", log=print,
-              on_step=None) -> Path:
+              max_positions: int = 256, log=print, on_step=None) -> Path:
     """Train the base model from scratch (idempotent: reuses a finished one).
 
-    ``vocab``: :func:`build_char_tokenizer`'s. ``on_step(step, loss)``, if given, is called
-    after every step (progress bars)."""
+    ``on_step(step, loss)``, if given, is called after every step (progress bars)."""
     import torch
     import torch.nn.functional as F
 
@@ -160,12 +160,10 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
             "seed": seed, "tags": list(tags), "letters": LETTERS}
     if max_positions != 256:   # (the study's base predates this knob: keep its spec valid)
         spec["max_positions"] = max_positions
-    if vocab != "chars":
-        spec["vocab"] = vocab
     if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_char_tokenizer(out, vocab)
+    tok = build_char_tokenizer(out)
     torch.manual_seed(seed)
     model = _new_base_model(len(tok), hidden, layers, max_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -195,6 +193,38 @@ def make_base(out_dir: str | Path, *, steps: int = 3000, batch: int = 32, hidden
     marker.write_text(json.dumps({"spec": spec, "losses": losses[::10],
                                   "seconds": round(time.time() - t0, 1)}))
     return out
+
+
+def with_byte_vocab(src: Path, dst: Path) -> Path:
+    """``src`` (a base trained over :data:`CHARS`) served with the ``"bytes"`` vocabulary at
+    ``dst``: the same weights, the new tokens added by :func:`_extend_vocab`."""
+    from transformers import AutoModelForCausalLM
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tok = build_char_tokenizer(dst, "bytes")
+    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    _extend_vocab(model, len(tok), tok.bos_token_id)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    return dst
+
+
+def _extend_vocab(model, size: int, never_id: int) -> None:
+    """Grow the embeddings to ``size`` tokens after training: each new token reads as
+    ``<pad>`` and scores as ``never_id`` (``<bos>``, a token training taught the model never
+    to predict), so the model says what it said before unless a grammar asks for a new one."""
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if size == old:
+        return
+    with torch.no_grad():
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        new_emb = torch.cat([emb, emb[:1].expand(size - old, -1)]).clone()
+        new_head = torch.cat([head, head[never_id:never_id + 1].expand(size - old, -1)]).clone()
+        model.resize_token_embeddings(size, mean_resizing=False)
+        model.get_input_embeddings().weight.copy_(new_emb)
+        model.get_output_embeddings().weight.copy_(new_head)
+    model.config.vocab_size = size
 
 
 def _new_base_model(vocab: int, hidden: int, layers: int, max_positions: int):

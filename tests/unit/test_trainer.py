@@ -188,3 +188,29 @@ def test_user_task_data_honours_exclusions():
     tr, ev = task_data("reverse", 300, 100, exclude=("bad cafe head>",))
     assert not {p for p, _ in tr} & ({p for p, _ in ev} | {"bad cafe head>"})
     assert all(p.endswith(">") for p, _ in tr + ev)
+
+
+def test_demo_vocabulary_grows_after_training_without_changing_the_model(tmp_path):
+    """The demo's tokenizer (vocab="bytes") keeps the study's ids for the characters it trains
+    on; the other tokens are added after training, read as <pad> and scored as <bos>, so the
+    trained model's logits over its own characters are unchanged and no new token outscores
+    them (a grammar may still pick one)."""
+    import torch
+
+    from trainer.quality import (CHARS, SPECIALS, _extend_vocab, _new_base_model,
+                                 build_char_tokenizer)
+
+    chars, full = build_char_tokenizer(tmp_path / "c"), build_char_tokenizer(tmp_path / "b", "bytes")
+    assert [full.convert_ids_to_tokens(i) for i in range(len(chars))] == SPECIALS + list(CHARS)
+    assert full("{\"a\": 1}\n")["input_ids"] and full.decode(full("é{}")["input_ids"]) == "é{}"
+    torch.manual_seed(0)
+    model = _new_base_model(len(chars), 32, 1, 64).eval()
+    ids = torch.tensor([chars("bad cafe>")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        _extend_vocab(model, len(full), full.bos_token_id)
+        after = model(input_ids=ids).logits
+    assert model.config.vocab_size == len(full) == after.shape[-1]
+    assert torch.equal(after[..., :len(chars)], before)
+    assert torch.equal(after[..., len(chars):],
+                       before[..., full.bos_token_id:full.bos_token_id + 1].expand_as(after[..., len(chars):]))
