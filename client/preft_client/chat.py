@@ -52,6 +52,10 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template from {self.source}: jinja2 cannot parse it: "
                               f"{e}") from None
 
+    def __reduce__(self):
+        """Pickled as its fields (Ray Serve pickles the gateway's app); compiled again."""
+        return (ChatTemplate, (self.template, self.source, self.bos_token, self.eos_token))
+
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` (then the assistant's turn opened)."""
         return self._compiled.render(messages=messages, bos_token=self.bos_token,

@@ -23,11 +23,11 @@ CHAT = [{"role": "system", "content": "be terse"}, {"role": "user", "content": "
 @pytest.fixture(scope="module")
 def demo_tok_dir(tmp_path_factory):
     """The demo base model's tokenizer and chat template, as trainer.demo writes them."""
-    from trainer.demo import BASE_SPEC, CHAT_TEMPLATE
+    from trainer.demo import CHAT_TEMPLATE
     from trainer.quality import build_char_tokenizer
 
     d = tmp_path_factory.mktemp("demo-tok")
-    build_char_tokenizer(d, BASE_SPEC["vocab"])
+    build_char_tokenizer(d, "bytes")   # the served base's (trainer.quality.with_byte_vocab)
     (d / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return d
 
@@ -124,3 +124,14 @@ def test_structured_output_backend_reads_the_demo_tokenizer(demo_tok_dir):
     assert not m.is_error(), m.get_error()
     ids = tok('{"a":12}', add_special_tokens=False)["input_ids"]
     assert m.consume_tokens(ids) and not m.is_error(), m.get_error()
+
+
+def test_a_chat_template_pickles():
+    """Ray Serve pickles the gateway app, chat template included (deploy/kuberay)."""
+    import pickle
+
+    from preft_client.chat import ChatTemplate
+
+    t = ChatTemplate(CHATML, "x", bos_token="<s>")
+    u = pickle.loads(pickle.dumps(t))
+    assert u == t and u.render(CHAT[:2]) == t.render(CHAT[:2])
