@@ -68,16 +68,22 @@ def _args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_cli_pool_sizes():
+def test_cli_pool_sizes(tmp_path):
     from app.cli import _parse_adapters, _pool_sizes
+    from cluster.config import ConfigError
 
     assert _pool_sizes(_args()) == (1, 1, 0)
     assert _pool_sizes(_args(colocated_workers=2)) == (0, 0, 2)
     assert _pool_sizes(_args(colocated_workers=1, prefill_workers=1, decode_workers=1)) == (1, 1, 1)
     assert _pool_sizes(_args(colocated_workers=1, prefill_workers=2)) == (2, 1, 1)
-    assert _parse_adapters(["a=/x", "b:lora=/y"]) == ((("a", "/x"), ("b", "/y")), (("b", "lora"),))
-    with pytest.raises(SystemExit, match="NAME:KIND=PATH"):
+    x, y = tmp_path / "x", tmp_path / "y"
+    x.mkdir(), y.mkdir()
+    assert _parse_adapters([f"a={x}", f"b:lora={y}"]) == ((("a", str(x)), ("b", str(y))),
+                                                          (("b", "lora"),))
+    with pytest.raises((SystemExit, ConfigError), match="NAME:KIND=PATH"):
         _parse_adapters(["nopath"])
+    with pytest.raises((SystemExit, ConfigError), match="is not a directory"):
+        _parse_adapters([f"a={tmp_path / 'missing'}"])
 
 
 def test_engine_cores_and_openmp_env():
