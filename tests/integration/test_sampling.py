@@ -207,10 +207,12 @@ def test_preft_generate_cli_samples_logprobs_and_choice(cluster, capsys):
     texts = [line for line in out.splitlines() if line in ("yes please", "no")]
     assert len(texts) == 2
     assert "(rank " in out
-    args = make_parser().parse_args(["generate", "x", "--address", cluster.address,
-                                     "--presence-penalty", "5"])
-    assert args.fn(args) == 1
-    assert "presence_penalty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # refused by the parser, naming the flag
+        make_parser().parse_args(["generate", "x", "--address", cluster.address,
+                                  "--presence-penalty", "5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--presence-penalty" in err and "[-2, 2]" in err, err
 
 
 def test_n_samples_cancelled_early_hold_nothing(cluster, client):
