@@ -58,7 +58,8 @@ def _producer(spec, num_blocks, block, dtype, plan, q_addr, done, device="cpu"):
 
     layers = _layers(spec, num_blocks, block, dtype, device)
     layout = KVLayout.from_tensors(layers, block)
-    t = TorchDistTransport(layers, layout, local_host="127.0.0.1", timeout_s=60, engine_name="p")
+    t = TorchDistTransport(layers, layout, local_host="127.0.0.1", timeout_s=60, engine_name="p",
+                          secret="bench-kv")
     offers = OfferTable()
     q_addr.put(t.serve(offers))
     for tid, n in plan:
@@ -74,7 +75,7 @@ def _consumer(spec, cap, args, path: str):
     dst = _layers(spec, cap, args.block_size, args.dtype, args.device)
     layout = KVLayout.from_tensors(dst, args.block_size)
     return TorchDistTransport(dst, layout, local_host="127.0.0.1", timeout_s=60,
-                              engine_name=f"d-{path}",
+                              engine_name=f"d-{path}", secret="bench-kv",
                               shared_memory=path in ("shm", "cuda_ipc")), dst, layout
 
 

@@ -51,15 +51,16 @@ GRPC_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTE
               "DEADLINE_EXCEEDED", "INTERNAL")
 
 
-def plane_keys(secret: str) -> tuple[bytes, bytes]:
-    """The CURVE keypair (Z85 public, Z85 secret) both ends derive from the cluster secret."""
+def plane_keys(secret: str, label: bytes = b"preft-plane-curve-v1") -> tuple[bytes, bytes]:
+    """The CURVE keypair (Z85 public, Z85 secret) both ends derive from the cluster secret;
+    ``label`` names the plane (the KV control plane derives its own pair)."""
     import zmq
     from zmq.utils import z85
 
     if not secret:
         raise ValueError("the worker plane needs the cluster's secret (TransferConfig.secret / "
                          "ColocatedConfig.secret / RouterConfig.secret); it is empty")
-    raw = hmac.new(secret.encode(), b"preft-plane-curve-v1", hashlib.sha256).digest()
+    raw = hmac.new(secret.encode(), label, hashlib.sha256).digest()
     private = z85.encode(raw)
     return zmq.curve_public(private), private
 

@@ -46,7 +46,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kv_transfer.endpoint import EXTRA_CONFIG_KEY, KVEndpoint, check_engine
 from kv_transfer.layer_load import LayerLoad
 from kv_transfer.ranks import RankedEndpoint, RankReport, RankSpec
-from kv_transfer.transport import Claim, TransferRecord
+from kv_transfer.offers import TransferRecord
+from kv_transfer.transport import Claim
 from cluster.messages import KVHandle
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from typing import Any, Mapping
 from cluster.messages import KVHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.staging import StagingPool
-from kv_transfer.transport import (Claim, Offer, OfferTable, TorchDistTransport,
-                                   TransferLog, TransferRecord)
+from kv_transfer.offers import Offer, OfferTable, TransferLog, TransferRecord
+from kv_transfer.transport import Claim, TorchDistTransport
 
 ROLES = ("kv_producer", "kv_consumer")   # prefill, decode (vLLM's kv_role)
 EXTRA_CONFIG_KEY = "endpoint"            # where the connector finds it in the config

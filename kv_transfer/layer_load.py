@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from kv_transfer.transport import Claim, TransferRecord
+from kv_transfer.offers import TransferRecord
+from kv_transfer.transport import Claim
 
 
 class LayerLoad:

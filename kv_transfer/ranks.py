@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 
 from kv_transfer.endpoint import KVEndpoint
-from kv_transfer.transport import TransferLog, TransferRecord
+from kv_transfer.offers import TransferLog, TransferRecord
 
 _MAX_RECORDS = 10_000
 

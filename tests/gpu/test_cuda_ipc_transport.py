@@ -35,7 +35,8 @@ def _producer(q, done, shared_storage):
         flat = torch.stack(layers)
         layers = list(flat.unbind(0))
     t = TorchDistTransport(layers, KVLayout.from_tensors(layers, SHAPE[1]),
-                           local_host="127.0.0.1", timeout_s=60, engine_name="prefill")
+                           local_host="127.0.0.1", timeout_s=60, engine_name="prefill",
+                           secret="s")
     offers = OfferTable()
     q.put(t.serve(offers))
     offers.add(Offer(1, "r1", [2, 7, 9], 3 * SHAPE[1], time.monotonic() + 600))
@@ -67,7 +68,8 @@ def test_cuda_ipc_pull_copies_device_to_device(shared_storage):
         layers = [torch.zeros((N_BLOCKS, *SHAPE), dtype=torch.bfloat16, device=dev)
                   for _ in range(N_LAYERS)]
         t = TorchDistTransport(layers, KVLayout.from_tensors(layers, SHAPE[1]),
-                               local_host="127.0.0.1", timeout_s=60, engine_name="decode")
+                               local_host="127.0.0.1", timeout_s=60, engine_name="decode",
+                               secret="s")
         rec = t.pull(host, port, 1, 0, [0, 5, 11])
         assert rec.ok and rec.transport == "cuda_ipc"
         assert rec.bytes == 3 * N_LAYERS * SHAPE[0] * SHAPE[1] * SHAPE[2] * 2

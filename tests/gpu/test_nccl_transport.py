@@ -29,7 +29,7 @@ def _producer(q, done):
     torch.cuda.set_device(0)
     layers = _layers("cuda:0", 1)
     t = TorchDistTransport(layers, KVLayout.from_tensors(layers, SHAPE[1]), local_host="127.0.0.1",
-                           timeout_s=60, engine_name="prefill")
+                           timeout_s=60, engine_name="prefill", secret="s")
     offers = OfferTable()
     q.put(t.serve(offers))
     offers.add(Offer(1, "r1", [2, 7, 9], 3 * SHAPE[1], time.monotonic() + 600))
@@ -53,7 +53,7 @@ def test_nccl_pull_between_two_gpus():
     torch.cuda.set_device(1)
     layers = [torch.zeros((16, *SHAPE), device="cuda:1") for _ in range(4)]
     t = TorchDistTransport(layers, KVLayout.from_tensors(layers, SHAPE[1]), local_host="127.0.0.1",
-                           timeout_s=60, engine_name="decode")
+                           timeout_s=60, engine_name="decode", secret="s")
     rec = t.pull(host, port, 1, 0, [0, 5, 11])
     done.set()
     p.join(60)

@@ -12,8 +12,8 @@ import torch
 
 from kv_transfer import cuda_ipc
 from kv_transfer.layout import KVLayout
-from kv_transfer.transport import (BadMessage, Offer, OfferTable, TorchDistTransport,
-                                   TransferError, parse_join, sign)
+from kv_transfer.control import BadMessage, Join, decode_request, encode
+from kv_transfer.transport import Offer, OfferTable, TorchDistTransport, TransferError
 
 SHAPE = (2, 16, 64)   # kv_heads, block_size, 2*head_size
 N_LAYERS, N_BLOCKS = 3, 12
@@ -25,7 +25,7 @@ def _engine(seed, name, timeout_s=5.0):
     records = []
     t = TorchDistTransport(layers, KVLayout.from_tensors(layers, SHAPE[1]),
                            local_host="127.0.0.1", timeout_s=timeout_s, engine_name=name,
-                           on_record=records.append)
+                           on_record=records.append, secret="ipc-test-secret")
     t.same_host_mode = "cuda_ipc"      # as on a GPU; the bytes stay on the CPU here
     return t, layers, records
 
@@ -121,11 +121,12 @@ def test_a_decode_that_cannot_map_the_handles_pairs_over_the_network(ipc_pair):
 
 
 def test_a_join_asking_for_cuda_ipc_must_say_so_with_a_boolean():
-    body = {"peer": "d", "layout": "L1", "cuda_ipc": "yes"}
+    import msgspec
+
+    body = {"type": "join", "peer": "d", "layout": "L1", "cuda_ipc": "yes"}
     with pytest.raises(BadMessage, match="cuda_ipc"):
-        parse_join(sign("s", "n", "join/0", body).encode(), "s", "n", "join/0")
-    ok = parse_join(sign("s", "n", "join/0", {**body, "cuda_ipc": True}).encode(),
-                    "s", "n", "join/0")
+        decode_request(msgspec.msgpack.encode(body))
+    ok = decode_request(encode(Join("d", "L1", cuda_ipc=True)))
     assert ok.cuda_ipc
 
 
@@ -133,7 +134,8 @@ def _desc(**layer):
     view = {"storage": 0, "offset": 0, "shape": [N_BLOCKS, *SHAPE],
             "stride": [SHAPE[0] * SHAPE[1] * SHAPE[2], SHAPE[1] * SHAPE[2], SHAPE[2], 1]}
     nbytes = N_BLOCKS * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
-    return {"dtype": "float32", "storages": [{"handle": "AA==", "size": nbytes}],
+    return {"dtype": "float32", "storages": [{"handle": "AA==", "size": nbytes, "offset": 0,
+                                                 "rc_offset": 0}],
             "layers": [{**view, **layer}] * N_LAYERS}
 
 
@@ -145,11 +147,18 @@ def _desc(**layer):
     (_desc(offset=1), "reaches past its storage"),
     (_desc(stride=[1 << 30, 1024, 64, 1]), "reaches past its storage"),
     (_desc(storage=1), "storage="),
+    ({**_desc(), "storages": [{"handle": "AA==", "size": 4096, "offset": 1 << 62,
+                                  "rc_offset": 0}]},
+     "past the device"),                                       # an offset torch would add
+    ({**_desc(), "storages": [{"handle": "AA==", "size": 1 << 20, "offset": 0,
+                                  "rc_offset": 1 << 40}]},
+     "rc_offset"),
     (_desc(shape="x"), "shape="),
     ("not a dict", "JSON object"),
 ])
 def test_a_peer_description_is_checked_before_cuda_sees_it(desc, why):
-    kw = dict(num_layers=N_LAYERS, block_shape=SHAPE, dtype=torch.float32)
+    kw = dict(num_layers=N_LAYERS, block_shape=SHAPE, dtype=torch.float32,
+              device_bytes=80 << 30)
     if why is None:
         assert len(cuda_ipc.check(desc, **kw)) == N_LAYERS
     else:
@@ -164,7 +173,7 @@ def test_a_peer_description_is_checked_before_cuda_sees_it(desc, why):
     (list(range(N_BLOCKS))[::-1], list(range(N_BLOCKS)), N_BLOCKS),   # many runs: gather
 ])
 def test_block_copy_by_runs_equals_the_gather_and_scatter(dst, src, runs):
-    from kv_transfer.transport import block_runs, copy_blocks
+    from kv_transfer.cuda_ipc import block_runs, copy_blocks
 
     g = torch.Generator().manual_seed(3)
     a = [torch.randn((N_BLOCKS, *SHAPE), generator=g) for _ in range(N_LAYERS)]

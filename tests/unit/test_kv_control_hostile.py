@@ -1,31 +1,37 @@
-"""The prefill KV endpoint under hostile control messages (issue 12, item 7).
+"""The KV control plane under hostile peers, both directions (issues 12 and 26).
 
-Over a real gloo pair on loopback, messages are written straight into the endpoint's
-TCPStore, as any process that can reach its port could. Each must be refused with an error
-the sender can read, and afterwards the same endpoint must pair a good peer and move real
-bytes. The endpoint's store must listen on its own address only.
+Over real pairs on loopback (ZeroMQ with CURVE for control; gloo, memfd shared memory or
+the CUDA IPC protocol for bytes):
+- a process without the cluster's secret cannot pair, pull, release or close anything;
+- a process that writes the old protocol's keys (``fin``, ``done``, ``joinack`` with CUDA
+  IPC handles, shared-memory acks naming another transfer's segment) into the rendezvous
+  store changes nothing: no block is freed early, no foreign KV is copied, both ends keep
+  serving;
+- an authenticated but broken peer's malformed or out-of-place messages are refused with
+  an error it can read, and the pair and the endpoint keep serving.
 """
 
 from __future__ import annotations
 
-import json
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from torch.distributed import TCPStore
 
-from kv_transfer.transport import Offer, OfferTable, TransferError, sign
-from test_transport import N_BLOCKS, _engine, _finished
+from kv_transfer import control, cuda_ipc, shm
+from kv_transfer.control import (Confirm, Done, Join, PairLost, Pull, Refused, Release,
+                                 TransferError)
+from kv_transfer.transport import Offer, OfferTable
+from test_transport import _engine, _finished
 
 SECRET = "cluster-a-secret"
-# Every new TCPStore connection does a reverse DNS lookup; where DNS drops a query that
-# alone costs 5 s, so timeouts here leave room for one such stall.
-TIMEOUT_S = 15
-WAIT = timedelta(seconds=TIMEOUT_S)
+TIMEOUT_S = 6
 
 
 @pytest.fixture
@@ -33,27 +39,23 @@ def endpoint():
     prod, p_layers, _ = _engine(seed=1, name="prefill", secret=SECRET, timeout_s=TIMEOUT_S)
     offers = OfferTable()
     host, port = prod.serve(offers)
-    raw = TCPStore(host, port, is_master=False, timeout=WAIT)
     peers: list = []
-    yield dict(prod=prod, p_layers=p_layers, offers=offers, host=host, port=port, raw=raw,
-               nonce=raw.get("nonce").decode(), peers=peers)
+    yield dict(prod=prod, p_layers=p_layers, offers=offers, host=host, port=port, peers=peers)
     for t in peers:
         t.close()
     prod.close()
 
 
-def _peer(ep, name="decode", secret=SECRET, seed=2):
-    t, layers, _ = _engine(seed=seed, name=name, secret=secret, timeout_s=TIMEOUT_S)
+def _peer(ep, name="decode", secret=SECRET, seed=2, shared_memory=True):
+    t, layers, _ = _engine(seed=seed, name=name, secret=secret, timeout_s=TIMEOUT_S,
+                           shared_memory=shared_memory)
     ep["peers"].append(t)
     return t, layers
 
 
 def _good_transfer(ep, transfer_id, src=(3, 9), dst=(0, 11), cons=None):
     """Offer ``src`` and pull it into ``dst`` (a fresh good peer unless ``cons``): real bytes."""
-    if cons is None:
-        cons, c_layers = _peer(ep, name=f"decode-{transfer_id}", seed=transfer_id)
-    else:
-        cons, c_layers = cons
+    cons, c_layers = cons or _peer(ep, name=f"decode-{transfer_id}", seed=transfer_id)
     ep["offers"].add(Offer(transfer_id, f"r{transfer_id}", list(src), 16 * len(src),
                            time.monotonic() + 60))
     rec = cons.pull(ep["host"], ep["port"], transfer_id, 0, list(dst))
@@ -63,147 +65,143 @@ def _good_transfer(ep, transfer_id, src=(3, 9), dst=(0, 11), cons=None):
             assert torch.equal(d_layer[d], s_layer[s])
 
 
-def _answer(store, key: str) -> dict:
-    store.wait([key], WAIT)          # on the old code: no answer, the thread had died
-    return json.loads(store.get(key))
+class _Raw:
+    """A bare CURVE client of the endpoint: with the secret, an authenticated peer that
+    may send anything; with another, a stranger."""
+
+    def __init__(self, ep, secret=SECRET):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.client = control.ControlClient(self.ctx, secret, ep["host"], ep["port"])
+        self.sock = self.client._sock
+
+    def ask(self, msg, timeout=3.0):
+        self.sock.send(msg if isinstance(msg, bytes) else control.encode(msg))
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return control.decode_answer(self.sock.recv())
+
+    def close(self):
+        self.client.close()
+        self.ctx.term()
 
 
-def _join(ep, make) -> dict:
-    """Claim a join slot, write ``make(key, nonce)`` into it, return the endpoint's answer."""
-    raw = ep["raw"]
-    n = raw.add("joins", 1) - 1
-    raw.set(f"join/{n}", make(f"join/{n}", ep["nonce"]))
-    return _answer(raw, f"joinack/{n}")
-
-
-def _fingerprint(ep) -> str:
-    return ep["prod"].layout.fingerprint()
-
-
-# --------------------------------------------------------------------------- joins
-BAD_JOINS = {
-    "not-json": (lambda ep, k, n: b"{not json", "not JSON"),
-    "not-an-object": (lambda ep, k, n: "[1, 2]", "expected a JSON object"),
-    "empty-object": (lambda ep, k, n: "{}", "cluster secret"),
-    "unsigned-close": (lambda ep, k, n: json.dumps({"op": "close"}), "cluster secret"),
-    "no-secret": (lambda ep, k, n: json.dumps({"peer": "d", "layout": _fingerprint(ep)}),
-                  "cluster secret"),
-    "wrong-secret": (lambda ep, k, n: sign("cluster-b-secret", n, k, {
-        "peer": "d", "layout": _fingerprint(ep)}), "cluster secret"),
-    "other-endpoint-nonce": (lambda ep, k, n: sign(SECRET, "0" * 32, k, {
-        "peer": "d", "layout": _fingerprint(ep)}), "cluster secret"),
-    "replayed-into-another-slot": (lambda ep, k, n: sign(SECRET, n, "join/999", {
-        "peer": "d", "layout": _fingerprint(ep)}), "cluster secret"),
-    "peer-wrong-type": (lambda ep, k, n: sign(SECRET, n, k, {
-        "peer": ["d"], "layout": _fingerprint(ep)}), "peer="),
-    "peer-missing": (lambda ep, k, n: sign(SECRET, n, k, {"layout": _fingerprint(ep)}),
-                     "peer="),
-    "peer-oversized": (lambda ep, k, n: sign(SECRET, n, k, {
-        "peer": "d" * 1000, "layout": _fingerprint(ep)}), "peer="),
-    "layout-wrong-type": (lambda ep, k, n: sign(SECRET, n, k, {"peer": "d", "layout": 7}),
-                          "layout="),
-    "oversized-message": (lambda ep, k, n: "x" * 100_000, "control messages are at most"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_JOINS))
-def test_bad_join_is_refused_and_the_endpoint_keeps_pairing(endpoint, case):
-    make, expected = BAD_JOINS[case]
-    ack = _join(endpoint, lambda key, nonce: make(endpoint, key, nonce))
-    assert expected in ack.get("error", ""), ack
-    assert endpoint["prod"].refused == 1 and endpoint["prod"].peers() == []
-    _good_transfer(endpoint, 21)
-    assert endpoint["prod"].peers() == ["decode-21"]
-
-
-@pytest.mark.parametrize("secret", ["cluster-b-secret", ""])
-def test_peer_of_another_cluster_is_refused_then_a_good_peer_pulls(endpoint, secret):
+# --------------------------------------------------------------------------- strangers
+def test_a_peer_without_the_secret_cannot_pair_pull_or_release(endpoint):
     ep = endpoint
     ep["offers"].add(Offer(5, "r5", [2, 4], 32, time.monotonic() + 60))
-    stranger, _ = _peer(ep, name="decode-b", secret=secret)
-    with pytest.raises(TransferError, match="cluster secret"):
+    stranger, _ = _peer(ep, name="decode-b", secret="cluster-b-secret")
+    with pytest.raises(PairLost, match="secret"):
         stranger.pull(ep["host"], ep["port"], 5, 0, [0, 1])
-    assert len(ep["offers"]) == 1 and ep["prod"].peers() == []  # nothing claimed, no pair
-    cons = _peer(ep)
-    rec = cons[0].pull(ep["host"], ep["port"], 5, 0, [6, 7])
-    assert rec.ok and _finished(ep["offers"]) == {"r5"}
-    assert torch.equal(cons[1][1][6], ep["p_layers"][1][2])
-    assert torch.equal(cons[1][1][7], ep["p_layers"][1][4])
-
-
-def test_abandoned_join_slot_does_not_block_later_peers():
-    """Skipped after two of the endpoint's timeouts (6 s: a short one, but one that outlasts
-    a DNS stall); the peer behind it waits longer than that for its answer."""
-    prod, p_layers, _ = _engine(seed=1, name="prefill", secret=SECRET, timeout_s=6)
-    offers = OfferTable()
-    host, port = prod.serve(offers)
-    raw = TCPStore(host, port, is_master=False, timeout=WAIT)
-    cons, c_layers, _ = _engine(seed=2, name="decode", secret=SECRET, timeout_s=TIMEOUT_S)
-    try:
-        raw.add("joins", 1)                         # claims join/0, never writes it
-        offers.add(Offer(8, "r8", [5], 16, time.monotonic() + 60))
-        cons.pull(host, port, 8, 0, [1])            # join/1, behind the abandoned slot
-        assert torch.equal(c_layers[0][1], p_layers[0][5])
-        assert "claimed but not written" in json.loads(raw.get("joinack/0"))["error"]
+    raw = _Raw(ep, secret="cluster-b-secret")
+    try:     # the handshake fails: nothing it sends reaches the endpoint
+        assert raw.ask(Release(0, 0, 5), timeout=1.0) is None
+        assert raw.ask(Join("x", ep["prod"].layout.fingerprint()), timeout=1.0) is None
     finally:
-        cons.close()
-        prod.close()
+        raw.close()
+    assert len(ep["offers"]) == 1 and ep["prod"].peers() == []   # nothing claimed, no pair
+    cons = _peer(ep)
+    assert cons[0].pull(ep["host"], ep["port"], 5, 0, [6, 7]).ok
+    assert _finished(ep["offers"]) == {"r5"}
+    assert torch.equal(cons[1][1][6], ep["p_layers"][1][2])
 
 
-# --------------------------------------------------------------------------- pulls
-def _pull(**fields):
-    return dict(op="pull", transfer_id=2, start_block=0, num_blocks=3) | fields
+def test_the_transport_refuses_to_run_without_a_secret():
+    with pytest.raises(ValueError, match="TransferConfig.secret"):
+        _engine(name="no-secret", secret="")
 
 
-BAD_REQUESTS = {
-    "not-json": ("raw", b"\xff\xfe{{", "not JSON"),
-    "not-an-object": ("raw", b'"pull"', "expected a JSON object"),
-    "oversized-message": ("raw", b"[" * 1_000_000, "control messages are at most"),
-    "no-secret": ("unsigned", _pull(), "cluster secret"),
-    "wrong-secret": ("wrong-secret", _pull(), "cluster secret"),
-    "unsigned-close": ("unsigned", {"op": "close"}, "cluster secret"),
-    "unsigned-release": ("unsigned", {"op": "release", "transfer_id": 2}, "cluster secret"),
-    "op-missing": ("signed", {"transfer_id": 2}, "op="),
-    "op-unknown": ("signed", _pull(op="frobnicate"), "op="),
-    "op-wrong-type": ("signed", _pull(op=7), "op="),
-    "transfer-id-missing": ("signed", {"op": "pull", "start_block": 0, "num_blocks": 3},
-                            "transfer_id="),
-    "transfer-id-string": ("signed", _pull(transfer_id="2"), "transfer_id="),
-    "transfer-id-bool": ("signed", _pull(transfer_id=True), "transfer_id="),
-    "transfer-id-float": ("signed", _pull(transfer_id=2.0), "transfer_id="),
-    "transfer-id-negative": ("signed", _pull(transfer_id=-1), "transfer_id="),
-    "transfer-id-huge": ("signed", _pull(transfer_id=1 << 70), "transfer_id="),
-    "release-id-string": ("signed", {"op": "release", "transfer_id": "2"}, "transfer_id="),
-    "start-block-missing": ("signed", {"op": "pull", "transfer_id": 2, "num_blocks": 3},
-                            "start_block="),
-    "start-block-negative": ("signed", _pull(start_block=-1), "start_block="),
-    "start-block-past-cache": ("signed", _pull(start_block=N_BLOCKS, num_blocks=1),
-                               "start_block="),
-    "num-blocks-missing": ("signed", {"op": "pull", "transfer_id": 2, "start_block": 0},
-                           "num_blocks="),
-    "num-blocks-zero": ("signed", _pull(num_blocks=0), "num_blocks="),
-    "num-blocks-negative": ("signed", _pull(num_blocks=-3), "num_blocks="),
-    "num-blocks-huge": ("signed", _pull(num_blocks=10**12), "num_blocks="),
-    "num-blocks-past-cache": ("signed", _pull(start_block=1, num_blocks=N_BLOCKS),
-                              "num_blocks="),
-    "num-blocks-list": ("signed", _pull(num_blocks=[3]), "num_blocks="),
+# --------------------------------------------------------------------------- the store
+def _forge_everything(host: str, port: int, stop: threading.Event, seg_name: str) -> None:
+    """What the old protocol read from the store, written by a process that can reach it."""
+    store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=5))
+    ipc = {"dtype": "float32", "storages": [{"handle": "AA==", "size": 1 << 40,
+                                             "offset": 1 << 62, "rc_offset": 0}],
+           "layers": []}
+    while not stop.is_set():
+        for n in range(3):
+            store.set(f"joinack/{n}", msgspec.json.encode({"ok": True, "mode": "cuda_ipc",
+                                                           "ipc": ipc}))
+            for seq in range(4):
+                store.set(f"fin/ack/{n}/{seq}", "done")
+                store.set(f"done/ack/{n}/{seq}", "1")
+                store.set(f"ack/{n}/{seq}", msgspec.json.encode(
+                    {"ok": True, "segment": seg_name, "chunks": 0}))
+                store.set(f"ack/{n}/{seq}/0", msgspec.json.encode({"ok": True}))
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["shm", "gloo", "cuda_ipc"])
+def test_forged_store_keys_free_nothing_early_and_copy_nothing_foreign(endpoint, monkeypatch,
+                                                                       path):
+    """While a raw store client keeps writing every key the old protocol trusted, each pull
+    still moves exactly its own blocks, and prefill frees them only after the real peer
+    said so (cuda_ipc: its copy, slowed here, had finished)."""
+    ep = endpoint
+    copied_at: list[float] = []
+    if path == "cuda_ipc":
+        ep["prod"].same_host_mode = "cuda_ipc"
+        monkeypatch.setattr(cuda_ipc, "export", lambda layers: {"exported": True})
+        monkeypatch.setattr(cuda_ipc, "open_layers", lambda desc, **kw: ep["p_layers"])
+        real_copy = cuda_ipc.copy_blocks
+
+        def slow_copy(*a):
+            time.sleep(0.5)        # the window the forged fin used to exploit
+            real_copy(*a)
+            copied_at.append(time.monotonic())
+        monkeypatch.setattr(cuda_ipc, "copy_blocks", slow_copy)
+    cons, c_layers = _peer(ep, shared_memory=path != "gloo")
+    if path == "cuda_ipc":
+        cons.same_host_mode = "cuda_ipc"
+    stop = threading.Event()
+    forger = threading.Thread(target=_forge_everything, args=(
+        ep["host"], ep["prod"]._store.port, stop, "preft-kv-1-0123456789abcdef"))
+    forger.start()
+    freed_at: dict[str, float] = {}
+    try:
+        for tid, src, dst in ((1, [3, 9], [0, 11]), (2, [4, 5, 6], [1, 2, 3])):
+            ep["offers"].add(Offer(tid, f"r{tid}", src, 16 * len(src), time.monotonic() + 60))
+            watcher = threading.Thread(target=lambda: freed_at.update(
+                {r: time.monotonic() for r in _finished(ep["offers"], 8)}))
+            watcher.start()
+            rec = cons.pull(ep["host"], ep["port"], tid, 0, dst)
+            watcher.join()
+            assert rec.ok and rec.transport == path
+            for s_layer, d_layer in zip(ep["p_layers"], c_layers):
+                assert torch.equal(d_layer[dst], s_layer[src])      # its own KV, nothing else
+            assert f"r{tid}" in freed_at
+            if path == "cuda_ipc":
+                assert freed_at[f"r{tid}"] >= copied_at[-1]         # not freed early
+    finally:
+        stop.set()
+        forger.join()
+    _good_transfer(ep, 30, cons=(cons, c_layers))                   # both ends keep serving
+    assert ep["prod"].refused == 0
+
+
+# --------------------------------------------------------------------------- authenticated peers
+BAD_MESSAGES = {
+    "not-msgpack": (b"\xc1\xc1\xc1", "malformed"),
+    "unknown-tag": (msgspec.msgpack.encode({"type": "frobnicate", "pair": 0}), "malformed"),
+    "not-an-object": (msgspec.msgpack.encode([1, 2, 3]), "malformed"),
+    "oversized": (b"\x00" * (control.MAX_MESSAGE + 1), "control messages are at most"),
+    "far-oversized": (b"\x00" * (control.MAX_MESSAGE + 100), None),  # ZeroMQ drops it
+    "pull-id-string": (msgspec.msgpack.encode({"type": "pull", "pair": 0, "seq": 1,
+                                               "transfer_id": "2", "start_block": 0,
+                                               "num_blocks": 1}), "transfer_id"),
+    "pull-id-negative": (Pull(0, 1, -1, 0, 1), "transfer_id"),
+    "pull-id-huge": (msgspec.msgpack.encode({"type": "pull", "pair": 0, "seq": 1,
+                                             "transfer_id": (1 << 64) - 1, "start_block": 0,
+                                             "num_blocks": 1}), "transfer_id"),
+    "pull-zero-blocks": (Pull(0, 1, 2, 0, 0), "num_blocks"),
+    "pull-huge-blocks": (Pull(0, 1, 2, 0, 1 << 30), "num_blocks"),
+    "join-peer-oversized": (Join("d" * 1000, "L"), "peer"),
+    "confirm-unknown-mode": (msgspec.msgpack.encode({"type": "confirm", "pair": 0,
+                                                     "mode": "rdma"}), "mode"),
+    "another-connections-pair": (Release(0, 1, 2), "not this connection's"),
+    "pair-never-made": (Pull(99, 0, 2, 0, 1), "not this connection's"),
 }
-
-
-def _encode(kind: str, body, key: str, nonce: str):
-    if kind == "raw":
-        return body
-    if kind == "unsigned":
-        return json.dumps(body)
-    return sign(SECRET if kind == "signed" else "cluster-b-secret", nonce, key, body)
-
-
-def _request(client, kind: str, body) -> dict:
-    """Write one message on ``client``'s pair, as its next request; the endpoint's answer."""
-    seq, client.seq = client.seq, client.seq + 1
-    key = f"pull/{client.pair}/{seq}"
-    client.store.set(key, _encode(kind, body, key, client.nonce))
-    return _answer(client.store, f"ack/{client.pair}/{seq}")
 
 
 @pytest.fixture
@@ -217,15 +215,21 @@ def paired(endpoint):
     return endpoint, cons, client
 
 
-@pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_request_is_refused_and_the_pair_keeps_serving(paired, case):
+@pytest.mark.parametrize("case", list(BAD_MESSAGES))
+def test_a_bad_message_is_refused_and_everyone_keeps_serving(paired, case):
     ep, cons, client = paired
-    kind, body, expected = BAD_REQUESTS[case]
-    t0 = time.monotonic()
-    ack = _request(client, kind, body)
-    assert expected in ack.get("error", ""), ack
-    assert time.monotonic() - t0 < 2.0        # refused on sight, not after a claim wait
-    assert ep["prod"].refused == 1
+    raw = _Raw(ep)
+    try:
+        msg, expected = BAD_MESSAGES[case]
+        t0 = time.monotonic()
+        answer = raw.ask(msg, timeout=2.0)
+        if expected is None:
+            assert answer is None                              # the frame never arrived
+        else:
+            assert isinstance(answer, Refused) and expected in answer.error, answer
+            assert time.monotonic() - t0 < 2.0
+    finally:
+        raw.close()
     # Nothing was claimed or freed: offer 2 is still held for the real pull, on the same pair.
     assert len(ep["offers"]) == 1 and ep["offers"].take_finished() == set()
     cons[0].pull(ep["host"], ep["port"], 2, 0, [8, 9, 10])
@@ -233,17 +237,76 @@ def test_bad_request_is_refused_and_the_pair_keeps_serving(paired, case):
     for s_layer, d_layer in zip(ep["p_layers"], cons[1]):
         assert torch.equal(d_layer[8:11], s_layer[4:7])
     assert _finished(ep["offers"]) == {"r2"}
-    _good_transfer(ep, 22)                      # and the accept thread still pairs
+    _good_transfer(ep, 22)                      # and the endpoint still pairs
 
 
-def test_claim_past_the_offer_is_refused_and_frees_it(paired):
-    """Well-formed and within the cache, but beyond what the offer holds: the decode side's
-    request cannot be served, so its blocks are freed; the pair keeps serving."""
+def test_out_of_place_messages_on_a_pair_are_refused(endpoint):
+    ep = endpoint
+    raw = _Raw(ep)
+    try:
+        joined = raw.ask(Join("raw-peer", ep["prod"].layout.fingerprint(), same_host=True))
+        assert isinstance(joined, control.Joined) and joined.token
+        # shm without having proved the same host (never connected to the fd socket)
+        refused = raw.ask(Confirm(joined.pair, "shm"), timeout=8)
+        assert isinstance(refused, Refused) and "proof" in refused.error
+    finally:
+        raw.close()
+    raw = _Raw(ep)
+    try:
+        joined = raw.ask(Join("raw-peer-2", ep["prod"].layout.fingerprint()))
+        assert isinstance(raw.ask(Confirm(joined.pair, "group")), control.Confirmed)
+    finally:
+        raw.close()
+    ep["offers"].add(Offer(4, "r4", [1], 16, time.monotonic() + 60))
+    _good_transfer(ep, 23)
+    assert len(ep["offers"]) == 1          # offer 4 untouched by any of it
+
+
+def test_a_request_out_of_order_or_a_done_never_lent_changes_nothing(paired):
+    ep, cons, client = paired
+    client.control.send(Done(client.pair, 0))      # nothing was lent under seq 0
+    client.control.send(Release(client.pair, client.seq + 5, 2))   # skips ahead: refused
+    with pytest.raises(TransferError):
+        client.control.receive(2.0, client.seq + 5)
+    assert len(ep["offers"]) == 1 and ep["offers"].take_finished() == set()
+    cons[0].pull(ep["host"], ep["port"], 2, 0, [8, 9, 10])
+    assert torch.equal(cons[1][0][9], ep["p_layers"][0][5])
+
+
+def test_a_segment_the_pair_was_not_sent_is_never_mapped():
+    """Decode maps only segments that arrived on its own pair's descriptor channel: an
+    answer naming any other (another transfer's, another pair's) fails the pull."""
+    server = shm.FdServer()
+    mine, other = shm.Segment.create(256, torch.float32), shm.Segment.create(256, torch.float32)
+    try:
+        token = server.offer(0)
+        chan = shm.FdChannel(server.name, token, 1.0)
+        conn = server.channel(0, 2.0)
+        shm.send_segment(conn, mine)
+        got = chan.receive(torch.float32)
+        assert got.id == mine.id
+        with pytest.raises(OSError):               # nothing else comes: times out
+            chan.receive(torch.float32)
+        assert other.id != got.id
+        got.close()
+        chan.close()
+        conn.close()
+    finally:
+        mine.close()
+        other.close()
+        server.close()
+
+
+def test_an_authenticated_pull_past_the_offer_is_refused_and_frees_it(paired):
+    """Well-formed, but beyond what the offer holds: its blocks are freed, the pair serves."""
     ep, cons, client = paired
     for start, num in ((5, 1), (2, 1), (0, 4), (0, 1)):
         ep["offers"].add(Offer(3, "r3", [7, 8], 32, time.monotonic() + 60))
-        ack = _request(client, "signed", _pull(transfer_id=3, start_block=start, num_blocks=num))
-        assert "prefill holds 2" in ack.get("error", ""), ack
+        seq = client.seq
+        client.seq += 1
+        client.control.send(Pull(client.pair, seq, 3, start, num))
+        with pytest.raises(TransferError, match="prefill holds 2"):
+            client.control.receive(3.0, seq)
         assert _finished(ep["offers"]) == {"r3"}
     assert ep["prod"].refused == 4
     cons[0].pull(ep["host"], ep["port"], 2, 1, [0, 1])
@@ -266,6 +329,7 @@ def _listening(port: int) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
 def test_endpoint_listens_on_its_kv_host_only(endpoint):
     assert _listening(endpoint["port"]) == ["0100007F"]    # 127.0.0.1, not 0.0.0.0 or ::
+    assert _listening(endpoint["prod"]._store.port) == ["0100007F"]
 
 
 # --------------------------------------------------------------------------- config

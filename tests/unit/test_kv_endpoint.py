@@ -51,7 +51,7 @@ def test_prefill_release_of_an_unknown_transfer_never_blocks_the_event_loop():
     route waited up to 5 s for the offer, on the loop)."""
     from prefill_worker.worker import PrefillWorker
 
-    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
+    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60, secret="s")
     ticks: list[float] = []
 
     async def ticker():
@@ -75,7 +75,7 @@ def test_prefill_release_of_an_unknown_transfer_never_blocks_the_event_loop():
 
 
 def test_offer_released_before_it_arrives_is_freed_when_it_arrives():
-    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
+    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60, secret="s")
     assert ep.release(7) is False and ep.take_finished() == set()
     ep.wake.clear()
     ep.offers.add(Offer(7, "r7", [1, 2], 8, expires_at=time.monotonic() + 60))
@@ -87,7 +87,7 @@ def test_offer_released_before_it_arrives_is_freed_when_it_arrives():
 
 
 def test_held_offer_released_once_and_a_claim_for_it_gives_up_at_once():
-    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
+    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60, secret="s")
     tid, held = ep.hold("r1", [4, 5], 8)
     ep.wake.clear()
     assert ep.release(tid) is True and ep.wake.is_set()
@@ -102,7 +102,7 @@ def test_request_ended_at_prefill_frees_its_blocks_without_waiting():
     """PrefillWorker._handle: EOS or a stop string in the first token -- nobody will pull."""
     from prefill_worker.worker import PrefillWorker
 
-    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
+    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60, secret="s")
     tid, _ = ep.hold("req-eos", [1], 3)
     out = SimpleNamespace(kv_transfer_params={"transfer_id": tid, "num_tokens": 3,
                                               "num_blocks": 1})
@@ -113,7 +113,7 @@ def test_request_ended_at_prefill_frees_its_blocks_without_waiting():
 
 
 def test_unreleased_offers_still_expire():
-    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60)
+    ep = KVEndpoint("prefill-t", "kv_producer", hold_ttl_s=60, secret="s")
     ep.offers.add(Offer(9, "r9", [1], 4, expires_at=time.monotonic() - 1))
     assert ep.take_finished() == {"r9"} and ep.offers.expired == 1
 
@@ -122,7 +122,7 @@ def test_unreleased_offers_still_expire():
 def test_prefill_connector_sides_meet_only_through_the_endpoint():
     from vllm.v1.request import RequestStatus
 
-    ep = KVEndpoint("prefill-x", "kv_producer", hold_ttl_s=60)
+    ep = KVEndpoint("prefill-x", "kv_producer", hold_ttl_s=60, secret="s")
     sched, worker = _connector(ep)
     assert sched.worker is None and worker.scheduler is None
     req = SimpleNamespace(request_id="r1", kv_transfer_params={"do_remote_decode": True},
@@ -147,7 +147,7 @@ def test_connector_needs_the_endpoint_its_worker_created():
     with pytest.raises(RuntimeError, match="needs the KVEndpoint its worker created"):
         PreftKVConnector(config({}), KVConnectorRole.SCHEDULER)
     with pytest.raises(RuntimeError, match="kv_role 'kv_producer'"):
-        PreftKVConnector(config({"endpoint": KVEndpoint("d", "kv_consumer")}, "kv_producer"),
+        PreftKVConnector(config({"endpoint": KVEndpoint("d", "kv_consumer", secret="s")}, "kv_producer"),
                          KVConnectorRole.WORKER)
 
 
@@ -167,9 +167,9 @@ def test_one_transport_and_the_config_names_it():
     with pytest.raises(ConfigError, match="TransferConfig.transport='rdma'"):
         TransferConfig(transport="rdma")
     with pytest.raises(ValueError, match="unknown transport 'rdma'"):
-        KVEndpoint("p", "kv_producer", transport="rdma")
+        KVEndpoint("p", "kv_producer", transport="rdma", secret="s")
     with pytest.raises(ValueError, match="role must be"):
-        KVEndpoint("p", "kv_both")
+        KVEndpoint("p", "kv_both", secret="s")
 
 
 # --------------------------------------------------------------------------- over a real pair

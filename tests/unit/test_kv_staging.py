@@ -25,7 +25,7 @@ class Prefill:
 
     def __init__(self, layerwise: bool, staging_bytes: int = 1 << 30) -> None:
         self.ep = KVEndpoint("prefill-s", "kv_producer", hold_ttl_s=60, timeout_s=5,
-                             layerwise=layerwise, staging_bytes=staging_bytes)
+                             layerwise=layerwise, staging_bytes=staging_bytes, secret="s")
         self.layers = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
         self.sched = PreftConnectorScheduler(self.ep, BS)
         self.worker = PreftConnectorWorker(self.ep, BS)
@@ -83,7 +83,8 @@ class Prefill:
 def _decode(shared_memory: bool):
     layers = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
     t = TorchDistTransport(layers, KVLayout.from_tensors(layers, BS), local_host="127.0.0.1",
-                           timeout_s=5, engine_name="decode-s", shared_memory=shared_memory)
+                           timeout_s=5, engine_name="decode-s", shared_memory=shared_memory,
+                           secret="s")
     return t, layers
 
 
@@ -210,7 +211,7 @@ class Decode:
     """A decode "engine": caches and our connector's two sides on one consumer endpoint."""
 
     def __init__(self) -> None:
-        self.ep = KVEndpoint("decode-s", "kv_consumer", timeout_s=5, layerwise=True)
+        self.ep = KVEndpoint("decode-s", "kv_consumer", timeout_s=5, layerwise=True, secret="s")
         self.layers = [torch.zeros((N_BLOCKS, *SHAPE)) for _ in range(N_LAYERS)]
         self.sched = PreftConnectorScheduler(self.ep, BS)
         self.worker = PreftConnectorWorker(self.ep, BS)
@@ -329,7 +330,7 @@ def test_a_failed_claim_fails_the_request_without_pulling_again():
 
 
 def test_a_full_dev_shm_means_the_held_path_not_a_crash(monkeypatch):
-    """Segments allocate their pages up front: with /dev/shm full the prompt is held
+    """Segments allocate their pages up front: with shared memory full the prompt is held
     (never a sparse file whose first write past the limit kills the worker with SIGBUS)."""
     import errno
     import os
@@ -339,7 +340,7 @@ def test_a_full_dev_shm_means_the_held_path_not_a_crash(monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    before = set(shm.SHM_DIR.glob("preft-kv-*"))
+    before = shm.held_segments()
     p = Prefill(layerwise=True)
     try:
         monkeypatch.setattr(os, "posix_fallocate", full)
@@ -349,15 +350,15 @@ def test_a_full_dev_shm_means_the_held_path_not_a_crash(monkeypatch):
         held, _ = p.finish(req, "FINISHED_LENGTH_CAPPED")
         assert held and p.ep.staging.stats()["skipped"] == 1
         monkeypatch.undo()
+        assert shm.held_segments() == before        # nothing half-made is held
     finally:
         p.close()
-    assert set(shm.SHM_DIR.glob("preft-kv-*")) <= before     # nothing half-made left behind
 
 
 def test_staging_is_for_cpu_caches_only():
     """On a GPU the copy thread's stream would not be ordered after the forward's KV
     writes: an endpoint on non-CPU caches never stages (its prompts take the held path)."""
-    ep = KVEndpoint("prefill-meta", "kv_producer", timeout_s=5, layerwise=True)
+    ep = KVEndpoint("prefill-meta", "kv_producer", timeout_s=5, layerwise=True, secret="s")
     layers = [torch.zeros((N_BLOCKS, *SHAPE), device="meta") for _ in range(N_LAYERS)]
     try:
         ep.open(layers, BS)

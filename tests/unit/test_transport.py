@@ -4,8 +4,6 @@ a real gloo pair group and the same-host shared-memory segment."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +18,7 @@ SHAPE = (2, 16, 64)   # kv_heads, block_size, 2*head_size
 N_LAYERS, N_BLOCKS = 3, 12
 
 
-def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e", secret="", timeout_s=5,
+def _engine(dtype=torch.float32, shape=SHAPE, seed=0, name="e", secret="kv-test-secret", timeout_s=5,
             shared_memory=True):
     g = torch.Generator().manual_seed(seed)
     layers = [torch.randn((N_BLOCKS, *shape), generator=g).to(dtype) for _ in range(N_LAYERS)]
@@ -148,12 +146,11 @@ def test_pairs_are_torn_down_when_the_other_side_leaves(pair):
     assert prod.peers() == ["decode"]
 
 
-def _segments() -> set[str]:
-    return {p.name for p in shm.SHM_DIR.glob(f"preft-kv-{os.getpid()}-*")}
-
-
-def test_shm_segment_grows_with_the_transfer_and_is_unlinked_on_close():
-    before = _segments()
+def test_shm_segments_have_no_name_and_go_with_their_holders():
+    """Memfd segments: nothing under /dev/shm; the descriptor is this pair's only handle,
+    and closing both ends drops every one of them."""
+    before = shm.held_segments()
+    dev_shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     prod, p_layers, _ = _engine(seed=1, name="prefill")
     cons, c_layers, c_rec = _engine(seed=2, name="decode")
     offers = OfferTable()
@@ -161,50 +158,43 @@ def test_shm_segment_grows_with_the_transfer_and_is_unlinked_on_close():
     offers.add(Offer(1, "r1", [2], 16, time.monotonic() + 60))
     cons.pull(host, port, 1, 0, [7])
     offers.add(Offer(2, "r2", list(range(N_BLOCKS)), 16 * N_BLOCKS, time.monotonic() + 60))
-    # a transfer larger than the first segment: a new one, the peer maps it by name
+    # a transfer larger than the first segment: a new one, its descriptor sent first
     cons.pull(host, port, 2, 0, list(reversed(range(N_BLOCKS))))
     for src, dst in zip(p_layers, c_layers):
         assert torch.equal(dst, src.flip(0))
     assert [r.transport for r in c_rec] == ["shm", "shm"]
-    assert len(_segments() - before) == 2              # the probe and the live segment
+    assert shm.held_segments() > before                   # held by descriptor only
+    if dev_shm or os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) <= dev_shm      # no name anywhere
     cons.close()
     prod.close()
-    time.sleep(0.2)
-    assert _segments() == before                         # nothing left in /dev/shm
+    import gc
+    gc.collect()
+    assert shm.held_segments() == before
 
 
-def test_a_peer_that_cannot_prove_the_same_host_gets_the_network_path():
-    probe = shm.Probe()
+def test_a_peer_that_cannot_reach_the_abstract_socket_gets_the_network_path():
+    server = shm.FdServer()
     try:
-        assert probe.admits(probe.token, shm.netns())
-        assert not probe.admits("0" * 32, shm.netns())        # did not read our /dev/shm
-        assert not probe.admits(probe.token, "4026531999")    # another network namespace
-        assert not probe.admits(probe.token, "")
-        assert shm.read_probe(probe.name) == probe.token
+        token = server.offer(7)
+        with pytest.raises(OSError):
+            shm.FdChannel("preft-kv-" + "0" * 24, token, 1.0)    # not this endpoint's name
+        wrong = shm.FdChannel(server.name, "f" * 32, 1.0)         # reached it, wrong token
+        assert server.channel(7, 0.5) is None
+        wrong.close()
+        right = shm.FdChannel(server.name, token, 1.0)
+        assert server.channel(7, 2.0) is not None
+        right.close()
     finally:
-        probe.close()
-    assert shm.read_probe(probe.name) == ""               # gone: no proof, the network path
+        server.close()
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "preft-kv-1-zz", "/dev/shm/preft-kv-1-00",
-                                  "", "preft-kv-1-0123456789abcdef/.."])
-def test_segment_names_from_the_wire_are_checked(name):
-    with pytest.raises(ValueError):
-        shm.Segment.attach(name, 1, torch.float32)
-    assert shm.read_probe(name) == ""
-
-
-def test_stale_segments_of_dead_owners_are_swept():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    stale = shm.SHM_DIR / f"preft-kv-{proc.pid}-{'ab' * 8}"
-    stale.write_bytes(b"x")
-    mine = shm.Segment.create(4, torch.float32)
-    try:
-        assert shm.sweep_stale() >= 1
-        assert not stale.exists() and mine.path.exists()
-    finally:
-        mine.close()
+def test_a_segment_smaller_than_announced_is_refused():
+    seg = shm.Segment.create(4, torch.float32)
+    fd = os.dup(seg.fd)
+    with pytest.raises(ValueError, match="announced"):
+        shm.Segment.adopt(shm.SegmentHeader(seg.id, seg.nbytes * 2), fd, torch.float32)
+    seg.close()
 
 
 def test_chunked_shm_handover_equals_the_whole_transfer_byte_for_byte(monkeypatch):
@@ -228,8 +218,8 @@ def test_chunked_shm_handover_equals_the_whole_transfer_byte_for_byte(monkeypatc
         cons.close()
         prod.close()
     assert all(torch.equal(a, b) for a, b in zip(*landed.values()))
-    assert transport.layer_chunks(3, 4) == [(0, 1), (1, 2), (2, 3)]   # at most one per layer
-    assert transport.layer_chunks(24, 4) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    assert shm.layer_chunks(3, 4) == [(0, 1), (1, 2), (2, 3)]   # at most one per layer
+    assert shm.layer_chunks(24, 4) == [(0, 6), (6, 12), (12, 18), (18, 24)]
 
 
 def test_a_copy_that_fails_halfway_frees_the_blocks_and_the_pair_keeps_serving(monkeypatch):
