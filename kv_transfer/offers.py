@@ -110,6 +110,7 @@ class OfferTable:
         self._release_ttl_s = release_ttl_s
         self._on_finish = on_finish or (lambda: None)
         self.expired = 0
+        self.on_expire: Callable[[int], None] = lambda n: None   # the last resort, counted
 
     def add(self, offer: Offer) -> None:
         with self._cv:
@@ -170,7 +171,8 @@ class OfferTable:
         """Request ids whose blocks may be freed: transferred, released or expired."""
         now = time.monotonic() if now is None else now
         with self._cv:
-            for tid in [t for t, o in self._offers.items() if o.expires_at <= now]:
+            stale = [t for t, o in self._offers.items() if o.expires_at <= now]
+            for tid in stale:
                 offer = self._offers.pop(tid)
                 self._drop_locked(offer)
                 self.expired += 1
@@ -179,7 +181,9 @@ class OfferTable:
             for tid in [t for t, until in self._released.items() if until <= now]:
                 del self._released[tid]
             done, self._finished = self._finished, set()
-            return done
+        if stale:
+            self.on_expire(len(stale))
+        return done
 
     def __len__(self) -> int:
         with self._cv:

@@ -42,7 +42,14 @@ class PrefillWorker(AdapterWorker):
         engine step's other answers)."""
         from worker_runtime.plane import Op
 
-        return {"prefill": Op(PrefillRequest, lambda req, call: self.prefill(req))}
+        return {"prefill": Op(PrefillRequest, lambda req, call: self.prefill(req),
+                              orphan=self._orphaned)}
+
+    def _orphaned(self, result: PrefillResult) -> None:
+        """The router gave up on a prefill as its answer left: nobody will pull its KV."""
+        for r in (result, *result.siblings):
+            if r.kv is not None:
+                self.kv.release(r.kv.transfer_id)
 
     # ------------------------------------------------------------------ API
     async def release(self, transfer_id: int) -> bool:
@@ -76,14 +83,19 @@ class PrefillWorker(AdapterWorker):
         ids, r = await self.admit(req)
         namespace = self.adapters.namespace(r, len(ids))
         t0 = time.time()
-        done = await asyncio.gather(*(self._sample(req, i, ids, r, namespace, t_in, t0)
-                                      for i in range(req.sampling.n)), return_exceptions=True)
-        failed = [d for d in done if isinstance(d, BaseException)]
-        if failed:   # free what the samples that succeeded hold for decode
-            for d in done:
-                if isinstance(d, PrefillResult) and d.kv is not None:
+        samples = [asyncio.ensure_future(self._sample(req, i, ids, r, namespace, t_in, t0))
+                   for i in range(req.sampling.n)]
+        try:
+            done = [await s for s in samples]
+        except BaseException:   # failed or cancelled: free what finished samples hold
+            for s in samples:
+                s.cancel()
+            await asyncio.gather(*samples, return_exceptions=True)
+            for s in samples:
+                d = None if s.cancelled() or s.exception() else s.result()
+                if d is not None and d.kv is not None:
                     self.kv.release(d.kv.transfer_id)
-            raise failed[0]
+            raise
         self.metrics.request(len(ids), time.time() - t0)
         self.metrics.adapter(r.tier if r else "")
         return replace(done[0], siblings=tuple(done[1:]))

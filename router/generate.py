@@ -193,15 +193,18 @@ class GenerateRpcs(ServiceBase):
         """The worker's prefill over its plane (a cancel or the deadline cancels the call
         there too): its result, the first token and the KV handle."""
         pw.outstanding += 1
+        stream = None
         try:
-            return await self._call(self._unary(pw, "prefill", preq, context), context,
-                                    "prefill", pw)
+            stream = (await self.planes.get(pw)).call("prefill", preq, self._timeout(context))
+            return await self._call(stream.result(), context, "prefill", pw)
+        except BaseException:   # an answer that arrived as we gave up: its offers are ours
+            for res in stream.items if stream is not None else ():
+                for r in (res, *res.siblings):
+                    if r.kv is not None:
+                        pw.actor.release.remote(r.kv.transfer_id)
+            raise
         finally:
             pw.outstanding -= 1
-
-    async def _unary(self, worker: WorkerHandle, op: str, arg, context):
-        stream = (await self.planes.get(worker)).call(op, arg, self._timeout(context))
-        return await stream.result()
 
     def _first_token(self, out: "_Outcome", t_admit: float, queue_s: float, prefill_s: float,
                      prompt_tokens: int, preq: PrefillRequest, tier: str, load_s: float) -> None:

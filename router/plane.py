@@ -85,6 +85,7 @@ class CallStream:
     async def result(self) -> Any:
         """A unary call's one item."""
         async for batch in self.batches():
+            self.ended = True   # answered: leaving now must not cancel (and undo) it there
             return batch[0]
         raise PlaneError("the worker ended the call without an answer")
 

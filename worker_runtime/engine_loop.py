@@ -33,9 +33,13 @@ class EngineDead(RuntimeError):
 class EngineLoop:
     def __init__(self, build: Callable[[], Any], name: str,
                  wake: threading.Event | None = None,
-                 on_crash: Callable[[BaseException], None] | None = None) -> None:
+                 on_crash: Callable[[BaseException], None] | None = None,
+                 on_unclaimed: Callable[[Any], None] | None = None) -> None:
         self._build = build
         self._on_crash = on_crash   # after the requests in flight got EngineDead
+        # A finished output nobody reads (its caller left as the engine finished it): what
+        # it holds (a prefill's KV offer) is released here, not left to a TTL. Any thread.
+        self._on_unclaimed = on_unclaimed or (lambda out: None)
         self.name = name
         self.wake = wake or threading.Event()
         self._inbox: deque = deque()
@@ -116,6 +120,10 @@ class EngineLoop:
         finally:
             if not finished:
                 self.abort(request_id)
+                while not q.empty():    # finished as the caller left: nobody reads it
+                    left = q.get_nowait()
+                    if not isinstance(left, BaseException) and left.finished:
+                        self._on_unclaimed(left)
 
     def abort(self, request_id: str) -> None:
         if self._sinks.pop(request_id, None) is not None:
@@ -155,6 +163,8 @@ class EngineLoop:
                 out.request_id)
             if entry is not None:
                 batches.setdefault(entry[0], []).append((entry[1], out))
+            elif out.finished:
+                self._on_unclaimed(out)
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_dispatch, batch)
 

@@ -66,9 +66,13 @@ class EngineWorker:
         self._plane = None
         self.metrics = WorkerMetrics(self.role, worker_id)
         self.kv = self._kv_endpoint()
+        offers = getattr(self.kv, "offers", None)
+        if offers is not None:
+            offers.on_expire = lambda n: self.metrics.kv_offer_released("ttl", n)
         self.loop = EngineLoop(self._build_engine, f"{self.role}:{worker_id}",
                                wake=self.kv.wake if self.kv is not None else None,
-                               on_crash=self._engine_crashed)
+                               on_crash=self._engine_crashed,
+                               on_unclaimed=self._unclaimed_output)
         self.loop.start()
         self.tokenizer = self.loop.engine.get_tokenizer()
         if self.kv is not None and not self.kv.ready.wait(30):
@@ -167,6 +171,14 @@ class EngineWorker:
             # a failed pull fails the request: never a base-model recompute of the prompt
             kv_load_failure_policy="fail",
             kv_connector_extra_config={EXTRA_CONFIG_KEY: self.kv})
+
+    def _unclaimed_output(self, out) -> None:
+        """A finished engine request whose caller left as it finished (cancelled, past its
+        deadline): a prefill's KV offer for it is released now, not at ``hold_ttl_s``."""
+        params = getattr(out, "kv_transfer_params", None) or {}
+        if self.kv is not None and self.kv.is_producer and "transfer_id" in params:
+            self.kv.release(params["transfer_id"])
+            self.metrics.kv_offer_released("caller_left")
 
     def _engine_crashed(self, error: BaseException) -> None:
         """The engine died after it started (e.g. one of a tensor-parallel engine's ranks

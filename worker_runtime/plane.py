@@ -36,6 +36,7 @@ from cluster.plane import (CALL, CANCEL, CALL_ID, ENCODER, HARD_LIMIT, HEADER, H
 log = logging.getLogger(__name__)
 
 _MAX_INFLIGHT = 8192          # calls per router connection
+_ANSWERED_KEPT = 4096         # answered calls remembered for a late cancel (ops with orphan)
 _BATCH_BYTES = HARD_LIMIT // 2  # one Step message at most this large (split above)
 
 
@@ -47,6 +48,10 @@ class Op:
 
     arg: type
     run: Callable[[Any, "Call"], Awaitable[Any]]
+    # A unary op whose result holds something (a prefill's KV offer): called with the
+    # result when the router cancels the call after it was answered (the answer crossed
+    # the cancel on the wire, so nobody will use it).
+    orphan: Callable[[Any], None] | None = None
     decoder: msgspec.msgpack.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,8 @@ class PlaneServer:
         self.messages = 0         # step messages sent (the batching test counts them)
         self.refused = 0          # frames or calls refused
         self._inflight: dict[tuple[bytes, int], Call] = {}
+        # answered calls of ops with an orphan hook: a cancel that crossed the answer
+        self._answered: dict[tuple[bytes, int], tuple[Op, Any]] = {}
         self._seen: dict[bytes, float] = {}
         self._out: dict[bytes, _Outbox] = {}
         self._flush_scheduled = False
@@ -159,9 +166,13 @@ class PlaneServer:
         if kind == CALL and len(rest) == 2:
             self._on_call(peer, rest[0], rest[1])
         elif kind == CANCEL and len(rest) == 1:
-            call = self._inflight.get((peer, decode(CALL_ID, rest[0], 64, "cancel id")))
+            key = (peer, decode(CALL_ID, rest[0], 64, "cancel id"))
+            call = self._inflight.get(key)
             if call is not None and call.task is not None:
                 call.task.cancel()
+            elif key in self._answered:   # the router gave up as the answer left: undo it
+                op, result = self._answered.pop(key)
+                op.orphan(result)
         elif kind != HEARTBEAT:
             self.refused += 1
             log.warning("plane of %s: dropped a message of kind %r with %d frames", self.name,
@@ -205,6 +216,8 @@ class PlaneServer:
             result = await op.run(arg, call)
             if result is not None:
                 self.post(call, result)
+                if op.orphan is not None:
+                    self._remember(call, op, result)
             self.end(call)
         except asyncio.CancelledError:
             # the router cancelled (it ignores the answer), or an oversized item did (its
@@ -217,6 +230,11 @@ class PlaneServer:
         finally:
             self._inflight.pop((call.peer, call.id), None)
             self.calls += 1
+
+    def _remember(self, call: Call, op: Op, result: Any) -> None:
+        self._answered[(call.peer, call.id)] = (op, result)
+        while len(self._answered) > _ANSWERED_KEPT:
+            self._answered.pop(next(iter(self._answered)))
 
     async def _count_refusals(self) -> None:
         """Handshakes that failed (a client with another key cannot even say hello)."""

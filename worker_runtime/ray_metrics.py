@@ -40,6 +40,11 @@ class WorkerMetrics:
             self.adapter_loads = Counter("preft_worker_adapter_loads",
                                          "Adapters resolved below the engine tier",
                                          tag_keys=(*keys, "tier"))
+            self.offers_released = Counter(
+                "preft_worker_kv_offers_released",
+                "Held prompt KV freed without a pull, by why: caller_left (the router gave "
+                "up as prefill finished), ttl (nobody pulled or released it in hold_ttl_s: "
+                "the last resort)", tag_keys=(*keys, "reason"))
             self.enabled = True
         except Exception as e:  # noqa: BLE001 -- metrics must never stop a worker
             log.debug("ray metrics disabled: %s", e)
@@ -55,6 +60,10 @@ class WorkerMetrics:
             if tokens:
                 self.tokens.inc(tokens, tags=self.tags)
             self.step_seconds.observe(seconds, tags=self.tags)
+
+    def kv_offer_released(self, reason: str, n: int = 1) -> None:
+        if self.enabled and n:
+            self.offers_released.inc(n, tags={**self.tags, "reason": reason})
 
     def adapter(self, tier: str) -> None:
         if self.enabled and tier and tier != "engine":

@@ -10,6 +10,7 @@ router routes to it again. Each scenario prints one row of the fault table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -339,3 +340,47 @@ def test_kill_colocated_worker_mid_load(fcluster, expected):
     print("\n" + tally.row("kill colocated worker", retried, leaked))
     check(tally, leaked)
 
+
+
+def test_deadline_storm_and_leaving_callers_hold_no_offer(fcluster, expected):
+    """50 requests whose deadline is about their prefill time (they end in the queue, in
+    prefill, or just as prefill finishes) and 50 callers that leave between the first token
+    and decode: every offer is released within 5 s, long before the hold TTL (12 s here)."""
+    import asyncio
+
+    import ray
+
+    from preft_client import AsyncPreftClient, PreftClient, PreftClientError
+
+    a, p = PROMPTS[1]
+    with PreftClient(fcluster.address, timeout=60) as c:
+        t0 = time.monotonic()
+        next(iter(c.stream(a, prompt=p + " warm", max_tokens=2)))
+        ttft = time.monotonic() - t0
+
+    async def storm() -> None:
+        async with AsyncPreftClient(fcluster.address, timeout=max(ttft, 0.05),
+                                    retries=0) as fast, \
+                AsyncPreftClient(fcluster.address, timeout=60, retries=0) as slow:
+            async def deadline(i: int) -> None:
+                with contextlib.suppress(PreftClientError):
+                    await fast.generate(a, prompt=f"{p} d{i}", max_tokens=MAX_TOKENS)
+
+            async def leave(i: int) -> None:
+                deltas = slow.stream(a, prompt=f"{p} l{i}", max_tokens=MAX_TOKENS)
+                async for _ in deltas:
+                    break                                  # the first token, then gone
+                await deltas.aclose()
+
+            await asyncio.gather(*(deadline(i) for i in range(50)),
+                                 *(leave(i) for i in range(50)), return_exceptions=True)
+
+    asyncio.run(storm())
+    t_end = time.monotonic()
+
+    def held() -> int:
+        return sum(ray.get(w.actor.held_transfers.remote(), timeout=10)
+                   for w in fcluster.pool.prefill)
+
+    time.sleep(max(0.0, t_end + 5.0 - time.monotonic()))
+    assert held() == 0            # 5 s after the storm; the TTL would take 12 s

@@ -210,3 +210,35 @@ def test_keys_need_the_secret():
         plane_keys("")
     assert plane_keys("a") == plane_keys("a") != plane_keys("b")
     assert isinstance(msgspec.msgpack.Decoder(int).decode(ENCODER.encode(5)), int)
+
+
+async def test_an_answer_crossing_a_cancel_is_handed_to_the_ops_orphan_hook():
+    """A prefill answered just as the router gave up (the cancel crossed the answer): the
+    worker hands the result to the op's ``orphan`` hook (a prefill releases its KV offer
+    there). An answer the router read is never orphaned, even though reading it closes the
+    stream."""
+    orphans = []
+
+    async def prefill(req, call):
+        return _result(req)
+
+    server = PlaneServer({"prefill": Op(PrefillRequest, prefill, orphan=orphans.append)},
+                         SECRET, "127.0.0.1", "fake-worker")
+    address = await server.start()
+    ctx = zmq.asyncio.Context()
+    conn = await Connection.open(ctx, address, SECRET, "fake-worker")
+    try:
+        assert (await conn.call("prefill", _req("read"), 10).result()).request_id == "read"
+        late = conn.call("prefill", _req("late"), 10)
+        while server.calls < 2:                   # answered on the worker, not read here
+            await asyncio.sleep(0.005)
+        late.ended = False                        # as if the end had not arrived yet
+        late.cancel()
+        for _ in range(200):
+            if orphans:
+                break
+            await asyncio.sleep(0.01)
+        assert [r.request_id for r in orphans] == ["late"]
+    finally:
+        conn.close()
+        server.close()
