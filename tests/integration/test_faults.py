@@ -343,8 +343,8 @@ def test_kill_colocated_worker_mid_load(fcluster, expected):
 
 
 def test_deadline_storm_and_leaving_callers_hold_no_offer(fcluster, expected):
-    """50 requests whose deadline is about their prefill time (they end in the queue, in
-    prefill, or just as prefill finishes) and 50 callers that leave between the first token
+    """50 requests whose deadlines sweep across their prefill time (they end in prefill,
+    just as it finishes, or just after) and 50 callers that leave between the first token
     and decode: every offer is released within 5 s, long before the hold TTL (12 s here)."""
     import asyncio
 
@@ -359,21 +359,27 @@ def test_deadline_storm_and_leaving_callers_hold_no_offer(fcluster, expected):
         ttft = time.monotonic() - t0
 
     async def storm() -> None:
-        async with AsyncPreftClient(fcluster.address, timeout=max(ttft, 0.05),
-                                    retries=0) as fast, \
-                AsyncPreftClient(fcluster.address, timeout=60, retries=0) as slow:
-            async def deadline(i: int) -> None:
+        clients = [AsyncPreftClient(fcluster.address, timeout=ttft * (0.6 + 0.8 * k / 50),
+                                    retries=0) for k in range(50)]
+        slow = AsyncPreftClient(fcluster.address, timeout=60, retries=0)
+
+        async def deadline(lane: int) -> None:   # deadlines swept across the prefill's end
+            for k in range(lane, 50, 5):
                 with contextlib.suppress(PreftClientError):
-                    await fast.generate(a, prompt=f"{p} d{i}", max_tokens=MAX_TOKENS)
+                    await clients[k].generate(a, prompt=f"{p} d{k}", max_tokens=MAX_TOKENS)
 
-            async def leave(i: int) -> None:
-                deltas = slow.stream(a, prompt=f"{p} l{i}", max_tokens=MAX_TOKENS)
-                async for _ in deltas:
-                    break                                  # the first token, then gone
-                await deltas.aclose()
+        async def leave(i: int) -> None:
+            deltas = slow.stream(a, prompt=f"{p} l{i}", max_tokens=MAX_TOKENS)
+            async for _ in deltas:
+                break                                      # the first token, then gone
+            await deltas.aclose()
 
-            await asyncio.gather(*(deadline(i) for i in range(50)),
+        try:
+            await asyncio.gather(*(deadline(lane) for lane in range(5)),
                                  *(leave(i) for i in range(50)), return_exceptions=True)
+        finally:
+            for c in (*clients, slow):
+                await c.close()
 
     asyncio.run(storm())
     t_end = time.monotonic()
