@@ -17,6 +17,7 @@ in a scratch directory (its `.preft/run` the run directory), stopped with SIGTER
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import queue
 import re
@@ -72,7 +73,8 @@ def up(demo_home, tmp_path_factory):
                                      f"{(cwd / 'up.stderr').read_text()[-3000:]}"
             out.append(line.rstrip("\n"))
         address = re.search(r"router listening on (\S+)", "\n".join(out)).group(1)
-        yield {"cwd": cwd, "out": out, "address": address, "run": cwd / ".preft" / "run"}
+        yield {"cwd": cwd, "out": out, "address": address, "run": cwd / ".preft" / "run",
+               "proc": proc}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -170,3 +172,55 @@ def test_top_without_a_terminal_prints_every_interval(up, admin_key):
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     assert len(views) == 2
+
+
+def _preft_memfds(pids) -> int:
+    """Shared-memory segments (memfd, kv_transfer.shm) the given processes hold open."""
+    n = 0
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:preft-kv")
+        except OSError:
+            pass
+    return n
+
+
+def test_sigkill_of_every_process_leaves_no_shared_memory(demo_home, tmp_path):
+    """`preft up` on the embedded default (prefill -> decode, staging on), KV moved through
+    shared memory, then every process of the cluster SIGKILLed. Nothing of ours is left:
+    no process holds a segment, nothing is named in /dev/shm (memfds go with their holders;
+    the old named segments stayed until a later start swept them)."""
+    import psutil
+
+    from preft_client import PreftClient
+    from trainer.demo import DEMO_PROMPTS
+
+    dev_shm = lambda: sorted(p for p in os.listdir("/dev/shm") if "preft" in p)  # noqa: E731
+    before = dev_shm()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", "0",
+                             "--name", "shmkill"], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while "router listening" not in line:
+            line = proc.stdout.readline()
+            assert line, f"preft up exited {proc.wait()}"
+        address = re.search(r"router listening on (\S+)", line).group(1)
+        with PreftClient(address, timeout=120) as client:
+            done = [client.generate("carol", prompt=f"{DEMO_PROMPTS[0]} {i}", max_tokens=8,
+                                    ignore_eos=True) for i in range(3)]
+        assert {c.kv_transport for c in done} == {"shm"}, [c.kv_transport for c in done]
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+        assert _preft_memfds(p.pid for p in tree) > 0     # segments exist, by descriptor
+    finally:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
+            if proc.poll() is None else []
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(tree, timeout=30)
+    assert _preft_memfds(int(p) for p in os.listdir("/proc") if p.isdigit()) == 0
+    assert dev_shm() == before                      # nothing named to leak
