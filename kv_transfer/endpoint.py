@@ -10,7 +10,7 @@ connector that way (an engine in another process would get a pickled copy) refus
 pickled, so that mistake fails at startup.
 
 What it holds:
-- the engine's KV address (prefill: the TCPStore decode peers pull from) and layout, once
+- the engine's KV address (prefill: the control socket decode peers pull from) and layout, once
   the connector's worker side has opened it on the engine's caches (:meth:`open`);
 - prefill: the offers (held prompt blocks by transfer id) and their one release route,
   :meth:`release`, which never waits; a TTL frees what nobody pulled or released;

@@ -8,7 +8,7 @@ of layer i overlaps the compute of layer i+1. By the time the prompt's last forw
 (``wait_for_save``) its KV is already laid out as the transport sends it, so:
 
 - the pull does no gather: a same-host peer scatters straight out of the staged buffer (a
-  shared-memory segment it maps by name), a peer on another host receives it as sent;
+  memfd segment whose descriptor it was sent once), a peer on another host receives it as sent;
 - the engine frees the prompt's blocks when the request finishes instead of holding them
   until decode pulls (the offer holds the staged copy, not cache blocks).
 
@@ -87,7 +87,7 @@ class StagingPool:
                  shared_memory: bool, stale_after_s: float = 600.0) -> None:
         self.layers, self.layout = layers, layout
         self.cap_bytes = cap_bytes
-        self.shared_memory = shared_memory   # the transport's: CPU caches, /dev/shm usable
+        self.shared_memory = shared_memory   # the transport's: CPU caches, memfd available
         self.stale_after_s = stale_after_s
         self._lock = threading.Lock()
         self._live: dict[str, Staged] = {}        # being filled, by request id
@@ -123,7 +123,7 @@ class StagingPool:
                     return None
                 try:
                     staged = self._new(req_id, num_blocks, shape)
-                except OSError as e:   # /dev/shm full: this prompt takes the held path
+                except OSError as e:   # no memory for it: this prompt takes the held path
                     self.skipped += 1
                     log.warning("no staging buffer for %s (%s); its KV is held for decode "
                                 "instead", req_id, e)
