@@ -76,6 +76,8 @@ class Pull(Struct, tag="pull", frozen=True):
     transfer_id: TransferId
     start_block: Count
     num_blocks: Annotated[int, Meta(ge=1, le=(1 << 24))]
+    # shm: the segments the peer holds mapped now (one it dropped is sent again if named)
+    have: Annotated[list[Seq], Meta(max_length=64)] = []
 
 
 class Release(Struct, tag="release", frozen=True):

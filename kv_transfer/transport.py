@@ -36,6 +36,7 @@ descriptions against the storages they claim (:func:`kv_transfer.cuda_ipc.check`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -84,7 +85,6 @@ class _Pair:
     seq: int = 0                         # the next request's sequence number
     token: str = ""
     fd_conn: object = None               # shm: the pair's descriptor channel
-    sent_segments: set = field(default_factory=set)
     segment: shm.Segment | None = None   # shm: the gathered transfers' segment
     pg: object = None
     lent: list = field(default_factory=list)   # (seq, staged, deadline)
@@ -339,7 +339,7 @@ class TorchDistTransport:
                 return ""
             if pair.mode == "cuda_ipc":
                 return self._lend_blocks(pair, blocks, req.seq)
-            return self._gather_into_segment(pair, blocks, req.seq)
+            return self._gather_into_segment(pair, blocks, req)
         except Exception as e:  # broken pair: free the blocks, drop the group
             return f"{type(e).__name__}: {e}"
 
@@ -357,10 +357,11 @@ class TorchDistTransport:
         return (f"the peer did not finish copying within {self.timeout_s:g} s; the blocks "
                 "were taken back")
 
-    def _send_segment(self, pair: _Pair, seg: shm.Segment) -> None:
-        if seg.id not in pair.sent_segments:
+    @staticmethod
+    def _send_segment(pair: _Pair, seg: shm.Segment, req: Pull) -> None:
+        """The segment's descriptor to the peer, unless it holds it mapped already."""
+        if seg.id not in req.have:
             shm.send_segment(pair.fd_conn, seg)
-            pair.sent_segments.add(seg.id)
 
     def _deliver_staged(self, pair: _Pair, staged: Staged, req: Pull) -> str:
         """A prompt the forward staged: nothing to gather. Same host: the peer copies
@@ -376,22 +377,22 @@ class TorchDistTransport:
                 return f"{type(e).__name__}: {e}"
             staged.recycle()
             return ""
-        self._send_segment(pair, staged.segment)
+        self._send_segment(pair, staged.segment, req)
         pair.lent.append((req.seq, staged, time.monotonic() + self._lend_s))
         self._server.send(pair.conn, Ack(req.seq, pipelined=True, segment=staged.segment.id,
                                          staged_blocks=staged.num_blocks,
                                          offset=req.start_block))
         return ""
 
-    def _gather_into_segment(self, pair: _Pair, blocks: list[int], seq: int) -> str:
+    def _gather_into_segment(self, pair: _Pair, blocks: list[int], req: Pull) -> str:
         """Copy ``blocks`` of every layer into the pair's segment (grown when too small).
 
         A small transfer is acked once its bytes are in (``chunks`` 0). A large one is
         acked first and then signalled chunk by chunk, so the peer scatters chunk j while
         this side gathers chunk j+1: the two copies overlap instead of adding up."""
-        shape = (len(self.layers), len(blocks), *self.layout.block_shape)
+        shape, seq = (len(self.layers), len(blocks), *self.layout.block_shape), req.seq
         try:
-            seg = self._segment(pair, math.prod(shape))
+            seg = self._segment(pair, math.prod(shape), req)
         except Exception as e:
             err = f"no shared-memory segment for KV: {type(e).__name__}: {e}"
             self._server.send(pair.conn, Refused(err, seq))
@@ -415,13 +416,13 @@ class TorchDistTransport:
             self._server.send(pair.conn, Ack(seq, segment=seg.id))
         return ""
 
-    def _segment(self, pair: _Pair, numel: int) -> shm.Segment:
+    def _segment(self, pair: _Pair, numel: int, req: Pull) -> shm.Segment:
         seg = pair.segment
         if seg is None or seg.numel < numel:
             if seg is not None:
                 seg.close()   # the peer keeps its mapping until it drops it
             seg = pair.segment = shm.Segment.create(numel, self.layers[0].dtype)
-        self._send_segment(pair, seg)
+        self._send_segment(pair, seg, req)
         return seg
 
     def _end_pair(self, pair: _Pair) -> None:
@@ -632,7 +633,7 @@ class _PairClient:
         t = self.t
         with self._lock, self._breaks_on_loss():
             ack, seq = self._request(Pull, transfer_id=transfer_id, start_block=start_block,
-                                     num_blocks=len(dst_block_ids))
+                                     num_blocks=len(dst_block_ids), have=list(self.segments))
             idx = torch.tensor(dst_block_ids, dtype=torch.long, device=t.device)
             if self.pg is not None:
                 group.receive_blocks(self.pg, t.layers, t.layout.block_shape, idx,
@@ -643,21 +644,19 @@ class _PairClient:
                 self._scatter_from_segment(ack, seq, idx)
             return ack.pipelined
 
+    @contextlib.contextmanager
     def _breaks_on_loss(self):
         """An exchange that fails breaks the pair (the next use makes a new one), unless
         the endpoint answered with an error: then the pair is in step and kept."""
-        client = self
-
-        class _Guard:
-            def __enter__(self):
-                if client.broken:
-                    raise PairLost("KV pair is broken")
-
-            def __exit__(self, kind, e, tb):
-                if e is not None and not isinstance(e, TransferRefused):
-                    client._break()
-                return False
-        return _Guard()
+        if self.broken:
+            raise PairLost("KV pair is broken")
+        try:
+            yield
+        except TransferRefused:
+            raise
+        except BaseException:
+            self._break()
+            raise
 
     def _scatter_from_segment(self, ack: Ack, seq: int, idx: torch.Tensor) -> None:
         """Copy the blocks out of the segment into ours, chunk by chunk as the prefill side
@@ -729,6 +728,9 @@ class _PairClient:
         return seg
 
     def _keep(self, seg: shm.Segment) -> None:
+        old = self.segments.pop(seg.id, None)
+        if old is not None and old is not seg:
+            old.close()
         self.segments[seg.id] = seg             # most recently used last
         while len(self.segments) > _MAPPED_SEGMENTS:
             self.segments.pop(next(iter(self.segments))).close()
@@ -744,7 +746,7 @@ class _PairClient:
                 raise TransferError("layer-wise claims need a same-host CPU pair")
             with self._breaks_on_loss():
                 ack, seq = self._request(Pull, transfer_id=transfer_id, start_block=0,
-                                         num_blocks=num_blocks)
+                                         num_blocks=num_blocks, have=list(self.segments))
             done = lambda: self.control.send(Done(self.pair, seq))  # noqa: E731
             if not ack.pipelined or ack.chunks:
                 # held blocks were gathered into the pair segment instead; nobody reads

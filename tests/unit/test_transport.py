@@ -252,3 +252,32 @@ def test_a_copy_that_fails_halfway_frees_the_blocks_and_the_pair_keeps_serving(m
     finally:
         cons.close()
         prod.close()
+
+
+def test_a_segment_the_peer_dropped_is_sent_again(monkeypatch):
+    """Decode keeps a few segments mapped; a staged copy in one it dropped is still served
+    (each pull says what the peer holds, and prefill sends the descriptor again)."""
+    from kv_transfer import transport
+    from kv_transfer.staging import Staged
+
+    monkeypatch.setattr(transport, "_MAPPED_SEGMENTS", 1)
+    prod, p_layers, _ = _engine(seed=1, name="prefill")
+    cons, c_layers, _ = _engine(seed=2, name="decode")
+    offers = OfferTable()
+    host, port = prod.serve(offers)
+    shape = (N_LAYERS, 2, *SHAPE)
+    segs = [shm.Segment.create(int(torch.Size(shape).numel()), torch.float32) for _ in range(2)]
+    try:
+        for tid, seg in zip((1, 2, 3), (segs[0], segs[1], segs[0])):
+            buf = seg.view(shape)
+            buf.copy_(torch.stack([layer[[tid, tid + 1]] for layer in p_layers]))
+            offers.add(Offer(tid, f"r{tid}", [], 32, time.monotonic() + 60,
+                             staged=Staged(f"r{tid}", 2, buf, seg.flat, seg)))
+            assert cons.pull(host, port, tid, 0, [8, 9]).pipelined
+            for src, dst in zip(p_layers, c_layers):
+                assert torch.equal(dst[[8, 9]], src[[tid, tid + 1]])
+    finally:
+        cons.close()
+        prod.close()
+        for seg in segs:
+            seg.close()
