@@ -70,6 +70,7 @@ _SHM_CHUNKS = 4
 _LENT_POLL_S = 0.1                 # how often lent staged copies are checked
 _MAPPED_SEGMENTS = 8               # decode side: segments kept mapped per pair
 _PROOF_WAIT_S = 5.0                # prefill: how long a confirm waits for its fd channel
+_MAX_PAIRS = 1024                  # prefill: pairs at once (a decode engine makes one)
 
 
 @dataclass
@@ -171,8 +172,13 @@ class TorchDistTransport:
             self._on_refused(conn, str(e))
             return
         with self._pairs_lock:
-            n, self._next_pair = self._next_pair, self._next_pair + 1
-            pair = self._pairs[n] = _Pair(n, conn, join.peer, join)
+            full = len(self._pairs) >= _MAX_PAIRS
+            if not full:
+                n, self._next_pair = self._next_pair, self._next_pair + 1
+                pair = self._pairs[n] = _Pair(n, conn, join.peer, join)
+        if full:
+            self._on_refused(conn, f"{_MAX_PAIRS} pairs are open on this endpoint")
+            return
         threading.Thread(target=self._serve_pair, args=(pair,), name=f"kv-serve-{n}",
                          daemon=True).start()
 
