@@ -63,11 +63,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Recv:
     req_id: str
-    handle: KVHandle
+    handle: KVHandle | None       # None: the request's handle did not parse (failed)
     start_block: int
     local_block_ids: list[int]
     claim: Claim | None = None    # claimed: load layer by layer during this step's forward
-    failed: str = ""              # the claim failed: the transfer failed, nothing to pull
+    failed: str = ""              # the claim failed, or the request was refused: nothing to pull
+    sync: bool = False            # failed while scheduled to run: its blocks are invalid
 
 
 @dataclass
@@ -119,9 +120,48 @@ class PreftConnectorScheduler:
         self._staging: dict[str, tuple[int, list[int]]] = {}
         # Decode: claims on staged KV (layer-wise loads), by request id; None: not claimable
         self._claims: dict[str, Future[Claim] | None] = {}
+        # Decode: requests refused here (why), failed at their allocation (_fail_alloc)
+        self._refused: dict[str, str] = {}
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
+        """Nothing one request carries raises out of here (it would end the engine loop and
+        every request on it): a decode request whose handle is bad, or whose lookup fails,
+        is refused (:meth:`_refuse`) and fails alone."""
+        try:
+            return self._matched(request, num_computed_tokens)
+        except Exception as e:
+            if self.is_producer:   # no transfer of its own yet: it takes the held path
+                log.exception("KV staging lookup for %s failed", request.request_id)
+                self._staging.pop(request.request_id, None)
+                return 0, False
+            return self._refuse(request, num_computed_tokens, f"{type(e).__name__}: {e}")
+
+    def _refuse(self, request: "Request", num_computed_tokens: int,
+                why: str) -> tuple[int, bool]:
+        """An async "load" of the rest of the prompt that never runs: after allocation the
+        worker side reports it in ``failed_recving``, which fails the request alone
+        (``kv_load_failure_policy=fail``); nothing is computed for it without its KV."""
+        rid = request.request_id
+        if rid not in self._refused:
+            log.error("decode request %s refused at the KV connector: %s", rid, why)
+            self._refused[rid] = why
+        return max(1, request.num_tokens - num_computed_tokens), True
+
+    def _bad_handle(self, request: "Request") -> str:
+        """Why a decode request's KV handle cannot be its prompt's ('' if it can): the
+        engine prompt is the prompt and the first token, the handle holds the prompt."""
+        h = KVHandle.from_params(request.kv_transfer_params)   # raises: refused
+        prompt = request.num_prompt_tokens - 1
+        if type(h.num_tokens) is not int or h.num_tokens != prompt:
+            return (f"KV handle of transfer {h.transfer_id} holds {h.num_tokens!r} tokens; "
+                    f"the prompt has {prompt}")
+        if type(h.num_blocks) is not int or h.num_blocks != _cdiv(prompt, self.block_size):
+            return (f"KV handle of transfer {h.transfer_id} says {h.num_blocks!r} blocks for "
+                    f"{prompt} tokens of {self.block_size} per block")
+        return ""
+
+    def _matched(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
         if self.is_producer:
             if params and params.get("do_remote_decode") and self.endpoint.staging is not None:
@@ -131,6 +171,10 @@ class PreftConnectorScheduler:
         if not params or not (params.get("do_remote_prefill")
                                                   or params.get(_LOADED)):
             return 0, False
+        why = self._refused.get(request.request_id) or (
+            self._bad_handle(request) if params.get("do_remote_prefill") else "")
+        if why:
+            return self._refuse(request, num_computed_tokens, why)
         count = int(params["num_tokens"]) - num_computed_tokens
         # A request loaded once and scheduled again with part of its prompt missing was
         # preempted and its blocks evicted: prefill has freed its copy, and recomputing the
@@ -172,6 +216,43 @@ class PreftConnectorScheduler:
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
+        """A refused request, or one whose load cannot be planned, fails alone."""
+        why = self._refused.pop(request.request_id, None)
+        if why is None:
+            try:
+                return self._after_alloc(request, blocks, num_external_tokens)
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+                log.error("KV load of decode request %s not planned: %s", request.request_id,
+                          why)
+        self._fail_alloc(request, blocks, num_external_tokens, why)
+
+    def _fail_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                    num_external_tokens: int, why: str) -> None:
+        """Fail ``request`` through the worker side: an async load is reported in
+        ``failed_recving``; a sync one (claimed) by its external blocks, reported invalid.
+        Its claim is released, and its transfer (if its handle parses) on the prefill side."""
+        params = request.kv_transfer_params or {}
+        claim = self._drop_claim(request.request_id)
+        if isinstance(claim, Claim):
+            claim.release()
+        try:
+            handle = KVHandle.from_params(params)
+        except Exception:
+            handle = None
+        if params.get("do_remote_prefill"):
+            params["do_remote_prefill"], params[_LOADED] = False, True
+            if handle is not None:
+                self._meta.releases.append(handle)
+        sync, ids = isinstance(claim, Claim), []
+        if sync and handle is not None and num_external_tokens > 0:
+            last = _cdiv(handle.num_tokens, self.block_size)   # its last external block
+            ids = blocks.get_block_ids()[0][last - 1:last]
+        self._meta.recvs.append(_Recv(request.request_id, handle, 0, ids, failed=why,
+                                      sync=sync))
+
+    def _after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                     num_external_tokens: int) -> None:
         params = request.kv_transfer_params
         if self.is_producer or not params:
             return
@@ -181,6 +262,10 @@ class PreftConnectorScheduler:
         if not params.get("do_remote_prefill"):
             return
         handle = KVHandle.from_params(params)
+        fut = self._claims.get(request.request_id)
+        claimed = fut is not None and fut.done() and fut.exception() is None
+        # raises before anything changed: _fail_alloc then finds the request as it came
+        local = self._remote_blocks(handle, blocks, num_external_tokens, claimed)
         params["do_remote_prefill"] = False  # one transfer per request
         params[_LOADED] = True
         claim = self._drop_claim(request.request_id)
@@ -192,6 +277,15 @@ class PreftConnectorScheduler:
                 claim.release()
             self._meta.releases.append(handle)
             return
+        start_block = (handle.num_tokens - num_external_tokens) // self.block_size
+        self._meta.recvs.append(_Recv(request.request_id, handle, start_block, local, claim,
+                                      failed))
+
+    def _remote_blocks(self, handle: KVHandle, blocks: "KVCacheBlocks",
+                       num_external_tokens: int, claimed: bool) -> list[int]:
+        """The engine blocks the remote ones go into (none when nothing is external)."""
+        if num_external_tokens == 0:
+            return []
         start_token = handle.num_tokens - num_external_tokens
         if start_token % self.block_size:
             raise RuntimeError(f"local prefix hit ends mid-block at token {start_token}")
@@ -199,18 +293,20 @@ class PreftConnectorScheduler:
         want = handle.num_blocks - start_block
         # async: the unhashed blocks are exactly the remote ones; sync (claimed): vLLM has
         # cached them already, so take them by position after the local prefix hit
-        local = (blocks.get_block_ids()[0][start_block:start_block + want] if claim
+        local = (blocks.get_block_ids()[0][start_block:start_block + want] if claimed
                  else blocks.get_unhashed_block_ids())
         if len(local) != want:
             raise RuntimeError(f"decode allocated {len(local)} blocks for {want} remote "
                                f"blocks of transfer {handle.transfer_id}")
-        self._meta.recvs.append(_Recv(request.request_id, handle, start_block, local, claim,
-                                      failed))
+        return local
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta, self._meta = self._meta, PreftConnectorMetadata()
         if self._staging:
-            meta.saves = self._saves(scheduler_output)
+            try:
+                meta.saves = self._saves(scheduler_output)
+            except Exception:   # a prompt short of a step's saves is not staged: held instead
+                log.exception("planning this step's KV staging failed; staging nothing")
         if isinstance(self.endpoint, RankedEndpoint):
             meta.holds, meta.drops, meta.members = self.endpoint.take_outbox()
         return meta
@@ -244,6 +340,20 @@ class PreftConnectorScheduler:
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Never raises (the engine loop would end): a request whose hand-over fails frees
+        its blocks now and reaches its caller without a handle."""
+        self._refused.pop(request.request_id, None)
+        try:
+            return self._finished(request, block_ids)
+        except Exception:
+            log.exception("KV hand-over of %s failed; its blocks are freed", request.request_id)
+            self._staging.pop(request.request_id, None)
+            if self.is_producer:
+                self.endpoint.drop_staged(request.request_id)
+            return False, None
+
+    def _finished(self, request: "Request",
+                  block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params
         if not params:
             return False, None
@@ -310,12 +420,15 @@ class PreftConnectorWorker:
     def start_load_kv(self, meta: PreftConnectorMetadata) -> None:
         self._apply_rank_orders(meta)
         for recv in meta.recvs:
-            if recv.failed:
+            try:
+                self._start_recv(recv)
+            except Exception as e:   # this request fails, never the engine
+                if recv.claim is not None and not any(ld.claim is recv.claim
+                                                      for ld in self._loads):
+                    recv.claim.release()
+                recv.failed = recv.failed or f"{type(e).__name__}: {e}"
+                recv.sync = recv.sync or recv.claim is not None
                 self._fail_recv(recv)
-            elif recv.claim is not None:
-                self._start_layer_load(recv)
-            else:
-                self._pool.submit(self._pull, recv)
         for handle in meta.releases:
             self._pool.submit(self._release, handle)
         if meta.lost:
@@ -324,6 +437,14 @@ class PreftConnectorWorker:
             with self._done_lock:
                 self._recv_failed.update(meta.lost)
             self.endpoint.wake.set()
+
+    def _start_recv(self, recv: _Recv) -> None:
+        if recv.failed:
+            self._fail_recv(recv)
+        elif recv.claim is not None:
+            self._start_layer_load(recv)
+        else:
+            self._pool.submit(self._pull, recv)
 
     def _apply_rank_orders(self, meta: PreftConnectorMetadata) -> None:
         """A rank of a tensor-parallel engine: what its scheduler decided last step."""
@@ -373,13 +494,23 @@ class PreftConnectorWorker:
             pool.finish_step(len(self._layer_index))
 
     def _fail_recv(self, recv: _Recv) -> None:
-        log.error("KV transfer %d for %s failed: %s", recv.handle.transfer_id, recv.req_id,
+        """The request fails: an async load in ``failed_recving``; a sync one (scheduled to
+        run this step) by its blocks, reported invalid (``get_block_ids_with_load_errors``)."""
+        h = recv.handle
+        log.error("KV transfer %s for %s failed: %s", h and h.transfer_id, recv.req_id,
                   recv.failed)
-        self.endpoint.record(TransferRecord(
-            recv.handle.transfer_id, f"{recv.handle.host}:{recv.handle.port}",
-            len(recv.local_block_ids), 0, 0.0, ok=False, error=recv.failed))
+        if h is not None:
+            try:
+                self.endpoint.record(TransferRecord(
+                    h.transfer_id, f"{h.host}:{h.port}", len(recv.local_block_ids), 0, 0.0,
+                    ok=False, error=recv.failed))
+            except Exception:
+                log.exception("recording failed KV transfer %s", h.transfer_id)
         with self._done_lock:
-            self._recv_failed.add(recv.req_id)
+            if recv.sync:
+                self._invalid.update(recv.local_block_ids)
+            else:
+                self._recv_failed.add(recv.req_id)
         self.endpoint.wake.set()
 
     # ---------------------------------------------------------------- decode: layer-wise
@@ -393,17 +524,27 @@ class PreftConnectorWorker:
         load.copy_tail()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._loads:
-            i = self._layer_index[layer_name]
-            for load in self._loads:
+        if not self._loads:
+            return
+        i = self._layer_index.get(layer_name)
+        if i is None:   # not a layer we know: each load misses it, and settle fails it
+            log.error("wait_for_layer_load of unknown layer %r", layer_name)
+            return
+        for load in self._loads:
+            try:
                 load.load_layer(i)
+            except Exception as e:   # that request's load fails, never the forward
+                load.fail(f"{type(e).__name__}: {e}")
 
     def _finish_loads(self) -> None:
         """The forward is over: record each layer-wise load; a failed one's blocks are
         reported invalid, which fails its request (kv_load_failure_policy=fail)."""
         loads, self._loads = self._loads, []
         for load in loads:
-            load.settle()
+            try:
+                load.settle()
+            except Exception as e:
+                load.fail(f"{type(e).__name__}: {e}")
             if load.failed:
                 log.error("layer-wise load of KV transfer %d for %s failed: %s",
                           load.claim.transfer_id, load.req_id, load.failed)
@@ -438,7 +579,11 @@ class PreftConnectorWorker:
 
     def get_transfer_results(self) -> KVConnectorTransferResults:
         if self.endpoint.is_producer:
-            return KVConnectorTransferResults(finished_sending=self.endpoint.take_finished())
+            try:
+                return KVConnectorTransferResults(finished_sending=self.endpoint.take_finished())
+            except Exception:   # asked again next step; the engine goes on
+                log.exception("collecting finished KV transfers failed")
+                return KVConnectorTransferResults()
         with self._done_lock:
             done, failed = self._recv_done, self._recv_failed
             self._recv_done, self._recv_failed = set(), set()

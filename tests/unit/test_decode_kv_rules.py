@@ -42,7 +42,9 @@ def consumer():
 def _request(num_tokens: int = 10):
     handle = KVHandle(7, "127.0.0.1", 1, "prefill-x", num_tokens,
                       -(-num_tokens // BLOCK), "L4/f32")
-    return SimpleNamespace(request_id="r1", kv_transfer_params=handle.to_params())
+    n = num_tokens + 1   # the engine prompt: the prompt, then the first token
+    return SimpleNamespace(request_id="r1", kv_transfer_params=handle.to_params(),
+                           num_prompt_tokens=n, num_tokens=n)
 
 
 def _blocks(n: int):

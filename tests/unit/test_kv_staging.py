@@ -222,7 +222,9 @@ class Decode:
 
         h = KVHandle(params["transfer_id"], *p.ep.address, "prefill-s", params["num_tokens"],
                      params["num_blocks"], p.ep.layout_fingerprint, staged=params["staged"])
-        return SimpleNamespace(request_id=rid, kv_transfer_params=h.to_params())
+        n = params["num_tokens"] + 1   # the engine prompt: the prompt, then the first token
+        return SimpleNamespace(request_id=rid, kv_transfer_params=h.to_params(),
+                               num_prompt_tokens=n, num_tokens=n)
 
     def matched(self, req, timeout: float = 5.0):
         """vLLM asks again while we answer None (the claim is in flight)."""
