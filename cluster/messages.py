@@ -62,6 +62,22 @@ MAX_N = 16                   # samples per request
 # the engine would refuse is refused here, naming the field, never inside a worker
 # (tests/unit/test_sampling_surface.py checks each against the installed vLLM).
 MAX_TEMPERATURE = 2   # (an int: the message reads "[0, 2]", as vLLM's)
+# Limits at every front door (docs/http.md, "Limits"): vLLM has none on these, but each item
+# costs work on every engine step (stop strings are searched in each step's new text) or
+# memory per request, so a request may not carry an unbounded number. OpenAI allows 4 stop
+# strings and 300 logit_bias entries; these are generous above both.
+MAX_STOP_STRINGS = 128       # stop strings per request
+MAX_STOP_CHARS = 1024        # characters of one stop string
+MAX_LOGIT_BIAS = 4096        # logit_bias entries (each a distinct token id of the vocabulary)
+MAX_STOP_TOKEN_IDS = 4096    # stop_token_ids per request
+# gRPC messages, in bytes: a Generate request the router accepts (a prompt of token ids or
+# text), and the largest reply message it sends (and the SDK accepts: preft_client.client
+# keeps the same numbers, tests/unit/test_front_door_limits.py keeps them equal). A reply's
+# largest message is the Final with top-20 prompt logprobs of a long prompt (about 400 bytes
+# per prompt token, so ~50 MiB at 128k tokens); it comes from one worker answer item, at most
+# RouterConfig.plane_max_bytes (<= 128 MiB), so twice that is never the hop that refuses.
+MAX_REQUEST_BYTES = 64 << 20
+MAX_REPLY_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -109,13 +125,21 @@ class Sampling:
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequest("seed", f"must be in [0, 2^63), got {self.seed!r}")
-        if any(not s for s in self.stop):
-            raise InvalidRequest("stop", "stop strings must be non-empty")
+        self._validate_stop()
         self._validate_knobs()
         _validate_guide(self.guide, self.guide_spec)
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise InvalidRequest("n", f"must be in [1, {MAX_N}], got {self.n!r}")
         return self
+
+    def _validate_stop(self) -> None:
+        _check_count("stop", len(self.stop), MAX_STOP_STRINGS, "stop strings")
+        for s in self.stop:
+            if not s:
+                raise InvalidRequest("stop", "stop strings must be non-empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidRequest("stop", f"a stop string may have at most {MAX_STOP_CHARS} "
+                                     f"characters, got one of {len(s)}")
 
     def _validate_knobs(self) -> None:
         if self.top_k < 0:
@@ -126,6 +150,8 @@ class Sampling:
                                  f"{self.repetition_penalty!r}")
         _check_range("presence_penalty", self.presence_penalty, -2, 2)
         _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
+        _check_count("logit_bias", len(self.logit_bias), MAX_LOGIT_BIAS, "entries")
+        _check_count("stop_token_ids", len(self.stop_token_ids), MAX_STOP_TOKEN_IDS, "token ids")
         for tok, bias in self.logit_bias:
             if tok < 0:
                 raise InvalidRequest("logit_bias", f"token id {tok} is negative")
@@ -182,6 +208,11 @@ def _check_json_guide(guide: str, spec: str) -> None:
     if guide == "choice" and (not isinstance(value, list) or not value or not all(
             isinstance(c, str) and c for c in value)):
         raise InvalidRequest("choice", "must be a non-empty list of non-empty strings")
+
+
+def _check_count(field: str, given: int, limit: int, what: str) -> None:
+    if given > limit:
+        raise InvalidRequest(field, f"at most {limit} {what} per request, got {given}")
 
 
 def _check_range(field: str, v: float, lo: float, hi: float, note: str = "") -> None:

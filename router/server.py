@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.adapter_store import AdapterStore
 from cluster.config import RouterConfig
+from cluster.messages import MAX_REPLY_BYTES, MAX_REQUEST_BYTES
 from proto.preft.v1 import router_pb2 as pb
 from proto.preft.v1 import router_pb2_grpc as pb_grpc
 from router.admin import AdminRpcs
@@ -143,7 +144,8 @@ def create_server(cfg: RouterConfig, pool: WorkerPool, view: StateView,
     ``server.local_address`` is None.
     """
     check_bind_is_safe(cfg)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                                      ("grpc.max_send_message_length", MAX_REPLY_BYTES)])
     service = RouterService(cfg, pool, view, store)
     pb_grpc.add_RouterServicer_to_server(service, server)
     server.service = service

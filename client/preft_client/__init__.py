@@ -6,12 +6,14 @@
 (a gateway forwarding its callers' keys). ``AsyncPreftClient`` has the same methods as
 coroutines / async iterators. gRPC errors surface as :class:`PreftClientError` subclasses
 carrying the status code and the server's message. :func:`chat_template_of` renders chat
-messages as the gateway and ``preft train`` do. Imports neither torch nor vLLM.
+messages as the gateway and ``preft train`` do. ``MAX_REQUEST_BYTES`` and
+``MAX_REPLY_BYTES``: the largest gRPC request the router accepts and the largest reply
+message it sends (the channel is set to both). Imports neither torch nor vLLM.
 """
 
 from preft_client.chat import (DEFAULT_CHAT, DEFAULT_CHAT_TEMPLATE, ChatTemplate,
                                ChatTemplateError, chat_template_of)
-from preft_client.client import AsyncPreftClient, PreftClient
+from preft_client.client import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, AsyncPreftClient, PreftClient
 from preft_client.errors import (DeadlineExceeded, FailedPrecondition, IncompleteStream,
                                  InvalidArgument, NotFound,
                                  PermissionDenied, PreftClientError, ResourceExhausted,
@@ -25,4 +27,4 @@ __all__ = ["PreftClient", "AsyncPreftClient", "Completion", "Delta", "Sample", "
            "Unavailable", "ResourceExhausted", "DeadlineExceeded", "Unauthenticated",
            "PermissionDenied", "IncompleteStream", "FailedPrecondition",
            "ChatTemplate", "ChatTemplateError", "chat_template_of", "DEFAULT_CHAT",
-           "DEFAULT_CHAT_TEMPLATE"]
+           "DEFAULT_CHAT_TEMPLATE", "MAX_REQUEST_BYTES", "MAX_REPLY_BYTES"]

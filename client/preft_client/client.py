@@ -33,7 +33,14 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ROUTER_SERVICE = "preft.v1.Router"   # the proto's package and service (proto/preft/v1)
 HEALTH_SERVICE = ROUTER_SERVICE      # the name the router's health status is kept under
 MAX_RETRIES = 4   # gRPC caps a call at 5 attempts (its retry policy's maxAttempts)
-_OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
+# Message sizes, in bytes, as the router's server has them (cluster.messages keeps the same
+# numbers; a unit test keeps them equal): the largest request it accepts, and the largest
+# reply message it may send -- the Final with top-20 prompt logprobs of a long prompt
+# (~400 bytes per prompt token) is over gRPC's default 4 MiB from ~10k prompt tokens on.
+MAX_REQUEST_BYTES = 64 << 20
+MAX_REPLY_BYTES = 256 << 20
+_OPTIONS = [("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
 _CLIENT_TIMEOUT = object()   # a call's timeout when none is given: the client's
 
 
