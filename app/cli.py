@@ -191,6 +191,15 @@ def _add_pool_args(p: argparse.ArgumentParser) -> None:
                    "equal the prefill engines' (re-sharding KV between sizes is not built)")
 
 
+def _add_http_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http-port", type=PORT, default=None, help="also serve the "
+                   "OpenAI-compatible HTTP API on this port (it has /metrics too)")
+    p.add_argument("--http-max-body-mib", type=_bounded(int, 1), default=None, metavar="MIB",
+                   help="with --http-port: the largest request body in MiB, a larger one is "
+                   "answered 413 before it is read (default: the router's own limit on a "
+                   "request, 64 MiB)")
+
+
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="cluster YAML (deploy/*.yaml); overrides the flags below")
     _add_pool_args(p)
@@ -213,8 +222,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "worker caches (default .preft/run)")
     p.add_argument("--require-auth", action="store_true", help="require API keys "
                    "(`preft keys create`); mandatory when --host is not loopback")
-    p.add_argument("--http-port", type=PORT, default=None, help="also serve the "
-                   "OpenAI-compatible HTTP API on this port (it has /metrics too)")
+    _add_http_args(p)
     p.add_argument("--metrics-port", type=PORT, default=None, help="serve Prometheus "
                    "/metrics (preft_* series) on this port; 0 = any free port")
     p.add_argument("--model", help="base model directory (HF format); default: the embedded "
@@ -341,6 +349,12 @@ def _print_ready(cluster, port: int) -> None:
               f"export PREFT_API_KEY=$(cat {cluster.api_key_file})", flush=True)
 
 
+def _body_limit(args) -> dict:
+    """``serve_http``'s ``max_body_bytes`` from ``--http-max-body-mib`` (unset: its default)."""
+    mib = args.http_max_body_mib
+    return {} if mib is None else {"max_body_bytes": mib << 20}
+
+
 def cmd_up(args) -> int:
     cfg = build_config(args)
     if args.revalidate_adapters:
@@ -356,7 +370,8 @@ def cmd_up(args) -> int:
             r = cfg.router   # with TLS: HTTPS with the router's certificate (and client CA)
             http_task = asyncio.get_running_loop().create_task(cluster.serve_http(
                 r.host, args.http_port, server_out=http_server, ssl_certfile=r.tls_cert,
-                ssl_keyfile=r.tls_key, ssl_client_ca=r.tls_client_ca))
+                ssl_keyfile=r.tls_key, ssl_client_ca=r.tls_client_ca,
+                **_body_limit(args)))
             console.log(f"OpenAI-compatible {'HTTPS' if r.tls_cert else 'HTTP'} on "
                         f"{r.host}:{args.http_port}")
         _print_ready(cluster, port)

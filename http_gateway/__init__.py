@@ -22,6 +22,7 @@ Modules, one job each:
 - ``gateway``: per-app state, the one :class:`~preft_client.AsyncPreftClient` and the
   translation of a parsed body into an SDK call.
 - ``sse``: the one server-sent-event streamer behind both streaming endpoints.
+- ``limits``: the request body limit (413 before the body is read).
 - ``app``: the FastAPI app (routes, error handlers).
 - ``serve``: serving it (uvicorn, TLS, the refusal of an open API on a non-loopback
   address, :class:`HttpGatewayThread`); ``cli``: ``python -m http_gateway``.

@@ -23,6 +23,7 @@ from preft_client import DEFAULT_CHAT, ChatTemplate
 
 from http_gateway.errors import GatewayError
 from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, Gateway
+from http_gateway.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, checked_limit
 from http_gateway.logprobs import CompletionLogprobs, chat_logprobs
 from http_gateway.schema import (ChatCompletionRequest, CompletionRequest, Sampling,
                                  format_chat, single_prompt, validation_error)
@@ -36,7 +37,8 @@ def create_app(router_address: str, base_model_name: str = "base", *,
                timeout: float | None = DEFAULT_TIMEOUT_S,
                default_max_tokens: int = DEFAULT_MAX_TOKENS,
                router_tls: dict | None = None, client=None,
-               chat_template: ChatTemplate = DEFAULT_CHAT) -> FastAPI:
+               chat_template: ChatTemplate = DEFAULT_CHAT,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible FastAPI app, forwarding to the gRPC router at ``router_address``.
 
     ``base_model_name`` is the OpenAI ``model`` that means "no adapter"; ``timeout`` is the
@@ -47,6 +49,7 @@ def create_app(router_address: str, base_model_name: str = "base", *,
     to use instead (``preft_client.local.InProcessClient`` in the router's process).
     ``chat_template``: how chat messages become the prompt (``preft_client.chat``: the model's
     own, as ``preft train`` renders it; default: the documented plain template).
+    ``max_body_bytes``: a request body over it is answered 413 unread (``limits``).
     """
     gw = Gateway(router_address, base_model_name, timeout, default_max_tokens, router_tls,
                  client, chat_template)
@@ -61,6 +64,7 @@ def create_app(router_address: str, base_model_name: str = "base", *,
     app = FastAPI(title="PreFT Serve OpenAI-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
+    app.add_middleware(BodyLimit, limit=checked_limit(max_body_bytes))
     _add_error_handlers(app)
     app.include_router(routes)
     return app

@@ -10,6 +10,7 @@ import sys
 from preft_client import chat_template_of
 
 from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S
+from http_gateway.limits import DEFAULT_MAX_BODY_BYTES
 from http_gateway.serve import serve_http
 
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="deadline of each gRPC call to the router; past it the HTTP answer is "
                         "504 (0 = no deadline)")
+    p.add_argument("--max-body-mib", type=_positive_int,
+                   default=DEFAULT_MAX_BODY_BYTES >> 20, metavar="MIB",
+                   help="largest request body, in MiB; a larger one is answered 413 before "
+                        "it is read (the default is the router's own limit on a request)")
     p.add_argument("--chat-template", default=None, metavar="MODEL_DIR",
                    help="render chat messages with this model directory's chat template (its "
                         "tokenizer's, as `preft train` does; `preft up --http-port` uses the "
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                timeout=args.timeout or None,
                                default_max_tokens=args.default_max_tokens,
                                log_level=args.log_level, ready=ready,
+                               max_body_bytes=args.max_body_mib << 20,
                                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                                ssl_client_ca=args.tls_client_ca, router_tls=router_tls,
                                chat_template=chat_template_of(args.chat_template)

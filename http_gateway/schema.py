@@ -39,6 +39,10 @@ _UNSUPPORTED = {
 }
 MAX_LOGPROBS = 20
 MAX_N = 16
+# Chat (only the gateway has chat messages; the router sees the rendered prompt): messages
+# per request, and the characters of their content together (docs/http.md, "Limits").
+MAX_CHAT_MESSAGES = 4096
+MAX_CHAT_CHARS = 32 << 20
 Penalty = Annotated[Finite, Field(ge=-2, le=2)]
 TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
@@ -219,6 +223,23 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: TopN | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough(cls, v):
+        if isinstance(v, list) and len(v) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"at most {MAX_CHAT_MESSAGES} messages per request, got {len(v)}")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _short_enough(cls, v: list[ChatMessage]):
+        chars = sum(len(p.text) for m in v if isinstance(m.content, list) for p in m.content)
+        chars += sum(len(m.content) for m in v if isinstance(m.content, str))
+        if chars > MAX_CHAT_CHARS:
+            raise ValueError(f"at most {MAX_CHAT_CHARS} characters of content in all "
+                             f"messages together, got {chars}")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod

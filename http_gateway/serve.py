@@ -20,6 +20,7 @@ from preft_client import PreftClientError, Unauthenticated
 
 from http_gateway.app import create_app
 from http_gateway.gateway import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, Gateway
+from http_gateway.limits import DEFAULT_MAX_BODY_BYTES
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -99,7 +100,8 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
                      server_out: list | None = None, ssl_certfile: str | None = None,
                      ssl_keyfile: str | None = None, ssl_client_ca: str | None = None,
                      router_tls: dict | None = None, client=None,
-                     handle_signals: bool = True, chat_template=None) -> None:
+                     handle_signals: bool = True, chat_template=None,
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Serve the gateway on ``host:port`` (0 = any free port) until the server exits.
 
     A ``host`` other than loopback is refused (``PermissionError``) unless the router
@@ -110,13 +112,15 @@ async def serve_http(router_address: str, host: str = "127.0.0.1", port: int = 8
     ``ssl_keyfile`` serve HTTPS; ``ssl_client_ca`` also requires client certificates signed
     by that CA (mutual TLS). ``router_tls`` and ``client`` (the router's in-process client
     when it runs in the router's process), ``chat_template``: see
-    :func:`~http_gateway.app.create_app`.
+    :func:`~http_gateway.app.create_app`; ``max_body_bytes``: a request body over it is
+    answered 413 unread (``http_gateway.limits``).
     ``handle_signals=False``: SIGINT/SIGTERM are left to the embedding program (uvicorn
     would otherwise take them and close every open stream).
     """
     app = create_app(router_address, base_model_name, timeout=timeout,
                      default_max_tokens=default_max_tokens, router_tls=router_tls,
-                     client=client, **({"chat_template": chat_template} if chat_template
+                     client=client, max_body_bytes=max_body_bytes,
+                     **({"chat_template": chat_template} if chat_template
                                       else {}))
     await check_bind_is_safe(app.state.gateway, host)
     server = _uvicorn_server(app, log_level, ssl_certfile, ssl_keyfile, ssl_client_ca,
