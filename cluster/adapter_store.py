@@ -20,8 +20,10 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -197,6 +199,76 @@ class S3Store(AdapterStore):
         keys = self.objects.keys(self._key(uri))
         if keys:
             self.objects.delete(keys, uri)
+
+
+@dataclass(frozen=True)
+class RetiredCopy:
+    """The store copy of an adapter version that a newer one replaced."""
+
+    name: str
+    version: int
+    sha256: str
+    uri: str
+    not_before: float          # time.monotonic() after which it may go
+
+
+class Retirements:
+    """Store copies of replaced adapter versions, deleted once nothing can still want them:
+    ``grace_s`` has passed since the replacement (a request routed with the old version
+    before it ends within the router's request timeout) and no live worker reports holding
+    that version (residency ``tier@vN``). A copy whose content (sha256) a registered
+    version uses again -- another adapter with the same files, a re-registration -- is
+    never deleted. Kept in the router's memory: a copy pending when the router stops stays
+    in the store (a leftover, never a loss)."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._pending: dict[tuple[str, int], RetiredCopy] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, name: str, version: int, sha256: str, uri: str,
+            now: float | None = None) -> RetiredCopy:
+        now = time.monotonic() if now is None else now
+        copy = RetiredCopy(name, version, sha256, uri, now + self.grace_s)
+        self._pending[(name, version)] = copy
+        return copy
+
+    def next_due_in(self, now: float | None = None) -> float:
+        """Seconds until the earliest pending copy's grace ends (0: now; inf: none)."""
+        now = time.monotonic() if now is None else now
+        return min((c.not_before - now for c in self._pending.values()),
+                   default=float("inf"))
+
+    def due(self, live_sha256: set[str], held: set[tuple[str, int]],
+            now: float | None = None) -> list[RetiredCopy]:
+        """The copies to delete now, taken off the list: past their grace, not held by a
+        worker (``held``: (name, version) pairs). Copies whose sha256 is in
+        ``live_sha256`` (the registry's current versions) leave the list undeleted."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for key, c in list(self._pending.items()):
+            if c.sha256 in live_sha256:
+                del self._pending[key]
+            elif c.not_before <= now and key not in held:
+                del self._pending[key]
+                out.append(c)
+        return out
+
+
+def held_versions(residency: dict[str, dict[str, str]]) -> set[tuple[str, int]]:
+    """(name, version) pairs that workers report holding (``{worker: {name: "tier@vN"}}``,
+    :meth:`cluster.state.ClusterState.residency`)."""
+    held = set()
+    for resident in residency.values():
+        for name, where in resident.items():
+            name = name.decode() if isinstance(name, bytes) else name
+            where = where.decode() if isinstance(where, bytes) else where
+            _, _, v = where.rpartition("@v")
+            if v.isdigit():
+                held.add((name, int(v)))
+    return held
 
 
 STORES: dict[str, type[AdapterStore]] = {LocalDirStore.scheme: LocalDirStore,

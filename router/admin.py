@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from cluster.adapter_store import UploadWriter, check_adapter_name
+from cluster.adapter_store import Retirements, UploadWriter, check_adapter_name, held_versions
 from cluster.errors import (AdapterStoreError, InvalidAdapter, PermissionDenied, PreftError,
                             WorkerUnavailable)
 from cluster.messages import ADAPTER_KINDS
@@ -105,25 +105,89 @@ class AdminRpcs(ServiceBase):
                 if h.kind and h.kind != spec.kind:
                     raise InvalidAdapter(f"the header says kind {h.kind!r} but the files are a "
                                          f"{spec.kind} adapter; fix the header or the files")
+            except BaseException:
+                writer.abort()
+                raise
+            return _adapter_pb(await self._commit(writer, h, spec, old, tenant))
+
+        return await self._guard(context, run)
+
+    async def _commit(self, writer: UploadWriter, h, spec, old: AdapterRecord | None,
+                      tenant: str | None) -> AdapterRecord:
+        """Validated files to their content address and the registry's next version (or
+        the current one, for identical files); the version replaced is retired."""
+        _, lock = self._retirements()
+        async with lock:   # no retired copy is deleted between commit and record
+            try:
                 uri = await asyncio.to_thread(self.store.commit, writer.dir, spec.sha256)
             except BaseException:
                 writer.abort()
                 raise
             state = self.view.state
             if _same_files(old, spec):   # identical content: no new version
-                return _adapter_pb(await self._keep(old, h.public))
+                return await self._keep(old, h.public)
             version = await asyncio.to_thread(state.next_version, h.name)
             rec = AdapterRecord(h.name, spec.kind, version, spec.sha256, spec.rank,
                                 tuple(spec.target_modules), spec.size_bytes,
                                 owner=tenant or "", public=h.public, uri=uri)
             await asyncio.to_thread(state.put_adapter, rec)
             self.view.put_adapter(rec)
-            if old is not None:  # every cached copy of older versions goes
-                await self._broadcast(f"invalidate({h.name!r}, {version})",
-                                      lambda w: w.actor.invalidate.remote(h.name, version))
-            return _adapter_pb(rec)
+        if old is not None:  # every cached copy of older versions goes
+            await self._broadcast(f"invalidate({h.name!r}, {version})",
+                                  lambda w: w.actor.invalidate.remote(h.name, version))
+            if old.sha256 != rec.sha256:
+                self._retire(old)
+        return rec
 
-        return await self._guard(context, run)
+    # ------------------------------------------------------------------ retired versions
+    def _retirements(self) -> tuple[Retirements, asyncio.Lock]:
+        """Store copies of replaced versions waiting to be deleted, and the lock that keeps
+        their deletion apart from a registration's commit (made on first use)."""
+        if "_retired" not in self.__dict__:
+            self.__dict__["_retired"] = (Retirements(self.cfg.request_timeout_s),
+                                         asyncio.Lock())
+        return self.__dict__["_retired"]
+
+    def _retire(self, old: AdapterRecord) -> None:
+        """``old`` was replaced: its store copy goes once nothing can still want it
+        (:class:`~cluster.adapter_store.Retirements`), deleted by a sweep that runs while
+        any copy is pending."""
+        retired, _ = self._retirements()
+        retired.add(old.name, old.version, old.sha256, old.uri)
+        task = self.__dict__.get("_retire_sweep")
+        if task is None or task.done():
+            self.__dict__["_retire_sweep"] = asyncio.get_running_loop().create_task(
+                self._sweep_retired())
+
+    async def _sweep_retired(self) -> None:
+        retired, _ = self._retirements()
+        while len(retired):
+            await asyncio.sleep(max(retired.next_due_in(), self.cfg.state_refresh_s))
+            try:
+                await self._delete_due()
+            except Exception as e:  # Redis or the store away: the copies wait, and we retry
+                log.warning("deleting replaced adapter versions' store copies: %s", e)
+
+    async def _delete_due(self) -> None:
+        retired, lock = self._retirements()
+        state = self.view.state
+
+        def read() -> tuple[set[str], set[tuple[str, int]]]:
+            live = {r.sha256 for r in state.list_adapters().values()}
+            return live, held_versions(state.residency(list(state.members())))
+
+        async with lock:
+            live, held = await asyncio.to_thread(read)
+            for c in retired.due(live, held):
+                try:
+                    await asyncio.to_thread(self.store.delete, c.uri)
+                except AdapterStoreError as e:
+                    log.warning("adapter %s v%d: its store copy stays for now: %s",
+                                c.name, c.version, e)
+                    retired.add(c.name, c.version, c.sha256, c.uri)
+                else:
+                    log.info("adapter %s v%d was replaced; its store copy %s is deleted",
+                             c.name, c.version, c.uri)
 
     async def _keep(self, rec: AdapterRecord, public: bool) -> AdapterRecord:
         """Re-registered identical files: the current version stays (a restart's start-up
