@@ -146,6 +146,7 @@ class AdminRpcs(ServiceBase):
         if "_retired" not in self.__dict__:
             self.__dict__["_retired"] = (Retirements(self.cfg.request_timeout_s),
                                          asyncio.Lock())
+            self.__dict__["_retire_wake"] = asyncio.Event()   # a copy added: sweep sooner
         return self.__dict__["_retired"]
 
     def _retire(self, old: AdapterRecord) -> None:
@@ -158,11 +159,20 @@ class AdminRpcs(ServiceBase):
         if task is None or task.done():
             self.__dict__["_retire_sweep"] = asyncio.get_running_loop().create_task(
                 self._sweep_retired())
+        else:
+            self.__dict__["_retire_wake"].set()
 
     async def _sweep_retired(self) -> None:
         retired, _ = self._retirements()
+        wake = self.__dict__["_retire_wake"]
         while len(retired):
-            await asyncio.sleep(max(retired.next_due_in(), self.cfg.state_refresh_s))
+            wake.clear()
+            try:  # until the earliest grace ends, or a new copy (its grace may end sooner)
+                await asyncio.wait_for(wake.wait(), max(retired.next_due_in(),
+                                                        self.cfg.state_refresh_s))
+                continue
+            except asyncio.TimeoutError:
+                pass
             try:
                 await self._delete_due()
             except Exception as e:  # Redis or the store away: the copies wait, and we retry

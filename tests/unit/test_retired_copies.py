@@ -151,3 +151,28 @@ def test_router_deletes_a_replaced_copy_from_an_s3_store(files, moto, monkeypatc
         _replace_and_sweep(S3Store(f"s3://{BUCKET}/a"), files, exists)
     finally:
         reset_clients()
+
+
+def test_a_copy_with_a_shorter_grace_is_not_kept_waiting_behind_a_longer_one(files, tmp_path):
+    """The sweep sleeps until the earliest grace ends; a copy retired meanwhile with a
+    shorter grace wakes it (the session's replacements keep the router's long one)."""
+    store = LocalDirStore(tmp_path / "store")
+    state = _State()
+    (u0, s0), (u1, s1) = (_commit(store, f) for f in files[:2])
+    svc = _router(store, state)
+    retired, _ = svc._retirements()
+
+    async def go():
+        retired.grace_s = 60.0
+        svc._retire(_record("slow", 1, u0, s0))
+        await asyncio.sleep(0.2)                   # the sweep is asleep for a minute
+        retired.grace_s = 0.1
+        svc._retire(_record("fast", 1, u1, s1))
+        for _ in range(40):
+            if not (store.root / s1).exists():
+                break
+            await asyncio.sleep(0.05)
+        svc.__dict__["_retire_sweep"].cancel()
+
+    asyncio.run(go())
+    assert not (store.root / s1).exists() and (store.root / s0).exists()
