@@ -35,7 +35,12 @@ the worker feeds each generated token, the first included, to an :class:`OutputS
 - stop strings: vLLM's own check over the whole generated text, first token included: the
   text is cut before the stop string, tokens after the one that completed it are dropped,
   and while a stop string could still be completing, the last ``len(stop) - 1`` characters
-  are held back (exactly what a single vLLM engine streams).
+  are held back (exactly what a single vLLM engine streams). With ``min_tokens``, vLLM's
+  rule: nothing is checked until the completion has more than ``min_tokens`` tokens, and
+  then only text after the ``min_tokens``-th token's text (a stop string that ended
+  earlier never stops it). The stream counts every generated token, the first (prefill's)
+  included, so the split counts as one engine does; the engines' own ``min_tokens`` (EOS
+  and stop token ids) are split as 1 for prefill and ``min_tokens - 1`` for decode.
 
 The stream is a pure function of the tokens fed to it, so the prefill worker feeds the
 first token and the decode worker replays it (discarding what prefill already sent) before
@@ -215,8 +220,10 @@ class OutputStream:
         from vllm import SamplingParams
         from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
+        # min_tokens: the request's own (the stream sees every generated token, the first
+        # included), so stop strings count from where one vLLM engine counts them.
         params = SamplingParams(max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-                                skip_special_tokens=True)
+                                min_tokens=sampling.min_tokens, skip_special_tokens=True)
         # Only the generated ids: no prompt context, so the text decodes the ids alone.
         request = SimpleNamespace(request_id=request_id, sampling_params=params,
                                   prompt_token_ids=[], prompt_embeds=None)

@@ -85,3 +85,40 @@ def test_streamed_text_holds_back_a_possible_stop_prefix(tok):
     streamed = "".join(s.append([t], None).text for t in ids)
     assert streamed == "Hello world"[: -len("world peace") + 1]
     assert s.append(tok.encode("!"), "length").text == "Hello world!"[len(streamed):]
+
+
+def _min_tokens_rule(pieces: list[str], stop: str, min_tokens: int) -> int:
+    """vLLM's rule, written out: with ``min_tokens`` the first stop string that counts is
+    the first one that ends after the text of the first ``min_tokens`` tokens; returns
+    where the text is cut (-1: it never stops)."""
+    text, before = "".join(pieces), len("".join(pieces[:min_tokens]))
+    return text.find(stop, max(0, before - len(stop) + 1))
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 2, 5, 12])
+@pytest.mark.parametrize("stop", ["e", "re", "a"])
+def test_stop_strings_wait_for_min_tokens(tok, min_tokens, stop):
+    """A stop string that appears early does not end a completion that has not yet got
+    ``min_tokens`` tokens (vLLM's detokenizer: checked only past ``min_tokens``, over the
+    text after them); counted across the prefill/decode split."""
+    text = "Every request carries a prompt, a set of sampling parameters, and more"
+    ids = tok.encode(text)
+    pieces = [tok.decode([t]) for t in ids]
+    assert "".join(pieces) == text
+    cut = _min_tokens_rule(pieces, stop, min_tokens)
+    assert cut >= 0, (stop, min_tokens)
+    s = Sampling(max_tokens=len(ids), min_tokens=min_tokens, stop=(stop,))
+    steps = _split(tok, s, ids)
+    kept = [t for st in steps for t in st.token_ids]
+    assert "".join(st.text for st in steps) == text[:cut], (stop, min_tokens)
+    assert steps[-1].finish_reason == "stop"
+    assert len(kept) > min_tokens
+    # tokens end at the one that completed the counted stop string
+    assert len("".join(pieces[:len(kept)])) >= cut + len(stop) > len("".join(pieces[:len(kept) - 1]))
+    # one engine's stream, every token in one stream, ends the same
+    one = OutputStream(tok, s, "r")
+    for i, t in enumerate(ids):
+        step = one.append([t], None)
+        if step.finish_reason:
+            break
+    assert (one.text, one.token_ids) == (text[:cut], kept)
