@@ -85,6 +85,9 @@ class RouterService(AdminRpcs, GenerateRpcs, pb_grpc.RouterServicer):
         """The router stopped: its pool's gauges leave /metrics, its plane connections close."""
         self.metrics.clear_gauge_source(self._gauges)
         self.planes.close()
+        sweep = self.__dict__.get("_retire_sweep")   # replaced versions' copies: left as is
+        if sweep is not None:
+            sweep.cancel()
 
     def _gauges(self) -> list:
         """Scrape-time gauges: pool queues, per-worker load, decode KV blocks in use."""
