@@ -287,6 +287,8 @@ class PrefillResult:
     prompt_text: str = ""                    # sampling.echo set: the prompt's decoding
     cached_tokens: int = 0                   # prompt tokens the engine found in its cache
     siblings: tuple[PrefillResult, ...] = () # sampling.n > 1: samples 1.. (this is sample 0)
+    sampler_state: bytes = b""               # seeded sampling: the request's generator state
+                                             # after the first token (decode goes on from it)
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ class DecodeRequest:
     kv: KVHandle
     kv_namespace: str
     sampling: Sampling                       # max_tokens counts the first token too
+    sampler_state: bytes = b""               # PrefillResult.sampler_state (seeded sampling)
 
 
 @dataclass(frozen=True)

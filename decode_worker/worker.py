@@ -17,6 +17,7 @@ from dataclasses import replace
 from cluster.config import DecodeConfig
 from cluster.errors import InvalidRequest, KVTransferFailed
 from cluster.messages import DecodeDelta, DecodeRequest
+from worker_runtime import sampler_state
 from worker_runtime.engine_worker import EngineWorker
 from decode_worker import first_token
 from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
@@ -45,6 +46,8 @@ class DecodeWorker(EngineWorker):
         # The first token is generated, though it reaches this engine in the prompt:
         # penalties count it, grammars continue from it.
         first_token.install(engine)
+        # A seeded request's generator goes on from prefill's state after the first token.
+        self.sampler_state_size = engine.collective_rpc(sampler_state.start_from_states)[0]
 
     async def kv_loads(self) -> dict[str, int]:
         """This engine's recent prompt-KV loads by how they ran: ``layerwise`` (copied
@@ -64,6 +67,10 @@ class DecodeWorker(EngineWorker):
         """Decode ``req``, emitting one :class:`DecodeDelta` per engine step on ``call``
         (the plane's stream call); returns when the request ends."""
         self._check_layout(req)
+        if req.sampler_state and len(req.sampler_state) != self.sampler_state_size:
+            raise InvalidRequest("sampler_state", f"a generator state of "
+                                 f"{len(req.sampler_state)} bytes; this decode engine's are "
+                                 f"{self.sampler_state_size} (prefill on another device kind?)")
         if req.sampling.max_tokens < 2:
             raise InvalidRequest("max_tokens", "decode needs max_tokens >= 2 (the first token "
                                  "comes from prefill)")
@@ -89,12 +96,16 @@ class DecodeWorker(EngineWorker):
     @staticmethod
     def _params(req: DecodeRequest):
         """The tokens after the first, by the request's rules (``min_tokens`` counts the
-        first token as one already generated)."""
+        first token as one already generated). A seeded request's generator starts where
+        prefill's was left after the first token (``req.sampler_state``), so the request
+        draws as it would in one engine: its seed's stream, never another sample's."""
         s = req.sampling
+        extra = {"kv_transfer_params": req.kv.to_params()}
+        if req.sampler_state:
+            extra[sampler_state.KEY] = req.sampler_state
         return engine_params(
             s, max_tokens=s.max_tokens - 1, min_tokens=max(0, s.min_tokens - 1),
-            seed=None if s.seed is None else (s.seed + 1) % 2**63, delta=True,
-            extra={"kv_transfer_params": req.kv.to_params()})
+            seed=s.seed, delta=True, extra=extra)
 
     def _with_transfer(self, delta: DecodeDelta, req: DecodeRequest, t0: float) -> DecodeDelta:
         """The first delta carries the KV transfer's bytes and seconds."""

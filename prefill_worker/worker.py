@@ -22,6 +22,7 @@ from cluster.errors import WorkerUnavailable
 from cluster.messages import AdapterStats, KVHandle, PrefillRequest, PrefillResult, Sampling
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
+from worker_runtime import sampler_state
 from worker_runtime.sequence import (OutputStream, engine_params, prompt_logprobs,
                                      prompt_text, token_logprobs)
 
@@ -36,6 +37,11 @@ class PrefillWorker(AdapterWorker):
                  cache_dir: str | None = None, actor_name: str = "") -> None:
         super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name, transfer=cfg.transfer)
         self.prompt_tokens = self.prompt_tokens_cached = 0
+
+    def after_build(self, engine) -> None:
+        super().after_build(engine)
+        # A seeded request's generator state after its first token goes to decode with it.
+        engine.collective_rpc(sampler_state.keep_states)
 
     def plane_ops(self) -> dict:
         """The router's prefill call arrives on the plane (its result leaves with the
@@ -107,7 +113,7 @@ class PrefillWorker(AdapterWorker):
         rid = req.request_id if i == 0 else f"{req.request_id}-s{i}"
         hand_over = s.max_tokens > 1
         out = await self._run_prompt(rid, ids, r, namespace,
-                                     self._sampling_params(s, hand_over, r))
+                                     self._sampling_params(s, hand_over, r, rid))
         first = out.outputs[0].token_ids[0]
         # The first generated token enters the request's output stream (the decode worker
         # replays it): EOS, a stop string inside its text, or max_tokens=1 end it here.
@@ -115,6 +121,7 @@ class PrefillWorker(AdapterWorker):
             None if hand_over else "length")
         step = OutputStream(self.tokenizer, s, rid).append([first], engine_finish)
         kv = self._handle(out, step.finish_reason)
+        state = await self._sampler_state(rid, s) if hand_over else b""
         lps = token_logprobs([first], out.outputs[0].logprobs, s.logprobs, self.tokenizer)
         cached = out.num_cached_tokens or 0
         self.prompt_tokens, self.prompt_tokens_cached = (self.prompt_tokens + len(ids),
@@ -127,7 +134,7 @@ class PrefillWorker(AdapterWorker):
             adapter_load_s=r.load_s if r else 0.0, t_start=t_in, t_done=time.time(),
             first_logprob=lps[0] if lps else None, cached_tokens=cached,
             prompt_logprobs=prompt_logprobs(ids, out, s.prompt_logprobs, self.tokenizer),
-            prompt_text=prompt_text(s, ids, self.tokenizer))
+            prompt_text=prompt_text(s, ids, self.tokenizer), sampler_state=state if kv else b"")
 
     async def _run_prompt(self, request_id: str, ids: list[int], r: Resolved | None,
                           namespace: str, params):
@@ -149,13 +156,24 @@ class PrefillWorker(AdapterWorker):
                                     f"(finish_reason={out.outputs[0].finish_reason})")
         return out
 
+    async def _sampler_state(self, rid: str, s: Sampling) -> bytes:
+        """The request's generator state after its first token (seeded random sampling
+        only; ``worker_runtime/sampler_state.py``): decode goes on from it."""
+        if s.seed is None or s.temperature == 0:
+            return b""
+        states = await self.loop.call(
+            lambda eng: eng.collective_rpc(sampler_state.take_state, args=(rid,)))
+        return bytes(states[0])
+
     @staticmethod
-    def _sampling_params(s: Sampling, hand_over: bool, r: Resolved | None):
+    def _sampling_params(s: Sampling, hand_over: bool, r: Resolved | None, rid: str = ""):
         """One token, sampled with the adapter by the request's rules; prompt logprobs (when
         asked) are the adapter's too."""
         extra = {REFT_EXTRA_ARG: r.reft_key} if r is not None and r.reft_key else {}
         if hand_over:
             extra["kv_transfer_params"] = {"do_remote_decode": True}
+            if s.seed is not None and s.temperature > 0:
+                extra[sampler_state.KEY] = rid   # keep its generator state for decode
         return engine_params(s, max_tokens=1, min_tokens=min(s.min_tokens, 1), seed=s.seed,
                              delta=False, prompt_logprobs=True, extra=extra)
 

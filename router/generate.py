@@ -175,7 +175,8 @@ class GenerateRpcs(ServiceBase):
         the rest, which pull only what is not cached (the last, partial block)."""
         def stream(i, r):
             dreq = DecodeRequest(r.request_id, r.prompt_token_ids, r.first_token, r.kv,
-                                 r.kv_namespace, preq.sampling.sample(i))
+                                 r.kv_namespace, preq.sampling.sample(i),
+                                 sampler_state=r.sampler_state)
             return self._decode(pw, dw, dreq, r, context, out, i)
         (i0, r0), rest = live[0], live[1:]
         first = stream(i0, r0)
