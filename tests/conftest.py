@@ -90,6 +90,25 @@ def reference(assets):
 
 
 @pytest.fixture(scope="session")
+def single_engine(assets):
+    """One plain vLLM engine on the base model (``vllm.LLM``, in this process): what a
+    single engine does with stop strings, ``min_tokens`` and seeds. One per session: the
+    prefill/decode and colocated tests compare against the same engine."""
+    import gc
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    llm = LLM(model=assets["model"], enforce_eager=True, distributed_executor_backend="uni",
+              dtype="float32", max_model_len=1024, max_num_seqs=4,
+              enable_prefix_caching=False, seed=0)
+    yield llm
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
 def cluster(assets):
     from cluster.config import (ClusterConfig, DecodeConfig, EngineConfig, PrefillConfig,
                                 RouterConfig)

@@ -210,3 +210,19 @@ def test_mixed_cluster_keeps_all_token_requests_off_the_decode_pool(colo, cclien
     assert all(o.workers[1] == pool.colocated[0].worker_id
                for a, o in zip(jobs, outs) if a == "cid_all")
     assert sum(delta.values()) == len(jobs)
+
+
+# ---------------------------------------------------- vLLM's sampling rules (one engine's)
+def test_colocated_min_tokens_with_stop_strings_equal_one_engine(colo, cclient, single_engine):
+    from sampling_rules import check_min_tokens_with_stop_strings
+
+    check_min_tokens_with_stop_strings(cclient, single_engine)
+
+
+def test_colocated_seeded_sampling_equals_one_engine(colo, cclient, single_engine):
+    """The same checks as the prefill/decode path's (tests/integration/
+    test_sampling_rules.py), so a seeded request's text is the same on both paths."""
+    from sampling_rules import check_n_seeded_samples, check_seeded_sampling
+
+    check_seeded_sampling(cclient, single_engine)
+    check_n_seeded_samples(cclient, single_engine)

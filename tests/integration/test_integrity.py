@@ -94,24 +94,6 @@ def test_text_stream_and_openai_equal_the_decoded_tokens(cluster, client, oai, t
 
 # --------------------------------------------------------------------------- stop strings
 
-@pytest.fixture(scope="module")
-def single_engine(assets):
-    """One plain vLLM engine on the base model: what a single engine does with stops."""
-    import gc
-    import os
-
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    llm = LLM(model=assets["model"], enforce_eager=True, distributed_executor_backend="uni",
-              dtype="float32", max_model_len=1024, max_num_seqs=4,
-              enable_prefix_caching=False, seed=0)
-    yield llm
-    del llm
-    gc.collect()
-
-
 def _printable(pieces: list[str]) -> bool:
     return all(p and p.isascii() and p.isprintable() for p in pieces)
 
