@@ -194,12 +194,16 @@ class GenerateRpcs(ServiceBase):
         """The worker's prefill over its plane (a cancel or the deadline cancels the call
         there too): its result, the first token and the KV handle."""
         pw.outstanding += 1
-        stream = None
+        streams = []
+
+        async def answer():
+            streams.append((await self.planes.get(pw)).call("prefill", preq,
+                                                            self._timeout(context)))
+            return await streams[0].result()
         try:
-            stream = (await self.planes.get(pw)).call("prefill", preq, self._timeout(context))
-            return await self._call(stream.result(), context, "prefill", pw)
+            return await self._call(answer(), context, "prefill", pw)
         except BaseException:   # an answer that arrived as we gave up: its offers are ours
-            for res in stream.items if stream is not None else ():
+            for res in streams[0].items if streams else ():
                 for r in (res, *res.siblings):
                     if r.kv is not None:
                         pw.actor.release.remote(r.kv.transfer_id)
