@@ -124,6 +124,8 @@ class AdminRpcs(ServiceBase):
                 writer.abort()
                 raise
             state = self.view.state
+            # the registry's own record, not the view's (a refresh may not have it yet)
+            old = await asyncio.to_thread(state.get_adapter, h.name)
             if _same_files(old, spec):   # identical content: no new version
                 return await self._keep(old, h.public)
             version = await asyncio.to_thread(state.next_version, h.name)
