@@ -51,11 +51,13 @@ class PrefillWorker(AdapterWorker):
         return {"prefill": Op(PrefillRequest, lambda req, call: self.prefill(req),
                               orphan=self._orphaned)}
 
-    def _orphaned(self, result: PrefillResult) -> None:
-        """The router gave up on a prefill as its answer left: nobody will pull its KV."""
-        for r in (result, *result.siblings):
-            if r.kv is not None:
-                self.kv.release(r.kv.transfer_id)
+    def _orphaned(self, result: PrefillResult):
+        """What undoes an answer the router gave up on as it left (nobody will pull its
+        KV): the release of its offers; None when it holds none."""
+        held = tuple(r.kv.transfer_id for r in (result, *result.siblings) if r.kv is not None)
+        if not held:
+            return None
+        return lambda: [self.kv.release(t) for t in held]
 
     # ------------------------------------------------------------------ API
     async def release(self, transfer_id: int) -> bool:

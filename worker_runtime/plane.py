@@ -48,10 +48,11 @@ class Op:
 
     arg: type
     run: Callable[[Any, "Call"], Awaitable[Any]]
-    # A unary op whose result holds something (a prefill's KV offer): called with the
-    # result when the router cancels the call after it was answered (the answer crossed
-    # the cancel on the wire, so nobody will use it).
-    orphan: Callable[[Any], None] | None = None
+    # A unary op whose result holds something (a prefill's KV offer): given the result as
+    # it leaves, the undo to run if the router cancels the call after it was answered (the
+    # answer crossed the cancel on the wire, so nobody will use it); None: nothing held.
+    # Only the undo is kept, never the result.
+    orphan: Callable[[Any], Callable[[], None] | None] | None = None
     decoder: msgspec.msgpack.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +98,7 @@ class PlaneServer:
         self.refused = 0          # frames or calls refused
         self._inflight: dict[tuple[bytes, int], Call] = {}
         # answered calls of ops with an orphan hook: a cancel that crossed the answer
-        self._answered: dict[tuple[bytes, int], tuple[Op, Any]] = {}
+        self._answered: dict[tuple[bytes, int], Callable[[], None]] = {}
         self._seen: dict[bytes, float] = {}
         self._out: dict[bytes, _Outbox] = {}
         self._flush_scheduled = False
@@ -124,10 +125,14 @@ class PlaneServer:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(PEER_SILENT_S * 1000))
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = self.public, self.private
+            # watched before it listens: a handshake that fails at once is counted too
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                              | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
             port = sock.bind_to_random_port(f"tcp://{self.host}")
             self._sock, self.address = sock, f"tcp://{self.host}:{port}"
-            self._tasks = [asyncio.ensure_future(f()) for f in (
-                self._receive, self._watch_peers, self._count_refusals)]
+            self._tasks = [asyncio.ensure_future(f) for f in (
+                self._receive(), self._watch_peers(), self._count_refusals(monitor))]
         return self.address
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -171,8 +176,7 @@ class PlaneServer:
             if call is not None and call.task is not None:
                 call.task.cancel()
             elif key in self._answered:   # the router gave up as the answer left: undo it
-                op, result = self._answered.pop(key)
-                op.orphan(result)
+                self._answered.pop(key)()
         elif kind != HEARTBEAT:
             self.refused += 1
             log.warning("plane of %s: dropped a message of kind %r with %d frames", self.name,
@@ -217,7 +221,7 @@ class PlaneServer:
             if result is not None:
                 self.post(call, result)
                 if op.orphan is not None:
-                    self._remember(call, op, result)
+                    self._remember(call, op.orphan(result))
             self.end(call)
         except asyncio.CancelledError:
             # the router cancelled (it ignores the answer), or an oversized item did (its
@@ -231,19 +235,17 @@ class PlaneServer:
             self._inflight.pop((call.peer, call.id), None)
             self.calls += 1
 
-    def _remember(self, call: Call, op: Op, result: Any) -> None:
-        self._answered[(call.peer, call.id)] = (op, result)
+    def _remember(self, call: Call, undo: Callable[[], None] | None) -> None:
+        if undo is None:
+            return
+        self._answered[(call.peer, call.id)] = undo
         while len(self._answered) > _ANSWERED_KEPT:
             self._answered.pop(next(iter(self._answered)))
 
-    async def _count_refusals(self) -> None:
+    async def _count_refusals(self, monitor) -> None:
         """Handshakes that failed (a client with another key cannot even say hello)."""
-        import zmq
         from zmq.utils.monitor import parse_monitor_message
 
-        failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | \
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        monitor = self._sock.get_monitor_socket(failed)
         try:
             while True:
                 parse_monitor_message(await monitor.recv_multipart())

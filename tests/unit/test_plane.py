@@ -218,15 +218,16 @@ def test_keys_need_the_secret():
 
 async def test_an_answer_crossing_a_cancel_is_handed_to_the_ops_orphan_hook():
     """A prefill answered just as the router gave up (the cancel crossed the answer): the
-    worker hands the result to the op's ``orphan`` hook (a prefill releases its KV offer
-    there). An answer the router read is never orphaned, even though reading it closes the
+    worker runs the undo the op's ``orphan`` hook gave for the result (a prefill releases
+    its KV offer there). An answer the router read is never orphaned, even though reading it closes the
     stream."""
     orphans = []
 
     async def prefill(req, call):
         return _result(req)
 
-    server = PlaneServer({"prefill": Op(PrefillRequest, prefill, orphan=orphans.append)},
+    server = PlaneServer({"prefill": Op(PrefillRequest, prefill,
+                                        orphan=lambda r: lambda: orphans.append(r))},
                          SECRET, "127.0.0.1", "fake-worker")
     address = await server.start()
     ctx = zmq.asyncio.Context()
