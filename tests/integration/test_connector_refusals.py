@@ -15,7 +15,6 @@ on the worker.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 
 import pytest
@@ -51,14 +50,6 @@ def _decode_error(cluster, res, kv, first_token: int | None = None, **sampling):
                         res.kv_namespace, Sampling(max_tokens=8, **sampling))
     return plane_call(cluster, cluster.pool.decode[0], "decode", req)[1]
 
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.25)
-    return cond()
 
 
 def _held_and_used(cluster) -> tuple[int, int]:
@@ -139,4 +130,4 @@ def test_inconsistent_decode_requests_fail_alone(cluster, client):
     assert client.generate("ada", prompt="still serving", max_tokens=4).token_ids
     import ray
     ray.get(cluster.pool.prefill[0].actor.release.remote(bad[2].kv.transfer_id), timeout=10)
-    assert _wait(lambda: _held_and_used(cluster) == (0, 0), 30), _held_and_used(cluster)
+    assert cluster.wait_until(lambda: _held_and_used(cluster) == (0, 0), 30), _held_and_used(cluster)

@@ -7,7 +7,6 @@ version's exact tokens, and the new version serves from its own copy."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.integration
 PROMPT = "a request that outlives its adapter version " * 3
 N = 64
 
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
 
 
 def test_replaced_version_leaves_the_store_while_its_request_completes(cluster, client,
@@ -60,7 +51,7 @@ def test_replaced_version_leaves_the_store_while_its_request_completes(cluster, 
         assert streaming.wait(60)
         info2 = client.register_adapter("retiree", v2, public=True)
         assert info2.version == info1.version + 1 and info2.sha256 != info1.sha256
-        gone = _wait(lambda: not (store / info1.sha256).exists(), 30)
+        gone = cluster.wait_until(lambda: not (store / info1.sha256).exists(), 30)
         deleted.set()
         t.join(60)
         assert gone, "the replaced version's store copy is still there"

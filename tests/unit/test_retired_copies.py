@@ -17,7 +17,7 @@ from cluster.adapter_store import (ALLOWED_FILES, LocalDirStore, Retirements, di
                                    held_versions)
 from cluster.state import AdapterRecord
 
-BUCKET = "preft-retired"
+from test_s3_store import BUCKET, moto  # noqa: F401  (the S3 server fixture, shared)
 
 
 def test_held_versions_reads_residency():
@@ -114,18 +114,6 @@ def test_router_deletes_a_replaced_copy_from_the_local_store(files, tmp_path):
     _replace_and_sweep(store, files, lambda sha: (store.root / sha).is_dir())
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    from s3_server import MotoServer
-
-    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
-    try:
-        key, secret = server.require_auth()
-        server.client("s3", key, secret).create_bucket(Bucket=BUCKET)
-        server.key, server.secret = key, secret
-        yield server
-    finally:
-        server.stop()
 
 
 def test_router_deletes_a_replaced_copy_from_an_s3_store(files, moto, monkeypatch):
