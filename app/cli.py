@@ -832,10 +832,12 @@ def _parser_adapters(sub) -> None:
     a_add.add_argument("name")
     a_add.add_argument("path")
     a_add.add_argument("--public", action="store_true", help="usable by every tenant")
-    a_add.add_argument("--kind", choices=["lora_p", "reft_p", "lora"], default=None,
+    a_add.add_argument("--kind", choices=["lora_p", "reft_p", "lora", "alora"], default=None,
                        help="lora_p: PEFT LoRA on the prompt only (default for LoRA files); "
-                       "reft_p: ReFT-P files; lora: the LoRA on every token (all-token, served "
-                       "by colocated workers only)")
+                       "reft_p: ReFT-P files; lora: the LoRA on every token (all-token); "
+                       "alora: activated LoRA, from its invocation tokens on (default for "
+                       "PEFT files with alora_invocation_tokens). lora and alora are served "
+                       "by colocated workers only")
     a_list = ad_sub.add_parser("list", help="adapters you can use")
     a_show = ad_sub.add_parser("show", help="one adapter's registry record")
     a_show.add_argument("name")

@@ -157,6 +157,20 @@ def make_lora_adapter(out_dir: str | os.PathLike, base_model: str | os.PathLike,
     return out
 
 
+def make_alora_adapter(out_dir: str | os.PathLike, base_model: str | os.PathLike, *,
+                       seed: int, invocation: tuple[int, ...] | list[int],
+                       targets: tuple[str, ...] = LORA_TARGETS, rank: int = 8) -> Path:
+    """Write a PEFT activated-LoRA adapter: :func:`make_lora_adapter`'s files with
+    ``alora_invocation_tokens`` in the config (the adapter applies from the last
+    occurrence of those token ids in the prompt on)."""
+    out = make_lora_adapter(out_dir, base_model, seed=seed, rank=rank, targets=targets)
+    cfg_file = out / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["alora_invocation_tokens"] = [int(t) for t in invocation]
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def make_reft_adapter(out_dir: str | os.PathLike, base_model: str | os.PathLike, *,
                       seed: int, intervention: str = "loreft",
                       layers: tuple[int, ...] = (1, 3), rank: int = 4,

@@ -349,7 +349,7 @@ class ClusterConfig:
                   f"one of {ADAPTER_KINDS}")
             _need(kind not in ALL_TOKEN_KINDS or self.colocated_workers > 0, "ClusterConfig",
                   "adapter_kinds", f"{name}:{kind}", f"kind {kind!r} runs the adapter on "
-                  "every token, which only colocated workers serve, and this cluster has "
+                  "generated tokens, which only colocated workers serve, and this cluster has "
                   "none: add some (colocated_workers: N; preft up --colocated-workers N)")
 
     def _check_store_uri(self) -> None:

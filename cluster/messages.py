@@ -15,10 +15,11 @@ from cluster.errors import InvalidRequest
 
 # Adapter kinds the prefill pool can apply (prefill_worker.adapters.KINDS; a unit test
 # keeps the two equal). The router checks names only; the files are validated by a worker.
-ADAPTER_KINDS = ("lora_p", "reft_p", "lora")
-# Kinds that only colocated workers may serve: the adapter runs on every token, so it can
-# never reach the adapter-free decode pool.
-ALL_TOKEN_KINDS = ("lora",)
+ADAPTER_KINDS = ("lora_p", "reft_p", "lora", "alora")
+# Kinds that only colocated workers may serve: the adapter runs on generated tokens too
+# (all-token LoRA on every token, activated LoRA from its invocation on), so it can never
+# reach the adapter-free decode pool.
+ALL_TOKEN_KINDS = ("lora", "alora")
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ class AdapterStats:
     expired: int = 0
     mixed_steps: int = 0                     # colocated: steps holding a prompt chunk and
     by_kind: dict = field(default_factory=dict)  # another request's decode token; requests
-                                             # per adapter kind (lora_p | reft_p | lora | base)
+                                             # per adapter kind (lora_p | reft_p | lora | alora | base)
     pinned: tuple = ()                       # adapters pinned in the host tier (hot_set)
     pin_loads: int = 0                       # adapters loaded by pinning, not by a request
     prompt_tokens: int = 0                   # prompt tokens of the engine requests run, and
@@ -373,6 +374,9 @@ class AdapterStats:
     wide_steps: int = 0                      # steps whose requests had > max_loras adapters,
     max_batch_adapters: int = 0              # the most adapters one step's requests had, and
     prompts_done: int = 0                    # requests whose slot/ReFT pin ended at token 1
+    # colocated: prefix-cache lookups of new requests in prompt tokens, split at each
+    # request's adapter span start: base_queries, base_hits, adapter_queries, adapter_hits
+    prefix_cache: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,24 @@
-"""Per-token adapter mapping by position: the colocated engine's LoRA-P (steps 3-5 in one).
+"""Per-token adapter mapping by span: the colocated engine's adapters (steps 3-5 in one).
 
 A colocated engine runs prompt chunks and decode tokens of many users in one batch. vLLM
 maps every scheduled token of a request to the request's LoRA slot
-(``InputBatch.make_lora_inputs``). PreFT wants the adapter on *prompt* positions only: a
-token at position ``p`` of a request with ``n`` prompt tokens gets the request's adapter iff
-``p < n``; every generated token gets none (slot id 0), so its rows cost what the base
-model's cost, and the grouped kernel (``lora_kernel/grouped_lora.py``) skips them. The
-first generated token is sampled from the last prompt position, with the adapter, exactly
-as on the prefill/decode path. All-token adapters (kind ``lora``) keep vLLM's mapping:
-their ids are in ``all_token_ids``. Only the adapters the mapping uses are activated in a
-slot (:func:`active_requests`): a decoding request holds none.
+(``InputBatch.make_lora_inputs``). Here a token at position ``p`` gets the request's adapter
+iff ``p`` lies in the request's adapter span ``[start, end)``
+(``colocated_worker/adapter_span.py``): LoRA-P ``[0, prompt_len)``, all-token LoRA every
+position, activated LoRA from its invocation on. Every other token gets none (slot id 0), so
+its rows cost what the base model's cost, and the grouped kernel
+(``lora_kernel/grouped_lora.py``) skips them. A sampled token comes from the request's last
+scheduled position and takes that position's adapter: PreFT's first generated token is
+sampled with the adapter, exactly as on the prefill/decode path. Only the adapters the
+mapping uses are activated in a slot (:func:`active_requests`): a request decoding past its
+span holds none.
 
 Positions are what vLLM's model runner computes in ``_prepare_inputs``:
-``num_computed_tokens_cpu[i] + 0..num_scheduled_tokens[i]-1``. The hook replaces
-``make_lora_inputs`` on the runner's ``InputBatch`` instance (no vLLM file is changed); it
-is installed only on a vLLM whose method has the signature it was written against.
+``num_computed_tokens_cpu[i] + 0..num_scheduled_tokens[i]-1``. The spans come from each
+request's own state on the runner (``SamplingParams.extra_args``), so every rank of a
+tensor-parallel engine reads the same ones. The hook replaces ``make_lora_inputs`` on the
+runner's ``InputBatch`` instance (no vLLM file is changed); it is installed only on a vLLM
+whose method has the signature it was written against.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import inspect
 from typing import Any
 
 import numpy as np
+
+from colocated_worker.adapter_span import SpanTable
 
 _EXPECTED_PARAMS = ["num_scheduled_tokens", "num_sampled_tokens"]
 
@@ -42,20 +48,19 @@ class StepMix:
             self.mixed += 1
 
 
-def prompt_only_mapping(lora_ids: np.ndarray, num_computed: np.ndarray,
-                        num_prompt: np.ndarray, num_scheduled: np.ndarray,
-                        num_sampled: np.ndarray, all_token: set[int]):
-    """(per sampled token, per scheduled token) LoRA ids: the request's id at prompt
-    positions (or everywhere for an all-token adapter), 0 at generated positions."""
-    keep_all = np.array([int(i) in all_token for i in lora_ids], dtype=bool)
+def span_mapping(lora_ids: np.ndarray, span_start: np.ndarray, span_end: np.ndarray,
+                 num_computed: np.ndarray, num_scheduled: np.ndarray,
+                 num_sampled: np.ndarray):
+    """(per sampled token, per scheduled token) LoRA ids: the request's id at positions in
+    its span ``[span_start, span_end)``, 0 elsewhere."""
     req = np.repeat(np.arange(len(lora_ids)), num_scheduled)
     starts = np.cumsum(num_scheduled) - num_scheduled
     pos = num_computed[req] + (np.arange(int(num_scheduled.sum())) - starts[req])
-    on = keep_all[req] | (pos < num_prompt[req])
+    on = (pos >= span_start[req]) & (pos < span_end[req])
     tokens = np.where(on, lora_ids[req], 0)
     # a sampled token comes from the request's last scheduled position
     last = num_computed + num_scheduled - 1
-    sample_on = keep_all | (last < num_prompt)
+    sample_on = (last >= span_start) & (last < span_end)
     sampled = np.repeat(np.where(sample_on, lora_ids, 0), num_sampled)
     return tuple(int(x) for x in sampled), tuple(int(x) for x in tokens)
 
@@ -69,56 +74,45 @@ def active_requests(requests, sampled: tuple[int, ...], tokens: tuple[int, ...])
     return {r for r in requests if r is not None and r.lora_int_id in used}
 
 
-def install_prompt_only_lora(engine: Any, all_token_ids: set[int],
-                             mix: StepMix | None = None) -> None:
+def install_span_lora(engine: Any, mix: StepMix | None = None) -> None:
     """Install on every model runner of an ``LLMEngine`` with LoRA enabled: in-process
-    (``uni`` executor), where ``all_token_ids`` and ``mix`` are the caller's own objects
-    (LoRA int ids added there later keep the adapter on every token), or on each rank of
-    a tensor-parallel engine, which gets copies: :func:`add_all_token` and
-    :func:`step_mix` reach those."""
-    engine.collective_rpc(_install_on_runner, args=(all_token_ids, mix))
+    (``uni`` executor), where ``mix`` is the caller's own object, or on each rank of a
+    tensor-parallel engine, which gets a copy (:func:`step_mix` reaches it)."""
+    engine.collective_rpc(_install_on_runner, args=(mix,))
 
 
 def _runner(worker: Any):
     return getattr(worker, "worker", worker).model_runner
 
 
-def _install_on_runner(worker: Any, all_token_ids: set[int], mix: StepMix | None) -> None:
+def _install_on_runner(worker: Any, mix: StepMix | None) -> None:
     runner = _runner(worker)
     batch = runner.input_batch
     orig = getattr(batch, "make_lora_inputs", None)
     if orig is None or list(inspect.signature(orig).parameters) != _EXPECTED_PARAMS:
         raise RuntimeError("this vLLM's InputBatch.make_lora_inputs is not the one the "
-                           "prompt-only LoRA mapping was written for; colocated workers "
-                           "cannot apply adapters to prompt positions only")
+                           "adapter-span mapping was written for; colocated workers cannot "
+                           "apply adapters by span")
+    spans = SpanTable()
 
     def make_lora_inputs(num_scheduled_tokens, num_sampled_tokens):
         _, _, requests = orig(num_scheduled_tokens, num_sampled_tokens)
         n = batch.num_reqs
         if mix is not None:
             mix.record(batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n])
-        sampled, tokens = prompt_only_mapping(
-            batch.request_lora_mapping[:n], batch.num_computed_tokens_cpu[:n],
-            batch.num_prompt_tokens[:n], np.asarray(num_scheduled_tokens),
-            np.asarray(num_sampled_tokens), all_token_ids)
+        lora_ids = batch.request_lora_mapping[:n]
+        span_start, span_end = spans.arrays(batch.req_ids, lora_ids, runner.requests)
+        sampled, tokens = span_mapping(
+            lora_ids, span_start, span_end, batch.num_computed_tokens_cpu[:n],
+            np.asarray(num_scheduled_tokens), np.asarray(num_sampled_tokens))
         return sampled, tokens, active_requests(requests, sampled, tokens)
 
     batch.make_lora_inputs = make_lora_inputs
-    runner.preft_prompt_lora = (all_token_ids, mix)
-
-
-def _add_on_runner(worker: Any, lora_id: int) -> None:
-    _runner(worker).preft_prompt_lora[0].add(lora_id)
+    runner.preft_span_lora = mix
 
 
 def _mix_of_runner(worker: Any) -> StepMix | None:
-    return _runner(worker).preft_prompt_lora[1]
-
-
-def add_all_token(engine: Any, lora_id: int) -> None:
-    """Engine thread, tensor-parallel engines: every rank keeps ``lora_id`` on all tokens
-    (before the request that uses it is added)."""
-    engine.collective_rpc(_add_on_runner, args=(lora_id,))
+    return _runner(worker).preft_span_lora
 
 
 def step_mix(engine: Any) -> StepMix | None:

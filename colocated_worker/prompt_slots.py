@@ -3,17 +3,19 @@
 vLLM's v1 scheduler (``Scheduler.schedule``) counts the LoRA of every *running* request it
 schedules against ``max_loras`` (``scheduled_loras``) and admits a waiting request of a new
 adapter only while fewer than ``max_loras`` are counted; the model runner then activates
-every LoRA of the batch's requests in a slot. Under PreFT a colocated request needs its
-adapter only until its first token: ``colocated_worker/prompt_lora.py`` maps every
-generated position to no adapter. So here, on colocated engines:
+every LoRA of the batch's requests in a slot. A colocated request needs its adapter
+only for the positions of its adapter span (``colocated_worker/adapter_span.py``;
+``colocated_worker/prompt_lora.py`` maps every other position to no adapter): under PreFT
+until its first token. So here, on colocated engines:
 
-* a running request whose prompt is computed (``num_computed_tokens >= num_prompt_tokens``:
-  its first token was sampled from the adapted last prompt position) does not count:
+* a running request whose computed tokens reach its span's end (PreFT: the prompt is
+  computed and its first token was sampled from the adapted last prompt position) does not
+  count:
   during ``schedule()`` its ``lora_request`` is hidden from the scheduler (restored before
   ``schedule()`` returns; nothing else in that call reads it for a running request), so
   ``max_loras`` bounds only the distinct adapters whose *prompt* tokens are scheduled in a
-  step. All-token adapters (kind ``lora``, ids in ``all_token_ids``) keep their slot for
-  life. The runner side (``prompt_lora.active_requests``) activates only the adapters the
+  step. Adapters whose span has no end (all-token LoRA, activated LoRA) keep
+  their slot for life. The runner side (``prompt_lora.active_requests``) activates only the adapters the
   step's token mapping uses, so a slot held by adapters whose requests all decode is free
   for vLLM's LRU to give to the next prompt's adapter.
 * once a step that computed a request's last prompt token has run
@@ -35,6 +37,8 @@ import re
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from colocated_worker.adapter_span import cache_parts, span_of
 
 SUPPORTED_VLLM = ("0.32.",)
 # What Scheduler.schedule must do for hiding a decoding request's LoRA to be exactly
@@ -74,20 +78,20 @@ def check_vllm(version: str, schedule_source: str, update_params: list[str]) -> 
                                      f"{update_params}, not {_UPDATE_PARAMS}")
 
 
-def holds_slot(lora_id: int, num_computed: int, num_prompt: int, all_token: set[int]) -> bool:
+def holds_slot(lora_id: int, num_computed: int, span: tuple[int, int] | None) -> bool:
     """Does a running request count against ``max_loras`` in this step: it has an adapter
-    and either its prompt is not computed yet or the adapter applies to every token."""
-    return lora_id > 0 and (lora_id in all_token or num_computed < num_prompt)
+    and positions of its span are still to be computed."""
+    return lora_id > 0 and span is not None and num_computed < span[1]
 
 
-def hide_decoding_loras(running: Iterable[Any], all_token: set[int]) -> list[tuple[Any, Any]]:
+def hide_decoding_loras(running: Iterable[Any]) -> list[tuple[Any, Any]]:
     """Set ``lora_request`` to None on the running requests that no longer hold a slot; the
     (request, LoRARequest) pairs to put back with :func:`restore_loras`."""
     hidden = []
     for r in running:
         lr = r.lora_request
         if lr is not None and not holds_slot(lr.lora_int_id, r.num_computed_tokens,
-                                             r.num_prompt_tokens, all_token):
+                                             span_of(r.sampling_params)):
             hidden.append((r, lr))
             r.lora_request = None
     return hidden
@@ -113,21 +117,26 @@ class PromptSlots:
         self.max_batch_adapters = 0  # the most distinct adapters one step's requests had
         self.wide_steps = 0          # steps whose requests had more adapters than max_loras
         self.max_slot_adapters = 0   # the most adapters holding a slot in one step
-        self.all_token_decode_steps = 0  # steps where an all-token adapter's request decoded
+        # steps where a request decoded under its adapter (a span without an end)
+        self.all_token_decode_steps = 0
         self.prompts_done = 0        # requests whose slot (and ReFT-P pin) ended at token 1
+        # prefix-cache lookups of new requests, in prompt tokens, by span part
+        self.prefix_cache = {"base_queries": 0, "base_hits": 0, "adapter_queries": 0,
+                             "adapter_hits": 0}
 
-    def record(self, rows: Iterable[tuple[int, bool]], all_token: set[int]) -> None:
-        """One step: a (LoRA id or 0, prompt tokens scheduled?) row per scheduled request."""
+    def record(self, rows: Iterable[tuple[int, bool, bool]]) -> None:
+        """One step: a (LoRA id or 0, prompt tokens scheduled?, adapter past the prompt?)
+        row per scheduled request."""
         decoding, prefill, batch, slot, all_token_decoding = 0, set(), set(), set(), False
-        for lora_id, prompt in rows:
+        for lora_id, prompt, lasting in rows:
             decoding += not prompt
             if lora_id > 0:
                 batch.add(lora_id)
-                if prompt or lora_id in all_token:
+                if prompt or lasting:
                     slot.add(lora_id)
                 if prompt:
                     prefill.add(lora_id)
-                all_token_decoding |= not prompt and lora_id in all_token
+                all_token_decoding |= not prompt and lasting
         self.steps += 1
         self.decoding, self.prefill_adapters, self.batch_adapters = (decoding, len(prefill),
                                                                      len(batch))
@@ -138,17 +147,36 @@ class PromptSlots:
         if self.sink is not None:
             self.sink(decoding, len(prefill))
 
+    def record_lookups(self, new_reqs: Iterable[Any], requests: dict) -> list[tuple]:
+        """The prefix-cache lookups of a step's newly scheduled requests (vLLM's
+        ``NewRequestData``: its ``num_computed_tokens`` are the cached prompt tokens), split
+        at each request's span start; the (base queried, base hit, adapter queried, adapter
+        hit) parts, also added to :attr:`prefix_cache`."""
+        parts = []
+        for nr in new_reqs:
+            r = requests.get(nr.req_id)
+            if r is None or getattr(r, "num_preemptions", 0) > 0:
+                continue
+            part = cache_parts(span_of(r.sampling_params), r.num_prompt_tokens,
+                               nr.num_computed_tokens)
+            for key, n in zip(("base_queries", "base_hits", "adapter_queries",
+                               "adapter_hits"), part):
+                self.prefix_cache[key] += n
+            parts.append(part)
+        return parts
+
     def fields(self) -> dict:
         """The ``AdapterStats`` fields these counters fill."""
         return dict(decoding_requests=self.decoding, prefill_adapters=self.prefill_adapters,
                     max_loras=self.max_loras, wide_steps=self.wide_steps,
-                    max_batch_adapters=self.max_batch_adapters, prompts_done=self.prompts_done)
+                    max_batch_adapters=self.max_batch_adapters, prompts_done=self.prompts_done,
+                    prefix_cache=dict(self.prefix_cache))
 
 
-def step_rows(output: Any, requests: dict) -> tuple[list[tuple[int, bool]], list[Any]]:
+def step_rows(output: Any, requests: dict) -> tuple[list[tuple[int, bool, bool]], list[Any]]:
     """After ``schedule()`` (which has advanced ``num_computed_tokens`` by the tokens it
-    scheduled): a (LoRA id, prompt scheduled?) row per scheduled request, and the requests
-    whose last prompt token this step computes."""
+    scheduled): a (LoRA id, prompt scheduled?, adapter past the prompt?) row per scheduled
+    request, and the requests whose last prompt token this step computes."""
     rows, completing = [], []
     for rid, n in output.num_scheduled_tokens.items():
         r = requests.get(rid)
@@ -156,16 +184,18 @@ def step_rows(output: Any, requests: dict) -> tuple[list[tuple[int, bool]], list
             continue
         before = r.num_computed_tokens - n
         prompt = before < r.num_prompt_tokens
-        rows.append((r.lora_request.lora_int_id if r.lora_request else 0, prompt))
+        span = span_of(r.sampling_params) if r.lora_request else None
+        rows.append((r.lora_request.lora_int_id if r.lora_request else 0, prompt,
+                     span is not None and span[1] > r.num_prompt_tokens))
         if prompt and r.num_computed_tokens >= r.num_prompt_tokens:
             completing.append(r)
     return rows, completing
 
 
-def install_prompt_slots(engine: Any, all_token_ids: set[int], slots: PromptSlots,
+def install_prompt_slots(engine: Any, slots: PromptSlots,
                          on_prompt_done: Callable[[Any], None] | None = None) -> None:
     """Wrap the scheduler of an in-process ``LLMEngine`` (engine thread, before the first
-    request). ``all_token_ids``: the caller's set, read at every step."""
+    request)."""
     import vllm
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -175,23 +205,24 @@ def install_prompt_slots(engine: Any, all_token_ids: set[int], slots: PromptSlot
                                      "not vLLM's v1 Scheduler")
     check_vllm(vllm.__version__, inspect.getsource(type(sched).schedule),
                list(inspect.signature(sched.update_from_output).parameters))
-    _wrap(sched, all_token_ids, slots, on_prompt_done)
+    _wrap(sched, slots, on_prompt_done)
 
 
-def _wrap(sched: Any, all_token_ids: set[int], slots: PromptSlots,
+def _wrap(sched: Any, slots: PromptSlots,
           on_prompt_done: Callable[[Any], None] | None) -> None:
     orig_schedule, orig_update = sched.schedule, sched.update_from_output
     pending: list[tuple[Any, list]] = []      # (scheduler output, requests completing)
     fired: weakref.WeakSet = weakref.WeakSet()  # once per request (preemption recomputes)
 
     def schedule(*args, **kwargs):
-        hidden = hide_decoding_loras(sched.running, all_token_ids)
+        hidden = hide_decoding_loras(sched.running)
         try:
             out = orig_schedule(*args, **kwargs)
         finally:
             restore_loras(hidden)
         rows, completing = step_rows(out, sched.requests)
-        slots.record(rows, all_token_ids)
+        slots.record(rows)
+        slots.record_lookups(getattr(out, "scheduled_new_reqs", ()), sched.requests)
         if completing:
             pending.append((out, completing))
             del pending[:-8]   # an output never updated (engine error) is dropped

@@ -5,9 +5,12 @@ adapter through the same tiers as a prefill worker (:class:`AdapterHost`), submi
 prompt with the adapter, and streams :class:`~cluster.messages.ColocatedDelta` items: the
 first carries the prefill timings. Each engine step's outputs become deltas in one callback
 and leave on the worker's plane (``worker_runtime/plane.py``) in one message. Inside the
-engine the adapter touches prompt positions only (``colocated_worker/prompt_lora.py``;
-all-token adapters every position), generated tokens' KV is never cached (``worker_runtime/sequence.py``), and the request's
-:class:`OutputStream` owns detokenization and stop strings, as on the prefill/decode path.
+engine the adapter touches the positions of the request's adapter span only
+(``colocated_worker/adapter_span.py``: PreFT the prompt, all-token LoRA every position,
+activated LoRA from its invocation on; ``prompt_lora.py`` maps them), prefix-cache blocks
+are keyed by span, generated tokens' KV is never cached (``worker_runtime/sequence.py``),
+and the request's :class:`OutputStream` owns detokenization and stop strings, as on the
+prefill/decode path.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from dataclasses import replace
 from cluster.aio import all_of
 from cluster.config import ColocatedConfig
 from cluster.messages import AdapterStats, ColocatedDelta, PrefillRequest, Sampling
-from colocated_worker.prompt_lora import (StepMix, add_all_token, install_prompt_only_lora,
-                                          step_mix)
+from colocated_worker.adapter_span import SPAN_ARG, install_span_block_keys, request_span
+from colocated_worker.prompt_lora import StepMix, install_span_lora, step_mix
 from prefill_worker.adapter_host import AdapterWorker, Resolved
 from prefill_worker.reft_runtime import EXTRA_ARG as REFT_EXTRA_ARG
 from worker_runtime.sequence import (OutputStream, cache_only_prompt_blocks, engine_params,
@@ -35,19 +38,19 @@ class ColocatedWorker(AdapterWorker):
                  cache_dir: str | None = None, actor_name: str = "") -> None:
         from colocated_worker.prompt_slots import worker_slots
 
-        self.all_token_ids: set[int] = set()   # LoRA ids applied on every token (kind lora)
         self.mix = StepMix()
-        self.slots = worker_slots(cfg.max_loras, worker_id)   # prompt-only adapter slots
-        self.requests_by_kind = {"lora_p": 0, "reft_p": 0, "lora": 0, "base": 0}
+        self.slots = worker_slots(cfg.max_loras, worker_id)   # adapter slots by span
+        self.requests_by_kind = {"lora_p": 0, "reft_p": 0, "lora": 0, "alora": 0, "base": 0,
+                                 "alora_not_invoked": 0}
         super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name)
 
     def after_build(self, engine) -> None:
         from colocated_worker.prompt_slots import install_prompt_slots
 
         super().after_build(engine)
-        install_prompt_only_lora(engine, self.all_token_ids, self.mix)
-        install_prompt_slots(engine, self.all_token_ids, self.slots,
-                             on_prompt_done=self.adapters.prompt_done)
+        install_span_lora(engine, self.mix)
+        install_span_block_keys()
+        install_prompt_slots(engine, self.slots, on_prompt_done=self.adapters.prompt_done)
         # Generated tokens' KV (base weights, or an all-token adapter's) is never cached
         # where a later prompt could take it for adapter-conditioned prompt KV.
         cache_only_prompt_blocks(engine, generated_in_prompt=0)
@@ -78,30 +81,32 @@ class ColocatedWorker(AdapterWorker):
         interleave, each with its ``index``. Returns when every sample has ended."""
         t_in = time.time()
         ids, r = await self.admit(req)
-        if r is not None and r.ref.kind == "lora" and r.lora.lora_int_id not in self.all_token_ids:
-            self.all_token_ids.add(r.lora.lora_int_id)
-            if self.engine_cfg.tensor_parallel_size > 1:   # ahead of the request, in order
-                self.loop.call(lambda eng, i=r.lora.lora_int_id: add_all_token(eng, i))
+        span = request_span(r.ref.kind, ids, r.invocation) if r is not None else None
         self.requests_by_kind[r.ref.kind if r else "base"] += 1
+        if r is not None and span is None:   # aLoRA without its invocation: the base model
+            self.requests_by_kind["alora_not_invoked"] += 1
         t0 = time.time()
         live = [req.sampling.n]   # samples still running: the last one ends the call
-        await all_of([self._sample(req, i, ids, r, call, live, t_in, t0)
+        await all_of([self._sample(req, i, ids, (r, span), call, live, t_in, t0)
                       for i in range(req.sampling.n)])
 
-    async def _sample(self, req: PrefillRequest, i: int, ids: list[int], r: Resolved | None,
+    async def _sample(self, req: PrefillRequest, i: int, ids: list[int], adapter: tuple,
                       call, live: list[int], t_in: float, t0: float) -> None:
-        """One sample's engine request; its outputs become deltas in the engine step's
-        callback (:class:`_SampleOutput`)."""
+        """One sample's engine request (``adapter``: the request's :class:`Resolved` or
+        None, and its span); its outputs become deltas in the engine step's callback
+        (:class:`_SampleOutput`)."""
+        r, span = adapter
         s = req.sampling.sample(i)
         rid = req.request_id if i == 0 else f"{req.request_id}-s{i}"
         out = _SampleOutput(self, s, rid, i, ids, r, call, live,
                             t0 - (req.enqueued_at or t_in), t0)
-        self.adapters.pin(r)
+        on = r if span is not None else None   # what the engine applies
+        self.adapters.pin(on)
         try:
-            await self.loop.drive(rid, self._prompt(ids, r), self._params(s, r), out,
-                                  lora_request=r.lora if r else None)
+            await self.loop.drive(rid, self._prompt(ids, on), self._params(s, on, span), out,
+                                  lora_request=on.lora if on else None)
         finally:
-            self.adapters.unpin(r, after_engine_step=not out.engine_done)
+            self.adapters.unpin(on, after_engine_step=not out.engine_done)
 
     def _prompt(self, ids: list[int], r: Resolved | None):
         from vllm.inputs import TokensPrompt
@@ -110,11 +115,14 @@ class ColocatedWorker(AdapterWorker):
                             cache_salt=self.adapters.namespace(r, len(ids)))
 
     @staticmethod
-    def _params(s: Sampling, r: Resolved | None):
-        """Every token in this engine, by the request's rules."""
-        extra = {REFT_EXTRA_ARG: r.reft_key} if r is not None and r.reft_key else None
+    def _params(s: Sampling, r: Resolved | None, span: tuple[int, int] | None):
+        """Every token in this engine, by the request's rules; the adapter's span rides in
+        the request (``colocated_worker/adapter_span.py``)."""
+        extra = {} if span is None else {SPAN_ARG: list(span)}
+        if r is not None and r.reft_key:
+            extra[REFT_EXTRA_ARG] = r.reft_key
         return engine_params(s, max_tokens=s.max_tokens, min_tokens=s.min_tokens, seed=s.seed,
-                             delta=True, prompt_logprobs=True, extra=extra)
+                             delta=True, prompt_logprobs=True, extra=extra or None)
 
     def _first(self, delta: ColocatedDelta, ids: list[int], out, s: Sampling,
                r: Resolved | None, queue_s: float, prefill_s: float) -> ColocatedDelta:

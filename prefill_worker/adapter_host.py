@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AdapterEntry:
     ref: AdapterRef
-    path: str            # this worker's disk-tier copy
+    path: str            # this worker's disk-tier copy (aLoRA: the engine's view of it)
     lora_int_id: int
+    invocation: tuple[int, ...] = ()   # aLoRA: the invocation tokens
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class Resolved:
     ref: AdapterRef
     tier: str                       # engine | disk | store
     load_s: float
-    lora: Any = None                # vLLM LoRARequest (lora_p, lora)
+    lora: Any = None                # vLLM LoRARequest (lora_p, lora, alora)
+    invocation: tuple[int, ...] = ()   # aLoRA: the invocation tokens
     reft_key: str | None = None     # ReFT-P runtime key and its loaded weights (reft_p)
     reft_weights: Any = None
 
@@ -149,7 +151,8 @@ class AdapterHost:
             key, weights = await self._reft_weights(entry)
             return Resolved(ref, tier, time.time() - t0, reft_key=key, reft_weights=weights)
         self._touch_engine(entry.lora_int_id)
-        return Resolved(ref, tier, time.time() - t0, lora=self._lora_request(entry))
+        return Resolved(ref, tier, time.time() - t0, lora=self._lora_request(entry),
+                        invocation=entry.invocation)
 
     @staticmethod
     def _lora_request(entry: AdapterEntry):
@@ -174,9 +177,15 @@ class AdapterHost:
             return entry, "engine" if self._hot(entry) else "disk"
         path, tier = await asyncio.to_thread(self._fetch, ref)
         await asyncio.to_thread(self._check_fits, ref, path)
+        invocation: tuple[int, ...] = ()
+        if ref.kind == "alora":
+            from prefill_worker.adapters import alora
+
+            invocation = alora.invocation_tokens(path, self.base_shape.vocab_size)
+            path = await asyncio.to_thread(alora.engine_view, path)
         with self._lock:
             old = self._adapters.get(ref.name)
-            entry = AdapterEntry(ref, str(path), next(self._lora_ids))
+            entry = AdapterEntry(ref, str(path), next(self._lora_ids), invocation)
             self._adapters[ref.name] = entry
         if old is not None:  # replaced: drop the old version from the engine's tiers
             await self._evict(old)
@@ -268,6 +277,7 @@ class AdapterHost:
         await self._evict(entry)
         if not any(e.ref.sha256 == entry.ref.sha256 for e in self._adapters.values()):
             shutil.rmtree(self.cache_dir / entry.ref.sha256, ignore_errors=True)
+            shutil.rmtree(self.cache_dir / f"{entry.ref.sha256}.engine", ignore_errors=True)
         return True
 
     async def invalidate(self, name: str, version: int) -> bool:
@@ -313,10 +323,14 @@ class AdapterHost:
 
     # ------------------------------------------------------------------ per request
     def namespace(self, r: Resolved | None, prompt_len: int) -> str:
-        """The prompt KV's cache salt: the adapter version; for ReFT-P with suffix
+        """The prompt KV's cache salt: the adapter version (aLoRA: the base's); for ReFT-P with suffix
         positions, also the prompt's length (which positions are intervened depends on it,
         so KV made for one length is never reused for another)."""
         if r is None:
+            return BASE_NAMESPACE
+        if r.ref.kind == "alora":
+            # KV before the invocation is the base model's; the blocks from it on carry the
+            # adapter's versioned name in vLLM's own LoRA key (colocated_worker/adapter_span.py)
             return BASE_NAMESPACE
         if r.reft_weights is not None and r.reft_weights.positions.depends_on_length:
             return f"{r.ref.namespace}/len{prompt_len}"

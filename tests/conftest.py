@@ -35,13 +35,21 @@ REFT_ADAPTERS = {
     "rfl": dict(seed=53, intervention="loreft", layers=(1, 2), rank=4, positions="f3+l3"),
     "rdf": dict(seed=54, intervention="direft", layers=(1, 2), rank=4, positions="f4"),
 }
+# Activated-LoRA adapters (app.tiny.make_alora_adapter), one per shape of target modules;
+# both are invoked by the same token ids, so two adapters can share one context's prefix.
+ALORA_INVOCATION = (5, 6, 7)
+ALORA_ADAPTERS = {
+    "ala": dict(seed=61, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "alm": dict(seed=62, targets=("gate_proj", "up_proj", "down_proj"), rank=4),
+}
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """Tiny model (GQA: 8 query heads, 2 KV heads, head size 32; its own context length is
-    1024 tokens), four LoRA-P adapters and four ReFT-P adapters."""
-    from app.tiny import TinyModelSpec, make_lora_adapter, make_reft_adapter, make_tiny_model
+    1024 tokens), four LoRA-P adapters, four ReFT-P adapters and two aLoRA adapters."""
+    from app.tiny import (TinyModelSpec, make_alora_adapter, make_lora_adapter, make_reft_adapter,
+                          make_tiny_model)
 
     root = tmp_path_factory.mktemp("assets")
     model = make_tiny_model(root / "model", TinyModelSpec(max_position_embeddings=1024))
@@ -49,6 +57,8 @@ def assets(tmp_path_factory):
     # A replacement version of "ada" (different weights), registered during a test.
     adapters["ada_v2"] = make_lora_adapter(root / "ada_v2", model, seed=99)
     adapters.update({n: make_reft_adapter(root / n, model, **kw) for n, kw in REFT_ADAPTERS.items()})
+    adapters.update({n: make_alora_adapter(root / n, model, invocation=ALORA_INVOCATION, **kw)
+                     for n, kw in ALORA_ADAPTERS.items()})
     return {"model": str(model), "adapters": {k: str(v) for k, v in adapters.items()},
             "root": root}
 

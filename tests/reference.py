@@ -3,7 +3,9 @@
 HF model + PEFT adapter over the prompt -> KV_A(prompt) and the first token (adapter on);
 then the adapter disabled, greedy decoding over that same cache. Also the two contrasts the
 tests use to show equality is not vacuous: all-token LoRA (adapter on at every step) and
-base-only (adapter never on). float32 on CPU.
+base-only (adapter never on). float32 on CPU. Activated-LoRA adapters
+(``alora_invocation_tokens``) are PEFT's own: :meth:`Reference.generate_alora` runs
+``PeftModel.generate``.
 
 ReFT-P adapters (``adapter_config.json`` says ``"peft_type": "REFT_P"``): a forward hook on
 each chosen decoder layer's output replaces the residual stream h at the selected prompt
@@ -159,6 +161,25 @@ class Reference:
                 tokens.append(tok)
                 gaps.append(gap)
         return RefOutput(tuple(tokens), tuple(gaps))
+
+    @torch.no_grad()
+    def generate_alora(self, prompt: list[int], adapter_dir: str, n: int) -> RefOutput:
+        """An activated-LoRA adapter as PEFT serves it: ``PeftModel.generate``, which finds
+        the invocation tokens in the prompt and applies the adapter from there on (every
+        generated token included); greedy, no EOS stop (``ignore_eos``)."""
+        from transformers import GenerationConfig
+
+        model = self._adapter(adapter_dir)
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=0, do_sample=False,
+                               eos_token_id=None, pad_token_id=0, output_logits=True,
+                               return_dict_in_generate=True)
+        out = model.generate(input_ids=torch.tensor([prompt]), generation_config=cfg)
+        tokens = tuple(int(t) for t in out.sequences[0, len(prompt):])
+        gaps = []
+        for logits in out.logits:
+            top2 = torch.topk(logits[0].float(), 2).values
+            gaps.append(float(top2[0] - top2[1]))
+        return RefOutput(tokens, tuple(gaps))
 
     @torch.no_grad()
     def generate(self, prompt: list[int], adapter_dir: str | None, n: int,

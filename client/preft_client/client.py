@@ -194,7 +194,7 @@ def upload_chunks(name: str, path: str | Path, public: bool,
                   progress: Callable[[int, int], None] | None,
                   kind: str | None = None) -> Iterator[pb.AdapterUploadChunk]:
     """Header, then the PEFT files in 1 MiB chunks; ``progress(sent, total)`` after each.
-    ``kind`` (``lora_p``, ``reft_p``, ``lora``): what the files are; None = from the files."""
+    ``kind`` (``lora_p``, ``reft_p``, ``lora``, ``alora``): what the files are; None = from the files."""
     path = Path(path)
     files = [path / f for f in ADAPTER_FILES if (path / f).is_file()]
     total = sum(f.stat().st_size for f in files)
@@ -487,7 +487,7 @@ class PreftClient(_Base):
                          api_key: str | None = None) -> AdapterInfo:
         """Upload a PEFT adapter directory; other files under a name make a new version,
         files identical to its current version return that version.
-        ``kind``: ``lora_p``, ``reft_p`` or ``lora`` (all-token); None = from the files."""
+        ``kind``: ``lora_p``, ``reft_p``, ``lora`` (all-token) or ``alora`` (activated LoRA); None = from the files."""
         return self._unary(self._register_adapter(name, path, public, kind, progress), api_key)
 
     def list_adapters(self, *, api_key: str | None = None) -> dict[str, AdapterInfo]:

@@ -7,4 +7,4 @@ importing this package imports the kinds, which register themselves there.
 """
 
 from prefill_worker.adapters.base import AdapterSpec, KINDS, detect_kind, validate_adapter  # noqa: F401
-from prefill_worker.adapters import lora_p, reft_p  # noqa: F401,E402  (register the kinds)
+from prefill_worker.adapters import alora, lora_p, reft_p  # noqa: F401,E402  (register the kinds)

@@ -23,12 +23,14 @@ class BaseModelShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    vocab_size: int = 0      # token ids an adapter may name (0: not known, not checked)
 
     @classmethod
     def from_hf_config(cls, cfg) -> "BaseModelShape":
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
-                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                   cfg.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ Validator = Callable[[Path, BaseModelShape, int, int], AdapterSpec]
 KINDS: dict[str, Validator] = {}
 # kind -> does this adapter_config.json declare it? (kinds whose files say so themselves)
 CLAIMS: dict[str, Callable[[dict], bool]] = {}
+# kind -> what its files must say (the error when an upload names the kind over other files)
+NEEDS: dict[str, str] = {}
 
 
 def safetensors_weights(path: Path, how_to_save: str) -> Path:
@@ -72,13 +76,16 @@ def safetensors_weights(path: Path, how_to_save: str) -> Path:
     return weights
 
 
-def register_kind(name: str, claims: Callable[[dict], bool] | None = None):
+def register_kind(name: str, claims: Callable[[dict], bool] | None = None, needs: str = ""):
     """Register a kind's validator; ``claims(adapter_config) -> bool`` if its files declare
-    the kind in a way :func:`detect_kind` must look for before ``preft_kind``."""
+    the kind in a way :func:`detect_kind` must look for before ``preft_kind``; ``needs``:
+    what files of this kind must say (told to an upload that names the kind wrongly)."""
     def deco(fn: Validator) -> Validator:
         KINDS[name] = fn
         if claims is not None:
             CLAIMS[name] = claims
+        if needs:
+            NEEDS[name] = needs
         return fn
     return deco
 
@@ -100,8 +107,9 @@ def validate_adapter(path: str | Path, base: BaseModelShape, *, max_rank: int,
     if kind not in KINDS:
         raise InvalidAdapter(f"kind {kind!r} is not supported; supported: {sorted(KINDS)}")
     if _SAME_FILES.get(kind, kind) != files:
+        needs = f" ({NEEDS[kind]})" if kind in NEEDS else ""
         raise InvalidAdapter(f"the upload says kind {kind!r} but the files are a {files} "
-                             "adapter; fix the kind or the files")
+                             f"adapter{needs}; fix the kind or the files")
     return KINDS[kind](p, base, max_rank, max_bytes)
 
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from colocated_worker.adapter_span import OPEN, SPAN_ARG
 from colocated_worker.prompt_lora import active_requests
 from colocated_worker.prompt_slots import (PromptSlots, PromptSlotsUnsupported, _wrap,
                                            check_vllm, hide_decoding_loras, holds_slot,
@@ -45,11 +46,13 @@ def test_any_other_vllm_is_refused(change):
         check_vllm(version, src, params)
 
 
-def test_a_running_request_holds_a_slot_only_until_its_prompt_is_computed():
-    assert holds_slot(3, 0, 10, set()) and holds_slot(3, 9, 10, set())
-    assert not holds_slot(3, 10, 10, set()) and not holds_slot(3, 25, 10, set())
-    assert holds_slot(3, 25, 10, {3})           # all-token: for life
-    assert not holds_slot(0, 0, 10, set())      # the base model holds none
+def test_a_running_request_holds_a_slot_only_until_its_span_is_computed():
+    assert holds_slot(3, 0, (0, 10)) and holds_slot(3, 9, (0, 10))
+    assert not holds_slot(3, 10, (0, 10)) and not holds_slot(3, 25, (0, 10))
+    assert holds_slot(3, 25, (0, OPEN))         # all-token: for life
+    assert holds_slot(3, 25, (7, OPEN))         # activated LoRA: for life
+    assert not holds_slot(0, 0, None)           # the base model holds none
+    assert not holds_slot(3, 0, None)           # a LoRA request without a span: nowhere
 
 
 class Obj(SimpleNamespace):
@@ -59,16 +62,20 @@ class Obj(SimpleNamespace):
     __eq__ = object.__eq__
 
 
-def _req(rid, lora, computed, prompt):
+def _req(rid, lora, computed, prompt, end=None):
+    """A scheduler request; ``end``: its adapter span's end (default: the prompt's, PreFT)."""
     lr = Obj(lora_int_id=lora) if lora else None
+    extra = {SPAN_ARG: [0, prompt if end is None else end]} if lora else None
     return Obj(request_id=rid, lora_request=lr, num_computed_tokens=computed,
-               num_prompt_tokens=prompt, is_finished=lambda: False)
+               num_prompt_tokens=prompt, is_finished=lambda: False,
+               sampling_params=SimpleNamespace(extra_args=extra))
 
 
 def test_hidden_loras_are_the_decoding_ones_and_come_back():
-    reqs = [_req("a", 1, 10, 10), _req("b", 2, 4, 10), _req("c", 3, 12, 10), _req("d", 0, 1, 5)]
+    reqs = [_req("a", 1, 10, 10), _req("b", 2, 4, 10), _req("c", 3, 12, 10, OPEN),
+            _req("d", 0, 1, 5)]
     before = [r.lora_request for r in reqs]
-    hidden = hide_decoding_loras(reqs, {3})
+    hidden = hide_decoding_loras(reqs)
     assert [r.request_id for r, _ in hidden] == ["a"]
     assert reqs[0].lora_request is None and reqs[1].lora_request is before[1]
     restore_loras(hidden)
@@ -110,7 +117,7 @@ class VllmLikeScheduler:
 
 
 def _run(sched, steps: int, slots: PromptSlots, done: list) -> None:
-    _wrap(sched, set(), slots, done.append)
+    _wrap(sched, slots, done.append)
     for _ in range(steps):
         sched.update_from_output(sched.schedule(), None)
 
@@ -138,9 +145,9 @@ def test_wrapped_scheduler_admits_prompts_of_new_adapters_while_others_decode():
 def test_all_token_adapters_keep_their_slot_while_decoding():
     s = VllmLikeScheduler(2)
     for i, lora in enumerate((1, 2, 3)):
-        s.add(_req(f"r{i}", lora, 0, 5))
+        s.add(_req(f"r{i}", lora, 0, 5, OPEN if lora in (1, 2) else None))
     slots = PromptSlots(2)
-    _wrap(s, {1, 2}, slots, None)
+    _wrap(s, slots, None)
     for _ in range(3):
         s.update_from_output(s.schedule(), None)
     assert [r.request_id for r in s.running] == ["r0", "r1"]   # r2 waits: no slot free
@@ -148,13 +155,14 @@ def test_all_token_adapters_keep_their_slot_while_decoding():
 
 
 def test_step_rows_and_counters():
-    reqs = {"a": _req("a", 1, 10, 10), "b": _req("b", 2, 20, 10), "c": _req("c", 0, 4, 10)}
+    reqs = {"a": _req("a", 1, 10, 10), "b": _req("b", 2, 20, 10, OPEN), "c": _req("c", 0, 4, 10)}
     rows, completing = step_rows(SimpleNamespace(num_scheduled_tokens={"a": 4, "b": 1,
                                                                         "c": 4, "x": 1}), reqs)
-    assert rows == [(1, True), (2, False), (0, True)] and completing == [reqs["a"]]
+    assert rows == [(1, True, False), (2, False, True), (0, True, False)]
+    assert completing == [reqs["a"]]
     seen = []
     slots = PromptSlots(1, sink=lambda d, p: seen.append((d, p)))
-    slots.record(rows, set())
+    slots.record(rows)
     assert (slots.decoding, slots.prefill_adapters, slots.batch_adapters) == (1, 1, 2)
     assert slots.wide_steps == 1 and seen == [(1, 1)]
     assert set(slots.fields()) >= {"decoding_requests", "prefill_adapters", "wide_steps"}
@@ -185,3 +193,17 @@ def test_reft_pins_end_at_the_first_token_and_unpins_balance():
     assert host.reft.active() == 0 and host._ended_early == {}
     host.prompt_done(SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None)))
     assert host._ended_early == {}
+
+
+def test_prefix_cache_lookups_split_at_each_span_start():
+    reqs = {"base": _req("base", 0, 0, 600), "al": _req("al", 2, 0, 600, OPEN),
+            "pre": _req("pre", 1, 0, 600)}
+    reqs["al"].sampling_params.extra_args[SPAN_ARG][0] = 590
+    reqs["gone"] = Obj(num_preemptions=1, num_prompt_tokens=5, sampling_params=None)
+    slots = PromptSlots(2)
+    new = [SimpleNamespace(req_id=r, num_computed_tokens=c)
+           for r, c in (("base", 512), ("al", 512), ("pre", 0), ("gone", 3), ("x", 1))]
+    assert slots.record_lookups(new, reqs) == [(600, 512, 0, 0), (590, 512, 10, 0),
+                                               (0, 0, 600, 0)]
+    assert slots.fields()["prefix_cache"] == {"base_queries": 1190, "base_hits": 1024,
+                                              "adapter_queries": 610, "adapter_hits": 0}
