@@ -393,3 +393,4 @@ class WorkerInfo:
     adapters: dict = field(default_factory=dict)   # name -> version (prefill only)
     engine_threads: int = 1                  # the engine thread's OpenMP (torch) threads
     tensor_parallel_size: int = 1            # ranks of the engine (processes of the worker)
+    block_size: int = 0                      # tokens per KV block (prefix-cache granularity)

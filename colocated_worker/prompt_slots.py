@@ -105,11 +105,13 @@ def restore_loras(hidden: list[tuple[Any, Any]]) -> None:
 class PromptSlots:
     """Per-step counters of one colocated engine (engine thread writes, anyone reads).
 
-    ``sink(decoding, prefill_adapters)`` (optional) is called once per step (metrics)."""
+    ``sink(decoding, prefill_adapters)`` (optional) is called once per step and
+    ``lookup_sink(parts)`` once per step with new requests (metrics)."""
 
-    def __init__(self, max_loras: int, sink: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, max_loras: int, sink: Callable[[int, int], None] | None = None,
+                 lookup_sink: Callable[[list], None] | None = None) -> None:
         self.max_loras = max_loras
-        self.sink = sink
+        self.sink, self.lookup_sink = sink, lookup_sink
         self.steps = 0
         self.decoding = 0            # last step: requests whose scheduled tokens are generated
         self.prefill_adapters = 0    # last step: distinct adapters with prompt tokens scheduled
@@ -163,6 +165,8 @@ class PromptSlots:
                                "adapter_hits"), part):
                 self.prefix_cache[key] += n
             parts.append(part)
+        if parts and self.lookup_sink is not None:
+            self.lookup_sink(parts)
         return parts
 
     def fields(self) -> dict:
@@ -246,9 +250,9 @@ def _wrap(sched: Any, slots: PromptSlots,
     sched.update_from_output = update_from_output
 
 
-def worker_slots(max_loras: int, worker_id: str) -> PromptSlots:
-    """A colocated worker's counters, each step also observed as Prometheus histograms."""
-    from colocated_worker.slot_metrics import SlotMetrics
-
-    metrics = SlotMetrics(worker_id)
-    return PromptSlots(max_loras, metrics.observe if metrics.enabled else None)
+def worker_slots(max_loras: int, metrics) -> PromptSlots:
+    """A colocated worker's counters, each step also observed as Prometheus series
+    (``metrics``: the worker's :class:`~colocated_worker.slot_metrics.SlotMetrics`)."""
+    if not metrics.enabled:
+        return PromptSlots(max_loras)
+    return PromptSlots(max_loras, metrics.observe, metrics.lookups)

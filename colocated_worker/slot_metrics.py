@@ -5,7 +5,12 @@ Steps 3-5 run in one engine on the colocated path; every engine step observes tw
 histograms, tagged by worker: ``preft_worker_step_decoding_requests`` (requests whose
 scheduled tokens in the step are generated ones: they hold no adapter slot) and
 ``preft_worker_step_prefill_adapters`` (distinct LoRA adapters whose prompt tokens the step
-computes: what ``max_loras`` bounds, ``colocated_worker/prompt_slots.py``). Outside a Ray
+computes: what ``max_loras`` bounds, ``colocated_worker/prompt_slots.py``). Each new
+request adds its prefix-cache lookup, in prompt tokens split at its adapter span's start
+(``colocated_worker/adapter_span.py``), to ``preft_worker_prefix_cache_queries`` and
+``preft_worker_prefix_cache_hits`` (counters, tag ``span``: ``base`` for positions before
+the span, the base model's KV; ``adapter`` for the rest), and its adapter kind to
+``preft_worker_requests`` (tag ``kind``: lora_p, reft_p, lora, alora, base). Outside a Ray
 worker process every call is a no-op.
 """
 
@@ -23,7 +28,7 @@ class SlotMetrics:
         self.tags = {"worker": worker_id, "role": "colocated"}
         try:
             import ray
-            from ray.util.metrics import Histogram
+            from ray.util.metrics import Counter, Histogram
 
             if not ray.is_initialized():
                 raise RuntimeError("not in a Ray process")
@@ -36,6 +41,18 @@ class SlotMetrics:
                 "preft_worker_step_prefill_adapters",
                 "Distinct LoRA adapters whose prompt tokens one colocated engine step computes",
                 boundaries=_COUNTS, tag_keys=keys)
+            self.queries = Counter(
+                "preft_worker_prefix_cache_queries",
+                "Prompt tokens looked up in a colocated engine's prefix cache, by span part "
+                "(base: before the adapter's span; adapter: from it on)",
+                tag_keys=(*keys, "span"))
+            self.hits = Counter(
+                "preft_worker_prefix_cache_hits",
+                "Prompt tokens found in a colocated engine's prefix cache, by span part",
+                tag_keys=(*keys, "span"))
+            self.requests = Counter("preft_worker_requests",
+                                    "Requests a colocated engine served, by adapter kind",
+                                    tag_keys=(*keys, "kind"))
             self.enabled = True
         except Exception as e:  # noqa: BLE001 -- metrics must never stop a worker
             log.debug("slot metrics disabled: %s", e)
@@ -45,3 +62,19 @@ class SlotMetrics:
         if self.enabled:
             self.decoding.observe(decoding, tags=self.tags)
             self.prefill.observe(prefill_adapters, tags=self.tags)
+
+    def lookups(self, parts: list[tuple[int, int, int, int]]) -> None:
+        """A step's new requests: (base queried, base hit, adapter queried, adapter hit)."""
+        if not self.enabled:
+            return
+        for bq, bh, aq, ah in parts:
+            for span, q, h in (("base", bq, bh), ("adapter", aq, ah)):
+                tags = {**self.tags, "span": span}
+                if q:
+                    self.queries.inc(q, tags=tags)
+                if h:
+                    self.hits.inc(h, tags=tags)
+
+    def request(self, kind: str) -> None:
+        if self.enabled:
+            self.requests.inc(tags={**self.tags, "kind": kind})

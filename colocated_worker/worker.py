@@ -37,9 +37,11 @@ class ColocatedWorker(AdapterWorker):
     def __init__(self, cfg: ColocatedConfig, worker_id: str, redis_url: str | None = None,
                  cache_dir: str | None = None, actor_name: str = "") -> None:
         from colocated_worker.prompt_slots import worker_slots
+        from colocated_worker.slot_metrics import SlotMetrics
 
         self.mix = StepMix()
-        self.slots = worker_slots(cfg.max_loras, worker_id)   # adapter slots by span
+        self.slot_metrics = SlotMetrics(worker_id)
+        self.slots = worker_slots(cfg.max_loras, self.slot_metrics)   # adapter slots by span
         self.requests_by_kind = {"lora_p": 0, "reft_p": 0, "lora": 0, "alora": 0, "base": 0,
                                  "alora_not_invoked": 0}
         super().__init__(cfg, worker_id, redis_url, cache_dir, actor_name)
@@ -83,6 +85,7 @@ class ColocatedWorker(AdapterWorker):
         ids, r = await self.admit(req)
         span = request_span(r.ref.kind, ids, r.invocation) if r is not None else None
         self.requests_by_kind[r.ref.kind if r else "base"] += 1
+        self.slot_metrics.request(r.ref.kind if r else "base")
         if r is not None and span is None:   # aLoRA without its invocation: the base model
             self.requests_by_kind["alora_not_invoked"] += 1
         t0 = time.time()

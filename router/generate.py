@@ -36,6 +36,8 @@ from router.service_base import ServiceBase, grpc_status, unwrap
 
 log = logging.getLogger(__name__)
 
+_KIND_NAMES = {"lora": "an all-token LoRA", "alora": "an activated LoRA"}
+_OR_PROMPT_ONLY = " or register it as kind lora_p"
 DRAINING = ("the router is shutting down: it takes no new requests; retry against another "
             "router, or once it is back")
 
@@ -121,9 +123,10 @@ class GenerateRpcs(ServiceBase):
             place = self.pool.place(name, all_token=a is not None and a.kind in ALL_TOKEN_KINDS)
         except NeedsColocated:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, (
-                f"adapter {a.name!r} is an all-token LoRA (kind {a.kind!r}): only colocated "
-                "workers serve it, and this cluster has none healthy; start some "
-                "(`preft up --colocated-workers N`) or register it as kind lora_p"))
+                f"adapter {a.name!r} is {_KIND_NAMES.get(a.kind, a.kind)} (kind {a.kind!r}): "
+                "it applies to generated tokens, which only colocated workers serve, and "
+                "this cluster has none healthy; start some (`preft up --colocated-workers "
+                f"N`){_OR_PROMPT_ONLY if a.kind == 'lora' else ''}"))
         except NoWorkers as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         m = self.metrics

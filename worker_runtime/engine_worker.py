@@ -240,7 +240,8 @@ class EngineWorker:
             lora_enabled=eng.vllm_config.lora_config is not None,
             engine_start_s=self.loop.start_s, pid=os.getpid(),
             engine_threads=self.engine_threads,
-            tensor_parallel_size=self.engine_cfg.tensor_parallel_size)
+            tensor_parallel_size=self.engine_cfg.tensor_parallel_size,
+            block_size=eng.vllm_config.cache_config.block_size)
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.tokenizer, "eos_token_id", None)

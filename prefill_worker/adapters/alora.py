@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cluster.errors import InvalidAdapter
-from prefill_worker.adapters import lora_p
+from prefill_worker.adapters.lora_p import validate as validate_lora
 from prefill_worker.adapters.base import AdapterSpec, BaseModelShape, read_json, register_kind
 
 KEY = "alora_invocation_tokens"
@@ -38,7 +38,7 @@ def _claims(cfg: dict) -> bool:
                      f"\"{KEY}\": [token ids], as PEFT's LoraConfig({KEY}=...) saves it")
 def validate(path: Path, base: BaseModelShape, max_rank: int, max_bytes: int) -> AdapterSpec:
     invocation_tokens(path, base.vocab_size)
-    return replace(lora_p.validate(path, base, max_rank, max_bytes), kind="alora")
+    return replace(validate_lora(path, base, max_rank, max_bytes), kind="alora")
 
 
 def invocation_tokens(path: str | Path, vocab_size: int = 0) -> tuple[int, ...]:

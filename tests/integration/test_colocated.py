@@ -4,8 +4,11 @@ A colocated-only cluster (``preft up --colocated-workers 1``: no prefill or deco
 must reproduce the single-process PreFT reference token for token (LoRA-P, ReFT-P and the
 base model; with logprobs and penalties too, concurrent, so prompt chunks and other users' decode tokens share engine
 steps: asserted from the worker's step counter), serve all-token LoRA adapters (kind
-``lora``) exactly as HF+PEFT with the adapter on every token, and then -- grown by a
-prefill and a decode worker -- keep every all-token request off the decode pool.
+``lora``) exactly as HF+PEFT with the adapter on every token, serve activated-LoRA adapters
+(kind ``alora``) exactly as PEFT's own generate, share the base model's prefix-cache blocks
+before an aLoRA's invocation and no block from it on (``tests/alora_checks.py``), and then
+-- grown by a prefill and a decode worker -- keep every all-token request off the decode
+pool.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 
 from reference import engine_text
 
-from conftest import ADAPTER_SEEDS, REFT_ADAPTERS
+from conftest import ADAPTER_SEEDS, ALORA_ADAPTERS, REFT_ADAPTERS
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +36,31 @@ def colo(assets, tmp_path_factory):
     from app.launcher import LocalCluster
 
     eng = EngineConfig(model=assets["model"])
-    a = assets["adapters"]
-    adapters = tuple((n, a[n]) for n in [*ADAPTER_SEEDS, *REFT_ADAPTERS]) + (("cid_all", a["cid"]),)
+    a = dict(assets["adapters"])
+    # aLoRA "ala"'s weights as a plain LoRA file set, served on every token (kind lora)
+    a["ala_all"] = str(_without_invocation(a["ala"], tmp_path_factory.mktemp("ala_all")))
+    adapters = tuple((n, a[n]) for n in [*ADAPTER_SEEDS, *REFT_ADAPTERS, *ALORA_ADAPTERS]) + (
+        ("cid_all", a["cid"]), ("ala_all", a["ala_all"]))
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
                         prefill_workers=0, decode_workers=0, colocated_workers=1,
                         router=RouterConfig(port=0), adapters=adapters,
-                        adapter_kinds=(("cid_all", "lora"),),
+                        adapter_kinds=(("cid_all", "lora"), ("ala_all", "lora")),
                         run_dir=str(tmp_path_factory.mktemp("colo-run")), name="colo")
     c = LocalCluster(cfg).start_in_thread()
     yield c
     c.stop()
+
+
+def _without_invocation(src: str, out):
+    import json
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(src) / "adapter_model.safetensors", out)
+    cfg = json.loads((Path(src) / "adapter_config.json").read_text())
+    del cfg["alora_invocation_tokens"]
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +244,59 @@ def test_colocated_seeded_sampling_equals_one_engine(colo, cclient, single_engin
 
     check_seeded_sampling(cclient, single_engine)
     check_n_seeded_samples(cclient, single_engine)
+
+
+# ---------------------------------------------------- activated LoRA (kind alora)
+def _files(colo) -> dict:
+    """Every adapter's directory, ``ala_all`` (ala's weights without the invocation) too."""
+    return dict(colo.cfg.adapters)
+
+
+def test_alora_equals_peft_and_differs_from_all_token_lora(colo, cclient, reference, assets):
+    from transformers import AutoTokenizer
+
+    from alora_checks import check_alora_equals_peft
+
+    assert cclient.get_adapter("ala").kind == "alora" and cclient.get_adapter("alm").kind == "alora"
+    before = _stats(colo).by_kind
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    compared = check_alora_equals_peft(cclient, reference, _files(colo),
+                                       colo.pool.colocated[0].info.vocab_size, tok)
+    after = _stats(colo).by_kind
+    assert after["alora"] - before.get("alora", 0) == 10
+    assert after["alora_not_invoked"] - before.get("alora_not_invoked", 0) == 2
+    assert compared >= 8 * 8
+
+
+def test_every_adapter_kind_in_one_batch_equals_its_reference(colo, cclient, reference,
+                                                              assets):
+    from alora_checks import check_every_kind_in_one_batch
+
+    mixed = _stats(colo).mixed_steps
+    check_every_kind_in_one_batch(cclient, reference, _files(colo),
+                                  colo.pool.colocated[0].info.vocab_size)
+    assert _stats(colo).mixed_steps > mixed
+
+
+def test_alora_shares_the_base_prefix_cache_before_its_invocation_only(colo, cclient,
+                                                                         reference, assets):
+    from alora_checks import check_prefix_cache_by_span
+
+    info = colo.pool.colocated[0].info
+    check_prefix_cache_by_span(cclient, reference, _files(colo), info.vocab_size,
+                               info.block_size,
+                               lambda: _stats(colo).prefix_cache)
+
+
+def test_alora_over_openai_http_in_a_two_turn_conversation(colo, reference, assets):
+    from transformers import AutoTokenizer
+
+    from alora_checks import check_alora_over_http
+
+    gw = colo.start_http(timeout=120)
+    try:
+        check_alora_over_http(gw.base_url, reference, _files(colo),
+                              colo.pool.colocated[0].info.vocab_size,
+                              AutoTokenizer.from_pretrained(assets["model"]))
+    finally:
+        gw.stop()

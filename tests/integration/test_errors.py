@@ -99,20 +99,53 @@ def test_decode_engine_has_no_lora_and_no_adapter_code(cluster):
     assert cluster.pool.prefill[0].info.lora_enabled is True
 
 
+@pytest.mark.parametrize("kind, files", [("lora", "dov"), ("alora", "ala")])
 def test_all_token_adapter_without_colocated_workers_is_failed_precondition(client, cluster,
-                                                                            assets):
+                                                                            assets, kind, files):
     """The session cluster has prefill and decode pools only: an all-token LoRA (kind lora)
-    can never run there (it would need the adapter on decode), so the request is refused
-    with FAILED_PRECONDITION naming the kind and what to start; the cluster keeps serving."""
+    or an activated LoRA (kind alora, declared by its files) can never run there (it would
+    need the adapter on decode), so the request is refused with FAILED_PRECONDITION naming
+    the kind and what to start; the cluster keeps serving."""
     from preft_client import FailedPrecondition
 
-    assert cluster.register_adapter("everytok", assets["adapters"]["dov"], kind="lora") >= 1
-    assert client.get_adapter("everytok").kind == "lora"
+    given = kind if kind == "lora" else None
+    assert cluster.register_adapter("everytok", assets["adapters"][files], kind=given) >= 1
+    assert client.get_adapter("everytok").kind == kind
     with pytest.raises(FailedPrecondition) as ei:
         client.generate("everytok", prompt="hi", max_tokens=4)
     assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "kind 'lora'" in ei.value.message and "--colocated-workers" in ei.value.message
+    assert f"kind {kind!r}" in ei.value.message and "--colocated-workers" in ei.value.message
     with pytest.raises(FailedPrecondition):
         list(client.stream("everytok", prompt="hi", max_tokens=4))
     _still_serving(client)
     client.delete_adapter("everytok")
+
+
+@pytest.mark.parametrize("case, want", [
+    ("plain LoRA files", "alora_invocation_tokens"),
+    ("outside the vocabulary", "vocabulary"),
+    ("empty", "non-empty list of token ids"),
+    ("not ids", "not a token id"),
+])
+def test_bad_alora_adapters_are_refused_saying_what_to_fix(client, assets, tmp_path, case,
+                                                            want):
+    """An aLoRA upload whose invocation tokens are missing, empty, not token ids or outside
+    the base model's vocabulary is INVALID_ARGUMENT saying so; nothing is registered."""
+    import shutil
+
+    from adapter_files import edit_config
+
+    src = assets["adapters"]["ada" if case == "plain LoRA files" else "ala"]
+    bad = shutil.copytree(src, tmp_path / "bad")
+    if case == "outside the vocabulary":
+        edit_config(bad, alora_invocation_tokens=[5, 6, 10**6])
+    elif case == "empty":
+        edit_config(bad, alora_invocation_tokens=[])
+    elif case == "not ids":
+        edit_config(bad, alora_invocation_tokens=[5, "six"])
+    with pytest.raises(InvalidArgument) as ei:
+        client.register_adapter("badalora", str(bad), kind="alora")
+    assert want in ei.value.message, ei.value.message
+    with pytest.raises(NotFound):
+        client.get_adapter("badalora")
+    _still_serving(client)
