@@ -78,7 +78,7 @@ def _cluster_config(args, model_dir: Path, load_format: str, alora, lora):
                          decode_workers=0, colocated_workers=1, router=RouterConfig(port=0),
                          adapters=adapters,
                          adapter_kinds=tuple((f"lo{i}", "lora") for i in range(len(lora))),
-                         run_dir=".preft/bench-alora")
+                         run_dir=f".preft/bench-alora-{model_dir.name}")
 
 
 def _conversation(client, system: str, context: list[int], questions, args, out: list) -> None:

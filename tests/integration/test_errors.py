@@ -103,12 +103,12 @@ def test_decode_engine_has_no_lora_and_no_adapter_code(cluster):
 def test_all_token_adapter_without_colocated_workers_is_failed_precondition(client, cluster,
                                                                             assets, kind, files):
     """The session cluster has prefill and decode pools only: an all-token LoRA (kind lora)
-    or an activated LoRA (kind alora, declared by its files) can never run there (it would
+    or an activated LoRA (kind alora) can never run there (it would
     need the adapter on decode), so the request is refused with FAILED_PRECONDITION naming
     the kind and what to start; the cluster keeps serving."""
     from preft_client import FailedPrecondition
 
-    given = kind if kind == "lora" else None
+    given = kind   # lora: what the uploader says; alora: what its files say too
     assert cluster.register_adapter("everytok", assets["adapters"][files], kind=given) >= 1
     assert client.get_adapter("everytok").kind == kind
     with pytest.raises(FailedPrecondition) as ei:

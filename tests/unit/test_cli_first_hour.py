@@ -58,15 +58,16 @@ def _adapter_dir(tmp_path: Path, name: str) -> Path:
     return d
 
 
-def test_adapter_kind_is_kept_and_all_token_needs_colocated_workers(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "alora"])
+def test_adapter_kind_is_kept_and_all_token_needs_colocated_workers(tmp_path, kind):
     from cluster.config import ConfigError
 
     a = _adapter_dir(tmp_path, "old")
-    up = ["up", "--model", str(tmp_path), "--adapter", f"old:lora={a}", "--adapter", f"new={a}"]
-    with pytest.raises(ConfigError, match=r"adapter_kinds='old:lora'.*--colocated-workers"):
+    up = ["up", "--model", str(tmp_path), "--adapter", f"old:{kind}={a}", "--adapter", f"new={a}"]
+    with pytest.raises(ConfigError, match=rf"adapter_kinds='old:{kind}'.*--colocated-workers"):
         cli.build_config(cli.make_parser().parse_args(up))
     cfg = cli.build_config(cli.make_parser().parse_args([*up, "--colocated-workers", "1"]))
-    assert cfg.adapter_kinds == (("old", "lora"),) and cfg.colocated_workers == 1
+    assert cfg.adapter_kinds == (("old", kind),) and cfg.colocated_workers == 1
     assert cfg.adapters == (("old", str(a)), ("new", str(a)))
 
 
