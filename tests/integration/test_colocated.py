@@ -300,3 +300,36 @@ def test_alora_over_openai_http_in_a_two_turn_conversation(colo, reference, asse
                               AutoTokenizer.from_pretrained(assets["model"]))
     finally:
         gw.stop()
+
+
+def test_alora_bench_systems_on_this_cluster(colo, tmp_path):
+    """``bench/alora.py``'s workload on this cluster (its adapters registered here, a small
+    shape): every system completes every turn; aLoRA and base find each conversation's
+    context in the prefix cache after its first turn, all-token LoRA never does."""
+    from argparse import Namespace
+
+    from app.tiny import make_alora_adapter
+    from bench import alora as bench
+
+    model = colo.cfg.colocated_cfg.engine.model
+    for i in range(2):
+        a = make_alora_adapter(tmp_path / f"al{i}", model, seed=200 + i,
+                               invocation=bench.INVOCATION)
+        plain = tmp_path / f"lo{i}"
+        plain.mkdir()
+        colo.register_adapter(f"al{i}", str(a))
+        colo.register_adapter(f"lo{i}", str(_without_invocation(str(a), plain)), kind="lora")
+    args = Namespace(context=300, question=8, output=4, adapters=2, conversations=2,
+                     concurrency=2)
+    info = colo.pool.colocated[0].info
+    rows = [bench._run_system(colo, s, 7 + k, args, info.vocab_size)
+            for k, s in enumerate(bench.SYSTEMS)]
+    by = {r["system"]: r for r in rows}
+    assert all(r["requests"] == 4 and r["output_tokens"] == 16 for r in rows), rows
+    shared = 300 // info.block_size * info.block_size   # turn 2 shares the context only
+    assert by["alora"]["prefix_cache"]["base_hits"] == 2 * shared > 0
+    assert by["base"]["prefix_cache"]["base_hits"] == 2 * shared
+    assert by["lora"]["prefix_cache"]["adapter_hits"] == 0
+    assert set(bench._ratios(rows)) == {"alora_ttft_p50_over_lora",
+                                        "alora_output_tok_s_over_base",
+                                        "lora_output_tok_s_over_base"}
