@@ -191,6 +191,97 @@ def test_colocated_n_samples(colo, cclient, reference, assets):
         assert_tokens(s.token_ids, ref, f"sample {s.index}")
 
 
+# ---------------------------------------------------- activated LoRA (kind alora)
+def _files(colo) -> dict:
+    """Every adapter's directory, ``ala_all`` (ala's weights without the invocation) too."""
+    return dict(colo.cfg.adapters)
+
+
+def test_alora_equals_peft_and_differs_from_all_token_lora(colo, cclient, reference, assets):
+    from transformers import AutoTokenizer
+
+    from alora_checks import check_alora_equals_peft
+
+    assert cclient.get_adapter("ala").kind == "alora" and cclient.get_adapter("alm").kind == "alora"
+    before = _stats(colo).by_kind
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    compared = check_alora_equals_peft(cclient, reference, _files(colo),
+                                       colo.pool.colocated[0].info.vocab_size, tok)
+    after = _stats(colo).by_kind
+    assert after["alora"] - before.get("alora", 0) == 10
+    assert after["alora_not_invoked"] - before.get("alora_not_invoked", 0) == 2
+    assert compared >= 8 * 8
+
+
+def test_every_adapter_kind_in_one_batch_equals_its_reference(colo, cclient, reference,
+                                                              assets):
+    from alora_checks import check_every_kind_in_one_batch
+
+    mixed = _stats(colo).mixed_steps
+    check_every_kind_in_one_batch(cclient, reference, _files(colo),
+                                  colo.pool.colocated[0].info.vocab_size)
+    assert _stats(colo).mixed_steps > mixed
+
+
+def test_alora_shares_the_base_prefix_cache_before_its_invocation_only(colo, cclient,
+                                                                         reference, assets):
+    from alora_checks import check_prefix_cache_by_span
+
+    assert not colo.pool.prefill, "base requests must all reach the colocated engine"
+    info = colo.pool.colocated[0].info
+    check_prefix_cache_by_span(cclient, reference, _files(colo), info.vocab_size,
+                               info.block_size,
+                               lambda: _stats(colo).prefix_cache)
+
+
+def test_alora_over_openai_http_in_a_two_turn_conversation(colo, reference, assets):
+    from transformers import AutoTokenizer
+
+    from alora_checks import check_alora_over_http
+
+    gw = colo.start_http(timeout=120)
+    try:
+        check_alora_over_http(gw.base_url, reference, _files(colo),
+                              colo.pool.colocated[0].info.vocab_size,
+                              AutoTokenizer.from_pretrained(assets["model"]))
+    finally:
+        gw.stop()
+
+
+def test_alora_bench_systems_on_this_cluster(colo, tmp_path):
+    """``bench/alora.py``'s workload on this cluster (its adapters registered here, a small
+    shape): every system completes every turn; aLoRA and base find each conversation's
+    context in the prefix cache after its first turn, all-token LoRA never does."""
+    from argparse import Namespace
+
+    from app.tiny import make_alora_adapter
+    from bench import alora as bench
+
+    assert not colo.pool.prefill, "base requests must all reach the colocated engine"
+    model = colo.cfg.colocated_cfg.engine.model
+    for i in range(2):
+        a = make_alora_adapter(tmp_path / f"al{i}", model, seed=200 + i,
+                               invocation=bench.INVOCATION)
+        plain = tmp_path / f"lo{i}"
+        plain.mkdir()
+        colo.register_adapter(f"al{i}", str(a))
+        colo.register_adapter(f"lo{i}", str(_without_invocation(str(a), plain)), kind="lora")
+    args = Namespace(context=300, question=8, output=4, adapters=2, conversations=2,
+                     concurrency=2)
+    info = colo.pool.colocated[0].info
+    rows = [bench._run_system(colo, s, 7 + k, args, info.vocab_size)
+            for k, s in enumerate(bench.SYSTEMS)]
+    by = {r["system"]: r for r in rows}
+    assert all(r["requests"] == 4 and r["output_tokens"] == 16 for r in rows), rows
+    shared = 300 // info.block_size * info.block_size   # turn 2 shares the context only
+    assert by["alora"]["prefix_cache"]["base_hits"] == 2 * shared > 0
+    assert by["base"]["prefix_cache"]["base_hits"] == 2 * shared
+    assert by["lora"]["prefix_cache"]["adapter_hits"] == 0
+    assert set(bench._ratios(rows)) == {"alora_ttft_p50_over_lora",
+                                        "alora_output_tok_s_over_base",
+                                        "lora_output_tok_s_over_base"}
+
+
 def test_mixed_cluster_keeps_all_token_requests_off_the_decode_pool(colo, cclient):
     """Grown by a prefill and a decode worker: PreFT requests may take either path, all-token
     requests only the colocated one."""
@@ -244,92 +335,3 @@ def test_colocated_seeded_sampling_equals_one_engine(colo, cclient, single_engin
 
     check_seeded_sampling(cclient, single_engine)
     check_n_seeded_samples(cclient, single_engine)
-
-
-# ---------------------------------------------------- activated LoRA (kind alora)
-def _files(colo) -> dict:
-    """Every adapter's directory, ``ala_all`` (ala's weights without the invocation) too."""
-    return dict(colo.cfg.adapters)
-
-
-def test_alora_equals_peft_and_differs_from_all_token_lora(colo, cclient, reference, assets):
-    from transformers import AutoTokenizer
-
-    from alora_checks import check_alora_equals_peft
-
-    assert cclient.get_adapter("ala").kind == "alora" and cclient.get_adapter("alm").kind == "alora"
-    before = _stats(colo).by_kind
-    tok = AutoTokenizer.from_pretrained(assets["model"])
-    compared = check_alora_equals_peft(cclient, reference, _files(colo),
-                                       colo.pool.colocated[0].info.vocab_size, tok)
-    after = _stats(colo).by_kind
-    assert after["alora"] - before.get("alora", 0) == 10
-    assert after["alora_not_invoked"] - before.get("alora_not_invoked", 0) == 2
-    assert compared >= 8 * 8
-
-
-def test_every_adapter_kind_in_one_batch_equals_its_reference(colo, cclient, reference,
-                                                              assets):
-    from alora_checks import check_every_kind_in_one_batch
-
-    mixed = _stats(colo).mixed_steps
-    check_every_kind_in_one_batch(cclient, reference, _files(colo),
-                                  colo.pool.colocated[0].info.vocab_size)
-    assert _stats(colo).mixed_steps > mixed
-
-
-def test_alora_shares_the_base_prefix_cache_before_its_invocation_only(colo, cclient,
-                                                                         reference, assets):
-    from alora_checks import check_prefix_cache_by_span
-
-    info = colo.pool.colocated[0].info
-    check_prefix_cache_by_span(cclient, reference, _files(colo), info.vocab_size,
-                               info.block_size,
-                               lambda: _stats(colo).prefix_cache)
-
-
-def test_alora_over_openai_http_in_a_two_turn_conversation(colo, reference, assets):
-    from transformers import AutoTokenizer
-
-    from alora_checks import check_alora_over_http
-
-    gw = colo.start_http(timeout=120)
-    try:
-        check_alora_over_http(gw.base_url, reference, _files(colo),
-                              colo.pool.colocated[0].info.vocab_size,
-                              AutoTokenizer.from_pretrained(assets["model"]))
-    finally:
-        gw.stop()
-
-
-def test_alora_bench_systems_on_this_cluster(colo, tmp_path):
-    """``bench/alora.py``'s workload on this cluster (its adapters registered here, a small
-    shape): every system completes every turn; aLoRA and base find each conversation's
-    context in the prefix cache after its first turn, all-token LoRA never does."""
-    from argparse import Namespace
-
-    from app.tiny import make_alora_adapter
-    from bench import alora as bench
-
-    model = colo.cfg.colocated_cfg.engine.model
-    for i in range(2):
-        a = make_alora_adapter(tmp_path / f"al{i}", model, seed=200 + i,
-                               invocation=bench.INVOCATION)
-        plain = tmp_path / f"lo{i}"
-        plain.mkdir()
-        colo.register_adapter(f"al{i}", str(a))
-        colo.register_adapter(f"lo{i}", str(_without_invocation(str(a), plain)), kind="lora")
-    args = Namespace(context=300, question=8, output=4, adapters=2, conversations=2,
-                     concurrency=2)
-    info = colo.pool.colocated[0].info
-    rows = [bench._run_system(colo, s, 7 + k, args, info.vocab_size)
-            for k, s in enumerate(bench.SYSTEMS)]
-    by = {r["system"]: r for r in rows}
-    assert all(r["requests"] == 4 and r["output_tokens"] == 16 for r in rows), rows
-    shared = 300 // info.block_size * info.block_size   # turn 2 shares the context only
-    assert by["alora"]["prefix_cache"]["base_hits"] == 2 * shared > 0
-    assert by["base"]["prefix_cache"]["base_hits"] == 2 * shared
-    assert by["lora"]["prefix_cache"]["adapter_hits"] == 0
-    assert set(bench._ratios(rows)) == {"alora_ttft_p50_over_lora",
-                                        "alora_output_tok_s_over_base",
-                                        "lora_output_tok_s_over_base"}
