@@ -41,11 +41,9 @@ INVOCATION = (11, 12, 13)
 
 def _prepare(model: str, n_adapters: int, home: Path):
     """(model dir, load_format, aLoRA dirs, the same weights as plain LoRA dirs)."""
-    import json
-    import shutil
-
     from app.tiny import make_alora_adapter
     from bench.models import make_model
+    from prefill_worker.adapters.alora import without_invocation
 
     model_dir, load_format = make_model(model, home / "bench-models")
     root = home / "adapters" / model_dir.name / "alora-bench"
@@ -55,11 +53,7 @@ def _prepare(model: str, n_adapters: int, home: Path):
         if not (a / "adapter_model.safetensors").exists():
             make_alora_adapter(a, model_dir, seed=100 + i, invocation=INVOCATION, rank=8)
         if not (plain / "adapter_model.safetensors").exists():
-            plain.mkdir(parents=True, exist_ok=True)
-            shutil.copy(a / "adapter_model.safetensors", plain)
-            cfg = json.loads((a / "adapter_config.json").read_text())
-            del cfg["alora_invocation_tokens"]
-            (plain / "adapter_config.json").write_text(json.dumps(cfg))
+            without_invocation(a, plain)
         alora.append(str(a))
         lora.append(str(plain))
     return model_dir, load_format, alora, lora

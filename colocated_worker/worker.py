@@ -84,8 +84,9 @@ class ColocatedWorker(AdapterWorker):
         t_in = time.time()
         ids, r = await self.admit(req)
         span = request_span(r.ref.kind, ids, r.invocation) if r is not None else None
-        self.requests_by_kind[r.ref.kind if r else "base"] += 1
-        self.slot_metrics.request(r.ref.kind if r else "base")
+        kind = r.ref.kind if r is not None else "base"
+        self.requests_by_kind[kind] += 1
+        self.slot_metrics.request(kind)
         if r is not None and span is None:   # aLoRA without its invocation: the base model
             self.requests_by_kind["alora_not_invoked"] += 1
         t0 = time.time()

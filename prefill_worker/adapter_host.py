@@ -179,10 +179,7 @@ class AdapterHost:
         await asyncio.to_thread(self._check_fits, ref, path)
         invocation: tuple[int, ...] = ()
         if ref.kind == "alora":
-            from prefill_worker.adapters import alora
-
-            invocation = alora.invocation_tokens(path, self.base_shape.vocab_size)
-            path = await asyncio.to_thread(alora.engine_view, path)
+            path, invocation = await asyncio.to_thread(self._alora_files, path)
         with self._lock:
             old = self._adapters.get(ref.name)
             entry = AdapterEntry(ref, str(path), next(self._lora_ids), invocation)
@@ -233,6 +230,13 @@ class AdapterHost:
                 f"adapter {ref.name} v{ref.version} does not fit this worker's base model "
                 f"{self.cfg.engine.model}: {e.message}; it was registered for another model: "
                 "register files made for this one (or delete the adapter)") from None
+
+    def _alora_files(self, path: Path) -> tuple[Path, tuple[int, ...]]:
+        """An aLoRA's files as the engine loads them, and its invocation tokens."""
+        from prefill_worker.adapters import alora
+
+        return (alora.engine_view(path),
+                alora.invocation_tokens(path, self.base_shape.vocab_size))
 
     @staticmethod
     def _reft_key(entry: AdapterEntry) -> str:

@@ -58,30 +58,36 @@ def invocation_tokens(path: str | Path, vocab_size: int = 0) -> tuple[int, ...]:
     return tuple(tokens)
 
 
+def without_invocation(src: str | Path, dst: str | Path) -> Path:
+    """Write ``src``'s files into the directory ``dst`` as a plain PEFT LoRA: the config
+    without the invocation tokens, the weights hard-linked (copied across file systems)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = read_json(src / "adapter_config.json", "aLoRA adapter")
+    cfg.pop(KEY, None)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = src / "adapter_model.safetensors"
+    try:
+        os.link(weights, dst / weights.name)
+    except OSError:
+        shutil.copyfile(weights, dst / weights.name)
+    return dst
+
+
 def engine_view(path: str | Path) -> Path:
-    """``<path>.engine``: the adapter as vLLM loads it (the config without the invocation
-    tokens; the weights hard-linked, or copied across file systems). Made once per
-    directory, atomically."""
+    """``<path>.engine``: the adapter as vLLM loads it (:func:`without_invocation`). Made
+    once per directory, atomically."""
+    import shutil
+
     src = Path(path)
     view = src.with_name(src.name + ".engine")
     if view.is_dir():
         return view
-    tmp = src.with_name(f".{src.name}.engine-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = read_json(src / "adapter_config.json", "aLoRA adapter")
-    cfg.pop(KEY, None)
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg))
-    weights = src / "adapter_model.safetensors"
-    try:
-        os.link(weights, tmp / weights.name)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(weights, tmp / weights.name)
+    tmp = without_invocation(src, src.with_name(f".{src.name}.engine-{os.getpid()}"))
     try:
         tmp.rename(view)
     except OSError:   # another worker thread made it first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return view

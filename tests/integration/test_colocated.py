@@ -21,6 +21,7 @@ import pytest
 from reference import engine_text
 
 from conftest import ADAPTER_SEEDS, ALORA_ADAPTERS, REFT_ADAPTERS
+from prefill_worker.adapters.alora import without_invocation
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def colo(assets, tmp_path_factory):
     eng = EngineConfig(model=assets["model"])
     a = dict(assets["adapters"])
     # aLoRA "ala"'s weights as a plain LoRA file set, served on every token (kind lora)
-    a["ala_all"] = str(_without_invocation(a["ala"], tmp_path_factory.mktemp("ala_all")))
+    a["ala_all"] = str(without_invocation(a["ala"], tmp_path_factory.mktemp("ala_all")))
     adapters = tuple((n, a[n]) for n in [*ADAPTER_SEEDS, *REFT_ADAPTERS, *ALORA_ADAPTERS]) + (
         ("cid_all", a["cid"]), ("ala_all", a["ala_all"]))
     cfg = ClusterConfig(prefill=PrefillConfig(engine=eng), decode=DecodeConfig(engine=eng),
@@ -49,18 +50,6 @@ def colo(assets, tmp_path_factory):
     c = LocalCluster(cfg).start_in_thread()
     yield c
     c.stop()
-
-
-def _without_invocation(src: str, out):
-    import json
-    import shutil
-    from pathlib import Path
-
-    shutil.copy(Path(src) / "adapter_model.safetensors", out)
-    cfg = json.loads((Path(src) / "adapter_config.json").read_text())
-    del cfg["alora_invocation_tokens"]
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +251,9 @@ def test_alora_bench_systems_on_this_cluster(colo, tmp_path):
     for i in range(2):
         a = make_alora_adapter(tmp_path / f"al{i}", model, seed=200 + i,
                                invocation=bench.INVOCATION)
-        plain = tmp_path / f"lo{i}"
-        plain.mkdir()
         colo.register_adapter(f"al{i}", str(a))
-        colo.register_adapter(f"lo{i}", str(_without_invocation(str(a), plain)), kind="lora")
+        colo.register_adapter(f"lo{i}", str(without_invocation(a, tmp_path / f"lo{i}")),
+                              kind="lora")
     args = Namespace(context=300, question=8, output=4, adapters=2, conversations=2,
                      concurrency=2)
     info = colo.pool.colocated[0].info
